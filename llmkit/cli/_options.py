@@ -1,0 +1,56 @@
+"""Options shared by several commands, as Annotated types."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+
+class Device(str, Enum):
+    """Where to run the model."""
+
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class TextFormat(str, Enum):
+    """Output format of one-shot commands."""
+
+    text = "text"
+    json = "json"
+
+
+class ListFormat(str, Enum):
+    """Output format of listings."""
+
+    table = "table"
+    json = "json"
+
+
+MODEL_HELP = "Catalog name (llama3.2:1b), local name, or path to a .gguf file."
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP,
+                                              show_default=False)]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: GPU when llama.cpp has one.")]
+GpuLayersOpt = Annotated[int | None, typer.Option(
+    "--gpu-layers", min=0, help="Layers to offload to the GPU (default: all when offloading).",
+    show_default=False)]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", "-t", min=1, help="CPU threads (default: physical cores).", show_default=False)]
+CtxOpt = Annotated[int | None, typer.Option(
+    "--ctx", "-c", min=16, help="Context size in tokens (default: min(4096, the model's)).",
+    show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log on stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes or progress on stderr.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.",
+                                               show_default=False)]
+TemperatureOpt = Annotated[float, typer.Option(
+    "--temperature", min=0.0, max=5.0, help="Sampling temperature; 0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for repeatable output.",
+                                             show_default=False)]
+MaxTokensOpt = Annotated[int, typer.Option(
+    "--max-tokens", "-n", min=0, help="Most tokens to generate; 0 = until the context is full.")]

@@ -1,0 +1,100 @@
+"""The Typer app: assembles the commands and maps errors to messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli.chat import chat
+from llmkit.cli.doctor import doctor
+from llmkit.cli.models import import_model, list_models, rm, show
+from llmkit.cli.run import run
+from llmkit.errors import Interrupted, LlmkitError
+
+EXIT_CODES = """Exit codes: 0 ok, 1 error, 2 usage error, 130 interrupted (Ctrl-C)."""
+
+app = typer.Typer(
+    name="llmkit",
+    help="Run local language and vision models through llama.cpp.\n\n" + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.write(f"llmkit {version('llmkit')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Run local language and vision models through llama.cpp."""
+
+
+app.command("run")(run)
+app.command("chat")(chat)
+app.command("list")(list_models)
+app.command("show")(show)
+app.command("import")(import_model)
+app.command("rm")(rm)
+app.command("doctor")(doctor)
+
+
+def _click_exception(exc: BaseException) -> bool:
+    # Typer bundles its own Click; its exceptions are recognised by shape, never imported.
+    return type(exc).__module__.startswith("typer") and hasattr(exc, "show") and hasattr(
+        exc, "exit_code")
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting (used by tests and main)."""
+    debug = os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+    try:
+        result = app(args=list(argv) if argv is not None else None, prog_name="llmkit",
+                     standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except LlmkitError as exc:
+        if debug:
+            raise
+        out.error(str(exc))
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        out.error(Interrupted().message)
+        return Interrupted.exit_code
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other Unix tools do.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":
+            out.error(Interrupted().message)
+            return Interrupted.exit_code
+        if _click_exception(exc):
+            exc.show()  # type: ignore[attr-defined]
+            return int(exc.exit_code)  # type: ignore[attr-defined]
+        if debug:
+            raise
+        out.error(f"unexpected {type(exc).__name__}: {exc} (LLMKIT_DEBUG=1 shows the traceback)")
+        return 1
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli())

@@ -1,0 +1,264 @@
+"""`llmkit chat`: a REPL on a terminal, a one-message filter in a pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import (
+    CtxOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
+    VerboseOpt,
+)
+
+if TYPE_CHECKING:
+    from llmkit.engine import Engine, SamplingParams
+    from llmkit.session import EngineOptions
+    from llmkit.tasks.chat import Conversation
+
+HELP = """Commands:
+  /help              this help
+  /system [TEXT]     show or set the system prompt
+  /clear             forget the conversation (keeps the system prompt)
+  /save FILE         save the conversation as JSON
+  /load FILE         load a conversation saved with /save
+  /model [NAME]      show or switch the model (the conversation is kept)
+  /exit, /bye        leave (Ctrl-D works too)
+Multi-line input: end a line with \\ to continue, or wrap text in \"\"\" … \"\"\".
+Ctrl-C stops a reply; the session goes on."""
+
+
+def chat(
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = 1024,
+    ctx: CtxOpt = None,
+    load: Annotated[Path | None, typer.Option(
+        "--load", help="Start from a conversation saved with /save.", show_default=False)] = None,
+    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Chat with a model. Piped stdin is sent as one message and the answer printed.
+
+    Example: llmkit chat -m llama3.2:1b
+    """
+    from llmkit.engine import SamplingParams
+    from llmkit.errors import Interrupted
+    from llmkit.io import read_stdin, stdin_is_tty
+    from llmkit.session import EngineOptions, default_system_prompt, open_engine
+    from llmkit.tasks.chat import Conversation, chat_turn
+
+    out.set_quiet(quiet)
+    options = EngineOptions(ctx=ctx, threads=threads,
+                            device=str(getattr(device, "value", device)),
+                            gpu_layers=gpu_layers, verbose=verbose)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                            max_tokens=max_tokens or None)
+    convo = Conversation.load(load) if load else Conversation()
+    piped = None if stdin_is_tty() else read_stdin()
+    if piped is not None and not piped.strip():
+        from llmkit.errors import InputError
+
+        raise InputError("stdin is empty", hint="pipe a message, or run chat in a terminal")
+    engine, resolution = open_engine(model, options)
+    if resolution.note:
+        out.note(resolution.note)
+    if system is not None:
+        convo.system = system
+    elif convo.system is None:
+        convo.system = default_system_prompt(resolution)
+    if piped is not None:
+        with engine:
+            reply = chat_turn(engine, convo, piped, params=params, on_text=out.write)
+        out.write("\n")
+        if reply.dropped_messages:
+            out.note(f"dropped {reply.dropped_messages} oldest message(s) to fit the context")
+        if reply.generation.finish_reason == "interrupted":
+            raise Interrupted()
+        return
+    _Repl(engine, convo, params, options).loop()
+
+
+class _Repl:
+    """The interactive loop; all model work goes through tasks.chat."""
+
+    def __init__(self, engine: Engine, convo: Conversation, params: SamplingParams,
+                 options: EngineOptions) -> None:
+        self.engine = engine
+        self.convo = convo
+        self.params = params
+        self.options = options
+        self._history_ok = _setup_history()
+
+    def loop(self) -> None:
+        out.note(f"chatting with {self.engine.model_name}; /help for commands, Ctrl-D to leave")
+        try:
+            while True:
+                try:
+                    text = self._read()
+                except KeyboardInterrupt:
+                    sys.stdout.write("\n")
+                    out.note("(Ctrl-D or /exit to leave)")
+                    continue
+                except EOFError:
+                    sys.stdout.write("\n")
+                    return
+                if text is None:
+                    continue
+                stripped = text.strip()
+                if stripped.startswith("/"):
+                    if not self._command(stripped):
+                        return
+                    continue
+                if stripped:
+                    self._answer(text)
+        finally:
+            self.engine.close()
+            _save_history(self._history_ok)
+
+    def _read(self) -> str | None:
+        first = input(">>> ")
+        if first.strip().startswith('"""'):
+            body = first.strip()[3:]
+            lines: list[str] = []
+            if body.endswith('"""'):
+                return body[:-3]
+            if body:
+                lines.append(body)
+            while True:
+                line = input("... ")
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    return "\n".join(lines)
+                lines.append(line)
+        lines = [first]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(input("... "))
+        return "\n".join(lines)
+
+    def _answer(self, text: str) -> None:
+        from llmkit.errors import LlmkitError
+        from llmkit.tasks.chat import chat_turn
+
+        try:
+            reply = chat_turn(self.engine, self.convo, text, params=self.params,
+                              on_text=out.write)
+        except LlmkitError as exc:
+            out.error(str(exc))
+            return
+        out.write("\n")
+        if reply.generation.finish_reason == "interrupted":
+            out.note("reply stopped")
+        elif reply.generation.finish_reason == "context":
+            out.warn("the reply stopped because the context is full")
+        if reply.dropped_messages:
+            out.note(f"dropped {reply.dropped_messages} oldest message(s) to fit the context")
+
+    def _command(self, line: str) -> bool:
+        """Run a slash command; False means leave."""
+        from llmkit.errors import LlmkitError
+        from llmkit.tasks.chat import Conversation
+
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/exit", "/bye", "/quit"):
+                return False
+            if name in ("/help", "/?"):
+                sys.stderr.write(HELP + "\n")
+            elif name == "/system":
+                if arg:
+                    self.convo.system = arg
+                    out.note("system prompt set")
+                else:
+                    sys.stderr.write((self.convo.system or "(no system prompt)") + "\n")
+            elif name == "/clear":
+                self.convo.messages.clear()
+                out.note("conversation cleared")
+            elif name == "/save":
+                path = _path_arg(arg, "/save FILE")
+                self.convo.save(path)
+                out.note(f"saved {len(self.convo.messages)} message(s) to {path}")
+            elif name == "/load":
+                path = _path_arg(arg, "/load FILE")
+                loaded = Conversation.load(path)
+                self.convo.system, self.convo.messages = loaded.system, loaded.messages
+                out.note(f"loaded {len(self.convo.messages)} message(s) from {path}")
+            elif name == "/model":
+                if not arg:
+                    sys.stderr.write(self.engine.model_name + "\n")
+                else:
+                    self._switch_model(arg)
+            else:
+                out.error(f"unknown command {name} (/help lists them)")
+        except LlmkitError as exc:
+            out.error(str(exc))
+        return True
+
+    def _switch_model(self, name: str) -> None:
+        from llmkit.session import open_engine
+
+        engine, resolution = open_engine(name, self.options)
+        self.engine.close()
+        self.engine = engine
+        if resolution.note:
+            out.note(resolution.note)
+        out.note(f"now chatting with {engine.model_name}")
+
+
+def _path_arg(arg: str, usage: str) -> Path:
+    from llmkit.errors import UsageError
+
+    parts = shlex.split(arg) if arg else []
+    if len(parts) != 1:
+        raise UsageError(f"usage: {usage}")
+    return Path(parts[0]).expanduser()
+
+
+def _setup_history() -> bool:
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Windows without pyreadline
+        return False
+    from llmkit import paths
+
+    history = paths.history_path()
+    with contextlib.suppress(OSError):
+        history.parent.mkdir(parents=True, exist_ok=True)
+        if history.exists():
+            readline.read_history_file(history)
+    readline.set_history_length(1000)
+    return True
+
+
+def _save_history(enabled: bool) -> None:
+    if not enabled:
+        return
+    import readline
+
+    from llmkit import paths
+
+    with contextlib.suppress(OSError):
+        readline.write_history_file(paths.history_path())

