@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import sys
 import time
@@ -255,10 +256,9 @@ class Engine:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # At interpreter shutdown the modules close() needs may already be gone.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # interpreter shutdown: modules may be gone already
-            pass
 
     # -- model facts ----------------------------------------------------------------------
 
@@ -420,7 +420,7 @@ class Engine:
         if n_prompt >= self.n_ctx:
             raise ContextOverflowError(n_prompt, self.n_ctx)
         keep = 0
-        for a, b in zip(self._cached, prompt):
+        for a, b in zip(self._cached, prompt, strict=False):
             if a != b:
                 break
             keep += 1

@@ -65,7 +65,7 @@ def check_header(path: Path) -> None:
         raise InvalidModelFileError(
             str(path),
             "is not a GGUF model file",
-            hint="llmkit runs .gguf files; `llmkit convert` turns a Hugging Face checkpoint into one",
+            hint="llmkit runs .gguf files; convert Hugging Face checkpoints to GGUF first",
         )
     if len(head) < 8:
         raise InvalidModelFileError(str(path), "is truncated (header incomplete)")

@@ -64,7 +64,7 @@ def parse_cpuinfo(text: str) -> int:
     """Count distinct (physical id, core id) pairs in Linux /proc/cpuinfo text; 0 if none."""
     cores: set[tuple[str, str]] = set()
     physical = core = ""
-    for line in text.splitlines() + [""]:
+    for line in [*text.splitlines(), ""]:
         if not line.strip():
             if core:
                 cores.add((physical, core))

@@ -1,4 +1,4 @@
-"""Input from arguments, stdin and files, decoded strictly so bad bytes are reported, not guessed."""
+"""Input from stdin and files, decoded strictly so bad bytes are reported, not guessed."""
 
 from __future__ import annotations
 

@@ -80,15 +80,14 @@ def _lock_path() -> Path:
     return paths.home() / ".manifest.lock"
 
 
+def _model_from_entry(name: str, entry: dict[str, Any]) -> LocalModel:
+    fields = set(LocalModel.__dataclass_fields__) - {"name"}
+    return LocalModel(name=name, **{k: v for k, v in entry.items() if k in fields})
+
+
 def local_models() -> list[LocalModel]:
     """Every model registered in the store, sorted by name."""
-    fields = set(LocalModel.__dataclass_fields__)
-    out = []
-    for name, entry in sorted(_read_manifest().items()):
-        values = {k: v for k, v in entry.items() if k in fields}
-        values["name"] = name
-        out.append(LocalModel(**values))
-    return out
+    return [_model_from_entry(name, entry) for name, entry in sorted(_read_manifest().items())]
 
 
 def get_local(name: str) -> LocalModel | None:
@@ -133,7 +132,7 @@ def remove(name: str) -> LocalModel:
             raise ModelNotFoundError(name, hint=hint)
         entry = models.pop(name)
         _write_manifest(models)
-    model = LocalModel(name=name, **{k: v for k, v in entry.items() if k != "name"})
+    model = _model_from_entry(name, entry)
     owned = paths.models_dir().resolve()
     target = Path(model.path).resolve()
     if owned in target.parents and target.exists():

@@ -43,7 +43,8 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 CtxOpt = Annotated[int | None, typer.Option(
     "--ctx", "-c", min=16, help="Context size in tokens (default: min(4096, the model's)).",
     show_default=False)]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show llama.cpp's log on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes or progress on stderr.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.",
                                                show_default=False)]

@@ -147,7 +147,9 @@ class Conversation:
         return cls(system=system if isinstance(system, str) else None, messages=turns)
 
 
-def fit_conversation(engine: TextEngine, convo: Conversation, reserve: int) -> tuple[list[int], int]:
+def fit_conversation(
+    engine: TextEngine, convo: Conversation, reserve: int
+) -> tuple[list[int], int]:
     """Tokenize a conversation, dropping its oldest turns until it fits with ``reserve`` spare.
 
     The system prompt and the newest user message are never dropped.
