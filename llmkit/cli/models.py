@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -34,16 +35,24 @@ def list_models(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "KIND", "SIZE", "QUANT", "PRESENT", "DESCRIPTION"):
-        table.add_column(column, overflow="fold" if column == "DESCRIPTION" else "ellipsis",
-                         no_wrap=column != "DESCRIPTION")
+    cells = []
     for r in rows:
         status = "yes" if r.present else ("unsupported" if not r.supported else "no")
         if r.present and r.source == "embedded":
             status = "yes (embedded)"
-        table.add_row(r.name, r.kind, human_size(r.size_bytes) if r.present else "-",
-                      r.quant or "-", status, r.description)
+        cells.append((r.name, r.kind, human_size(r.size_bytes) if r.present else "-",
+                      r.quant or "-", status, r.description))
+    headers = ("NAME", "KIND", "SIZE", "QUANT", "PRESENT", "DESCRIPTION")
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    # Only the description gives way on a narrow terminal; names stay whole.
+    room = max(12, shutil.get_terminal_size().columns - sum(widths[:-1]) - 2 * len(headers))
+    table = Table(box=None, pad_edge=False)
+    for column in headers:
+        table.add_column(column, no_wrap=True)
+    for row in cells:
+        desc = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
+        table.add_row(*row[:-1], desc)
     Console(highlight=False).print(table)
 
 
