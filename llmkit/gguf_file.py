@@ -71,6 +71,127 @@ def check_header(path: Path) -> None:
         raise InvalidModelFileError(str(path), "is truncated (header incomplete)")
 
 
+class _Truncated(Exception):
+    pass
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class _HeaderReader:
+    """Walks a GGUF header with bounds checks, so damage is named precisely."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0:
+            raise _Corrupt("negative length")
+        if self.pos + n > len(self.data):
+            raise _Truncated()
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def string(self) -> None:
+        n = self.u64()
+        if n > 1 << 30:
+            raise _Corrupt(f"string of {n} bytes")
+        self.take(n)
+
+    def value(self, vtype: int, depth: int = 0) -> None:
+        # Sizes of the scalar GGUF value types, by type id (gguf spec: GGUFValueType).
+        sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+        if vtype in sizes:
+            self.take(sizes[vtype])
+        elif vtype == 8:
+            self.string()
+        elif vtype == 9 and depth == 0:
+            item_type, count = self.u32(), self.u64()
+            if count > 1 << 32:
+                raise _Corrupt(f"array of {count} items")
+            if item_type in sizes:
+                self.take(sizes[item_type] * count)
+            else:
+                for _ in range(count):
+                    self.value(item_type, depth + 1)
+        else:
+            raise _Corrupt(f"unknown value type {vtype}")
+
+
+def check_complete(path: Path) -> None:
+    """Walk the whole header and tensor table and check the file holds every tensor's data.
+
+    Raises:
+        InvalidModelFileError: not a GGUF, corrupt header, or truncated anywhere.
+    """
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    check_header(path)
+    size = path.stat().st_size
+    hint = "download or convert it again"
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        reader = _HeaderReader(memoryview(mm))
+        try:
+            try:
+                reader.take(4)
+                version = reader.u32()
+                if version not in (2, 3):
+                    raise _Corrupt(f"unsupported GGUF version {version}")
+                n_tensors, n_kv = reader.u64(), reader.u64()
+                if n_tensors > 1 << 20 or n_kv > 1 << 20:
+                    raise _Corrupt(f"{n_tensors} tensors and {n_kv} metadata keys")
+                alignment = 32
+                for _ in range(n_kv):
+                    key_len = reader.u64()
+                    if key_len > 1 << 16:
+                        raise _Corrupt(f"a metadata key of {key_len} bytes")
+                    key = bytes(reader.take(key_len))
+                    vtype = reader.u32()
+                    start = reader.pos
+                    reader.value(vtype)
+                    if key == b"general.alignment" and vtype == 4:
+                        alignment = int.from_bytes(reader.data[start:start + 4], "little") or 32
+                end = 0
+                for _ in range(n_tensors):
+                    reader.string()
+                    n_dims = reader.u32()
+                    if n_dims > 8:
+                        raise _Corrupt(f"a tensor with {n_dims} dimensions")
+                    n_elements = 1
+                    for _ in range(n_dims):
+                        n_elements *= reader.u64()
+                    ttype, offset = reader.u32(), reader.u64()
+                    try:
+                        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+                    except (ValueError, KeyError):
+                        raise _Corrupt(f"unknown tensor type {ttype}") from None
+                    end = max(end, offset + n_elements // block * type_size)
+                data_start = -(-reader.pos // alignment) * alignment
+            finally:
+                reader.data.release()
+        except _Truncated:
+            raise InvalidModelFileError(
+                str(path), f"is truncated (the header runs past the end at {size} bytes)",
+                hint=hint) from None
+        except _Corrupt as exc:
+            raise InvalidModelFileError(str(path), f"is corrupt ({exc})", hint=hint) from None
+    if data_start + end > size:
+        raise InvalidModelFileError(
+            str(path), f"is truncated ({size} bytes; its tensors need {data_start + end})",
+            hint=hint)
+
+
 def _field_value(reader_field: Any) -> Any:
     from gguf import GGUFValueType
 
@@ -107,7 +228,7 @@ def read_info(path: Path) -> GGUFInfo:
     Raises:
         InvalidModelFileError: not a GGUF file, corrupt, or truncated.
     """
-    check_header(path)
+    check_complete(path)
     try:
         from gguf import GGUFReader, LlamaFileType
 
@@ -118,12 +239,6 @@ def read_info(path: Path) -> GGUFInfo:
             hint="download or convert it again",
         ) from None
     size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise InvalidModelFileError(
-            str(path), f"is truncated ({size} bytes, tensors need {end})",
-            hint="download or convert it again",
-        )
     meta: dict[str, Any] = {}
     for key, fld in reader.fields.items():
         if key.startswith("GGUF."):

@@ -56,12 +56,11 @@ def build_user_message(instruction: str | None, context: str | None) -> str:
     Raises:
         InputError: both are missing or blank.
     """
-    parts = [p for p in (context, instruction) if p is not None and p.strip()]
+    # A trailing newline from `echo` or a file is not part of what the user meant to ask.
+    parts = [p.rstrip() for p in (context, instruction) if p is not None and p.strip()]
     if not parts:
         raise InputError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
-    if len(parts) == 2:
-        return f"{context.rstrip() if context else ''}\n\n{instruction}"
-    return parts[0]
+    return "\n\n".join(parts)
 
 
 def run_prompt(
@@ -194,6 +193,7 @@ def chat_turn(
     """
     if not user_text.strip():
         raise InputError("the message is empty")
+    user_text = user_text.rstrip()  # a piped message ends with a newline nobody typed on purpose
     params = params or SamplingParams()
     reserve = min(params.max_tokens or CHAT_REPLY_RESERVE, engine.n_ctx // 4)
     reserve = max(reserve, MIN_REPLY_TOKENS)
