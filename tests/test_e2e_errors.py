@@ -1,4 +1,4 @@
-"""Every bad input of the foundation issue: one line on stderr, the right exit code, no traceback."""
+"""Every bad input of the foundation issue: one error line, the right exit code, no traceback."""
 
 from __future__ import annotations
 
