@@ -79,59 +79,84 @@ class _Corrupt(Exception):
     pass
 
 
+# Scalar GGUF value types by id (the GGUF spec's gguf_type enum, as gguf.GGUFValueType):
+# uint8 int8 uint16 int16 uint32 int32 float32 bool … uint64 int64 float64.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# Arrays longer than this are summarized as "[N items]" instead of kept.
+_KEEP_ITEMS = 8
+
+
+@dataclass
+class _Tensor:
+    name: str
+    n_elements: int
+    n_dims: int
+    type_id: int
+    end: int
+
+
 class _HeaderReader:
     """Walks a GGUF header with bounds checks, so damage is named precisely."""
 
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
+    def __init__(self, buf: Any, size: int) -> None:
+        self.buf = buf
+        self.size = size
         self.pos = 0
 
-    def take(self, n: int) -> memoryview:
-        if n < 0:
-            raise _Corrupt("negative length")
-        if self.pos + n > len(self.data):
+    def unpack(self, fmt: str) -> Any:
+        import struct
+
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
             raise _Truncated()
-        chunk = self.data[self.pos:self.pos + n]
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += n
-        return chunk
+        return value
 
-    def u32(self) -> int:
-        return int.from_bytes(self.take(4), "little")
-
-    def u64(self) -> int:
-        return int.from_bytes(self.take(8), "little")
-
-    def string(self) -> None:
-        n = self.u64()
+    def string(self, keep: bool = True) -> str:
+        n = self.unpack("<Q")
         if n > 1 << 30:
-            raise _Corrupt(f"string of {n} bytes")
-        self.take(n)
+            raise _Corrupt(f"a string of {n} bytes")
+        if self.pos + n > self.size:
+            raise _Truncated()
+        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace") if keep else ""
+        self.pos += n
+        return text
 
-    def value(self, vtype: int, depth: int = 0) -> None:
-        # Sizes of the scalar GGUF value types, by type id (gguf spec: GGUFValueType).
-        sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-        if vtype in sizes:
-            self.take(sizes[vtype])
-        elif vtype == 8:
-            self.string()
-        elif vtype == 9 and depth == 0:
-            item_type, count = self.u32(), self.u64()
-            if count > 1 << 32:
-                raise _Corrupt(f"array of {count} items")
-            if item_type in sizes:
-                self.take(sizes[item_type] * count)
-            else:
-                for _ in range(count):
-                    self.value(item_type, depth + 1)
+    def value(self, vtype: int) -> Any:
+        import struct
+
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY:
+            raise _Corrupt(f"unknown metadata value type {vtype}")
+        item_type, count = self.unpack("<I"), self.unpack("<Q")
+        if count > 1 << 32:
+            raise _Corrupt(f"an array of {count} items")
+        keep = count <= _KEEP_ITEMS
+        if item_type in _SCALARS:
+            width = struct.calcsize(_SCALARS[item_type])
+            if self.pos + width * count > self.size:
+                raise _Truncated()
+            items = [struct.unpack_from(_SCALARS[item_type], self.buf, self.pos + i * width)[0]
+                     for i in range(count)] if keep else []
+            self.pos += width * count
+        elif item_type == _STRING:
+            items = [self.string(keep) for _ in range(count)]
         else:
-            raise _Corrupt(f"unknown value type {vtype}")
+            raise _Corrupt(f"an array of value type {item_type}")
+        return items if keep else f"[{count} items]"
 
 
-def check_complete(path: Path) -> None:
-    """Walk the whole header and tensor table and check the file holds every tensor's data.
+def _parse(path: Path) -> tuple[int, dict[str, Any], list[_Tensor], int]:
+    """Parse header, metadata and tensor table; check the tensor data is all there.
 
-    Raises:
-        InvalidModelFileError: not a GGUF, corrupt header, or truncated anywhere.
+    Returns:
+        (GGUF version, metadata, tensors, file size)
     """
     import mmap
 
@@ -141,83 +166,66 @@ def check_complete(path: Path) -> None:
     size = path.stat().st_size
     hint = "download or convert it again"
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        reader = _HeaderReader(memoryview(mm))
+        reader = _HeaderReader(mm, size)
         try:
-            try:
-                reader.take(4)
-                version = reader.u32()
-                if version not in (2, 3):
-                    raise _Corrupt(f"unsupported GGUF version {version}")
-                n_tensors, n_kv = reader.u64(), reader.u64()
-                if n_tensors > 1 << 20 or n_kv > 1 << 20:
-                    raise _Corrupt(f"{n_tensors} tensors and {n_kv} metadata keys")
-                alignment = 32
-                for _ in range(n_kv):
-                    key_len = reader.u64()
-                    if key_len > 1 << 16:
-                        raise _Corrupt(f"a metadata key of {key_len} bytes")
-                    key = bytes(reader.take(key_len))
-                    vtype = reader.u32()
-                    start = reader.pos
-                    reader.value(vtype)
-                    if key == b"general.alignment" and vtype == 4:
-                        alignment = int.from_bytes(reader.data[start:start + 4], "little") or 32
-                end = 0
-                for _ in range(n_tensors):
-                    reader.string()
-                    n_dims = reader.u32()
-                    if n_dims > 8:
-                        raise _Corrupt(f"a tensor with {n_dims} dimensions")
-                    n_elements = 1
-                    for _ in range(n_dims):
-                        n_elements *= reader.u64()
-                    ttype, offset = reader.u32(), reader.u64()
-                    try:
-                        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-                    except (ValueError, KeyError):
-                        raise _Corrupt(f"unknown tensor type {ttype}") from None
-                    end = max(end, offset + n_elements // block * type_size)
-                data_start = -(-reader.pos // alignment) * alignment
-            finally:
-                reader.data.release()
+            reader.pos = 4
+            version = reader.unpack("<I")
+            if version not in (2, 3):
+                raise _Corrupt(f"unsupported GGUF version {version}")
+            n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+            if n_tensors > 1 << 20 or n_kv > 1 << 20:
+                raise _Corrupt(f"{n_tensors} tensors and {n_kv} metadata keys")
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = reader.string()
+                meta[key] = reader.value(reader.unpack("<I"))
+            tensors: list[_Tensor] = []
+            for _ in range(n_tensors):
+                name = reader.string()
+                n_dims = reader.unpack("<I")
+                if n_dims > 8:
+                    raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
+                n_elements = 1
+                for _ in range(n_dims):
+                    n_elements *= reader.unpack("<Q")
+                type_id, offset = reader.unpack("<I"), reader.unpack("<Q")
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+                except (ValueError, KeyError):
+                    raise _Corrupt(f"tensor {name} has unknown type {type_id}") from None
+                tensors.append(_Tensor(name, n_elements, n_dims, type_id,
+                                       offset + n_elements // block * type_size))
         except _Truncated:
             raise InvalidModelFileError(
                 str(path), f"is truncated (the header runs past the end at {size} bytes)",
                 hint=hint) from None
         except _Corrupt as exc:
             raise InvalidModelFileError(str(path), f"is corrupt ({exc})", hint=hint) from None
-    if data_start + end > size:
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        alignment = 32
+    data_start = -(-reader.pos // alignment) * alignment
+    needed = data_start + max((t.end for t in tensors), default=0)
+    if needed > size:
         raise InvalidModelFileError(
-            str(path), f"is truncated ({size} bytes; its tensors need {data_start + end})",
-            hint=hint)
+            str(path), f"is truncated ({size} bytes; its tensors need {needed})", hint=hint)
+    return version, meta, tensors, size
 
 
-def _field_value(reader_field: Any) -> Any:
-    from gguf import GGUFValueType
+def check_complete(path: Path) -> None:
+    """Check that ``path`` is a GGUF whose header parses and whose tensor data is all present.
 
-    types = reader_field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return [bytes(reader_field.parts[i]).decode("utf-8", "replace")
-                    for i in reader_field.data]
-        return [reader_field.parts[i].tolist()[0] for i in reader_field.data]
-    part = reader_field.parts[reader_field.data[0]]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", "replace")
-    value = part.tolist()[0]
-    return value
-
-
-def _summarize(value: Any) -> Any:
-    if isinstance(value, list) and len(value) > 8:
-        return f"[{len(value)} items]"
-    return value
+    Raises:
+        InvalidModelFileError: not a GGUF, corrupt header, or truncated anywhere.
+    """
+    _parse(path)
 
 
 def read_info(path: Path) -> GGUFInfo:
     """Parse a GGUF file's metadata and tensor table, and check it is complete.
+
+    gguf's own GGUFReader takes seconds on a large vocabulary (a numpy view per token), so
+    the header is walked here with the gguf package's type tables.
 
     Args:
         path: the .gguf file.
@@ -228,25 +236,9 @@ def read_info(path: Path) -> GGUFInfo:
     Raises:
         InvalidModelFileError: not a GGUF file, corrupt, or truncated.
     """
-    check_complete(path)
-    try:
-        from gguf import GGUFReader, LlamaFileType
+    from gguf import GGMLQuantizationType, LlamaFileType
 
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # gguf raises many types on corrupt input; all mean "corrupt"
-        raise InvalidModelFileError(
-            str(path), f"is corrupt or truncated ({type(exc).__name__}: {exc})",
-            hint="download or convert it again",
-        ) from None
-    size = path.stat().st_size
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = _field_value(fld)
-        except Exception:  # one odd field should not hide the rest
-            meta[key] = "?"
+    version, meta, tensors, size = _parse(path)
     arch = str(meta.get("general.architecture", "unknown"))
     file_type = meta.get("general.file_type")
     quant = "unknown"
@@ -256,27 +248,28 @@ def read_info(path: Path) -> GGUFInfo:
         except ValueError:
             quant = f"type {file_type}"
     else:
-        # Without general.file_type, name the most common tensor type among 2-D weights.
+        # Without general.file_type, name the most common type among the weight matrices.
         counts: dict[str, int] = {}
-        for t in reader.tensors:
-            if len(t.shape) >= 2:
-                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        for t in tensors:
+            if t.n_dims >= 2:
+                type_name = GGMLQuantizationType(t.type_id).name
+                counts[type_name] = counts.get(type_name, 0) + 1
         if counts:
             quant = max(counts, key=lambda k: counts[k])
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
     ctx = meta.get(f"{arch}.context_length", 0)
+    template = meta.get("tokenizer.chat_template", "")
     return GGUFInfo(
         path=str(path),
         size_bytes=size,
         architecture=arch,
         name=str(meta.get("general.name", path.stem)),
-        parameters=n_params,
+        parameters=sum(t.n_elements for t in tensors),
         quantization=quant,
         context_length=int(ctx) if isinstance(ctx, int) else 0,
-        chat_template=str(meta.get("tokenizer.chat_template", "")),
-        tensor_count=len(reader.tensors),
-        gguf_version=int(meta.get("GGUF.version", 3) or 3),
-        metadata={k: _summarize(v) for k, v in meta.items() if k != "tokenizer.chat_template"},
+        chat_template=template if isinstance(template, str) else "",
+        tensor_count=len(tensors),
+        gguf_version=version,
+        metadata={k: v for k, v in meta.items() if k != "tokenizer.chat_template"},
     )
 
 
