@@ -10,6 +10,7 @@ import typer
 
 from llmkit.cli import _output as out
 from llmkit.cli.chat import chat
+from llmkit.cli.completions import completions
 from llmkit.cli.doctor import doctor
 from llmkit.cli.models import import_model, list_models, rm, show
 from llmkit.cli.run import run
@@ -51,6 +52,7 @@ app.command("show")(show)
 app.command("import")(import_model)
 app.command("rm")(rm)
 app.command("doctor")(doctor)
+app.command("completions")(completions)
 
 
 def _click_exception(exc: BaseException) -> bool:
