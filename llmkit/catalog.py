@@ -135,7 +135,8 @@ def parse_catalog(text: str, origin: str = "models.toml") -> dict[str, ModelSpec
     return specs
 
 
-def _shipped_catalog_text() -> str:
+def shipped_catalog_text() -> str:
+    """The text of the catalog that ships with llmkit."""
     packaged = resources.files("llmkit").joinpath("models.toml")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
@@ -145,7 +146,7 @@ def _shipped_catalog_text() -> str:
 
 @lru_cache(maxsize=4)
 def _load(user_path: str) -> dict[str, ModelSpec]:
-    specs = parse_catalog(_shipped_catalog_text())
+    specs = parse_catalog(shipped_catalog_text())
     user = Path(user_path)
     if user.is_file():
         try:

@@ -83,11 +83,11 @@ def _describe(app: typer.Typer) -> tuple[list[_Opt], list[_Cmd]]:
 
 
 def _model_names() -> list[str]:
-    from llmkit.catalog import parse_catalog
-    from llmkit.catalog import _shipped_catalog_text as shipped
+    from llmkit.catalog import parse_catalog, shipped_catalog_text
 
     # The shipped catalog only: a user's own entries must not leak into checked-in scripts.
-    return [name for name, spec in parse_catalog(shipped()).items() if spec.supported]
+    return [name for name, spec in parse_catalog(shipped_catalog_text()).items()
+            if spec.supported]
 
 
 def _bash(root: list[_Opt], commands: list[_Cmd], models: list[str]) -> str:
