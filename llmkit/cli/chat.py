@@ -168,6 +168,11 @@ class _Repl:
         except LlmkitError as exc:
             out.error(str(exc))
             return
+        except KeyboardInterrupt:
+            # Ctrl-C before the first token (while the prompt was evaluated).
+            out.write("\n")
+            out.note("reply stopped")
+            return
         out.write("\n")
         if reply.generation.finish_reason == "interrupted":
             out.note("reply stopped")

@@ -200,7 +200,8 @@ def chat_turn(
     convo.messages.append({"role": "user", "content": user_text})
     try:
         tokens, dropped = fit_conversation(engine, convo, reserve)
-    except ContextOverflowError:
+    except (ContextOverflowError, KeyboardInterrupt):
+        # Not answered: leave the history as it was before this turn.
         convo.messages.pop()
         raise
     generation = engine.generate(tokens, params, on_text)
