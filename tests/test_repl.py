@@ -1,4 +1,4 @@
-"""The chat REPL driven through a real pseudo-terminal: streaming, slash commands, Ctrl-C, Ctrl-D."""
+"""The chat REPL through a real pseudo-terminal: streaming, slash commands, Ctrl-C, Ctrl-D."""
 
 from __future__ import annotations
 
