@@ -44,6 +44,8 @@ class ModelSpec:
     alternatives: tuple[str, ...] = ()
     embedded: str = ""
     system: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def filename(self, quant: str | None = None) -> str:
@@ -73,6 +75,10 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
             if not isinstance(value, bool):
                 raise CatalogError(f"{where}: {key} must be true or false")
             values[key] = value
+        elif key in ("temperature", "top_p"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise CatalogError(f"{where}: {key} must be a number, 0 or more")
+            values[key] = float(value)
         elif key == "context_length":
             if not isinstance(value, int) or value < 0:
                 raise CatalogError(f"{where}: context_length must be a positive integer")

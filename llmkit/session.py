@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmkit.engine import Engine
+from llmkit.engine import Engine, SamplingParams
 from llmkit.store import Resolution, resolve
 
 
@@ -39,6 +39,30 @@ def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Reso
         name=resolution.model.name,
     )
     return engine, resolution
+
+
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+
+
+def sampling_params(
+    resolution: Resolution,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    grammar: str | None = None,
+) -> SamplingParams:
+    """Sampling settings: what the user gave, else the catalog's for this model, else llmkit's."""
+    spec = resolution.spec
+    if temperature is None:
+        temperature = spec.temperature if spec and spec.temperature is not None else (
+            DEFAULT_TEMPERATURE)
+    if top_p is None:
+        top_p = spec.top_p if spec and spec.top_p is not None else DEFAULT_TOP_P
+    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                          max_tokens=max_tokens or None, grammar=grammar)
 
 
 def default_system_prompt(resolution: Resolution) -> str | None:

@@ -48,9 +48,12 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes or progress on stderr.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.",
                                                show_default=False)]
-TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", min=0.0, max=5.0, help="Sampling temperature; 0 is greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling.")]
+TemperatureOpt = Annotated[float | None, typer.Option(
+    "--temperature", min=0.0, max=5.0, show_default=False,
+    help="Sampling temperature; 0 is greedy (default: the model's, else 0.8).")]
+TopPOpt = Annotated[float | None, typer.Option(
+    "--top-p", min=0.0, max=1.0, show_default=False,
+    help="Nucleus sampling (default: the model's, else 0.95).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for repeatable output.",
                                              show_default=False)]
 MaxTokensOpt = Annotated[int, typer.Option(

@@ -46,8 +46,8 @@ Ctrl-C stops a reply; the session goes on."""
 def chat(
     model: ModelOpt = None,
     system: SystemOpt = None,
-    temperature: TemperatureOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = 1024,
     ctx: CtxOpt = None,
@@ -63,18 +63,20 @@ def chat(
 
     Example: llmkit chat -m llama3.2:1b
     """
-    from llmkit.engine import SamplingParams
     from llmkit.errors import Interrupted
     from llmkit.io import read_stdin, stdin_is_tty
-    from llmkit.session import EngineOptions, default_system_prompt, open_engine
+    from llmkit.session import (
+        EngineOptions,
+        default_system_prompt,
+        open_engine,
+        sampling_params,
+    )
     from llmkit.tasks.chat import Conversation, chat_turn
 
     out.set_quiet(quiet)
     options = EngineOptions(ctx=ctx, threads=threads,
                             device=str(getattr(device, "value", device)),
                             gpu_layers=gpu_layers, verbose=verbose)
-    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
-                            max_tokens=max_tokens or None)
     convo = Conversation.load(load) if load else Conversation()
     piped = None if stdin_is_tty() else read_stdin()
     if piped is not None and not piped.strip():
@@ -84,6 +86,8 @@ def chat(
     engine, resolution = open_engine(model, options)
     if resolution.note:
         out.note(resolution.note)
+    params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
+                             max_tokens=max_tokens)
     if system is not None:
         convo.system = system
     elif convo.system is None:

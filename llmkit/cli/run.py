@@ -31,8 +31,8 @@ def run(
         show_default=False)] = None,
     model: ModelOpt = None,
     system: SystemOpt = None,
-    temperature: TemperatureOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = 1024,
     ctx: CtxOpt = None,
@@ -52,10 +52,15 @@ def run(
 
     Example: llmkit run "What is the capital of France?"
     """
-    from llmkit.engine import SamplingParams, grammar_from_json_schema
+    from llmkit.engine import grammar_from_json_schema
     from llmkit.errors import Interrupted
     from llmkit.io import read_stdin, read_text_file
-    from llmkit.session import EngineOptions, default_system_prompt, open_engine
+    from llmkit.session import (
+        EngineOptions,
+        default_system_prompt,
+        open_engine,
+        sampling_params,
+    )
     from llmkit.tasks.chat import build_user_message, run_prompt
 
     out.set_quiet(quiet)
@@ -66,10 +71,8 @@ def run(
         gpu_layers=gpu_layers, verbose=verbose))
     if resolution.note:
         out.note(resolution.note)
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens or None,
-        grammar=grammar,
-    )
+    params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
+                             max_tokens=max_tokens, grammar=grammar)
     streaming = format == TextFormat.text
     with engine:
         reply = run_prompt(
