@@ -42,6 +42,22 @@ def _annotation(param: Any) -> Any:
     return getattr(descriptor, "annotation", None)
 
 
+def _choices(param: Any) -> tuple[str, ...]:
+    # Older Typer exposes Click's Choice type; newer ones the annotation. Handle both.
+    choices = getattr(getattr(param, "type", None), "choices", None)
+    if choices:
+        return tuple(str(getattr(c, "value", c)) for c in choices)
+    ann = _annotation(param)
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return tuple(str(m.value) for m in ann)
+    return ()
+
+
+def _is_path(param: Any) -> bool:
+    kind = type(getattr(param, "type", None)).__name__
+    return kind in ("Path", "File", "TyperPath") or _annotation(param) is Path
+
+
 def _describe(app: typer.Typer) -> tuple[list[_Opt], list[_Cmd]]:
     import typer.main
 
@@ -52,16 +68,12 @@ def _describe(app: typer.Typer) -> tuple[list[_Opt], list[_Cmd]]:
         for p in params:
             if p.param_type_name != "option" or p.hidden:
                 continue
-            ann = _annotation(p)
-            choices: tuple[str, ...] = ()
-            if isinstance(ann, type) and issubclass(ann, enum.Enum):
-                choices = tuple(str(m.value) for m in ann)
             out.append(_Opt(
                 names=tuple(sorted(p.opts + p.secondary_opts, key=lambda n: (len(n), n))),
                 help=_first_line(p.help),
                 takes_value=not p.is_flag,
-                choices=choices,
-                files=ann is Path,
+                choices=_choices(p),
+                files=_is_path(p),
                 models=p.name == "model",
             ))
         out.append(_Opt(("-h", "--help"), "Show help and exit", False, (), False, False))
@@ -76,7 +88,7 @@ def _describe(app: typer.Typer) -> tuple[list[_Opt], list[_Cmd]]:
             name=name,
             help=_first_line(cmd.help),
             options=options(cmd.params),
-            files=any(_annotation(p) is Path for p in args),
+            files=any(_is_path(p) for p in args),
             models=any(p.name == "model" for p in args),
         ))
     return list(options(group.params)), commands
