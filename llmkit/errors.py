@@ -101,6 +101,14 @@ class SchemaError(LlmkitError):
     """A JSON schema that cannot be turned into a grammar."""
 
 
+class ConvertError(LlmkitError):
+    """A checkpoint that cannot be converted to GGUF, with the reason."""
+
+
+class QuantizeError(LlmkitError):
+    """llama.cpp's quantizer refused or failed."""
+
+
 class Interrupted(LlmkitError):
     """The user pressed Ctrl-C."""
 

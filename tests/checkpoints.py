@@ -1,0 +1,145 @@
+"""Test helpers that build Hugging Face checkpoints: from a real GGUF, or tiny random Llamas."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], bf16: bool = False) -> None:
+    """A minimal safetensors writer (F32/F16, or BF16 by truncating float32 with rounding)."""
+    header: dict[str, Any] = {}
+    blobs = []
+    offset = 0
+    for name, array in tensors.items():
+        if bf16:
+            bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+            data, dtype = rounded.tobytes(), "BF16"
+        else:
+            data, dtype = np.ascontiguousarray(array).tobytes(), SAFETENSORS_DTYPES[array.dtype]
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for blob in blobs:
+            fh.write(blob)
+
+
+def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    n = rows.shape[0]
+    order = np.arange(n).reshape(n_head, 2, n // n_head // 2).swapaxes(1, 2).reshape(n)
+    return rows[np.argsort(order)]
+
+
+HF_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _field(reader: Any, key: str) -> Any:
+    f = reader.fields[key]
+    if f.types[0].name == "STRING":
+        return bytes(f.parts[f.data[0]]).decode()
+    if f.types[0].name == "ARRAY":
+        if f.types[1].name == "STRING":
+            return [bytes(f.parts[i]).decode() for i in f.data]
+        return [f.parts[i].tolist()[0] for i in f.data]
+    return f.parts[f.data[0]].tolist()[0]
+
+
+def gguf_to_hf(gguf_path: Path, out: Path, *, dtype: str = "float32") -> dict[str, Any]:
+    """Dequantize a Llama-architecture GGUF into a Hugging Face checkpoint directory."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    out.mkdir(parents=True, exist_ok=True)
+    n_head = _field(reader, "llama.attention.head_count")
+    n_head_kv = _field(reader, "llama.attention.head_count_kv")
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        name = t.name
+        if name == "token_embd.weight":
+            hf = "model.embed_tokens.weight"
+        elif name == "output_norm.weight":
+            hf = "model.norm.weight"
+        elif name == "output.weight":
+            hf = "lm_head.weight"
+        else:
+            _, layer, kind, _ = name.split(".")
+            hf = f"model.layers.{layer}.{HF_NAMES[kind]}.weight"
+            if kind == "attn_q":
+                data = _unpermute(data, n_head)
+            elif kind == "attn_k":
+                data = _unpermute(data, n_head_kv)
+        tensors[hf] = data.astype(dtype)
+    write_safetensors(out / "model.safetensors", tensors)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": _field(reader, "llama.embedding_length"),
+        "intermediate_size": _field(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": _field(reader, "llama.block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "max_position_embeddings": _field(reader, "llama.context_length"),
+        "rms_norm_eps": _field(reader, "llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _field(reader, "llama.rope.freq_base"),
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "torch_dtype": dtype,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    assert pre == "smollm", f"helper only knows the smollm pre-tokenizer, not {pre}"
+    control = [i for i, kind in enumerate(types) if kind == gguf.TokenType.CONTROL]
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i in control],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": True}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {tok: i for i, tok in enumerate(tokens)},
+                  "merges": [m.split(" ") for m in merges]},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    tk_config = {
+        "bos_token": tokens[_field(reader, "tokenizer.ggml.bos_token_id")],
+        "eos_token": tokens[_field(reader, "tokenizer.ggml.eos_token_id")],
+        "unk_token": tokens[_field(reader, "tokenizer.ggml.unknown_token_id")],
+        "pad_token": tokens[_field(reader, "tokenizer.ggml.padding_token_id")],
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token")),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tk_config, ensure_ascii=False))
+    return config
