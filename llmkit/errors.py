@@ -116,3 +116,23 @@ class Interrupted(LlmkitError):
 
     def __init__(self) -> None:
         super().__init__("interrupted")
+
+
+class HubError(LlmkitError):
+    """The Hugging Face Hub could not give us a model file."""
+
+
+class HubAccessError(HubError):
+    """The Hub refused access: a gated or private repository, or a refused token."""
+
+
+class NotAvailableOfflineError(HubError):
+    """Offline (HF_HUB_OFFLINE=1 or no network) and the file is not in the local cache."""
+
+
+class DownloadIntegrityError(HubError):
+    """A downloaded file does not match the size or checksum the Hub gave for it."""
+
+
+class DiskSpaceError(HubError):
+    """Not enough free disk space for a download."""

@@ -165,8 +165,10 @@ def quantize(
         if rc != 0 or not tmp.exists():
             lines = [ln.strip() for ln in recent_log() if ln.strip()]
             detail = lines[-1] if lines else f"code {rc}"
+            hint = ("start from an F16, BF16 or F32 file" if "requantiz" in detail else
+                    "run with -v or LLMKIT_DEBUG=1 for llama.cpp's log")
             raise QuantizeError(f"llama.cpp could not quantize {source.name} to {qtype}: "
-                                f"{detail}")
+                                f"{detail}", hint=hint)
         seconds = time.perf_counter() - started
         if verify:
             try:

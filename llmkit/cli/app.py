@@ -11,6 +11,7 @@ import typer
 from llmkit.cli import _output as out
 from llmkit.cli.chat import chat
 from llmkit.cli.completions import completions
+from llmkit.cli.convert import convert, quantize
 from llmkit.cli.doctor import doctor
 from llmkit.cli.models import import_model, list_models, rm, show
 from llmkit.cli.run import run
@@ -51,6 +52,8 @@ app.command("list")(list_models)
 app.command("show")(show)
 app.command("import")(import_model)
 app.command("rm")(rm)
+app.command("convert")(convert)
+app.command("quantize")(quantize)
 app.command("doctor")(doctor)
 app.command("completions")(completions)
 

@@ -1,0 +1,89 @@
+"""`llmkit convert` and `llmkit quantize`: make GGUF files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import QuietOpt, TextFormat, ThreadsOpt
+
+
+def _progress(quiet: bool):  # type: ignore[no-untyped-def]
+    """A per-tensor progress callback on stderr when it is a terminal, else None."""
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def show(i: int, total: int, name: str) -> None:
+        end = "\n" if i + 1 == total else ""
+        sys.stderr.write(f"\r\033[Kconverting {i + 1}/{total} {name}{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def convert(
+    source: Annotated[str, typer.Argument(
+        help="Checkpoint directory, or a Hugging Face repository (OWNER/REPO).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file to write.")],
+    outtype: Annotated[str, typer.Option(
+        "--outtype", help="Weight type: f32, f16, bf16 or q8_0 (norms stay f32).")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    format: Annotated[TextFormat, typer.Option("--format", "-f")] = TextFormat.text,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a Hugging Face checkpoint (safetensors) to GGUF, without torch.
+
+    Example: llmkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf
+    """
+    from llmkit.convert import convert as run_convert
+    from llmkit.errors import UsageError
+    from llmkit.gguf_file import human_size
+    from llmkit.hub import checkpoint_dir
+
+    out.set_quiet(quiet)
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists", hint="pass --force to replace it")
+    directory = checkpoint_dir(source, quiet=quiet)
+    result = run_convert(directory, output, outtype=outtype.lower(), on_tensor=_progress(quiet))
+    if format == TextFormat.json:
+        out.write_json(result.__dict__)
+    else:
+        out.note(f"wrote {result.path} ({result.tensors} tensors, "
+                 f"{human_size(result.size_bytes)}, tokenizer {result.tokenizer}) "
+                 f"in {result.seconds:.1f} s")
+
+
+def quantize(
+    source: Annotated[Path, typer.Argument(help="Input GGUF (usually F16, BF16 or F32).")],
+    output: Annotated[Path | None, typer.Argument(
+        help="Output GGUF (default: next to the input, named after the type).",
+        show_default=False)] = None,
+    type: Annotated[str, typer.Option("--type", help="Q4_K_M, Q8_0, Q5_K_M, IQ4_XS, …")
+                    ] = "Q4_K_M",
+    threads: ThreadsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    imatrix: Annotated[Path | None, typer.Option(
+        "--imatrix", help="Importance matrix from llama-imatrix (needed for IQ1/IQ2 types).",
+        show_default=False)] = None,
+    format: Annotated[TextFormat, typer.Option("--format", "-f")] = TextFormat.text,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer; the result is loaded once to check it.
+
+    Example: llmkit quantize smollm2-f16.gguf --type Q4_K_M
+    """
+    from llmkit.gguf_file import human_size
+    from llmkit.quantize import quantize as run_quantize
+
+    out.set_quiet(quiet)
+    result = run_quantize(source, type, output, threads=threads, force=force, imatrix=imatrix)
+    if format == TextFormat.json:
+        out.write_json(result.__dict__)
+    else:
+        out.note(f"{result.type}: {human_size(result.size_in)} → {human_size(result.size_out)} "
+                 f"({result.size_out / result.size_in:.0%}) in {result.seconds:.1f} s → "
+                 f"{result.output}")
