@@ -390,6 +390,46 @@ class Engine:
                 raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
             self._cached.extend(chunk)
 
+    def _prepare(self, prompt: Sequence[int]) -> int:
+        """Keep the cached prefix of ``prompt``; return how many tokens are kept."""
+        lc = self._lc
+        keep = 0
+        for a, b in zip(self._cached, prompt, strict=False):
+            if a != b:
+                break
+            keep += 1
+        if keep == len(prompt):
+            keep -= 1  # the last prompt token must be decoded again to get fresh logits
+        mem = lc.llama_get_memory(self._ctx)
+        if not lc.llama_memory_seq_rm(mem, -1, keep, -1):
+            lc.llama_memory_clear(mem, True)
+            keep = 0
+        del self._cached[keep:]
+        return keep
+
+    def next_token_logits(self, prompt: Sequence[int]) -> Any:
+        """Evaluate ``prompt`` and return the logits for the token that would follow it.
+
+        Returns:
+            A float32 numpy array of vocabulary size (a copy).
+
+        Raises:
+            InputError: empty prompt.
+            ContextOverflowError: the prompt does not fit.
+        """
+        import numpy as np
+
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflowError(len(prompt), self.n_ctx)
+        keep = self._prepare(prompt)
+        self._decode_prompt(prompt[keep:])
+        lc = self._lc
+        n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        pointer = lc.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
+
     def generate(
         self,
         prompt: Sequence[int],
@@ -419,18 +459,7 @@ class Engine:
             raise InputError("the prompt is empty")
         if n_prompt >= self.n_ctx:
             raise ContextOverflowError(n_prompt, self.n_ctx)
-        keep = 0
-        for a, b in zip(self._cached, prompt, strict=False):
-            if a != b:
-                break
-            keep += 1
-        if keep == n_prompt:
-            keep -= 1  # the last prompt token must be decoded again to get fresh logits
-        mem = lc.llama_get_memory(self._ctx)
-        if not lc.llama_memory_seq_rm(mem, -1, keep, -1):
-            lc.llama_memory_clear(mem, True)
-            keep = 0
-        del self._cached[keep:]
+        keep = self._prepare(prompt)
         sampler = self._sampler(params)
         pieces: list[str] = []
         generated: list[int] = []

@@ -143,3 +143,89 @@ def gguf_to_hf(gguf_path: Path, out: Path, *, dtype: str = "float32") -> dict[st
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tk_config, ensure_ascii=False))
     return config
+
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "Numbers: 1 12 123 1234 3.14 2,718 and more 42!",
+    "Emoji 🎉 and 中文 text, with    spaces\tand tabs.",
+]
+
+
+def build_llama3_tokenizer(out: Path, vocab_size: int = 400) -> None:
+    """A small byte-level BPE with Llama 3's pre-tokenizer, trained locally (tokenizers lib)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAINING_TEXT * 20, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+                "{% endif %}")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "add_bos_token": True, "chat_template": template,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+    }))
+
+
+def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
+    """A random-weight Llama-3-style checkpoint: GQA, llama3 RoPE scaling, tied embeddings."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_llama3_tokenizer(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    n_vocab = len(vocab["model"]["vocab"]) + sum(
+        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
+    hidden, heads, kv_heads, layers, ff = 64, 4, 2, 2, 160
+    head_dim = hidden // heads
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.08) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden, scale=0.5),
+               "model.norm.weight": (1 + w(hidden, scale=0.1))}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "post_attention_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(ff, hidden),
+            p + "mlp.up_proj.weight": w(ff, hidden),
+            p + "mlp.down_proj.weight": w(hidden, ff),
+        }
+    write_safetensors(out / "model.safetensors", tensors, bf16=bf16)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        "vocab_size": n_vocab, "tie_word_embeddings": True, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 0, "eos_token_id": 4,
+        "torch_dtype": "bfloat16" if bf16 else "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return config

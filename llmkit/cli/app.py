@@ -14,6 +14,7 @@ from llmkit.cli.completions import completions
 from llmkit.cli.convert import convert, quantize
 from llmkit.cli.doctor import doctor
 from llmkit.cli.models import import_model, list_models, rm, show
+from llmkit.cli.pull import pull
 from llmkit.cli.run import run
 from llmkit.errors import Interrupted, LlmkitError
 
@@ -52,6 +53,7 @@ app.command("list")(list_models)
 app.command("show")(show)
 app.command("import")(import_model)
 app.command("rm")(rm)
+app.command("pull")(pull)
 app.command("convert")(convert)
 app.command("quantize")(quantize)
 app.command("doctor")(doctor)

@@ -5,93 +5,107 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 SHELLS = ("bash", "zsh", "fish")
 HEADER = "llmkit {shell} completion, generated from the app by `llmkit completions {shell}`"
+HELP_TEXT = "Show this message and exit"
+
+
+@dataclass(frozen=True)
+class _Value:
+    """What an option's or argument's value completes to."""
+
+    kind: str = "none"  # "none", "choices", "files", "dirs" or "models"
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class _Opt:
     names: tuple[str, ...]
     help: str
-    takes_value: bool
-    choices: tuple[str, ...]  # fixed values, if any
-    files: bool  # the value is a path
-    models: bool  # the value is a model name
+    nargs: int  # values it consumes; 0 for a flag
+    value: _Value
 
 
 @dataclass(frozen=True)
-class _Cmd:
+class _Arg:
     name: str
+    variadic: bool  # takes all remaining positional words
+    value: _Value
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A command or group, by its path of subcommand names from the root ('' for the root)."""
+
+    path: tuple[str, ...]
     help: str
     options: tuple[_Opt, ...]
-    files: bool  # positional arguments are paths
-    models: bool  # positional argument is a model name
+    args: tuple[_Arg, ...]
+    children: tuple[_Node, ...]
+
+    @property
+    def key(self) -> str:
+        return " ".join(self.path)
+
+    def walk(self) -> list[_Node]:
+        return [self, *(n for c in self.children for n in c.walk())]
 
 
 def _first_line(text: str | None) -> str:
-    return (text or "").strip().split("\n")[0].strip().rstrip(".")
+    line = (text or "").strip().split("\n")[0].strip()
+    return line[:-1] if line.endswith(".") and not line.endswith("..") else line
 
 
-def _annotation(param: Any) -> Any:
-    descriptor = getattr(param, "type_descriptor", None)
-    return getattr(descriptor, "annotation", None)
-
-
-def _choices(param: Any) -> tuple[str, ...]:
-    # Older Typer exposes Click's Choice type; newer ones the annotation. Handle both.
-    choices = getattr(getattr(param, "type", None), "choices", None)
+def _value_of(param: Any) -> _Value:
+    ptype = getattr(param, "type", None)
+    choices = getattr(ptype, "choices", None)
     if choices:
-        return tuple(str(getattr(c, "value", c)) for c in choices)
-    ann = _annotation(param)
-    if isinstance(ann, type) and issubclass(ann, enum.Enum):
-        return tuple(str(m.value) for m in ann)
-    return ()
+        return _Value("choices", tuple(str(getattr(c, "value", c)) for c in choices))
+    if param.name == "model":
+        return _Value("models")
+    if hasattr(ptype, "dir_okay") and hasattr(ptype, "file_okay"):  # Click's Path
+        return _Value("dirs" if ptype.dir_okay and not ptype.file_okay else "files")
+    if type(ptype).__name__ == "File":
+        return _Value("files")
+    return _Value()
 
 
-def _is_path(param: Any) -> bool:
-    kind = type(getattr(param, "type", None)).__name__
-    return kind in ("Path", "File", "TyperPath") or _annotation(param) is Path
-
-
-def _describe(app: typer.Typer) -> tuple[list[_Opt], list[_Cmd]]:
-    import typer.main
-
-    group: Any = typer.main.get_command(app)
-
-    def options(params: list[Any]) -> tuple[_Opt, ...]:
-        out = []
-        for p in params:
-            if p.param_type_name != "option" or p.hidden:
-                continue
-            out.append(_Opt(
-                names=tuple(sorted(p.opts + p.secondary_opts, key=lambda n: (len(n), n))),
-                help=_first_line(p.help),
-                takes_value=not p.is_flag,
-                choices=_choices(p),
-                files=_is_path(p),
-                models=p.name == "model",
-            ))
-        out.append(_Opt(("-h", "--help"), "Show help and exit", False, (), False, False))
-        return tuple(out)
-
-    commands = []
-    for name, cmd in group.commands.items():
-        if cmd.hidden:
+def _describe(command: Any, path: tuple[str, ...] = (),
+              help_names: tuple[str, ...] = ("--help",)) -> _Node:
+    """The completion-relevant shape of a Click command (read by duck typing: no `click`)."""
+    settings = getattr(command, "context_settings", None) or {}
+    help_names = tuple(settings.get("help_option_names", help_names))
+    options: list[_Opt] = []
+    args: list[_Arg] = []
+    for p in command.params:
+        if getattr(p, "hidden", False):
             continue
-        args = [p for p in cmd.params if p.param_type_name == "argument"]
-        commands.append(_Cmd(
-            name=name,
-            help=_first_line(cmd.help),
-            options=options(cmd.params),
-            files=any(_is_path(p) for p in args),
-            models=any(p.name == "model" for p in args),
-        ))
-    return list(options(group.params)), commands
+        if p.param_type_name == "argument":
+            args.append(_Arg(p.human_readable_name.lower(), p.nargs < 0, _value_of(p)))
+        elif p.param_type_name == "option":
+            flag = bool(getattr(p, "is_flag", False) or getattr(p, "count", False))
+            options.append(_Opt(
+                names=tuple(sorted([*p.opts, *p.secondary_opts], key=lambda n: (len(n), n))),
+                help=_first_line(p.help),
+                nargs=0 if flag else max(p.nargs, 1),
+                value=_Value() if flag else _value_of(p),
+            ))
+    if getattr(command, "add_help_option", True) and help_names:
+        taken = {n for o in options for n in o.names}
+        names = tuple(sorted((n for n in help_names if n not in taken),
+                             key=lambda n: (len(n), n)))
+        if names:
+            options.append(_Opt(names, HELP_TEXT, 0, _Value()))
+    children = tuple(
+        _describe(sub, (*path, name), help_names)
+        for name, sub in getattr(command, "commands", {}).items()
+        if not getattr(sub, "hidden", False)
+    )
+    return _Node(path, _first_line(command.help), tuple(options), tuple(args), children)
 
 
 def _model_names() -> list[str]:
@@ -102,187 +116,452 @@ def _model_names() -> list[str]:
             if spec.supported]
 
 
-def _bash(root: list[_Opt], commands: list[_Cmd], models: list[str]) -> str:
-    def words(opts: tuple[_Opt, ...] | list[_Opt]) -> str:
-        return " ".join(n for o in opts for n in o.names)
+# --- bash -------------------------------------------------------------------------------
 
+_BASH_MAIN = r"""
+# Puts the words that match $2 among the words $1 into COMPREPLY.
+__llmkit_words() {
+    local w
+    for w in $(compgen -W "$1" -- "$2"); do COMPREPLY+=("$w"); done
+}
+
+__llmkit_files() {
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -f -- "$1")
+}
+
+__llmkit_dirs() {
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -d -- "$1")
+}
+
+# A model: a catalog name, or a path to a .gguf file.
+__llmkit_models() {
+    __llmkit_words "$__llmkit_model_names" "$1"
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -d -- "$1"; compgen -f -X '!*.gguf' -- "$1")
+}
+
+_llmkit() {
+    # bash splits words at ':' and '=' (COMP_WORDBREAKS); glue them back so that
+    # `-m smollm2:135m` and `--device=cpu` are one word each. Works without bash-completion.
+    local -a words=()
+    local i j=-1 cword=0 glue=0 x
+    for ((i = 0; i < ${#COMP_WORDS[@]} && i <= COMP_CWORD; i++)); do
+        x=${COMP_WORDS[i]}
+        if ((j >= 0)) && [[ -n $x ]] && { ((glue)) || [[ -z ${x//[:=]/} ]]; }; then
+            words[j]+=$x
+        else
+            j=$((j + 1))
+            words[j]=$x
+        fi
+        if [[ -n $x && -z ${x//[:=]/} ]]; then glue=1; else glue=0; fi
+        cword=$j
+    done
+    local cur=${words[cword]}
+    local path="" subs="" opts="" valued="" npos=0 variadic=0
+    __llmkit_spec ""
+    local pos=0 skip=0 dashdash=0 opt="" n
+    for ((i = 1; i < cword; i++)); do
+        x=${words[i]}
+        if ((skip > 0)); then skip=$((skip - 1)); continue; fi
+        if ((!dashdash)); then
+            case $x in
+                --) dashdash=1; continue ;;
+                -*=*) continue ;;
+                -*)
+                    if [[ " $valued " == *" $x="* ]]; then
+                        n=" $valued "
+                        n=${n#*" $x="}
+                        skip=${n%% *}
+                        opt=$x
+                    fi
+                    continue ;;
+            esac
+        fi
+        if ((!dashdash)) && [[ " $subs " == *" $x "* ]]; then
+            path=${path:+$path }$x
+            pos=0
+            __llmkit_spec "$path"
+        else
+            pos=$((pos + 1))
+        fi
+    done
+    local value=$cur prefix=""
+    if ((skip == 0)); then
+        opt=""
+        if ((!dashdash)) && [[ $cur == -*=* && " $valued " == *" ${cur%%=*}="* ]]; then
+            opt=${cur%%=*}
+            value=${cur#*=}
+            prefix=$opt=
+        fi
+    fi
+    COMPREPLY=()
+    if [[ -n $opt ]]; then
+        __llmkit_value "$path" "$opt" "$value"
+    elif ((!dashdash)) && [[ $cur == -* ]]; then
+        __llmkit_words "$opts" "$cur"
+    elif [[ -n $subs ]]; then
+        __llmkit_words "$subs" "$cur"
+    elif ((npos > 0)); then
+        if ((pos >= npos && variadic)); then pos=$((npos - 1)); fi
+        if ((pos < npos)); then __llmkit_value "$path" "#$pos" "$value"; fi
+    fi
+    # bash replaces only the text after the last word-break character: drop what precedes it.
+    local breaks="" trim=""
+    [[ $COMP_WORDBREAKS == *:* ]] && breaks+=":"
+    [[ $COMP_WORDBREAKS == *=* ]] && breaks+="="
+    if [[ -n $breaks && $cur == *[$breaks]* ]]; then
+        trim=${cur%"${cur##*[$breaks]}"}
+    fi
+    if [[ -n $prefix || -n $trim ]]; then
+        for i in "${!COMPREPLY[@]}"; do
+            x=$prefix${COMPREPLY[i]}
+            COMPREPLY[i]=${x#"$trim"}
+        done
+    fi
+}
+
+complete -F _llmkit llmkit
+"""
+
+
+def _bash_quote(words: list[str] | tuple[str, ...]) -> str:
+    text = " ".join(words)
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _bash_value_action(value: _Value) -> str | None:
+    if value.kind == "choices":
+        return f'__llmkit_words {_bash_quote(value.choices)} "$3"'
+    if value.kind == "models":
+        return '__llmkit_models "$3"'
+    if value.kind == "files":
+        return '__llmkit_files "$3"'
+    if value.kind == "dirs":
+        return '__llmkit_dirs "$3"'
+    return None
+
+
+def _bash(root: _Node, models: list[str]) -> str:
+    nodes = root.walk()
     lines = [
         f"# {HEADER.format(shell='bash')}",
-        "__llmkit_colon() {",
-        "    if declare -F __ltrim_colon_completions >/dev/null 2>&1; then",
-        '        __ltrim_colon_completions "$cur"',
-        "    fi",
-        "}",
-        "_llmkit() {",
-        "    local cur prev",
-        "    # Model names contain ':', which bash splits words on; bash-completion can rejoin.",
-        "    if declare -F _get_comp_words_by_ref >/dev/null 2>&1; then",
-        "        _get_comp_words_by_ref -n : cur prev",
-        "    else",
-        '        cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
-        "    fi",
-        '    local cmd="" i',
-        "    for ((i = 1; i < COMP_CWORD; i++)); do",
-        '        case "${COMP_WORDS[i]}" in',
-        "            -*) ;;",
-        '            *) cmd="${COMP_WORDS[i]}"; break ;;',
-        "        esac",
-        "    done",
-        f'    local models="{" ".join(models)}"',
-        '    if [[ -z "$cmd" ]]; then',
-        f'        COMPREPLY=($(compgen -W "{" ".join(c.name for c in commands)} '
-        f'{words(root)}" -- "$cur"))',
-        "        return",
-        "    fi",
-        '    case "$cmd" in',
+        "# Static: completing a word never starts llmkit. Install it as",
+        "# ~/.local/share/bash-completion/completions/llmkit, or source it from ~/.bashrc.",
+        "",
+        f"__llmkit_model_names={_bash_quote(models)}",
+        "",
+        "# The subcommands, options and value-taking options (as NAME=COUNT) of command path $1,",
+        "# how many positional arguments it takes, and whether the last one repeats.",
+        "__llmkit_spec() {",
+        '    case "$1" in',
     ]
-    for c in commands:
-        lines.append(f"        {c.name})")
-        lines.append('            case "$prev" in')
-        for o in c.options:
-            if not o.takes_value:
-                continue
-            pattern = "|".join(o.names)
-            if o.choices:
-                action = f'COMPREPLY=($(compgen -W "{" ".join(o.choices)}" -- "$cur"))'
-            elif o.models:
-                action = ('COMPREPLY=($(compgen -W "$models" -- "$cur") '
-                          '$(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon')
-            elif o.files:
-                action = 'COMPREPLY=($(compgen -f -- "$cur"))'
-            else:
-                action = "COMPREPLY=()"
-            lines.append(f"                {pattern}) {action}; return ;;")
-        lines.append("            esac")
-        lines.append('            if [[ "$cur" == -* ]]; then')
-        lines.append(f'                COMPREPLY=($(compgen -W "{words(c.options)}" -- "$cur"))')
-        if c.models:
-            lines.append("            else")
-            lines.append('                COMPREPLY=($(compgen -W "$models" -- "$cur") '
-                         '$(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon')
-        elif c.files:
-            lines.append("            else")
-            lines.append('                COMPREPLY=($(compgen -f -- "$cur"))')
-        lines.append("            fi")
-        lines.append("            ;;")
-    lines += ["    esac", "}", "complete -o filenames -F _llmkit llmkit", ""]
-    return "\n".join(lines)
+    for node in nodes:
+        valued = [f"{n}={o.nargs}" for o in node.options if o.nargs for n in o.names]
+        lines += [
+            f"        {_bash_quote([node.key])})",
+            f"            subs={_bash_quote([c.path[-1] for c in node.children])}",
+            f"            opts={_bash_quote([n for o in node.options for n in o.names])}",
+            f"            valued={_bash_quote(valued)}",
+            f"            npos={len(node.args)} variadic="
+            f"{int(bool(node.args) and node.args[-1].variadic)} ;;",
+        ]
+    lines += [
+        "        *) subs='' opts='' valued='' npos=0 variadic=0 ;;",
+        "    esac",
+        "}",
+        "",
+        "# Completes $3 as the value of option $2 (or of positional argument #N) of path $1.",
+        "__llmkit_value() {",
+        '    case "$1 $2" in',
+    ]
+    for node in nodes:
+        for o in node.options:
+            action = _bash_value_action(o.value) if o.nargs else None
+            if action:
+                pattern = "|".join(_bash_quote([f"{node.key} {n}"]) for n in o.names)
+                lines.append(f"        {pattern}) {action} ;;")
+        for i, a in enumerate(node.args):
+            action = _bash_value_action(a.value)
+            if action:
+                lines.append(f"        {_bash_quote([f'{node.key} #{i}'])}) {action} ;;")
+    lines += ["    esac", "}"]
+    return "\n".join(lines) + "\n" + _BASH_MAIN
+
+
+# --- zsh --------------------------------------------------------------------------------
+
+def _zsh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def _zsh_escape(text: str) -> str:
-    # Inside single quotes: backslash-escape what _arguments/_describe treat specially, and
-    # close-escape-reopen for an apostrophe.
-    return re.sub(r"([\[\]:\\])", r"\\\1", text).replace("'", "'\\''")
+    # What _arguments and _describe treat specially inside a spec.
+    return re.sub(r"([\[\]:\\])", r"\\\1", text)
 
 
-def _zsh(root: list[_Opt], commands: list[_Cmd], models: list[str]) -> str:
-    def spec(o: _Opt) -> str:
+def _zsh_function(node: _Node) -> str:
+    return "_llmkit" + "".join("_" + re.sub(r"\W", "_", p) for p in node.path)
+
+
+def _zsh_action(value: _Value, message: str) -> str:
+    message = _zsh_escape(message) or "value"
+    if value.kind == "choices":
+        words = " ".join(re.sub(r"([\s()\\:'\"])", r"\\\1", c) for c in value.choices)
+        return f":{message}:({words})"
+    if value.kind == "models":
+        return f":{message}:_llmkit_models"
+    if value.kind == "files":
+        return f":{message}:_files"
+    if value.kind == "dirs":
+        return f":{message}:_files -/"
+    return f":{message}: "
+
+
+def _zsh_option_specs(node: _Node) -> list[str]:
+    specs = []
+    for o in node.options:
         help_text = _zsh_escape(o.help)
-        if o.choices:
-            action = f":value:({' '.join(o.choices)})"
-        elif o.models:
-            action = ":model:_llmkit_models"
-        elif o.files:
-            action = ":file:_files"
-        elif o.takes_value:
-            action = ":value: "
-        else:
-            action = ""
+        action = "".join(_zsh_action(o.value, o.names[-1].lstrip("-"))
+                         for _ in range(o.nargs))
         if len(o.names) == 1:
-            return f"'{o.names[0]}[{help_text}]{action}'"
-        exclusive = " ".join(o.names)
-        return f"'({exclusive})'{{{','.join(o.names)}}}'[{help_text}]{action}'"
+            specs.append(_zsh_quote(f"{o.names[0]}[{help_text}]{action}"))
+        else:
+            specs.append(_zsh_quote(f"({' '.join(o.names)})") + "{" + ",".join(o.names)
+                         + "}" + _zsh_quote(f"[{help_text}]{action}"))
+    return specs
 
+
+def _zsh_node(node: _Node) -> list[str]:
+    lines = [f"{_zsh_function(node)}() {{"]
+    specs = _zsh_option_specs(node)
+    if node.children:
+        lines += [
+            "    local curcontext=$curcontext state line ret=1",
+            "    typeset -A opt_args",
+            "    _arguments -C -s -S \\",
+            *(f"        {s} \\" for s in specs),
+            "        '1:command:->command' \\",
+            "        '*::argument:->argument' && ret=0",
+            "    case $state in",
+            "        command)",
+            "            local -a commands",
+            "            commands=(",
+            *(f"                {_zsh_quote(_zsh_escape(c.path[-1]) + ':' + c.help)}"
+              for c in node.children),
+            "            )",
+            f"            _describe -t commands {_zsh_quote(' '.join(('llmkit', *node.path)))}"
+            " commands && ret=0",
+            "            ;;",
+            "        argument)",
+            "            curcontext=${curcontext%:*:*}:llmkit-$words[1]:",
+            "            case $words[1] in",
+            *(f"                {_zsh_quote(c.path[-1])}) {_zsh_function(c)} && ret=0 ;;"
+              for c in node.children),
+            "            esac",
+            "            ;;",
+            "    esac",
+            "    return ret",
+            "}",
+        ]
+        for c in node.children:
+            lines += ["", *_zsh_node(c)]
+        return lines
+    positional = []
+    for i, a in enumerate(node.args):
+        position = "*" if a.variadic else str(i + 1)
+        positional.append(_zsh_quote(position + _zsh_action(a.value, a.name)))
+        if a.variadic:
+            break
+    body = specs + positional
+    lines.append("    _arguments -s -S" + (" \\" if body else ""))
+    lines += [f"        {s}" + (" \\" if i < len(body) - 1 else "") for i, s in enumerate(body)]
+    lines.append("}")
+    return lines
+
+
+def _zsh(root: _Node, models: list[str]) -> str:
     lines = [
         "#compdef llmkit",
         f"# {HEADER.format(shell='zsh')}",
+        "# Static: completing a word never starts llmkit. Put it on $fpath as _llmkit, or",
+        "# source it after compinit.",
+        "",
+        "# A model: a catalog name, or a path to a .gguf file.",
         "_llmkit_models() {",
-        f"    local -a names; names=({' '.join(models)})",
+        "    local -a names",
+        "    names=(" + " ".join(_zsh_quote(m) for m in models) + ")",
         "    _alternative 'models:model:compadd -a names' 'files:gguf file:_files -g \"*.gguf\"'",
         "}",
-        "_llmkit() {",
-        "    local -a commands",
-        "    commands=(",
+        "",
+        *_zsh_node(root),
+        "",
+        "# Autoloaded from $fpath, this file is the body of _llmkit; sourced, it registers it.",
+        'if [[ $funcstack[1] == _llmkit ]]; then',
+        '    _llmkit "$@"',
+        "else",
+        "    compdef _llmkit llmkit",
+        "fi",
+        "",
     ]
-    lines += [f"        '{c.name}:{_zsh_escape(c.help)}'" for c in commands]
-    lines += [
-        "    )",
-        "    if (( CURRENT == 2 )); then",
-        "        _describe -t commands 'llmkit command' commands",
-        "        _arguments " + " ".join(spec(o) for o in root),
-        "        return",
-        "    fi",
-        "    local cmd=${words[2]}",
-        "    shift words; (( CURRENT-- ))",
-        "    case $cmd in",
-    ]
-    for c in commands:
-        rest = " '*:model:_llmkit_models'" if c.models else (" '*:file:_files'" if c.files
-                                                               else "")
-        lines.append(f"        {c.name})")
-        lines.append("            _arguments -s \\")
-        for o in c.options:
-            lines.append(f"                {spec(o)} \\")
-        lines.append(f"               {rest or ' '}")
-        lines.append("            ;;")
-    lines += ["    esac", "}", '_llmkit "$@"', ""]
     return "\n".join(lines)
 
 
-def _fish_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
+# --- fish -------------------------------------------------------------------------------
+
+def _fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _fish(root: list[_Opt], commands: list[_Cmd], models: list[str]) -> str:
+_FISH_STATE = r"""
+# Prints how many positional words the command at the cursor has, then its path.
+function __llmkit_state
+    set -l tokens (commandline -opc)
+    set -e tokens[1]
+    set -l path ''
+    set -l pos 0
+    set -l skip 0
+    set -l dashdash 0
+    for t in $tokens
+        if test $skip -gt 0
+            set skip (math $skip - 1)
+            continue
+        end
+        if test $dashdash -eq 0
+            switch $t
+                case --
+                    set dashdash 1
+                    continue
+                case '-*=*'
+                    continue
+                case '-*'
+                    set skip (__llmkit_nargs "$path" $t)
+                    continue
+            end
+        end
+        if test $dashdash -eq 0; and contains -- $t (__llmkit_subcommands "$path")
+            set path (string trim -- "$path $t")
+            set pos 0
+        else
+            set pos (math $pos + 1)
+        end
+    end
+    echo $pos
+    echo $path
+end
+
+# True when the cursor is in the command whose path is $argv.
+function __llmkit_at
+    set -l state (__llmkit_state)
+    test "$state[2]" = (string join ' ' -- $argv)
+end
+
+# True when the cursor is at positional argument $argv[2] ("N+": N or later) of path $argv[1].
+function __llmkit_arg --argument-names path index
+    set -l state (__llmkit_state)
+    test "$state[2]" = "$path"; or return 1
+    switch $index
+        case '*+'
+            test $state[1] -ge (string replace '+' '' -- $index)
+        case '*'
+            test $state[1] -eq $index
+    end
+end
+"""
+
+
+def _fish(root: _Node, models: list[str]) -> str:
+    nodes = root.walk()
+
     def flags(o: _Opt) -> str:
         parts = []
         for n in o.names:
-            parts.append(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}")
+            if n.startswith("--"):
+                parts.append(f"-l {_fish_quote(n[2:])}")
+            elif len(n) == 2:
+                parts.append(f"-s {_fish_quote(n[1:])}")
+            else:
+                parts.append(f"-o {_fish_quote(n[1:])}")
         return " ".join(parts)
 
-    names = " ".join(c.name for c in commands)
-    lines = [f"# {HEADER.format(shell='fish')}", "complete -c llmkit -f"]
-    for o in root:
-        lines.append(f"complete -c llmkit -n '__fish_use_subcommand' {flags(o)} "
-                     f"-d '{_fish_escape(o.help)}'")
-    for c in commands:
-        lines.append(f"complete -c llmkit -n 'not __fish_seen_subcommand_from {names}' "
-                     f"-a {c.name} -d '{_fish_escape(c.help)}'")
-    for c in commands:
-        cond = f"-n '__fish_seen_subcommand_from {c.name}'"
-        for o in c.options:
-            extra = ""
-            if o.choices:
-                extra = f" -x -a '{' '.join(o.choices)}'"
-            elif o.models:
-                extra = f" -r -F -a '{' '.join(models)}'"
-            elif o.files:
-                extra = " -r -F"
-            elif o.takes_value:
-                extra = " -x"
-            lines.append(f"complete -c llmkit {cond} {flags(o)}{extra} "
-                         f"-d '{_fish_escape(o.help)}'")
-        if c.models:
-            lines.append(f"complete -c llmkit {cond} -F -a '{' '.join(models)}'")
-        elif c.files:
-            lines.append(f"complete -c llmkit {cond} -F")
+    def value_flags(value: _Value, requires: bool) -> str:
+        r = " -r" if requires else ""
+        if value.kind == "choices":
+            return f" -x -a {_fish_quote(' '.join(value.choices))}"
+        if value.kind == "models":
+            return f"{r} -F -a {_fish_quote(' '.join(models))}"
+        if value.kind in ("files", "dirs"):
+            return f"{r} -F"
+        return " -x" if requires else ""
+
+    lines = [
+        f"# {HEADER.format(shell='fish')}",
+        "# Static: completing a word never starts llmkit. Install it as",
+        "# ~/.config/fish/completions/llmkit.fish.",
+        "",
+        "function __llmkit_subcommands --argument-names path",
+        "    switch $path",
+    ]
+    for node in nodes:
+        if node.children:
+            lines += [f"        case {_fish_quote(node.key)}",
+                      "            printf '%s\\n' "
+                      + " ".join(_fish_quote(c.path[-1]) for c in node.children)]
+    lines += ["    end", "end", "", "# How many values option $argv[2] of path $argv[1] takes.",
+              "function __llmkit_nargs --argument-names path opt",
+              '    switch "$path $opt"']
+    by_count: dict[int, list[str]] = {}
+    for node in nodes:
+        for o in node.options:
+            if o.nargs:
+                by_count.setdefault(o.nargs, []).extend(f"{node.key} {n}" for n in o.names)
+    for count, keys in sorted(by_count.items()):
+        lines += ["        case " + " ".join(_fish_quote(k) for k in keys), f"            echo {count}",
+                  "            return"]
+    lines += ["    end", "    echo 0", "end", _FISH_STATE, "complete -c llmkit -f"]
+    for node in nodes:
+        cond = f"-n {_fish_quote(('__llmkit_at ' + node.key).strip())}"
+        for c in node.children:
+            lines.append(f"complete -c llmkit {cond} -a {_fish_quote(c.path[-1])} "
+                         f"-d {_fish_quote(c.help)}")
+        for o in node.options:
+            lines.append(f"complete -c llmkit {cond} {flags(o)}"
+                         f"{value_flags(o.value, bool(o.nargs))} -d {_fish_quote(o.help)}")
+        for i, a in enumerate(node.args):
+            extra = value_flags(a.value, False)
+            if extra:
+                index = f"{i}+" if a.variadic else str(i)
+                arg_cond = f"-n {_fish_quote(f'__llmkit_arg {_fish_quote(node.key)} {index}')}"
+                lines.append(f"complete -c llmkit {arg_cond}{extra}")
     return "\n".join(lines) + "\n"
 
 
 def completion_script(shell: str) -> str:
-    """The completion script for ``shell`` ("bash", "zsh" or "fish").
+    """The static completion script for ``shell``, from the app's commands and options.
+
+    Args:
+        shell: "bash", "zsh" or "fish".
+
+    Returns:
+        The script's text.
 
     Raises:
         UsageError: an unknown shell.
     """
+    import typer.main
+
     from llmkit.cli.app import app
     from llmkit.errors import UsageError
 
     if shell not in SHELLS:
         raise UsageError(f"unknown shell '{shell}'", hint=f"use one of {', '.join(SHELLS)}")
-    root, commands = _describe(app)
+    root = _describe(typer.main.get_command(app))
     render = {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell]
-    return render(root, commands, _model_names())
+    return render(root, _model_names())
 
 
 class Shell(str, enum.Enum):
@@ -294,7 +573,7 @@ class Shell(str, enum.Enum):
 
 
 def completions(
-    shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")],
+    shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print a static completion script for your shell.
 

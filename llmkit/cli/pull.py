@@ -1,0 +1,39 @@
+"""`llmkit pull`: fetch a GGUF from the Hugging Face Hub and register it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import QuietOpt, TextFormat
+
+
+def pull(
+    model: Annotated[str, typer.Argument(
+        help="Catalog name (llama3.2:1b, llama3.2:1b@Q8_0), OWNER/REPO:QUANT or "
+             "hf.co/OWNER/REPO:QUANT.")],
+    quant: Annotated[str | None, typer.Option(
+        "--quant", help="Quantization to pull, e.g. Q8_0 (default: the catalog's).",
+        show_default=False)] = None,
+    format: Annotated[TextFormat, typer.Option(
+        "--format", "-f", help="json: print the registered model as one JSON object.")
+    ] = TextFormat.text,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a model's GGUF into the Hugging Face cache and register it.
+
+    Example: llmkit pull llama3.2:1b --quant Q8_0
+    """
+    from llmkit.gguf_file import human_size
+    from llmkit.hub import pull as pull_model
+
+    out.set_quiet(quiet)
+    result = pull_model(model, quant, progress=not quiet and sys.stderr.isatty(), quiet=quiet)
+    m = result.model
+    verb = "pulled" if result.downloaded else "already here:"
+    out.note(f"{verb} {m.name} ({m.quant}, {human_size(m.size_bytes)}) → {m.path}")
+    if format == TextFormat.json:
+        out.write_json(result.to_dict())
