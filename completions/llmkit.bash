@@ -21,7 +21,7 @@ _llmkit() {
     done
     local models="smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout"
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "run chat list show import rm convert quantize doctor completions --version -h --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "run chat list show import rm pull convert quantize doctor completions --version -h --help" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -96,6 +96,17 @@ _llmkit() {
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "-h --help" -- "$cur"))
+            fi
+            ;;
+        pull)
+            case "$prev" in
+                --quant) COMPREPLY=(); return ;;
+                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--quant -f --format -q --quiet -h --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "$models" -- "$cur") $(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon
             fi
             ;;
         convert)

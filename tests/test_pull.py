@@ -87,7 +87,7 @@ def test_pull_repo_quant(hub: FakeHub, ggufs: dict[str, bytes], isolated_home: P
     assert str(path).startswith(str(tmp_path / "hf-home" / "hub"))
     assert sha256(path) == hashlib.sha256(ggufs["Tiny-Q4_1.gguf"]).hexdigest()
     assert entry["size_bytes"] == len(ggufs["Tiny-Q4_1.gguf"])
-    assert f"pulled acme/tiny-gguf:q4_1 (Q4_1," in proc.stderr
+    assert "pulled acme/tiny-gguf:q4_1 (Q4_1," in proc.stderr
     assert [r["path"] for r in hub.downloads("Tiny-Q4_1.gguf")] == [
         f"/{REPO}/resolve/0123456789abcdef0123456789abcdef01234567/Tiny-Q4_1.gguf"]
     # Nothing was copied into llmkit's own store.
@@ -268,7 +268,7 @@ def test_offline(hub: FakeHub, ggufs: dict[str, bytes], isolated_home: Path) -> 
     # A quant that was never downloaded is not available offline.
     other = run_llmkit(["pull", f"{REPO}:Q4_K_S"], env=offline)
     assert other.returncode == 1
-    assert f"has no 'Q4_K_S' GGUF" in other.stderr
+    assert "has no 'Q4_K_S' GGUF" in other.stderr
     # The network is down (nothing listens): the cache still answers.
     down = run_llmkit(["pull", "tiny:1m"], env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert down.returncode == 0, down.stderr
