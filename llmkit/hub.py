@@ -193,8 +193,8 @@ def pull(ref: str, quant: str | None = None, *, progress: bool = True,
 
 
 def _configure_output(*, progress: bool, quiet: bool) -> None:
-    from huggingface_hub.utils.tqdm import disable_progress_bars
     from huggingface_hub.utils import logging
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     if not progress:
         disable_progress_bars()

@@ -1,4 +1,4 @@
-"""`llmkit convert` and `llmkit quantize`: round trip on the real model, reference logits, errors."""
+"""`llmkit convert` and `quantize`: round trip on the real model, reference logits, errors."""
 
 from __future__ import annotations
 
