@@ -346,6 +346,9 @@ def _cached_listing(target: PullTarget) -> tuple[dict[str, RemoteFile], str]:
     snapshot: Path | None = None
     if ref.is_file():
         snapshot = root / "snapshots" / ref.read_text(encoding="utf-8").strip()
+    elif (root / "snapshots").is_dir():
+        snapshots = sorted((root / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        snapshot = snapshots[-1] if snapshots else None
     if snapshot is None or not snapshot.is_dir():
         what = f"{target.name} ({target.repo})" if target.from_catalog else target.repo
         raise NotAvailableOfflineError(
@@ -449,7 +452,9 @@ def _fetch(target: PullTarget, remote: RemoteFile, revision: str,
     was_cached = isinstance(cached, str)
     for attempt in range(2):
         try:
-            path = hf_hub_download(target.repo, remote.name, revision=revision,
+            # Online, fetch through "main" so the cache records refs/main for offline use.
+            path = hf_hub_download(target.repo, remote.name,
+                                   revision=revision if offline else "main",
                                    local_files_only=offline)
         except KeyboardInterrupt:
             raise

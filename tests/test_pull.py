@@ -89,7 +89,7 @@ def test_pull_repo_quant(hub: FakeHub, ggufs: dict[str, bytes], isolated_home: P
     assert entry["size_bytes"] == len(ggufs["Tiny-Q4_1.gguf"])
     assert "pulled acme/tiny-gguf:q4_1 (Q4_1," in proc.stderr
     assert [r["path"] for r in hub.downloads("Tiny-Q4_1.gguf")] == [
-        f"/{REPO}/resolve/0123456789abcdef0123456789abcdef01234567/Tiny-Q4_1.gguf"]
+        f"/{REPO}/resolve/main/Tiny-Q4_1.gguf"]
     # Nothing was copied into llmkit's own store.
     assert not (isolated_home / "models").exists()
     shown = run_llmkit(["show", "acme/tiny-gguf:q4_1", "-f", "json"])
@@ -182,16 +182,28 @@ def test_unknown_and_unsupported_names() -> None:
     assert "try gemma3:4b" in unsupported.stderr
 
 
-def test_interrupted_transfer_resumes(hub: FakeHub, ggufs: dict[str, bytes],
+def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path,
                                       isolated_home: Path) -> None:
-    data = ggufs["Tiny-Q8_0.gguf"]
-    repo = hub.add(REPO, {"Tiny-Q8_0.gguf": data})
-    repo.files["Tiny-Q8_0.gguf"].drop_after = len(data) // 2
+    import gguf
+    import numpy as np
+    from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+    # Bigger than huggingface_hub's 10 MiB read chunk, so a part arrives before the drop.
+    writer = gguf.GGUFWriter(str(tmp_path / "big.gguf"), "llama")
+    writer.add_tensor("token_embd.weight",
+                      np.random.default_rng(0).standard_normal((1536, 4096)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = (tmp_path / "big.gguf").read_bytes()
+    repo = hub.add(REPO, {"Big-Q8_0.gguf": data})
+    repo.files["Big-Q8_0.gguf"].drop_after = DOWNLOAD_CHUNK_SIZE + len(data) // 4
     proc = run_llmkit(["pull", f"{REPO}:Q8_0"])
     assert proc.returncode == 0, proc.stderr
-    gets = hub.downloads("Tiny-Q8_0.gguf")
-    # The connection dropped half way; the rest was asked for with a Range request.
-    assert [g["range"] for g in gets] == ["", f"bytes={len(data) // 2}-"]
+    gets = hub.downloads("Big-Q8_0.gguf")
+    # The connection dropped part way; the rest was asked for with a Range request.
+    assert [g["range"] for g in gets] == ["", f"bytes={DOWNLOAD_CHUNK_SIZE}-"]
     entry = manifest(isolated_home)["acme/tiny-gguf:q8_0"]
     assert sha256(str(entry["path"])) == hashlib.sha256(data).hexdigest()
 
@@ -314,6 +326,7 @@ def test_pull_catalog_entry_then_run(hub: FakeHub, smollm2_path: Path,
     entry = manifest(isolated_home)["tiny:1m"]
     assert entry["size_bytes"] == smollm2_path.stat().st_size
     ran = run_llmkit(["run", "-m", "tiny:1m", "--temperature", "0", "--max-tokens", "16",
+                      "--system", "You are a helpful assistant.",
                       "What is the capital of France?"])
     assert ran.returncode == 0, ran.stderr
     assert "Paris" in ran.stdout
