@@ -20,5 +20,5 @@ fi
 cmake -S "$src/vendor/llama.cpp" -B "$root/build-$version" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >&2
-cmake --build "$root/build-$version" --target llama-bench -j "$(nproc)" >&2
+cmake --build "$root/build-$version" --target llama-bench llama-quantize -j "$(nproc)" >&2
 echo "$bin"

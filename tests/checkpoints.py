@@ -139,7 +139,7 @@ def gguf_to_hf(gguf_path: Path, out: Path, *, dtype: str = "float32") -> dict[st
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token")),
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "model_max_length": config["max_position_embeddings"],
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tk_config, ensure_ascii=False))
     return config
