@@ -28,6 +28,7 @@ class FakeFile:
     drop_after: int | None = None  # a full GET sends this many bytes then closes, once
     corrupt_times: int = 0  # this many GETs send the right size but wrong bytes
     claimed_size: int | None = None  # what the API says the size is (default: true size)
+    stall_after: int | None = None  # a full GET sends this many bytes, then waits for release
 
     def __post_init__(self) -> None:
         if isinstance(self.source, Path):
@@ -65,6 +66,7 @@ class FakeHub:
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[dict[str, str]] = field(default_factory=list)
     url: str = ""
+    release: threading.Event = field(default_factory=threading.Event)
 
     def add(self, repo: str, files: dict[str, bytes | Path], *, gated: bool = False) -> FakeRepo:
         """Publish a repository."""
@@ -197,6 +199,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 file.corrupt_times -= 1
                 self.wfile.write(bytes(b ^ 0xFF for b in file.read(start, end)))
                 return
+            if file.stall_after is not None and start == 0:
+                self.wfile.write(file.read(0, file.stall_after))
+                self.wfile.flush()
+                hub.release.wait(60)
+                self.close_connection = True
+                return
             if file.drop_after is not None and start == 0:
                 cut, file.drop_after = file.drop_after, None
                 self.wfile.write(file.read(0, cut))
@@ -223,5 +231,6 @@ def serve(hub: FakeHub) -> Iterator[FakeHub]:
     try:
         yield hub
     finally:
+        hub.release.set()
         server.shutdown()
         server.server_close()

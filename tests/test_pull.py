@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,6 +206,34 @@ def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path,
     gets = hub.downloads("Big-Q8_0.gguf")
     # The connection dropped part way; the rest was asked for with a Range request.
     assert [g["range"] for g in gets] == ["", f"bytes={DOWNLOAD_CHUNK_SIZE}-"]
+    entry = manifest(isolated_home)["acme/tiny-gguf:q8_0"]
+    assert sha256(str(entry["path"])) == hashlib.sha256(data).hexdigest()
+
+
+def test_ctrl_c_leaves_nothing_and_rerun_completes(hub: FakeHub, ggufs: dict[str, bytes],
+                                                   isolated_home: Path, tmp_path: Path) -> None:
+    data = ggufs["Tiny-Q8_0.gguf"]
+    repo = hub.add(REPO, {"Tiny-Q8_0.gguf": data})
+    repo.files["Tiny-Q8_0.gguf"].stall_after = len(data) // 2
+    proc = subprocess.Popen([sys.executable, "-m", "llmkit", "pull", f"{REPO}:Q8_0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not hub.downloads("Tiny-Q8_0.gguf") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert (out, err) == ("", "llmkit: error: interrupted\n")
+    assert manifest(isolated_home) == {}
+    cache = tmp_path / "hf-home" / "hub"
+    assert [p.name for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts] == []
+    assert list(cache.rglob("snapshots/*/*")) == []
+    repo.files["Tiny-Q8_0.gguf"].stall_after = None
+    hub.release.set()
+    again = run_llmkit(["pull", f"{REPO}:Q8_0"])
+    assert again.returncode == 0, again.stderr
     entry = manifest(isolated_home)["acme/tiny-gguf:q8_0"]
     assert sha256(str(entry["path"])) == hashlib.sha256(data).hexdigest()
 

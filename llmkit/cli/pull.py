@@ -9,6 +9,7 @@ import typer
 
 from llmkit.cli import _output as out
 from llmkit.cli._options import QuietOpt, TextFormat
+from llmkit.errors import Interrupted
 
 
 def pull(
@@ -31,7 +32,12 @@ def pull(
     from llmkit.hub import pull as pull_model
 
     out.set_quiet(quiet)
-    result = pull_model(model, quant, progress=not quiet and sys.stderr.isatty(), quiet=quiet)
+    try:
+        result = pull_model(model, quant, progress=not quiet and sys.stderr.isatty(),
+                            quiet=quiet)
+    except KeyboardInterrupt:
+        # Typer turns a bare KeyboardInterrupt into a silent 130; say what happened.
+        raise Interrupted() from None
     m = result.model
     verb = "pulled" if result.downloaded else "already here:"
     out.note(f"{verb} {m.name} ({m.quant}, {human_size(m.size_bytes)}) → {m.path}")
