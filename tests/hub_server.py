@@ -111,14 +111,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json",
                                                        "X-Repo-Commit": COMMIT})
 
-        def _repo(self, repo_id: str) -> FakeRepo | None:
+        def _repo(self, repo_id: str, *, public: bool = False) -> FakeRepo | None:
             repo = hub.repos.get(repo_id)
             if repo is None:
                 self._send(404, b'{"error":"Repository not found"}',
                            {"X-Error-Code": "RepoNotFound",
                             "X-Error-Message": "Repository not found"})
                 return None
-            if repo.gated:
+            if repo.gated and not public:
                 auth = self.headers.get("Authorization", "")
                 if auth != f"Bearer {GOOD_TOKEN}":
                     message = ("Invalid credentials in Authorization header" if auth else
@@ -138,7 +138,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._log()
             path = unquote(urlsplit(self.path).path)
             if (m := _API.match(path)) and self.command == "GET":
-                repo = self._repo(m["repo"])
+                # As on the Hub, a gated repository's listing is public; its files are not.
+                repo = self._repo(m["repo"], public=True)
                 if repo is not None:
                     self._json({
                         "id": m["repo"], "sha": COMMIT, "private": False, "gated": repo.gated,
