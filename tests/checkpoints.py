@@ -229,3 +229,48 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[s
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return config
+
+
+def build_tiny_llama2_spm(out: Path, *, seed: int = 1) -> None:
+    """A random-weight Llama-2-style checkpoint whose tokenizer is SentencePiece (tokenizer.model)."""
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 30), model_writer=model, vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, add_dummy_prefix=True,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+        "tokenizer_class": "LlamaTokenizer"}))
+    hidden, heads, layers, ff, n_vocab = 64, 4, 2, 128, 400
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden), "lm_head.weight": w(n_vocab, hidden),
+               "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": np.ones(hidden, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+            p + "self_attn.q_proj.weight": w(hidden, hidden),
+            p + "self_attn.k_proj.weight": w(hidden, hidden),
+            p + "self_attn.v_proj.weight": w(hidden, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, hidden),
+            p + "mlp.gate_proj.weight": w(ff, hidden), p + "mlp.up_proj.weight": w(ff, hidden),
+            p + "mlp.down_proj.weight": w(hidden, ff),
+        }
+    write_safetensors(out / "model.safetensors", tensors)
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": ff,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "vocab_size": n_vocab, "tie_word_embeddings": False}))

@@ -212,3 +212,22 @@ def test_bf16_source_converts_to_f16_exactly(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(written.data).reshape(expected.shape), expected)
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert "rope_freqs.weight" in tensors
+
+
+def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    from tests.checkpoints import build_tiny_llama2_spm
+
+    ckpt = tmp_path / "spm"
+    build_tiny_llama2_spm(ckpt)
+    out = tmp_path / "spm.gguf"
+    proc = run_llmkit(["convert", str(ckpt), "-o", str(out), "--outtype", "f32"])
+    assert proc.returncode == 0, proc.stderr
+    processor = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    with Engine(out, n_ctx=256) as engine:
+        assert engine.metadata("tokenizer.ggml.model") == "llama"
+        for text in ["The quick brown fox.", "Paris is the capital of France", "def add(a, b):"]:
+            assert engine.tokenize(text) == [1, *processor.encode(text)], text
+        reply = engine.generate(engine.tokenize("Hello"), SamplingParams(temperature=0,
+                                                                         max_tokens=5))
+        assert reply.completion_tokens > 0

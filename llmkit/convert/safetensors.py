@@ -122,6 +122,8 @@ def to_float32(array: Any, dtype: str) -> Any:
     """Widen a block of checkpoint values to float32 (exact for F16 and BF16)."""
     import numpy as np
 
+    from llmkit.convert._fastcast import bf16_to_f32
+
     if dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        return bf16_to_f32(array)
     return array.astype(np.float32)

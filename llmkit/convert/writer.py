@@ -69,7 +69,9 @@ def _encode(block: Any, qtype: Any) -> bytes:
     if qtype == gguf.GGMLQuantizationType.F32:
         return bytes(np.ascontiguousarray(block, dtype="<f4").data)
     if qtype == gguf.GGMLQuantizationType.F16:
-        return bytes(np.ascontiguousarray(block.astype("<f2")).data)
+        from llmkit.convert._fastcast import f32_to_f16
+
+        return bytes(f32_to_f16(block).data)
     return bytes(np.ascontiguousarray(gguf.quants.quantize(block, qtype)).data)
 
 
