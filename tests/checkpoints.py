@@ -232,7 +232,7 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[s
 
 
 def build_tiny_llama2_spm(out: Path, *, seed: int = 1) -> None:
-    """A random-weight Llama-2-style checkpoint whose tokenizer is SentencePiece (tokenizer.model)."""
+    """A random-weight Llama-2-style checkpoint with a SentencePiece tokenizer.model."""
     import io
 
     import sentencepiece as spm
@@ -254,7 +254,8 @@ def build_tiny_llama2_spm(out: Path, *, seed: int = 1) -> None:
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.08).astype(np.float32)
 
-    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden), "lm_head.weight": w(n_vocab, hidden),
+    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden),
+               "lm_head.weight": w(n_vocab, hidden),
                "model.norm.weight": np.ones(hidden, np.float32)}
     for i in range(layers):
         p = f"model.layers.{i}."
