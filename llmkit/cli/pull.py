@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import _output as out
-from llmkit.cli._options import QuietOpt, TextFormat
+from llmkit.cli._options import QuietOpt, TextFormat, ThreadsOpt
 from llmkit.errors import Interrupted
 
 
@@ -19,6 +19,12 @@ def pull(
     quant: Annotated[str | None, typer.Option(
         "--quant", help="Quantization to pull, e.g. Q8_0 (default: the catalog's).",
         show_default=False)] = None,
+    from_source: Annotated[bool, typer.Option(
+        "--from-source", help="Download the safetensors checkpoint, convert and quantize it "
+                              "with llmkit instead of fetching a prebuilt GGUF.")] = False,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="With --from-source: keep the intermediate f16 GGUF.")] = False,
+    threads: ThreadsOpt = None,
     format: Annotated[TextFormat, typer.Option(
         "--format", "-f", help="json: print the registered model as one JSON object.")
     ] = TextFormat.text,
@@ -32,6 +38,23 @@ def pull(
     from llmkit.hub import pull as pull_model
 
     out.set_quiet(quiet)
+    if from_source:
+        from llmkit.build import build_from_source
+
+        try:
+            built = build_from_source(model, quant, keep=keep, threads=threads, quiet=quiet)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+        out.note(f"built {built.model.name} ({built.model.quant}, "
+                 f"{human_size(built.model.size_bytes)}) from {built.source_repo} → "
+                 f"{built.model.path}")
+        if format == TextFormat.json:
+            out.write_json(built.to_dict())
+        return
+    elif keep:
+        from llmkit.errors import UsageError
+
+        raise UsageError("--keep only applies with --from-source")
     try:
         result = pull_model(model, quant, progress=not quiet and sys.stderr.isatty(),
                             quiet=quiet)

@@ -1,0 +1,108 @@
+"""`pull --from-source`: download a safetensors checkpoint, convert, quantize, register."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llmkit import paths
+from llmkit._fs import locked
+from llmkit.catalog import get_spec
+from llmkit.errors import UnsupportedModelError, UsageError
+from llmkit.store import LocalModel, register
+
+# Output types the converter writes directly; anything else is quantized from f16.
+_DIRECT = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What `build_from_source` registered and kept."""
+
+    model: LocalModel
+    source_repo: str
+    kept: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {"model": self.model.__dict__, "source_repo": self.source_repo,
+                "kept": list(self.kept), "seconds": round(self.seconds, 2)}
+
+
+def _target(ref: str, quant: str | None) -> tuple[str, str, str, str]:
+    """(registered name, source repo, quantization, kind) for a catalog name or OWNER/REPO."""
+    from llmkit.quantize import normalize_type
+
+    name, _, given = ref.partition("@")
+    if given and quant and given.lower() != quant.lower():
+        raise UsageError(f"two quantizations given: '{given}' and --quant {quant}")
+    chosen = given or quant
+    spec = get_spec(name)
+    if spec is not None:
+        if not spec.supported:
+            raise UnsupportedModelError(spec.name, spec.reason, spec.alternatives)
+        if spec.kind == "vision":
+            raise UsageError(f"{spec.name} is a vision model; --from-source converts text models",
+                             hint=f"pull its prebuilt GGUF: llmkit pull {spec.name}")
+        if not spec.source_repo:
+            raise UsageError(f"{spec.name} names no source checkpoint in the catalog")
+        qtype = normalize_type(chosen or spec.default_quant)
+        return spec.name, spec.source_repo, qtype, spec.kind
+    repo = name.removeprefix("hf.co/").removeprefix("huggingface.co/")
+    if repo.count("/") != 1:
+        from llmkit.hub import _unknown
+
+        raise _unknown(name)
+    qtype = normalize_type(chosen or "Q4_K_M")
+    return f"{repo}:{qtype}".lower(), repo, qtype, "text"
+
+
+def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
+                      threads: int | None = None, quiet: bool = False) -> BuildResult:
+    """Fetch a checkpoint's safetensors, convert them with llmkit's converter, quantize, register.
+
+    The checkpoint stays in the Hugging Face cache; the GGUF goes to llmkit's models directory.
+    The intermediate f16 file is deleted unless ``keep``.
+
+    Raises:
+        UsageError, UnsupportedModelError, ModelNotFoundError, HubError, ConvertError,
+        QuantizeError.
+    """
+    from llmkit.convert import convert
+    from llmkit.hub import checkpoint_dir
+    from llmkit.quantize import quantize
+
+    name, repo, qtype, kind = _target(ref, quant)
+    started = time.perf_counter()
+    safe = name.replace("/", "--").replace(":", "-")
+    out_dir = paths.models_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{safe}.gguf"
+    with locked(paths.home() / "locks" / f"{safe}.lock"):
+        directory = checkpoint_dir(repo, quiet=quiet)
+        weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+        # The f16 intermediate is about as large as a 16-bit checkpoint, the result smaller.
+        from llmkit.hub import check_free_space
+
+        check_free_space(out_dir, weights * 2, f"converting {repo}")
+        kept: list[str] = []
+        if qtype in _DIRECT:
+            convert(directory, final, outtype=_DIRECT[qtype])
+        else:
+            intermediate = out_dir / f"{safe}.f16.gguf"
+            try:
+                convert(directory, intermediate, outtype="f16")
+                quantize(intermediate, qtype, final, threads=threads, force=True)
+            finally:
+                if keep and intermediate.exists():
+                    kept.append(str(intermediate))
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        intermediate.unlink()
+        model = register(LocalModel(name=name, path=str(final), source="convert", kind=kind,
+                                    quant=qtype, size_bytes=final.stat().st_size),
+                         replace=True)
+    return BuildResult(model, repo, tuple(kept), time.perf_counter() - started)

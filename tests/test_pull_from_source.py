@@ -1,0 +1,82 @@
+"""`llmkit pull --from-source`: checkpoint from the (fake) Hub → convert → quantize → register."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.checkpoints import build_tiny_llama3
+from tests.conftest import run_llmkit
+from tests.hub_server import FakeHub
+from tests.test_pull import hub  # noqa: F401  (the fake Hub fixture)
+
+SOURCE = "acme/tiny-llama3"
+
+
+def _serve_checkpoint(fake: FakeHub, directory: Path) -> None:
+    fake.add(SOURCE, {p.name: p for p in directory.iterdir() if p.is_file()})
+
+
+def _catalog(home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text(f'''
+[models."tiny3:1m"]
+kind = "text"
+description = "test entry"
+hf_repo = "acme/unused-GGUF"
+file = "tiny-{{quant}}.gguf"
+quants = ["Q8_0", "Q4_K_M"]
+default_quant = "Q4_K_M"
+source_repo = "{SOURCE}"
+''')
+
+
+def test_from_source_converts_quantizes_and_registers(
+        hub: FakeHub, isolated_home: Path, tmp_path: Path) -> None:  # noqa: F811
+    ckpt = tmp_path / "ckpt"
+    build_tiny_llama3(ckpt, bf16=True)
+    _serve_checkpoint(hub, ckpt)
+    _catalog(isolated_home)
+    proc = run_llmkit(["pull", "tiny3:1m", "--from-source", "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["source_repo"] == SOURCE and data["kept"] == []
+    model = data["model"]
+    assert model["name"] == "tiny3:1m" and model["quant"] == "Q4_K_M"
+    path = Path(model["path"])
+    assert path.parent == isolated_home / "models" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # f16 removed
+    shown = json.loads(run_llmkit(["show", "tiny3:1m", "-f", "json"]).stdout)
+    assert shown["quantization"] == "Q4_K_M" and shown["architecture"] == "llama"
+    ran = run_llmkit(["run", "-m", "tiny3:1m", "--max-tokens", "3", "hello"])
+    assert ran.returncode == 0, ran.stderr
+    # Only the files a conversion needs were requested.
+    names = {r["path"].rsplit("/", 1)[-1] for r in hub.requests if "/resolve/" in r["path"]}
+    assert names <= {"config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"}
+
+
+def test_from_source_keep_leaves_the_f16(hub: FakeHub, isolated_home: Path,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    build_tiny_llama3(ckpt)
+    _serve_checkpoint(hub, ckpt)
+    proc = run_llmkit(["pull", SOURCE, "--from-source", "--quant", "Q8_0", "--keep"])
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in (isolated_home / "models").iterdir())
+    assert files == ["acme--tiny-llama3-q8_0.gguf"]  # Q8_0 is written directly: no f16
+    proc = run_llmkit(["pull", SOURCE, "--from-source", "--quant", "Q4_K_M", "--keep"])
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in (isolated_home / "models").iterdir())
+    assert "acme--tiny-llama3-q4_k_m.f16.gguf" in files
+    assert "acme--tiny-llama3-q4_k_m.gguf" in files
+
+
+def test_keep_without_from_source_is_a_usage_error() -> None:
+    proc = run_llmkit(["pull", "llama3.2:1b", "--keep"])
+    assert proc.returncode == 2 and "--keep only applies with --from-source" in proc.stderr
+
+
+def test_from_source_of_a_vision_model_is_refused() -> None:
+    proc = run_llmkit(["pull", "gemma3:4b", "--from-source"])
+    assert proc.returncode == 2 and "is a vision model" in proc.stderr
