@@ -115,3 +115,22 @@ def test_llama_cpp_log_hidden_unless_verbose() -> None:
     assert loud.returncode == 0
     assert "llama_model_loader" in loud.stderr
     assert "llama_model_loader" not in loud.stdout
+
+
+@pytest.mark.parametrize("delay", [0.2, 2.5])
+def test_ctrl_c_exits_130_with_a_message(delay: float) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", "run", "-q", "--max-tokens", "0",
+         "--temperature", "0.8", "--seed", "1", "Write a very long story about a dragon."],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)  # during start-up, then during generation
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "llmkit: error: interrupted"
+    assert b"Traceback" not in err

@@ -72,6 +72,9 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name="llmkit",
                      standalone_mode=False)
+        if result == Interrupted.exit_code:
+            # Typer turns a bare Ctrl-C into exit code 130 without a word; say what happened.
+            out.error(Interrupted().message)
         return result if isinstance(result, int) else 0
     except LlmkitError as exc:
         if debug:
