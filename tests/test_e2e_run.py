@@ -130,7 +130,7 @@ def test_ctrl_c_exits_130_with_a_message(delay: float) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(delay)  # during start-up, then during generation
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.decode().strip().splitlines()[-1] == "llmkit: error: interrupted"
     assert b"Traceback" not in err
