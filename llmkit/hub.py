@@ -450,7 +450,11 @@ def _fetch(target: PullTarget, remote: RemoteFile, revision: str,
 
     cached = try_to_load_from_cache(target.repo, remote.name, revision=revision)
     was_cached = isinstance(cached, str)
-    for attempt in range(2):
+    # A damaged resumable download counts as the first of the two tries.
+    first = 1 if not offline and not was_cached and not _resumable_blob(target.repo,
+                                                                          remote) else 0
+    problem: str | None = "sha256 mismatch"
+    for attempt in range(first, 2):
         try:
             # Online, fetch through "main" so the cache records refs/main for offline use.
             path = hf_hub_download(target.repo, remote.name,
@@ -485,6 +489,76 @@ def _fetch(target: PullTarget, remote: RemoteFile, revision: str,
         f"{remote.name} from {target.repo} failed its integrity check twice ({problem}); "
         "the file was deleted and nothing was registered",
         hint="try again later; if it persists the file on the Hub may be changing")
+
+
+# A partial download survives its process (crash, Ctrl-C, reboot) under this suffix and is
+# continued with an HTTP Range request by the next pull: huggingface_hub 1.x+ restarts files.
+PARTIAL_SUFFIX = ".llmkit-partial"
+_RESUME_TRIES = 4
+
+
+def _blob_dir(repo: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "blobs"
+
+
+def _resumable_blob(repo: str, remote: RemoteFile) -> bool:
+    """Fetch an LFS file into the cache's blob store, continuing any earlier partial download.
+
+    The blob is named by its sha256, which is how huggingface_hub stores LFS files, so the
+    hf_hub_download that follows finds it and only links it into the snapshot. Failures here
+    are left to that call (which reports them); the partial file stays for the next run.
+
+    Returns:
+        False when the complete download failed its sha256 check (and was deleted), else True.
+    """
+    if not remote.sha256 or remote.size is None or not _SHA256_RE.match(remote.sha256.lower()):
+        return True
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]
+        build_hf_headers,
+        get_session,
+    )
+
+    blobs = _blob_dir(repo)
+    blob = blobs / remote.sha256.lower()
+    if blob.exists():
+        return True
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = blobs / (remote.sha256.lower() + PARTIAL_SUFFIX)
+    url = hf_hub_url(repo, remote.name, revision="main")
+    headers = build_hf_headers()
+    for _ in range(_RESUME_TRIES):
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > remote.size:
+            partial.unlink()
+            have = 0
+        if have == remote.size:
+            break
+        request_headers = dict(headers, **({"Range": f"bytes={have}-"} if have else {}))
+        try:
+            # huggingface_hub's own HTTP client: same proxies, retries and certificates.
+            with get_session().stream("GET", url, headers=request_headers,
+                                      follow_redirects=True, timeout=60.0) as response:
+                if response.status_code not in (200, 206):
+                    return True  # huggingface_hub reports gated / missing / server errors
+                mode = "ab" if have and response.status_code == 206 else "wb"
+                with open(partial, mode) as fh:
+                    for chunk in response.iter_bytes():
+                        fh.write(chunk)
+                        fh.flush()  # a killed process keeps what it received
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # the client's transport errors: connection dropped, timeouts
+            continue  # ask again for the rest
+    if not partial.exists() or partial.stat().st_size != remote.size:
+        return True
+    if sha256_of(partial) != remote.sha256.lower():
+        partial.unlink()  # damaged: hf_hub_download fetches it afresh and is checked again
+        return False
+    partial.replace(blob)
+    return True
 
 
 def _verified_before(name: str, path: str) -> bool:

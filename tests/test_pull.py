@@ -205,37 +205,44 @@ def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     gets = hub.downloads("Big-Q8_0.gguf")
     # The connection dropped part way; the rest was asked for with a Range request.
-    assert [g["range"] for g in gets] == ["", f"bytes={DOWNLOAD_CHUNK_SIZE}-"]
+    assert len(gets) == 2 and gets[0]["range"] == ""
+    resumed_at = int(gets[1]["range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= DOWNLOAD_CHUNK_SIZE + len(data) // 4
     entry = manifest(isolated_home)["acme/tiny-gguf:q8_0"]
     assert sha256(str(entry["path"])) == hashlib.sha256(data).hexdigest()
 
 
-def test_ctrl_c_leaves_nothing_and_rerun_completes(hub: FakeHub, ggufs: dict[str, bytes],
-                                                   isolated_home: Path, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_the_partial_file_and_rerun_resumes(
+        hub: FakeHub, ggufs: dict[str, bytes], isolated_home: Path, tmp_path: Path) -> None:
     data = ggufs["Tiny-Q8_0.gguf"]
     repo = hub.add(REPO, {"Tiny-Q8_0.gguf": data})
     repo.files["Tiny-Q8_0.gguf"].stall_after = len(data) // 2
     proc = subprocess.Popen([sys.executable, "-m", "llmkit", "pull", f"{REPO}:Q8_0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "hf-home" / "hub"
     deadline = time.monotonic() + 30
-    while not hub.downloads("Tiny-Q8_0.gguf") and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not any(
+            p.stat().st_size >= len(data) // 2 for p in cache.rglob("*.llmkit-partial")):
         time.sleep(0.05)
-    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert (out, err) == ("", "llmkit: error: interrupted\n")
     assert manifest(isolated_home) == {}
-    cache = tmp_path / "hf-home" / "hub"
-    assert [p.name for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts] == []
+    # Nothing half-written is visible: no blob, no snapshot; the part is kept to resume from.
     assert list(cache.rglob("snapshots/*/*")) == []
+    assert [p.name.endswith(".llmkit-partial") for p in cache.rglob("blobs/*")] == [True]
+    kept = next(cache.rglob("*.llmkit-partial")).stat().st_size
+    assert kept == len(data) // 2
     repo.files["Tiny-Q8_0.gguf"].stall_after = None
     hub.release.set()
     again = run_llmkit(["pull", f"{REPO}:Q8_0"])
     assert again.returncode == 0, again.stderr
+    assert hub.downloads("Tiny-Q8_0.gguf")[-1]["range"] == f"bytes={kept}-"
     entry = manifest(isolated_home)["acme/tiny-gguf:q8_0"]
     assert sha256(str(entry["path"])) == hashlib.sha256(data).hexdigest()
+    assert list(cache.rglob("*.llmkit-partial")) == []
 
 
 def test_corrupt_download_refetched_once(hub: FakeHub, ggufs: dict[str, bytes],
