@@ -1,152 +1,211 @@
 # llmkit bash completion, generated from the app by `llmkit completions bash`
-__llmkit_colon() {
-    if declare -F __ltrim_colon_completions >/dev/null 2>&1; then
-        __ltrim_colon_completions "$cur"
-    fi
-}
-_llmkit() {
-    local cur prev
-    # Model names contain ':', which bash splits words on; bash-completion can rejoin.
-    if declare -F _get_comp_words_by_ref >/dev/null 2>&1; then
-        _get_comp_words_by_ref -n : cur prev
-    else
-        cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
-    fi
-    local cmd="" i
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        case "${COMP_WORDS[i]}" in
-            -*) ;;
-            *) cmd="${COMP_WORDS[i]}"; break ;;
-        esac
-    done
-    local models="smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout"
-    if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "run chat list show import rm pull convert quantize doctor completions --version -h --help" -- "$cur"))
-        return
-    fi
-    case "$cmd" in
-        run)
-            case "$prev" in
-                -m|--model) COMPREPLY=($(compgen -W "$models" -- "$cur") $(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon; return ;;
-                -s|--system) COMPREPLY=(); return ;;
-                --temperature) COMPREPLY=(); return ;;
-                --top-p) COMPREPLY=(); return ;;
-                --seed) COMPREPLY=(); return ;;
-                -n|--max-tokens) COMPREPLY=(); return ;;
-                -c|--ctx) COMPREPLY=(); return ;;
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-                --json-schema) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) COMPREPLY=($(compgen -W "auto cpu gpu" -- "$cur")); return ;;
-                --gpu-layers) COMPREPLY=(); return ;;
-                -t|--threads) COMPREPLY=(); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help" -- "$cur"))
-            fi
-            ;;
-        chat)
-            case "$prev" in
-                -m|--model) COMPREPLY=($(compgen -W "$models" -- "$cur") $(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon; return ;;
-                -s|--system) COMPREPLY=(); return ;;
-                --temperature) COMPREPLY=(); return ;;
-                --top-p) COMPREPLY=(); return ;;
-                --seed) COMPREPLY=(); return ;;
-                -n|--max-tokens) COMPREPLY=(); return ;;
-                -c|--ctx) COMPREPLY=(); return ;;
-                --load) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) COMPREPLY=($(compgen -W "auto cpu gpu" -- "$cur")); return ;;
-                --gpu-layers) COMPREPLY=(); return ;;
-                -t|--threads) COMPREPLY=(); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help" -- "$cur"))
-            fi
-            ;;
-        list)
-            case "$prev" in
-                -f|--format) COMPREPLY=($(compgen -W "table json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-f --format --present -h --help" -- "$cur"))
-            fi
-            ;;
-        show)
-            case "$prev" in
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-f --format -h --help" -- "$cur"))
-            else
-                COMPREPLY=($(compgen -W "$models" -- "$cur") $(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon
-            fi
-            ;;
-        import)
-            case "$prev" in
-                --name) COMPREPLY=(); return ;;
-                --mmproj) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--name --mmproj --force -h --help" -- "$cur"))
-            else
-                COMPREPLY=($(compgen -f -- "$cur"))
-            fi
-            ;;
-        rm)
-            case "$prev" in
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-h --help" -- "$cur"))
-            fi
-            ;;
-        pull)
-            case "$prev" in
-                --quant) COMPREPLY=(); return ;;
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--quant -f --format -q --quiet -h --help" -- "$cur"))
-            else
-                COMPREPLY=($(compgen -W "$models" -- "$cur") $(compgen -f -X "!*.gguf" -- "$cur")); __llmkit_colon
-            fi
-            ;;
-        convert)
-            case "$prev" in
-                -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --outtype) COMPREPLY=(); return ;;
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-o --output --outtype --force -f --format -q --quiet -h --help" -- "$cur"))
-            fi
-            ;;
-        quantize)
-            case "$prev" in
-                --type) COMPREPLY=(); return ;;
-                -t|--threads) COMPREPLY=(); return ;;
-                --imatrix) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--type -t --threads --force --imatrix -f --format -q --quiet -h --help" -- "$cur"))
-            else
-                COMPREPLY=($(compgen -f -- "$cur"))
-            fi
-            ;;
-        doctor)
-            case "$prev" in
-                -f|--format) COMPREPLY=($(compgen -W "text json" -- "$cur")); return ;;
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-f --format -h --help" -- "$cur"))
-            fi
-            ;;
-        completions)
-            case "$prev" in
-            esac
-            if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "-h --help" -- "$cur"))
-            fi
-            ;;
+# Static: completing a word never starts llmkit. Install it as
+# ~/.local/share/bash-completion/completions/llmkit, or source it from ~/.bashrc.
+
+__llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout'
+
+# The subcommands, options and value-taking options (as NAME=COUNT) of command path $1,
+# how many positional arguments it takes, and whether the last one repeats.
+__llmkit_spec() {
+    case "$1" in
+        '')
+            subs='run chat list show import rm pull convert quantize doctor completions'
+            opts='--version -h --help'
+            valued=''
+            npos=0 variadic=0 ;;
+        'run')
+            subs=''
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -f=1 --format=1 --json-schema=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=1 variadic=1 ;;
+        'chat')
+            subs=''
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --load=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=0 variadic=0 ;;
+        'list')
+            subs=''
+            opts='-f --format --present -h --help'
+            valued='-f=1 --format=1'
+            npos=0 variadic=0 ;;
+        'show')
+            subs=''
+            opts='-f --format -h --help'
+            valued='-f=1 --format=1'
+            npos=1 variadic=0 ;;
+        'import')
+            subs=''
+            opts='--name --mmproj --force -h --help'
+            valued='--name=1 --mmproj=1'
+            npos=1 variadic=0 ;;
+        'rm')
+            subs=''
+            opts='-h --help'
+            valued=''
+            npos=1 variadic=0 ;;
+        'pull')
+            subs=''
+            opts='--quant --from-source --keep -t --threads -f --format -q --quiet -h --help'
+            valued='--quant=1 -t=1 --threads=1 -f=1 --format=1'
+            npos=1 variadic=0 ;;
+        'convert')
+            subs=''
+            opts='-o --output --outtype --force -f --format -q --quiet -h --help'
+            valued='-o=1 --output=1 --outtype=1 -f=1 --format=1'
+            npos=1 variadic=0 ;;
+        'quantize')
+            subs=''
+            opts='--type -t --threads --force --imatrix -f --format -q --quiet -h --help'
+            valued='--type=1 -t=1 --threads=1 --imatrix=1 -f=1 --format=1'
+            npos=2 variadic=0 ;;
+        'doctor')
+            subs=''
+            opts='-f --format -h --help'
+            valued='-f=1 --format=1'
+            npos=0 variadic=0 ;;
+        'completions')
+            subs=''
+            opts='-h --help'
+            valued=''
+            npos=1 variadic=0 ;;
+        *) subs='' opts='' valued='' npos=0 variadic=0 ;;
     esac
 }
-complete -o filenames -F _llmkit llmkit
+
+# Completes $3 as the value of option $2 (or of positional argument #N) of path $1.
+__llmkit_value() {
+    case "$1 $2" in
+        'run -m'|'run --model') __llmkit_models "$3" ;;
+        'run -f'|'run --format') __llmkit_words 'text json' "$3" ;;
+        'run --json-schema') __llmkit_files "$3" ;;
+        'run --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'chat -m'|'chat --model') __llmkit_models "$3" ;;
+        'chat --load') __llmkit_files "$3" ;;
+        'chat --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'list -f'|'list --format') __llmkit_words 'table json' "$3" ;;
+        'show -f'|'show --format') __llmkit_words 'text json' "$3" ;;
+        'show #0') __llmkit_models "$3" ;;
+        'import --mmproj') __llmkit_files "$3" ;;
+        'import #0') __llmkit_files "$3" ;;
+        'pull -f'|'pull --format') __llmkit_words 'text json' "$3" ;;
+        'pull #0') __llmkit_models "$3" ;;
+        'convert -o'|'convert --output') __llmkit_files "$3" ;;
+        'convert -f'|'convert --format') __llmkit_words 'text json' "$3" ;;
+        'quantize --imatrix') __llmkit_files "$3" ;;
+        'quantize -f'|'quantize --format') __llmkit_words 'text json' "$3" ;;
+        'quantize #0') __llmkit_files "$3" ;;
+        'quantize #1') __llmkit_files "$3" ;;
+        'doctor -f'|'doctor --format') __llmkit_words 'text json' "$3" ;;
+        'completions #0') __llmkit_words 'bash zsh fish' "$3" ;;
+    esac
+}
+
+# Puts the words that match $2 among the words $1 into COMPREPLY.
+__llmkit_words() {
+    local w
+    for w in $(compgen -W "$1" -- "$2"); do COMPREPLY+=("$w"); done
+}
+
+__llmkit_files() {
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -f -- "$1")
+}
+
+__llmkit_dirs() {
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -d -- "$1")
+}
+
+# A model: a catalog name, or a path to a .gguf file.
+__llmkit_models() {
+    __llmkit_words "$__llmkit_model_names" "$1"
+    compopt -o filenames 2>/dev/null
+    local f
+    while IFS= read -r f; do
+        COMPREPLY+=("$f")
+    done < <(compgen -d -- "$1"; compgen -f -X '!*.gguf' -- "$1")
+}
+
+_llmkit() {
+    # bash splits words at ':' and '=' (COMP_WORDBREAKS); glue them back so that
+    # `-m smollm2:135m` and `--device=cpu` are one word each. Works without bash-completion.
+    local -a words=()
+    local i j=-1 cword=0 glue=0 x
+    for ((i = 0; i < ${#COMP_WORDS[@]} && i <= COMP_CWORD; i++)); do
+        x=${COMP_WORDS[i]}
+        if ((j >= 0)) && [[ -n $x ]] && { ((glue)) || [[ -z ${x//[:=]/} ]]; }; then
+            words[j]+=$x
+        else
+            j=$((j + 1))
+            words[j]=$x
+        fi
+        if [[ -n $x && -z ${x//[:=]/} ]]; then glue=1; else glue=0; fi
+        cword=$j
+    done
+    local cur=${words[cword]}
+    local path="" subs="" opts="" valued="" npos=0 variadic=0
+    __llmkit_spec ""
+    local pos=0 skip=0 dashdash=0 opt="" n
+    for ((i = 1; i < cword; i++)); do
+        x=${words[i]}
+        if ((skip > 0)); then skip=$((skip - 1)); continue; fi
+        if ((!dashdash)); then
+            case $x in
+                --) dashdash=1; continue ;;
+                -*=*) continue ;;
+                -*)
+                    if [[ " $valued " == *" $x="* ]]; then
+                        n=" $valued "
+                        n=${n#*" $x="}
+                        skip=${n%% *}
+                        opt=$x
+                    fi
+                    continue ;;
+            esac
+        fi
+        if ((!dashdash)) && [[ " $subs " == *" $x "* ]]; then
+            path=${path:+$path }$x
+            pos=0
+            __llmkit_spec "$path"
+        else
+            pos=$((pos + 1))
+        fi
+    done
+    local value=$cur prefix=""
+    if ((skip == 0)); then
+        opt=""
+        if ((!dashdash)) && [[ $cur == -*=* && " $valued " == *" ${cur%%=*}="* ]]; then
+            opt=${cur%%=*}
+            value=${cur#*=}
+            prefix=$opt=
+        fi
+    fi
+    COMPREPLY=()
+    if [[ -n $opt ]]; then
+        __llmkit_value "$path" "$opt" "$value"
+    elif ((!dashdash)) && [[ $cur == -* ]]; then
+        __llmkit_words "$opts" "$cur"
+    elif [[ -n $subs ]]; then
+        __llmkit_words "$subs" "$cur"
+    elif ((npos > 0)); then
+        if ((pos >= npos && variadic)); then pos=$((npos - 1)); fi
+        if ((pos < npos)); then __llmkit_value "$path" "#$pos" "$value"; fi
+    fi
+    # bash replaces only the text after the last word-break character: drop what precedes it.
+    local breaks="" trim=""
+    [[ $COMP_WORDBREAKS == *:* ]] && breaks+=":"
+    [[ $COMP_WORDBREAKS == *=* ]] && breaks+="="
+    if [[ -n $breaks && $cur == *[$breaks]* ]]; then
+        trim=${cur%"${cur##*[$breaks]}"}
+    fi
+    if [[ -n $prefix || -n $trim ]]; then
+        for i in "${!COMPREPLY[@]}"; do
+            x=$prefix${COMPREPLY[i]}
+            COMPREPLY[i]=${x#"$trim"}
+        done
+    fi
+}
+
+complete -F _llmkit llmkit

@@ -1,78 +1,158 @@
 # llmkit fish completion, generated from the app by `llmkit completions fish`
+# Static: completing a word never starts llmkit. Install it as
+# ~/.config/fish/completions/llmkit.fish.
+
+function __llmkit_subcommands --argument-names path
+    switch $path
+        case ''
+            printf '%s\n' 'run' 'chat' 'list' 'show' 'import' 'rm' 'pull' 'convert' 'quantize' 'doctor' 'completions'
+    end
+end
+
+# How many values option $argv[2] of path $argv[1] takes.
+function __llmkit_nargs --argument-names path opt
+    switch "$path $opt"
+        case 'run -m' 'run --model' 'run -s' 'run --system' 'run --temperature' 'run --top-p' 'run --seed' 'run -n' 'run --max-tokens' 'run -c' 'run --ctx' 'run -f' 'run --format' 'run --json-schema' 'run --device' 'run --gpu-layers' 'run -t' 'run --threads' 'chat -m' 'chat --model' 'chat -s' 'chat --system' 'chat --temperature' 'chat --top-p' 'chat --seed' 'chat -n' 'chat --max-tokens' 'chat -c' 'chat --ctx' 'chat --load' 'chat --device' 'chat --gpu-layers' 'chat -t' 'chat --threads' 'list -f' 'list --format' 'show -f' 'show --format' 'import --name' 'import --mmproj' 'pull --quant' 'pull -t' 'pull --threads' 'pull -f' 'pull --format' 'convert -o' 'convert --output' 'convert --outtype' 'convert -f' 'convert --format' 'quantize --type' 'quantize -t' 'quantize --threads' 'quantize --imatrix' 'quantize -f' 'quantize --format' 'doctor -f' 'doctor --format'
+            echo 1
+            return
+    end
+    echo 0
+end
+
+# Prints how many positional words the command at the cursor has, then its path.
+function __llmkit_state
+    set -l tokens (commandline -opc)
+    set -e tokens[1]
+    set -l path ''
+    set -l pos 0
+    set -l skip 0
+    set -l dashdash 0
+    for t in $tokens
+        if test $skip -gt 0
+            set skip (math $skip - 1)
+            continue
+        end
+        if test $dashdash -eq 0
+            switch $t
+                case --
+                    set dashdash 1
+                    continue
+                case '-*=*'
+                    continue
+                case '-*'
+                    set skip (__llmkit_nargs "$path" $t)
+                    continue
+            end
+        end
+        if test $dashdash -eq 0; and contains -- $t (__llmkit_subcommands "$path")
+            set path (string trim -- "$path $t")
+            set pos 0
+        else
+            set pos (math $pos + 1)
+        end
+    end
+    echo $pos
+    echo $path
+end
+
+# True when the cursor is in the command whose path is $argv.
+function __llmkit_at
+    set -l state (__llmkit_state)
+    set -l want (string join ' ' -- $argv)
+    test "$state[2]" = "$want"
+end
+
+# True when the cursor is at positional argument $argv[2] ("N+": N or later) of path $argv[1].
+function __llmkit_arg --argument-names path index
+    set -l state (__llmkit_state)
+    test "$state[2]" = "$path"; or return 1
+    switch $index
+        case '*+'
+            test $state[1] -ge (string replace '+' '' -- $index)
+        case '*'
+            test $state[1] -eq $index
+    end
+end
+
 complete -c llmkit -f
-complete -c llmkit -n '__fish_use_subcommand' -l version -d 'Print the version and exit'
-complete -c llmkit -n '__fish_use_subcommand' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a run -d 'Answer one prompt and exit'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a chat -d 'Chat with a model. Piped stdin is sent as one message and the answer printed'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a list -d 'List catalog models and local models side by side'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a show -d 'Print a model\'s GGUF metadata: architecture, parameters, quantization, context, template'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a import -d 'Register a local GGUF under a name (the file stays where it is)'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a rm -d 'Unregister a local model (files llmkit downloaded or wrote are deleted)'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a pull -d 'Download a model\'s GGUF into the Hugging Face cache and register it'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a convert -d 'Convert a Hugging Face checkpoint (safetensors) to GGUF, without torch'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a quantize -d 'Quantize a GGUF with llama.cpp\'s own quantizer; the result is loaded once to check it'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a doctor -d 'Print versions, the llama.cpp backend, GPU offload, threads, paths and models present'
-complete -c llmkit -n 'not __fish_seen_subcommand_from run chat list show import rm pull convert quantize doctor completions' -a completions -d 'Print a static completion script for your shell'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s m -l model -r -F -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout' -d 'Catalog name (llama3.2:1b), local name, or path to a .gguf file'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s s -l system -x -d 'System prompt'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l temperature -x -d 'Sampling temperature; 0 is greedy (default: the model\'s, else 0.8)'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l top-p -x -d 'Nucleus sampling (default: the model\'s, else 0.95)'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l seed -x -d 'Random seed for repeatable output'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s n -l max-tokens -x -d 'Most tokens to generate; 0 = until the context is full'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s c -l ctx -x -d 'Context size in tokens (default: min(4096, the model\'s))'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s f -l format -x -a 'text json' -d 'text streams the answer; json prints one result object'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l json-schema -r -F -d 'Constrain the answer to JSON matching this schema file'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l device -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -l gpu-layers -x -d 'Layers to offload to the GPU (default: all when offloading)'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s t -l threads -x -d 'CPU threads (default: physical cores)'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s v -l verbose -d 'Show llama.cpp\'s log on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s q -l quiet -d 'No notes or progress on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from run' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s m -l model -r -F -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout' -d 'Catalog name (llama3.2:1b), local name, or path to a .gguf file'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s s -l system -x -d 'System prompt'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l temperature -x -d 'Sampling temperature; 0 is greedy (default: the model\'s, else 0.8)'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l top-p -x -d 'Nucleus sampling (default: the model\'s, else 0.95)'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l seed -x -d 'Random seed for repeatable output'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s n -l max-tokens -x -d 'Most tokens to generate; 0 = until the context is full'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s c -l ctx -x -d 'Context size in tokens (default: min(4096, the model\'s))'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l load -r -F -d 'Start from a conversation saved with /save'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l device -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -l gpu-layers -x -d 'Layers to offload to the GPU (default: all when offloading)'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s t -l threads -x -d 'CPU threads (default: physical cores)'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s v -l verbose -d 'Show llama.cpp\'s log on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s q -l quiet -d 'No notes or progress on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from chat' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from list' -s f -l format -x -a 'table json' -d 'table (default on a terminal) or json'
-complete -c llmkit -n '__fish_seen_subcommand_from list' -l present -d 'Only models on this machine'
-complete -c llmkit -n '__fish_seen_subcommand_from list' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from show' -s f -l format -x -a 'text json' -d ''
-complete -c llmkit -n '__fish_seen_subcommand_from show' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from show' -F -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout'
-complete -c llmkit -n '__fish_seen_subcommand_from import' -l name -x -d 'Name to use it by, e.g. mymodel:q4'
-complete -c llmkit -n '__fish_seen_subcommand_from import' -l mmproj -r -F -d 'Projector GGUF for a vision model'
-complete -c llmkit -n '__fish_seen_subcommand_from import' -l force -d 'Replace a model of that name'
-complete -c llmkit -n '__fish_seen_subcommand_from import' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from import' -F
-complete -c llmkit -n '__fish_seen_subcommand_from rm' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from pull' -l quant -x -d 'Quantization to pull, e.g. Q8_0 (default: the catalog\'s)'
-complete -c llmkit -n '__fish_seen_subcommand_from pull' -s f -l format -x -a 'text json' -d 'json: print the registered model as one JSON object'
-complete -c llmkit -n '__fish_seen_subcommand_from pull' -s q -l quiet -d 'No notes or progress on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from pull' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from pull' -F -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout'
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -s o -l output -r -F -d 'The .gguf file to write'
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -l outtype -x -d 'Weight type: f32, f16, bf16 or q8_0 (norms stay f32)'
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -l force -d 'Replace OUT if it exists'
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -s f -l format -x -a 'text json' -d ''
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -s q -l quiet -d 'No notes or progress on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from convert' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -l type -x -d 'Q4_K_M, Q8_0, Q5_K_M, IQ4_XS, …'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -s t -l threads -x -d 'CPU threads (default: physical cores)'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -l force -d 'Replace OUT if it exists'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -l imatrix -r -F -d 'Importance matrix from llama-imatrix (needed for IQ1/IQ2 types)'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -s f -l format -x -a 'text json' -d ''
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -s q -l quiet -d 'No notes or progress on stderr'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from quantize' -F
-complete -c llmkit -n '__fish_seen_subcommand_from doctor' -s f -l format -x -a 'text json' -d ''
-complete -c llmkit -n '__fish_seen_subcommand_from doctor' -s h -l help -d 'Show help and exit'
-complete -c llmkit -n '__fish_seen_subcommand_from completions' -s h -l help -d 'Show help and exit'
+complete -c llmkit -n '__llmkit_at' -a 'run' -d 'Answer one prompt and exit'
+complete -c llmkit -n '__llmkit_at' -a 'chat' -d 'Chat with a model. Piped stdin is sent as one message and the answer printed'
+complete -c llmkit -n '__llmkit_at' -a 'list' -d 'List catalog models and local models side by side'
+complete -c llmkit -n '__llmkit_at' -a 'show' -d 'Print a model\'s GGUF metadata: architecture, parameters, quantization, context, template'
+complete -c llmkit -n '__llmkit_at' -a 'import' -d 'Register a local GGUF under a name (the file stays where it is)'
+complete -c llmkit -n '__llmkit_at' -a 'rm' -d 'Unregister a local model (files llmkit downloaded or wrote are deleted)'
+complete -c llmkit -n '__llmkit_at' -a 'pull' -d 'Download a model\'s GGUF into the Hugging Face cache and register it'
+complete -c llmkit -n '__llmkit_at' -a 'convert' -d 'Convert a Hugging Face checkpoint (safetensors) to GGUF, without torch'
+complete -c llmkit -n '__llmkit_at' -a 'quantize' -d 'Quantize a GGUF with llama.cpp\'s own quantizer; the result is loaded once to check it'
+complete -c llmkit -n '__llmkit_at' -a 'doctor' -d 'Print versions, the llama.cpp backend, GPU offload, threads, paths and models present'
+complete -c llmkit -n '__llmkit_at' -a 'completions' -d 'Print a static completion script for your shell'
+complete -c llmkit -n '__llmkit_at' -l 'version' -d 'Print the version and exit'
+complete -c llmkit -n '__llmkit_at' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at run' -s 'm' -l 'model' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)' -d 'Catalog name (llama3.2:1b), local name, or path to a .gguf file'
+complete -c llmkit -n '__llmkit_at run' -s 's' -l 'system' -x -d 'System prompt'
+complete -c llmkit -n '__llmkit_at run' -l 'temperature' -x -d 'Sampling temperature; 0 is greedy (default: the model\'s, else 0.8)'
+complete -c llmkit -n '__llmkit_at run' -l 'top-p' -x -d 'Nucleus sampling (default: the model\'s, else 0.95)'
+complete -c llmkit -n '__llmkit_at run' -l 'seed' -x -d 'Random seed for repeatable output'
+complete -c llmkit -n '__llmkit_at run' -s 'n' -l 'max-tokens' -x -d 'Most tokens to generate; 0 = until the context is full'
+complete -c llmkit -n '__llmkit_at run' -s 'c' -l 'ctx' -x -d 'Context size in tokens (default: min(4096, the model\'s))'
+complete -c llmkit -n '__llmkit_at run' -s 'f' -l 'format' -x -a 'text json' -d 'text streams the answer; json prints one result object'
+complete -c llmkit -n '__llmkit_at run' -l 'json-schema' -r -F -d 'Constrain the answer to JSON matching this schema file'
+complete -c llmkit -n '__llmkit_at run' -l 'device' -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
+complete -c llmkit -n '__llmkit_at run' -l 'gpu-layers' -x -d 'Layers to offload to the GPU (default: all when offloading)'
+complete -c llmkit -n '__llmkit_at run' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
+complete -c llmkit -n '__llmkit_at run' -s 'v' -l 'verbose' -d 'Show llama.cpp\'s log on stderr'
+complete -c llmkit -n '__llmkit_at run' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at run' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at chat' -s 'm' -l 'model' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)' -d 'Catalog name (llama3.2:1b), local name, or path to a .gguf file'
+complete -c llmkit -n '__llmkit_at chat' -s 's' -l 'system' -x -d 'System prompt'
+complete -c llmkit -n '__llmkit_at chat' -l 'temperature' -x -d 'Sampling temperature; 0 is greedy (default: the model\'s, else 0.8)'
+complete -c llmkit -n '__llmkit_at chat' -l 'top-p' -x -d 'Nucleus sampling (default: the model\'s, else 0.95)'
+complete -c llmkit -n '__llmkit_at chat' -l 'seed' -x -d 'Random seed for repeatable output'
+complete -c llmkit -n '__llmkit_at chat' -s 'n' -l 'max-tokens' -x -d 'Most tokens to generate; 0 = until the context is full'
+complete -c llmkit -n '__llmkit_at chat' -s 'c' -l 'ctx' -x -d 'Context size in tokens (default: min(4096, the model\'s))'
+complete -c llmkit -n '__llmkit_at chat' -l 'load' -r -F -d 'Start from a conversation saved with /save'
+complete -c llmkit -n '__llmkit_at chat' -l 'device' -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
+complete -c llmkit -n '__llmkit_at chat' -l 'gpu-layers' -x -d 'Layers to offload to the GPU (default: all when offloading)'
+complete -c llmkit -n '__llmkit_at chat' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
+complete -c llmkit -n '__llmkit_at chat' -s 'v' -l 'verbose' -d 'Show llama.cpp\'s log on stderr'
+complete -c llmkit -n '__llmkit_at chat' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at chat' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at list' -s 'f' -l 'format' -x -a 'table json' -d 'table (default on a terminal) or json'
+complete -c llmkit -n '__llmkit_at list' -l 'present' -d 'Only models on this machine'
+complete -c llmkit -n '__llmkit_at list' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at show' -s 'f' -l 'format' -x -a 'text json' -d ''
+complete -c llmkit -n '__llmkit_at show' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_arg \'show\' 0' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)'
+complete -c llmkit -n '__llmkit_at import' -l 'name' -x -d 'Name to use it by, e.g. mymodel:q4'
+complete -c llmkit -n '__llmkit_at import' -l 'mmproj' -r -F -d 'Projector GGUF for a vision model'
+complete -c llmkit -n '__llmkit_at import' -l 'force' -d 'Replace a model of that name'
+complete -c llmkit -n '__llmkit_at import' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_arg \'import\' 0' -F
+complete -c llmkit -n '__llmkit_at rm' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at pull' -l 'quant' -x -d 'Quantization to pull, e.g. Q8_0 (default: the catalog\'s)'
+complete -c llmkit -n '__llmkit_at pull' -l 'from-source' -d 'Download the safetensors checkpoint, convert and quantize it with llmkit instead of fetching a prebuilt GGUF'
+complete -c llmkit -n '__llmkit_at pull' -l 'keep' -d 'With --from-source: keep the intermediate f16 GGUF'
+complete -c llmkit -n '__llmkit_at pull' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
+complete -c llmkit -n '__llmkit_at pull' -s 'f' -l 'format' -x -a 'text json' -d 'json: print the registered model as one JSON object'
+complete -c llmkit -n '__llmkit_at pull' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at pull' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_arg \'pull\' 0' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)'
+complete -c llmkit -n '__llmkit_at convert' -s 'o' -l 'output' -r -F -d 'The .gguf file to write'
+complete -c llmkit -n '__llmkit_at convert' -l 'outtype' -x -d 'Weight type: f32, f16, bf16 or q8_0 (norms stay f32)'
+complete -c llmkit -n '__llmkit_at convert' -l 'force' -d 'Replace OUT if it exists'
+complete -c llmkit -n '__llmkit_at convert' -s 'f' -l 'format' -x -a 'text json' -d ''
+complete -c llmkit -n '__llmkit_at convert' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at convert' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at quantize' -l 'type' -x -d 'Q4_K_M, Q8_0, Q5_K_M, IQ4_XS, …'
+complete -c llmkit -n '__llmkit_at quantize' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
+complete -c llmkit -n '__llmkit_at quantize' -l 'force' -d 'Replace OUT if it exists'
+complete -c llmkit -n '__llmkit_at quantize' -l 'imatrix' -r -F -d 'Importance matrix from llama-imatrix (needed for IQ1/IQ2 types)'
+complete -c llmkit -n '__llmkit_at quantize' -s 'f' -l 'format' -x -a 'text json' -d ''
+complete -c llmkit -n '__llmkit_at quantize' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at quantize' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_arg \'quantize\' 0' -F
+complete -c llmkit -n '__llmkit_arg \'quantize\' 1' -F
+complete -c llmkit -n '__llmkit_at doctor' -s 'f' -l 'format' -x -a 'text json' -d ''
+complete -c llmkit -n '__llmkit_at doctor' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at completions' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_arg \'completions\' 0' -x -a 'bash zsh fish'

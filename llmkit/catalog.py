@@ -80,7 +80,7 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
                 raise CatalogError(f"{where}: {key} must be a number, 0 or more")
             values[key] = float(value)
         elif key == "context_length":
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise CatalogError(f"{where}: context_length must be a positive integer")
             values[key] = value
         else:

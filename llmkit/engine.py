@@ -5,10 +5,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import signal
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +45,26 @@ def _on_log(level: int, text: bytes, _user: Any) -> None:
     _log_lines.append(message)
     if _state["verbose"]:
         sys.stderr.write(message)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until a long native call (load, free) returns, then raise it.
+
+    A KeyboardInterrupt raised inside llama.cpp's log callback cannot reach Python code: ctypes
+    prints it as "Exception ignored" and the load carries on. So SIGINT only sets a flag here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: hits.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hits:
+        raise KeyboardInterrupt
 
 
 def llama_module(verbose: bool = False) -> ModuleType:
@@ -209,7 +231,14 @@ class Engine:
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if choice.n_gpu_layers < 0 else choice.n_gpu_layers
         _log_lines.clear()
-        self._model = lc.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        self._model = None
+        self._ctx = None
+        try:
+            with _deferred_interrupt():
+                self._model = lc.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        except KeyboardInterrupt:
+            self.close()
+            raise
         if not self._model:
             raise _load_failure(path)
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -222,7 +251,12 @@ class Engine:
         cparams.n_ubatch = min(n_batch, n_ctx)
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
-        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        try:
+            with _deferred_interrupt():
+                self._ctx = lc.llama_init_from_model(self._model, cparams)
+        except KeyboardInterrupt:
+            self.close()
+            raise
         if not self._ctx:
             lc.llama_model_free(self._model)
             self._model = None
@@ -230,7 +264,9 @@ class Engine:
                 f"could not create a {n_ctx}-token context for {path.name}",
                 hint="lower --ctx; the machine may be short of memory",
             )
-        self.n_ctx = int(lc.llama_n_ctx(self._ctx))
+        # llama.cpp rounds the context up (to a multiple of 256); keep to what was asked, so
+        # --ctx 64 refuses a 200-token prompt instead of quietly using a bigger window.
+        self.n_ctx = min(n_ctx, int(lc.llama_n_ctx(self._ctx)))
         self.n_batch = min(n_batch, n_ctx)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self._cached: list[int] = []
@@ -242,12 +278,13 @@ class Engine:
     def close(self) -> None:
         """Free the context and the model; the engine is unusable afterwards."""
         lc = self._lc
-        if getattr(self, "_ctx", None):
-            lc.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            lc.llama_model_free(self._model)
-            self._model = None
+        with _deferred_interrupt():
+            if getattr(self, "_ctx", None):
+                lc.llama_free(self._ctx)
+                self._ctx = None
+            if getattr(self, "_model", None):
+                lc.llama_model_free(self._model)
+                self._model = None
 
     def __enter__(self) -> Engine:
         return self
@@ -488,7 +525,10 @@ class Engine:
                 if not generated:
                     t_first = time.perf_counter()
                 generated.append(token)
-                n = to_piece(vocab, token, buf, 256, 0, False)
+                n = to_piece(vocab, token, buf, len(buf), 0, False)
+                if n < 0:  # a piece longer than the buffer: llama.cpp says how long
+                    buf = self._piece_buf = ctypes.create_string_buffer(-n)
+                    n = to_piece(vocab, token, buf, len(buf), 0, False)
                 text = decoder.decode(buf.raw[:n]) if n > 0 else ""
                 if text:
                     pieces.append(text)

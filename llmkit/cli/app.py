@@ -97,7 +97,12 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             out.error(Interrupted().message)
             return Interrupted.exit_code
         if _click_exception(exc):
-            exc.show()  # type: ignore[attr-defined]
+            # One line, like every other error, naming where the full usage is.
+            message = exc.format_message()  # type: ignore[attr-defined]
+            context = getattr(exc, "ctx", None)
+            where = context.command_path if context is not None else "llmkit"
+            if message.strip():  # empty when `llmkit` alone already printed the help
+                out.error(f"{message} (see `{where} --help`)")
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if debug:
             raise

@@ -27,8 +27,11 @@ from llmkit.cli._options import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from llmkit.engine import Engine, SamplingParams
     from llmkit.session import EngineOptions
+    from llmkit.store import Resolution
     from llmkit.tasks.chat import Conversation
 
 HELP = """Commands:
@@ -86,8 +89,12 @@ def chat(
     engine, resolution = open_engine(model, options)
     if resolution.note:
         out.note(resolution.note)
-    params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
-                             max_tokens=max_tokens)
+
+    def params_for(res: Resolution) -> SamplingParams:
+        return sampling_params(res, temperature=temperature, top_p=top_p, seed=seed,
+                               max_tokens=max_tokens)
+
+    params = params_for(resolution)
     if system is not None:
         convo.system = system
     elif convo.system is None:
@@ -101,17 +108,19 @@ def chat(
         if reply.generation.finish_reason == "interrupted":
             raise Interrupted()
         return
-    _Repl(engine, convo, params, options).loop()
+    _Repl(engine, convo, params, options, params_for).loop()
 
 
 class _Repl:
     """The interactive loop; all model work goes through tasks.chat."""
 
     def __init__(self, engine: Engine, convo: Conversation, params: SamplingParams,
-                 options: EngineOptions) -> None:
+                 options: EngineOptions,
+                 params_for: Callable[[Resolution], SamplingParams]) -> None:
         self.engine = engine
         self.convo = convo
         self.params = params
+        self.params_for = params_for  # the user's sampling flags over a model's defaults
         self.options = options
         self._history_ok = _setup_history()
 
@@ -232,6 +241,7 @@ class _Repl:
         engine, resolution = open_engine(name, self.options)
         self.engine.close()
         self.engine = engine
+        self.params = self.params_for(resolution)
         if resolution.note:
             out.note(resolution.note)
         out.note(f"now chatting with {engine.model_name}")

@@ -61,7 +61,7 @@ def _first_line(text: str | None) -> str:
 
 
 def _value_of(param: Any) -> _Value:
-    ptype = getattr(param, "type", None)
+    ptype: Any = getattr(param, "type", None)
     choices = getattr(ptype, "choices", None)
     if choices:
         return _Value("choices", tuple(str(getattr(c, "value", c)) for c in choices))
@@ -142,7 +142,9 @@ __llmkit_models() {
     __llmkit_words "$__llmkit_model_names" "$1"
     compopt -o filenames 2>/dev/null
     local f
-    while IFS= read -r f; do COMPREPLY+=("$f"); done < <(compgen -d -- "$1"; compgen -f -X '!*.gguf' -- "$1")
+    while IFS= read -r f; do
+        COMPREPLY+=("$f")
+    done < <(compgen -d -- "$1"; compgen -f -X '!*.gguf' -- "$1")
 }
 
 _llmkit() {
@@ -328,10 +330,13 @@ def _zsh_option_specs(node: _Node) -> list[str]:
         help_text = _zsh_escape(o.help)
         action = "".join(_zsh_action(o.value, o.names[-1].lstrip("-"))
                          for _ in range(o.nargs))
-        if len(o.names) == 1:
-            specs.append(_zsh_quote(f"{o.names[0]}[{help_text}]{action}"))
+        # --name= and -n+ let the value come in the same word (as Click allows) or the next.
+        forms = [n + ("" if not o.nargs else "=" if n.startswith("--") else "+")
+                 for n in o.names]
+        if len(forms) == 1:
+            specs.append(_zsh_quote(f"{forms[0]}[{help_text}]{action}"))
         else:
-            specs.append(_zsh_quote(f"({' '.join(o.names)})") + "{" + ",".join(o.names)
+            specs.append(_zsh_quote(f"({' '.join(o.names)})") + "{" + ",".join(forms)
                          + "}" + _zsh_quote(f"[{help_text}]{action}"))
     return specs
 
@@ -457,7 +462,8 @@ end
 # True when the cursor is in the command whose path is $argv.
 function __llmkit_at
     set -l state (__llmkit_state)
-    test "$state[2]" = (string join ' ' -- $argv)
+    set -l want (string join ' ' -- $argv)
+    test "$state[2]" = "$want"
 end
 
 # True when the cursor is at positional argument $argv[2] ("N+": N or later) of path $argv[1].
@@ -493,7 +499,7 @@ def _fish(root: _Node, models: list[str]) -> str:
         if value.kind == "choices":
             return f" -x -a {_fish_quote(' '.join(value.choices))}"
         if value.kind == "models":
-            return f"{r} -F -a {_fish_quote(' '.join(models))}"
+            return f" -x -a {_fish_quote(' '.join(models) + ' (__fish_complete_suffix .gguf)')}"
         if value.kind in ("files", "dirs"):
             return f"{r} -F"
         return " -x" if requires else ""
@@ -520,8 +526,8 @@ def _fish(root: _Node, models: list[str]) -> str:
             if o.nargs:
                 by_count.setdefault(o.nargs, []).extend(f"{node.key} {n}" for n in o.names)
     for count, keys in sorted(by_count.items()):
-        lines += ["        case " + " ".join(_fish_quote(k) for k in keys), f"            echo {count}",
-                  "            return"]
+        lines += ["        case " + " ".join(_fish_quote(k) for k in keys),
+                  f"            echo {count}", "            return"]
     lines += ["    end", "    echo 0", "end", _FISH_STATE, "complete -c llmkit -f"]
     for node in nodes:
         cond = f"-n {_fish_quote(('__llmkit_at ' + node.key).strip())}"
@@ -540,25 +546,29 @@ def _fish(root: _Node, models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def completion_script(shell: str) -> str:
+def completion_script(shell: str, app: typer.Typer | None = None) -> str:
     """The static completion script for ``shell``, from the app's commands and options.
 
     Args:
         shell: "bash", "zsh" or "fish".
+        app: the Typer app to describe (default: llmkit's own).
 
     Returns:
-        The script's text.
+        The script's text; it completes the command ``llmkit``.
 
     Raises:
         UsageError: an unknown shell.
     """
     import typer.main
 
-    from llmkit.cli.app import app
     from llmkit.errors import UsageError
 
     if shell not in SHELLS:
         raise UsageError(f"unknown shell '{shell}'", hint=f"use one of {', '.join(SHELLS)}")
+    if app is None:
+        from llmkit.cli.app import app as llmkit_app
+
+        app = llmkit_app
     root = _describe(typer.main.get_command(app))
     render = {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell]
     return render(root, _model_names())

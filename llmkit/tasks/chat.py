@@ -197,12 +197,14 @@ def chat_turn(
     params = params or SamplingParams()
     reserve = min(params.max_tokens or CHAT_REPLY_RESERVE, engine.n_ctx // 4)
     reserve = max(reserve, MIN_REPLY_TOKENS)
+    before = list(convo.messages)
     convo.messages.append({"role": "user", "content": user_text})
     try:
         tokens, dropped = fit_conversation(engine, convo, reserve)
     except (ContextOverflowError, KeyboardInterrupt):
-        # Not answered: leave the history as it was before this turn.
-        convo.messages.pop()
+        # Not answered: leave the history as it was before this turn (fit_conversation may
+        # already have dropped older turns while trying to make room).
+        convo.messages[:] = before
         raise
     generation = engine.generate(tokens, params, on_text)
     convo.messages.append({"role": "assistant", "content": generation.text})
