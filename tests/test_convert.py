@@ -166,7 +166,8 @@ def test_unsupported_architecture(smol_checkpoint: Path, tmp_path: Path) -> None
     proc = run_llmkit(["convert", str(ckpt), "-o", str(tmp_path / "o.gguf")])
     assert proc.returncode == 1
     assert ("architecture 'MllamaForConditionalGeneration' is not supported "
-            "(supported are LlamaForCausalLM)") in proc.stderr
+            "(supported are Idefics3ForConditionalGeneration, LlamaForCausalLM, "
+            "SmolVLMForConditionalGeneration)") in proc.stderr
     assert not (tmp_path / "o.gguf").exists()
 
 

@@ -29,13 +29,19 @@ def convert(
     source: Annotated[str, typer.Argument(
         help="Checkpoint directory, or a Hugging Face repository (OWNER/REPO).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .gguf file to write.")],
+    mmproj: Annotated[Path | None, typer.Option(
+        "--mmproj", help="Where a vision model's projector goes (default: mmproj-OUT beside OUT).",
+        show_default=False)] = None,
     outtype: Annotated[str, typer.Option(
         "--outtype", help="Weight type: f32, f16, bf16 or q8_0 (norms stay f32).")] = "f16",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace OUT (and the projector) if they exist.")] = False,
     format: Annotated[TextFormat, typer.Option("--format", "-f")] = TextFormat.text,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a Hugging Face checkpoint (safetensors) to GGUF, without torch.
+
+    A vision model (SmolVLM) also gets its projector for llama.cpp's mtmd, in a second file.
 
     Example: llmkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf
     """
@@ -45,16 +51,22 @@ def convert(
     from llmkit.hub import checkpoint_dir
 
     out.set_quiet(quiet)
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists", hint="pass --force to replace it")
+    # Checked again once the checkpoint is known; here they fail before any download.
+    for path in (output, mmproj):
+        if path is not None and path.exists() and not force:
+            raise UsageError(f"{path} exists", hint="pass --force to replace it")
     directory = checkpoint_dir(source, quiet=quiet)
-    result = run_convert(directory, output, outtype=outtype.lower(), on_tensor=_progress(quiet))
+    result = run_convert(directory, output, outtype=outtype.lower(), mmproj=mmproj, force=force,
+                         on_tensor=_progress(quiet))
     if format == TextFormat.json:
         out.write_json(result.__dict__)
-    else:
-        out.note(f"wrote {result.path} ({result.tensors} tensors, "
-                 f"{human_size(result.size_bytes)}, tokenizer {result.tokenizer}) "
-                 f"in {result.seconds:.1f} s")
+        return
+    out.note(f"wrote {result.path} ({result.tensors} tensors, "
+             f"{human_size(result.size_bytes)}, tokenizer {result.tokenizer}) "
+             f"in {result.seconds:.1f} s")
+    if result.mmproj is not None:
+        out.note(f"wrote the vision projector to {result.mmproj} ({result.mmproj_tensors} "
+                 f"tensors, {human_size(result.mmproj_size_bytes)})")
 
 
 def quantize(

@@ -9,15 +9,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.convert.idefics3 import Idefics3ProjectorConverter, Idefics3TextConverter
 from llmkit.convert.llama import LlamaConverter
 from llmkit.convert.safetensors import MappedFiles, checkpoint_tensors
 from llmkit.convert.tokenizer import add_tokenizer
-from llmkit.convert.writer import OUTTYPES, write_gguf
+from llmkit.convert.writer import OUTTYPES, discard, publish, stage_gguf
 from llmkit.errors import ConvertError, UsageError
 
-# Hugging Face `architectures` names → converter. Llama Guard 3 and SmolLM2 are Llama models.
+# Hugging Face `architectures` names → converter of the language model. Llama Guard 3 and
+# SmolLM2 are Llama models; SmolVLM's text model is one too.
 CONVERTERS: dict[str, type[LlamaConverter]] = {
     "LlamaForCausalLM": LlamaConverter,
+    "Idefics3ForConditionalGeneration": Idefics3TextConverter,
+    "SmolVLMForConditionalGeneration": Idefics3TextConverter,
+}
+# Architectures with a vision tower → converter of its projector, a second GGUF that
+# llama.cpp's multimodal library (mtmd) loads beside the language model.
+PROJECTORS: dict[str, type[Idefics3ProjectorConverter]] = {
+    "Idefics3ForConditionalGeneration": Idefics3ProjectorConverter,
+    "SmolVLMForConditionalGeneration": Idefics3ProjectorConverter,
 }
 
 
@@ -32,6 +42,14 @@ class ConvertResult:
     size_bytes: int
     tokenizer: str
     seconds: float
+    mmproj: str | None = None  # the vision projector, for vision models
+    mmproj_tensors: int = 0
+    mmproj_size_bytes: int = 0
+
+
+def default_mmproj_path(output: Path) -> Path:
+    """Where a vision model's projector goes unless named: ``mmproj-<OUT name>`` beside OUT."""
+    return output.with_name(f"mmproj-{output.name}")
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -58,22 +76,33 @@ def convert(
     output: Path,
     *,
     outtype: str = "f16",
+    mmproj: Path | None = None,
+    force: bool = True,
     on_tensor: Callable[[int, int, str], None] | None = None,
 ) -> ConvertResult:
-    """Convert a local Hugging Face checkpoint directory to a GGUF file.
+    """Convert a local Hugging Face checkpoint directory to GGUF.
+
+    A vision model (SmolVLM / Idefics3) becomes two files: the language model at ``output``
+    and its projector for llama.cpp's mtmd. Every file is written under a temporary name and
+    renamed into place only once all of them are complete and verified.
 
     Args:
-        source: directory with config.json, *.safetensors and the tokenizer files.
-        output: the .gguf to write (atomically: a temporary name, renamed when complete).
-        outtype: f32, f16, bf16 or q8_0 for the weight matrices (norms stay f32).
-        on_tensor: progress callback (index, total, tensor name).
+        source: directory with config.json, *.safetensors and the tokenizer files (and, for a
+            vision model, preprocessor_config.json).
+        output: the .gguf to write for the language model.
+        outtype: f32, f16, bf16 or q8_0 for the weight matrices (norms stay f32). A projector
+            is written in f32 for f32 and in f16 otherwise.
+        mmproj: where a vision model's projector goes (default: `default_mmproj_path`).
+        force: replace existing files; when False, an existing output is a UsageError.
+        on_tensor: progress callback (index, total, tensor name), once per file's tensors.
 
     Returns:
         What was written.
 
     Raises:
         ConvertError: unsupported architecture or tokenizer, damaged checkpoint, write failure.
-        UsageError: unknown outtype.
+        UsageError: unknown outtype; ``mmproj`` for a text-only model; an output that exists
+            without ``force``; the projector and the model at the same path.
     """
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown output type '{outtype}'", hint=f"use {', '.join(OUTTYPES)}")
@@ -89,21 +118,52 @@ def convert(
             f"architecture '{arch or 'unknown'}' is not supported",
             hint=f"supported are {', '.join(sorted(CONVERTERS))}",
         )
+    projector_cls = PROJECTORS.get(arch)
+    if mmproj is not None and projector_cls is None:
+        raise UsageError(f"{source.name} is a text-only model ({arch}); it has no vision "
+                         "projector to write", hint="leave out --mmproj")
+    mmproj_path = (mmproj or default_mmproj_path(output)) if projector_cls else None
+    if mmproj_path is not None and mmproj_path.resolve() == output.resolve():
+        raise UsageError(f"the projector and the model would both be {output}",
+                         hint="give --mmproj another file name")
+    for path in (output, mmproj_path):
+        if path is not None and path.exists() and not force:
+            raise UsageError(f"{path} exists", hint="pass --force to replace it")
+    name = config.get("_name_or_path") or source.name
     files = MappedFiles()
+    staged: list[tuple[Path, Path]] = []
     try:
-        converter = converter_cls(source, config, checkpoint_tensors(source), files)
+        tensors = checkpoint_tensors(source)
+        converter = converter_cls(source, config, tensors, files)
         planned = converter.tensors(outtype)
+        # The projector is planned (and so checked) before anything is written.
+        projector = projector_cls(source, config, tensors, files) if projector_cls else None
+        projector_planned = projector.tensors(outtype) if projector is not None else []
         description: dict[str, str] = {}
 
         def metadata(writer: Any) -> None:
-            converter.metadata(writer, outtype, config.get("_name_or_path") or source.name)
+            converter.metadata(writer, outtype, name)
             description["tokenizer"] = add_tokenizer(writer, source, converter.n_vocab)
 
-        write_gguf(output, converter.arch, metadata, planned, on_tensor)
+        staged.append((stage_gguf(output, converter.arch, metadata, planned, on_tensor),
+                       output))
+        if projector is not None and mmproj_path is not None:
+
+            def projector_metadata(writer: Any) -> None:
+                projector.metadata(writer, outtype, name)
+
+            staged.append((stage_gguf(mmproj_path, projector.arch, projector_metadata,
+                                      projector_planned, on_tensor), mmproj_path))
+        # The language model goes into place last: once it is there, so is its projector.
+        publish(staged[::-1])
     finally:
+        discard(staged)
         files.close()
     return ConvertResult(
         path=str(output), architecture=arch, outtype=outtype, tensors=len(planned),
         size_bytes=output.stat().st_size, tokenizer=description.get("tokenizer", ""),
         seconds=time.perf_counter() - started,
+        mmproj=str(mmproj_path) if mmproj_path is not None else None,
+        mmproj_tensors=len(projector_planned),
+        mmproj_size_bytes=mmproj_path.stat().st_size if mmproj_path is not None else 0,
     )

@@ -85,21 +85,27 @@ def _blocks(t: PlannedTensor) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
-def write_gguf(
+def stage_gguf(
     path: Path,
     arch: str,
     add_metadata: Callable[[Any], None],
     tensors: list[PlannedTensor],
     on_tensor: Callable[[int, int, str], None] | None = None,
-) -> None:
-    """Write a complete GGUF to ``path`` atomically, streaming tensor data.
+) -> Path:
+    """Write a complete, verified GGUF under a temporary name next to ``path``.
+
+    The caller renames the result into place (or deletes it): a conversion that writes
+    several files renames them only once every one is complete.
 
     Args:
-        path: the final file name.
-        arch: GGUF architecture name (e.g. "llama").
+        path: the final file name; the temporary one is derived from it.
+        arch: GGUF architecture name (e.g. "llama", "clip").
         add_metadata: adds key/values (and the tokenizer) to a gguf.GGUFWriter.
         tensors: the output tensors, in file order.
         on_tensor: progress callback (index, total, name).
+
+    Returns:
+        The temporary file.
 
     Raises:
         ConvertError: the output could not be written (e.g. disk full); nothing is left behind.
@@ -109,6 +115,7 @@ def write_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
+    done = False
     try:
         add_metadata(writer)
         for t in tensors:
@@ -139,7 +146,8 @@ def write_gguf(
         info = read_info(tmp)  # the whole header parses and every tensor's data is present
         if info.tensor_count != len(tensors):
             raise ConvertError(f"the output has {info.tensor_count} tensors, not {len(tensors)}")
-        os.replace(tmp, path)
+        done = True
+        return tmp
     except OSError as exc:
         raise ConvertError(f"cannot write {path}: {exc.strerror or exc}",
                            hint="check free disk space and permissions") from None
@@ -148,6 +156,31 @@ def write_gguf(
             for fh in writer.fout:
                 with contextlib.suppress(OSError):
                     fh.close()
+        if not done:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def publish(staged: list[tuple[Path, Path]]) -> None:
+    """Rename staged files (temporary, final) into place, in order; leftovers are deleted.
+
+    Raises:
+        ConvertError: a rename failed.
+    """
+    try:
+        for tmp, final in staged:
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise ConvertError(f"cannot write {final}: {exc.strerror or exc}",
+                                   hint="check free disk space and permissions") from None
+    finally:
+        discard(staged)
+
+
+def discard(staged: list[tuple[Path, Path]]) -> None:
+    """Delete the temporary files of staged outputs that were not renamed."""
+    for tmp, _ in staged:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
