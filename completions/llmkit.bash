@@ -9,20 +9,25 @@ __llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama
 __llmkit_spec() {
     case "$1" in
         '')
-            subs='run chat list show import rm pull convert quantize doctor completions'
+            subs='run chat caption list show import rm pull convert quantize doctor completions'
             opts='--version -h --help'
             valued=''
             npos=0 variadic=0 ;;
         'run')
             subs=''
-            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -f=1 --format=1 --json-schema=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema -i --image --mmproj --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -f=1 --format=1 --json-schema=1 -i=1 --image=1 --mmproj=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'chat')
             subs=''
-            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --load=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load -i --image --mmproj --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --load=1 -i=1 --image=1 --mmproj=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=0 variadic=0 ;;
+        'caption')
+            subs=''
+            opts='-m --model --mmproj -p --prompt --style -r --recursive -f --format -o --out --sidecar --sidecar-ext --skip-existing -n --max-tokens --temperature --top-p --seed --max-side -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --mmproj=1 -p=1 --prompt=1 --style=1 -f=1 --format=1 -o=1 --out=1 --sidecar-ext=1 -n=1 --max-tokens=1 --temperature=1 --top-p=1 --seed=1 --max-side=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=1 variadic=1 ;;
         'list')
             subs=''
             opts='-f --format --present -h --help'
@@ -50,8 +55,8 @@ __llmkit_spec() {
             npos=1 variadic=0 ;;
         'convert')
             subs=''
-            opts='-o --output --outtype --force -f --format -q --quiet -h --help'
-            valued='-o=1 --output=1 --outtype=1 -f=1 --format=1'
+            opts='-o --output --mmproj --outtype --force -f --format -q --quiet -h --help'
+            valued='-o=1 --output=1 --mmproj=1 --outtype=1 -f=1 --format=1'
             npos=1 variadic=0 ;;
         'quantize')
             subs=''
@@ -78,10 +83,20 @@ __llmkit_value() {
         'run -m'|'run --model') __llmkit_models "$3" ;;
         'run -f'|'run --format') __llmkit_words 'text json' "$3" ;;
         'run --json-schema') __llmkit_files "$3" ;;
+        'run -i'|'run --image') __llmkit_files "$3" ;;
+        'run --mmproj') __llmkit_files "$3" ;;
         'run --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'chat -m'|'chat --model') __llmkit_models "$3" ;;
         'chat --load') __llmkit_files "$3" ;;
+        'chat -i'|'chat --image') __llmkit_files "$3" ;;
+        'chat --mmproj') __llmkit_files "$3" ;;
         'chat --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'caption -m'|'caption --model') __llmkit_models "$3" ;;
+        'caption --mmproj') __llmkit_files "$3" ;;
+        'caption --style') __llmkit_words 'short detailed alt-text tags' "$3" ;;
+        'caption -f'|'caption --format') __llmkit_words 'text json jsonl' "$3" ;;
+        'caption -o'|'caption --out') __llmkit_files "$3" ;;
+        'caption --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'list -f'|'list --format') __llmkit_words 'table json' "$3" ;;
         'show -f'|'show --format') __llmkit_words 'text json' "$3" ;;
         'show #0') __llmkit_models "$3" ;;
@@ -90,6 +105,7 @@ __llmkit_value() {
         'pull -f'|'pull --format') __llmkit_words 'text json' "$3" ;;
         'pull #0') __llmkit_models "$3" ;;
         'convert -o'|'convert --output') __llmkit_files "$3" ;;
+        'convert --mmproj') __llmkit_files "$3" ;;
         'convert -f'|'convert --format') __llmkit_words 'text json' "$3" ;;
         'quantize --imatrix') __llmkit_files "$3" ;;
         'quantize -f'|'quantize --format') __llmkit_words 'text json' "$3" ;;

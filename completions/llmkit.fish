@@ -5,14 +5,14 @@
 function __llmkit_subcommands --argument-names path
     switch $path
         case ''
-            printf '%s\n' 'run' 'chat' 'list' 'show' 'import' 'rm' 'pull' 'convert' 'quantize' 'doctor' 'completions'
+            printf '%s\n' 'run' 'chat' 'caption' 'list' 'show' 'import' 'rm' 'pull' 'convert' 'quantize' 'doctor' 'completions'
     end
 end
 
 # How many values option $argv[2] of path $argv[1] takes.
 function __llmkit_nargs --argument-names path opt
     switch "$path $opt"
-        case 'run -m' 'run --model' 'run -s' 'run --system' 'run --temperature' 'run --top-p' 'run --seed' 'run -n' 'run --max-tokens' 'run -c' 'run --ctx' 'run -f' 'run --format' 'run --json-schema' 'run --device' 'run --gpu-layers' 'run -t' 'run --threads' 'chat -m' 'chat --model' 'chat -s' 'chat --system' 'chat --temperature' 'chat --top-p' 'chat --seed' 'chat -n' 'chat --max-tokens' 'chat -c' 'chat --ctx' 'chat --load' 'chat --device' 'chat --gpu-layers' 'chat -t' 'chat --threads' 'list -f' 'list --format' 'show -f' 'show --format' 'import --name' 'import --mmproj' 'pull --quant' 'pull -t' 'pull --threads' 'pull -f' 'pull --format' 'convert -o' 'convert --output' 'convert --outtype' 'convert -f' 'convert --format' 'quantize --type' 'quantize -t' 'quantize --threads' 'quantize --imatrix' 'quantize -f' 'quantize --format' 'doctor -f' 'doctor --format'
+        case 'run -m' 'run --model' 'run -s' 'run --system' 'run --temperature' 'run --top-p' 'run --seed' 'run -n' 'run --max-tokens' 'run -c' 'run --ctx' 'run -f' 'run --format' 'run --json-schema' 'run -i' 'run --image' 'run --mmproj' 'run --device' 'run --gpu-layers' 'run -t' 'run --threads' 'chat -m' 'chat --model' 'chat -s' 'chat --system' 'chat --temperature' 'chat --top-p' 'chat --seed' 'chat -n' 'chat --max-tokens' 'chat -c' 'chat --ctx' 'chat --load' 'chat -i' 'chat --image' 'chat --mmproj' 'chat --device' 'chat --gpu-layers' 'chat -t' 'chat --threads' 'caption -m' 'caption --model' 'caption --mmproj' 'caption -p' 'caption --prompt' 'caption --style' 'caption -f' 'caption --format' 'caption -o' 'caption --out' 'caption --sidecar-ext' 'caption -n' 'caption --max-tokens' 'caption --temperature' 'caption --top-p' 'caption --seed' 'caption --max-side' 'caption -c' 'caption --ctx' 'caption --device' 'caption --gpu-layers' 'caption -t' 'caption --threads' 'list -f' 'list --format' 'show -f' 'show --format' 'import --name' 'import --mmproj' 'pull --quant' 'pull -t' 'pull --threads' 'pull -f' 'pull --format' 'convert -o' 'convert --output' 'convert --mmproj' 'convert --outtype' 'convert -f' 'convert --format' 'quantize --type' 'quantize -t' 'quantize --threads' 'quantize --imatrix' 'quantize -f' 'quantize --format' 'doctor -f' 'doctor --format'
             echo 1
             return
     end
@@ -77,6 +77,7 @@ end
 complete -c llmkit -f
 complete -c llmkit -n '__llmkit_at' -a 'run' -d 'Answer one prompt and exit'
 complete -c llmkit -n '__llmkit_at' -a 'chat' -d 'Chat with a model. Piped stdin is sent as one message and the answer printed'
+complete -c llmkit -n '__llmkit_at' -a 'caption' -d 'Caption images with a vision model; the model is loaded once for the whole batch'
 complete -c llmkit -n '__llmkit_at' -a 'list' -d 'List catalog models and local models side by side'
 complete -c llmkit -n '__llmkit_at' -a 'show' -d 'Print a model\'s GGUF metadata: architecture, parameters, quantization, context, template'
 complete -c llmkit -n '__llmkit_at' -a 'import' -d 'Register a local GGUF under a name (the file stays where it is)'
@@ -97,6 +98,8 @@ complete -c llmkit -n '__llmkit_at run' -s 'n' -l 'max-tokens' -x -d 'Most token
 complete -c llmkit -n '__llmkit_at run' -s 'c' -l 'ctx' -x -d 'Context size in tokens (default: min(4096, the model\'s))'
 complete -c llmkit -n '__llmkit_at run' -s 'f' -l 'format' -x -a 'text json' -d 'text streams the answer; json prints one result object'
 complete -c llmkit -n '__llmkit_at run' -l 'json-schema' -r -F -d 'Constrain the answer to JSON matching this schema file'
+complete -c llmkit -n '__llmkit_at run' -s 'i' -l 'image' -r -F -d 'An image to ask about (repeat for several); needs a vision model'
+complete -c llmkit -n '__llmkit_at run' -l 'mmproj' -r -F -d 'Vision projector GGUF (default: the model\'s own, or the one mmproj-*.gguf beside it)'
 complete -c llmkit -n '__llmkit_at run' -l 'device' -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
 complete -c llmkit -n '__llmkit_at run' -l 'gpu-layers' -x -d 'Layers to offload to the GPU (default: all when offloading)'
 complete -c llmkit -n '__llmkit_at run' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
@@ -111,12 +114,36 @@ complete -c llmkit -n '__llmkit_at chat' -l 'seed' -x -d 'Random seed for repeat
 complete -c llmkit -n '__llmkit_at chat' -s 'n' -l 'max-tokens' -x -d 'Most tokens to generate; 0 = until the context is full'
 complete -c llmkit -n '__llmkit_at chat' -s 'c' -l 'ctx' -x -d 'Context size in tokens (default: min(4096, the model\'s))'
 complete -c llmkit -n '__llmkit_at chat' -l 'load' -r -F -d 'Start from a conversation saved with /save'
+complete -c llmkit -n '__llmkit_at chat' -s 'i' -l 'image' -r -F -d 'An image to ask about (repeat for several); needs a vision model'
+complete -c llmkit -n '__llmkit_at chat' -l 'mmproj' -r -F -d 'Vision projector GGUF (default: the model\'s own, or the one mmproj-*.gguf beside it)'
 complete -c llmkit -n '__llmkit_at chat' -l 'device' -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
 complete -c llmkit -n '__llmkit_at chat' -l 'gpu-layers' -x -d 'Layers to offload to the GPU (default: all when offloading)'
 complete -c llmkit -n '__llmkit_at chat' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
 complete -c llmkit -n '__llmkit_at chat' -s 'v' -l 'verbose' -d 'Show llama.cpp\'s log on stderr'
 complete -c llmkit -n '__llmkit_at chat' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
 complete -c llmkit -n '__llmkit_at chat' -s 'h' -l 'help' -d 'Show this message and exit'
+complete -c llmkit -n '__llmkit_at caption' -s 'm' -l 'model' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)' -d 'Catalog name (llama3.2:1b), local name, or path to a .gguf file'
+complete -c llmkit -n '__llmkit_at caption' -l 'mmproj' -r -F -d 'Vision projector GGUF (default: the model\'s own, or the one mmproj-*.gguf beside it)'
+complete -c llmkit -n '__llmkit_at caption' -s 'p' -l 'prompt' -x -d 'Your own instruction instead of a --style'
+complete -c llmkit -n '__llmkit_at caption' -l 'style' -x -a 'short detailed alt-text tags' -d 'short: one sentence; detailed; alt-text: under 125 characters for screen readers; tags: comma-separated keywords'
+complete -c llmkit -n '__llmkit_at caption' -s 'r' -l 'recursive' -d 'Look into subdirectories too'
+complete -c llmkit -n '__llmkit_at caption' -s 'f' -l 'format' -x -a 'text json jsonl' -d 'text (default), json (one array at the end) or jsonl (one record per image as it finishes)'
+complete -c llmkit -n '__llmkit_at caption' -s 'o' -l 'out' -r -F -d 'Append one JSON record per image to this JSONL file as each finishes'
+complete -c llmkit -n '__llmkit_at caption' -l 'sidecar' -d 'Write each caption next to its image (photo.jpg → photo.txt)'
+complete -c llmkit -n '__llmkit_at caption' -l 'sidecar-ext' -x -d 'Extension of sidecar files (implies --sidecar)'
+complete -c llmkit -n '__llmkit_at caption' -l 'skip-existing' -d 'Skip images that already have a sidecar or a record in --out'
+complete -c llmkit -n '__llmkit_at caption' -s 'n' -l 'max-tokens' -x -d 'Most tokens per caption (default: by style, 64–512)'
+complete -c llmkit -n '__llmkit_at caption' -l 'temperature' -x -d 'Sampling temperature; 0 is greedy (default: the model\'s, else 0.8)'
+complete -c llmkit -n '__llmkit_at caption' -l 'top-p' -x -d 'Nucleus sampling (default: the model\'s, else 0.95)'
+complete -c llmkit -n '__llmkit_at caption' -l 'seed' -x -d 'Random seed for repeatable output'
+complete -c llmkit -n '__llmkit_at caption' -l 'max-side' -x -d 'Downscale images whose longest side is larger'
+complete -c llmkit -n '__llmkit_at caption' -s 'c' -l 'ctx' -x -d 'Context size in tokens (default: min(4096, the model\'s))'
+complete -c llmkit -n '__llmkit_at caption' -l 'device' -x -a 'auto cpu gpu' -d 'auto: GPU when llama.cpp has one'
+complete -c llmkit -n '__llmkit_at caption' -l 'gpu-layers' -x -d 'Layers to offload to the GPU (default: all when offloading)'
+complete -c llmkit -n '__llmkit_at caption' -s 't' -l 'threads' -x -d 'CPU threads (default: physical cores)'
+complete -c llmkit -n '__llmkit_at caption' -s 'v' -l 'verbose' -d 'Show llama.cpp\'s log on stderr'
+complete -c llmkit -n '__llmkit_at caption' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
+complete -c llmkit -n '__llmkit_at caption' -s 'h' -l 'help' -d 'Show this message and exit'
 complete -c llmkit -n '__llmkit_at list' -s 'f' -l 'format' -x -a 'table json' -d 'table (default on a terminal) or json'
 complete -c llmkit -n '__llmkit_at list' -l 'present' -d 'Only models on this machine'
 complete -c llmkit -n '__llmkit_at list' -s 'h' -l 'help' -d 'Show this message and exit'
@@ -138,8 +165,9 @@ complete -c llmkit -n '__llmkit_at pull' -s 'q' -l 'quiet' -d 'No notes or progr
 complete -c llmkit -n '__llmkit_at pull' -s 'h' -l 'help' -d 'Show this message and exit'
 complete -c llmkit -n '__llmkit_arg \'pull\' 0' -x -a 'smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout (__fish_complete_suffix .gguf)'
 complete -c llmkit -n '__llmkit_at convert' -s 'o' -l 'output' -r -F -d 'The .gguf file to write'
+complete -c llmkit -n '__llmkit_at convert' -l 'mmproj' -r -F -d 'Where a vision model\'s projector goes (default: mmproj-OUT beside OUT)'
 complete -c llmkit -n '__llmkit_at convert' -l 'outtype' -x -d 'Weight type: f32, f16, bf16 or q8_0 (norms stay f32)'
-complete -c llmkit -n '__llmkit_at convert' -l 'force' -d 'Replace OUT if it exists'
+complete -c llmkit -n '__llmkit_at convert' -l 'force' -d 'Replace OUT (and the projector) if they exist'
 complete -c llmkit -n '__llmkit_at convert' -s 'f' -l 'format' -x -a 'text json' -d ''
 complete -c llmkit -n '__llmkit_at convert' -s 'q' -l 'quiet' -d 'No notes or progress on stderr'
 complete -c llmkit -n '__llmkit_at convert' -s 'h' -l 'help' -d 'Show this message and exit'

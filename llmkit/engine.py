@@ -132,6 +132,7 @@ class Generation:
     generation_ms: float
     first_token_ms: float
     tokens: list[int] = field(default_factory=list, repr=False)
+    image_tokens: int = 0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -161,6 +162,42 @@ class TextEngine(Protocol):
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = ...) -> Generation: ...
+
+
+# Special tokens that only the vocabularies of image-reading models carry: a GGUF that has one
+# of them but no projector is a vision model missing its mmproj, not a text model.
+IMAGE_TOKENS = ("<start_of_image>", "<|vision_start|>", "<fake_token_around_image>",
+                "<|image_start|>", "<image_soft_token>", "<|image_pad|>")
+
+
+def image_tokens_in_vocab(model_path: Path) -> list[str]:
+    """Which :data:`IMAGE_TOKENS` the model's vocabulary holds as single tokens.
+
+    Loads the vocabulary only (no weights), so it is quick even for large models.
+
+    Raises:
+        InvalidModelFileError: llama.cpp cannot read the file.
+    """
+    lc = llama_module()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    params.n_gpu_layers = 0
+    with _deferred_interrupt():
+        model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), params)
+    if not model:
+        raise _load_failure(model_path)
+    try:
+        vocab = lc.llama_model_get_vocab(model)
+        found = []
+        for text in IMAGE_TOKENS:
+            data = text.encode("utf-8")
+            buf = (lc.llama_token * 16)()
+            n = lc.llama_tokenize(vocab, data, len(data), buf, 16, False, True)
+            if n == 1:
+                found.append(text)
+        return found
+    finally:
+        lc.llama_model_free(model)
 
 
 def grammar_from_json_schema(schema_text: str) -> str:
@@ -198,6 +235,7 @@ class Engine:
         n_batch: int = DEFAULT_BATCH,
         verbose: bool = False,
         name: str | None = None,
+        mmproj: str | Path | None = None,
     ) -> None:
         """Load a model and create its context.
 
@@ -210,14 +248,19 @@ class Engine:
             n_batch: tokens per prompt-evaluation batch.
             verbose: pass llama.cpp's log through to stderr.
             name: the model's name for reports (default: the file name).
+            mmproj: the vision projector GGUF that lets the model see images.
 
         Raises:
-            InvalidModelFileError: not a GGUF, truncated, corrupt, or an unsupported architecture.
+            InvalidModelFileError: not a GGUF, truncated, corrupt, or an unsupported architecture;
+                or a projector that does not fit the model.
             DeviceError, UsageError: impossible device settings.
             LlmkitError: the context could not be created (usually not enough memory).
         """
         path = Path(model_path)
         check_header(path)
+        projector = Path(mmproj) if mmproj is not None else None
+        if projector is not None:
+            check_header(projector)
         if n_ctx is not None and n_ctx < 16:
             raise InputError(f"--ctx {n_ctx} is too small", hint="use at least 16 tokens")
         lc = llama_module(verbose)
@@ -233,6 +276,7 @@ class Engine:
         _log_lines.clear()
         self._model = None
         self._ctx = None
+        self._mtmd: Any = None
         try:
             with _deferred_interrupt():
                 self._model = lc.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
@@ -272,6 +316,11 @@ class Engine:
         self._cached: list[int] = []
         self._template: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
+        self.mmproj = projector
+        self._mrope = False
+        if projector is not None:
+            self._init_vision(projector, use_gpu=choice.n_gpu_layers != 0)
+            self.load_ms = (time.perf_counter() - t0) * 1000
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -279,6 +328,11 @@ class Engine:
         """Free the context and the model; the engine is unusable afterwards."""
         lc = self._lc
         with _deferred_interrupt():
+            if getattr(self, "_mtmd", None):
+                import llama_cpp.mtmd_cpp as mtmd
+
+                mtmd.mtmd_free(self._mtmd)
+                self._mtmd = None
             if getattr(self, "_ctx", None):
                 lc.llama_free(self._ctx)
                 self._ctx = None
@@ -385,6 +439,208 @@ class Engine:
         if lc.llama_vocab_get_add_bos(self._vocab) and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
         return tokens
+
+    # -- images ---------------------------------------------------------------------------
+
+    def _init_vision(self, projector: Path, *, use_gpu: bool) -> None:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        mtmd.mtmd_helper_log_set(_state["callback"], ctypes.c_void_p(0))
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = self.threads
+        params.print_timings = False
+        _log_lines.clear()
+        try:
+            with _deferred_interrupt():
+                self._mtmd = mtmd.mtmd_init_from_file(
+                    str(projector).encode("utf-8"), self._model, params)
+        except KeyboardInterrupt:
+            self.close()
+            raise
+        if not self._mtmd:
+            detail = _last_error_line() or "llama.cpp could not load it"
+            self.close()
+            raise InvalidModelFileError(
+                str(projector), f"is not a vision projector for {self.path.name}: {detail}",
+                hint="use the mmproj file published with this model; -v shows llama.cpp's log",
+            )
+        if not mtmd.mtmd_support_vision(self._mtmd):
+            self.close()
+            raise InvalidModelFileError(str(projector), "is a projector without image input",
+                                        hint="use the model's vision mmproj file")
+        self._mrope = bool(mtmd.mtmd_decode_use_mrope(self._mtmd))
+
+    @property
+    def vision(self) -> bool:
+        """Whether a projector is loaded, so the model can take images."""
+        return self._mtmd is not None
+
+    @property
+    def media_marker(self) -> str:
+        """The text that stands for an image inside a prompt."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        return str(mtmd.mtmd_default_marker().decode("utf-8"))
+
+    def _decode_at(self, tokens: Sequence[int], pos0: int) -> None:
+        """Evaluate ``tokens`` at explicit positions from ``pos0``; logits for the last one."""
+        lc = self._lc
+        size = max(1, min(self.n_batch, len(tokens)))
+        batch = lc.llama_batch_init(size, 0, 1)
+        try:
+            for start in range(0, len(tokens), size):
+                part = tokens[start:start + size]
+                for i, token in enumerate(part):
+                    batch.token[i] = token
+                    batch.pos[i] = pos0 + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 0
+                batch.logits[len(part) - 1] = 1
+                batch.n_tokens = len(part)
+                rc = lc.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
+                self._cached.extend(part)
+        finally:
+            lc.llama_batch_free(batch)
+
+    def generate_with_images(
+        self,
+        messages: Sequence[Message],
+        images: Sequence[RGBImage],
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        *,
+        reserve: int = 0,
+    ) -> Generation:
+        """Answer a conversation whose messages carry images at :attr:`media_marker`.
+
+        The images are encoded by the projector and placed in the context; text before the
+        first image that the context already holds, and images it already holds in the same
+        place (a follow-up question about the same picture), are not evaluated again.
+
+        Args:
+            messages: role/content messages; each image's place is marked by ``media_marker``.
+            images: one image per marker, in order, as RGB pixels.
+            params: sampling settings.
+            on_text: receives the reply as it is generated.
+            reserve: context cells that must stay free for the answer.
+
+        Returns:
+            The generated text with counts (image tokens included) and timings.
+
+        Raises:
+            LlmkitError: no projector is loaded, or llama.cpp failed to encode an image.
+            InputError: the markers and the images do not pair up.
+            ContextOverflowError: the prompt with its images does not fit in the context.
+        """
+        import hashlib
+
+        import llama_cpp.mtmd_cpp as mtmd
+
+        if self._mtmd is None:
+            raise LlmkitError(f"{self.model_name} has no vision projector loaded")
+        marker = self.media_marker
+        text = self.render_chat(messages)
+        if text.count(marker) != len(images):
+            raise InputError(f"the prompt marks {text.count(marker)} image(s) but "
+                             f"{len(images)} were given")
+        lc = self._lc
+        bitmaps = []
+        chunks = mtmd.mtmd_input_chunks_init()
+        t0 = time.perf_counter()
+        t_prompt = t0
+        try:
+            keys: list[int] = []
+            for image in images:
+                data = ctypes.cast(ctypes.c_char_p(image.rgb), ctypes.POINTER(ctypes.c_uint8))
+                bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, data)
+                if not bitmap:
+                    raise LlmkitError("llama.cpp could not take an image "
+                                      f"of {image.width}x{image.height} pixels")
+                bitmaps.append(bitmap)
+                digest = hashlib.blake2b(image.rgb, digest_size=8)
+                digest.update(f"{image.width}x{image.height}".encode())
+                mtmd.mtmd_bitmap_set_id(bitmap, digest.hexdigest().encode())
+                # Images sit in the cached-token list as a run of one negative id per position,
+                # which no real token matches, so prefix reuse stops at a changed image.
+                keys.append(-1 - int(digest.hexdigest()[:7], 16))
+            data_text = text.encode("utf-8")
+            inp = mtmd.mtmd_input_text()
+            inp.text = data_text
+            inp.text_len = len(data_text)
+            # Templates that write the BOS text themselves must not get a second one.
+            bos = lc.llama_vocab_bos(self._vocab)
+            inp.add_special = bool(lc.llama_vocab_get_add_bos(self._vocab)) and not (
+                bos >= 0 and text.startswith(self._token_text(bos) or "\0"))
+            inp.parse_special = True
+            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            rc = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(inp), array, len(bitmaps))
+            if rc != 0:
+                raise LlmkitError(f"llama.cpp could not prepare the image prompt (code {rc}; "
+                                  f"{_last_error_line() or 'no detail'})")
+            segments = _media_segments(mtmd, chunks, keys)
+            n_cells = sum(seg.n_tokens for seg in segments)
+            if n_cells >= self.n_ctx or n_cells + reserve > self.n_ctx:
+                raise ContextOverflowError(n_cells, self.n_ctx, reserve=reserve)
+            plan = [key for seg in segments for key in seg.keys]
+            keep = self._prepare_media(plan, segments)
+            sampler = self._sampler(params)
+            try:
+                evaluated = 0
+                for seg in segments:
+                    if seg.end <= keep:
+                        continue
+                    if seg.chunk is None:
+                        skip = max(0, keep - seg.start)
+                        self._decode_at(seg.keys[skip:], seg.start + skip)
+                        evaluated += len(seg.keys) - skip
+                        continue
+                    new_pos = lc.llama_pos(0)
+                    with _deferred_interrupt():
+                        rc = mtmd.mtmd_helper_eval_chunk_single(
+                            self._mtmd, self._ctx, seg.chunk, seg.start, 0, self.n_batch, False,
+                            ctypes.byref(new_pos))
+                    if rc != 0:
+                        raise LlmkitError(f"llama.cpp failed to encode an image (code {rc}; "
+                                          f"{_last_error_line() or 'no detail'})")
+                    self._cached.extend(seg.keys)
+                    evaluated += seg.n_tokens
+                t_prompt = time.perf_counter()
+                sampled = self._sample_loop(sampler, params, self.n_ctx - n_cells, on_text,
+                                            explicit_pos=self._mrope)
+            except KeyboardInterrupt:
+                sampled = _Sampled([], [], "interrupted", t_prompt)
+            finally:
+                lc.llama_sampler_free(sampler)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        result = sampled.generation(n_cells, evaluated if t_prompt > t0 else 0, t0, t_prompt)
+        result.image_tokens = sum(seg.n_tokens for seg in segments if seg.chunk is not None)
+        return result
+
+    def _prepare_media(self, plan: list[int], segments: list[_Segment]) -> int:
+        """Keep the cached prefix of ``plan`` that ends on a segment boundary or inside text."""
+        keep = 0
+        for a, b in zip(self._cached, plan, strict=False):
+            if a != b:
+                break
+            keep += 1
+        if keep == len(plan):
+            keep -= 1  # the last token must be evaluated again for fresh logits
+        for seg in segments:
+            if seg.chunk is not None and seg.start < keep < seg.end:
+                keep = seg.start  # half an image cannot be kept
+        mem = self._lc.llama_get_memory(self._ctx)
+        if not self._lc.llama_memory_seq_rm(mem, -1, keep, -1):
+            self._lc.llama_memory_clear(mem, True)
+            keep = 0
+        del self._cached[keep:]
+        return keep
 
     # -- generation -----------------------------------------------------------------------
 
@@ -498,32 +754,59 @@ class Engine:
             raise ContextOverflowError(n_prompt, self.n_ctx)
         keep = self._prepare(prompt)
         sampler = self._sampler(params)
-        pieces: list[str] = []
-        generated: list[int] = []
-        finish = "length"
         t0 = time.perf_counter()
-        t_prompt = t_first = t0
+        t_prompt = t0
         try:
             self._decode_prompt(prompt[keep:])
-            t_prompt = t_first = time.perf_counter()
-            room = self.n_ctx - len(self._cached)
-            limit = room if params.max_tokens is None else min(params.max_tokens, room)
+            t_prompt = time.perf_counter()
+            sampled = self._sample_loop(sampler, params, self.n_ctx - len(self._cached), on_text)
+        except KeyboardInterrupt:
+            sampled = _Sampled([], [], "interrupted", t_prompt)
+        finally:
+            lc.llama_sampler_free(sampler)
+        return sampled.generation(n_prompt, n_prompt - keep if t_prompt > t0 else 0,
+                                  t0, t_prompt)
+
+    def _sample_loop(self, sampler: Any, params: SamplingParams, room: int,
+                     on_text: Callable[[str], None] | None, *, explicit_pos: bool = False
+                     ) -> _Sampled:
+        """Sample and decode tokens until end of generation, the token limit, or a full context.
+
+        ``explicit_pos`` passes each token's position to llama.cpp (M-RoPE models after an
+        image, whose positions run ahead of the number of cached tokens); otherwise llama.cpp
+        numbers them itself, which is the cheapest call.
+        """
+        lc = self._lc
+        pieces: list[str] = []
+        generated: list[int] = []
+        out = _Sampled(pieces, generated, "length", time.perf_counter())
+        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        if explicit_pos:
+            batch = lc.llama_batch_init(1, 0, 1)
+            batch.n_tokens = 1
+            batch.n_seq_id[0] = 1
+            batch.seq_id[0][0] = 0
+            batch.logits[0] = 1
+            one, pos = batch.token, batch.pos
+        else:
             one = (lc.llama_token * 1)()
             batch = lc.llama_batch_get_one(one, 1)
-            buf = self._piece_buf
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            sample, is_eog, to_piece, decode = (
-                lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_token_to_piece,
-                lc.llama_decode,
-            )
-            ctx, vocab, cached = self._ctx, self._vocab, self._cached
+            pos = None
+        buf = self._piece_buf
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        sample, is_eog, to_piece, decode = (
+            lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_token_to_piece,
+            lc.llama_decode,
+        )
+        ctx, vocab, cached = self._ctx, self._vocab, self._cached
+        try:
             while len(generated) < limit:
                 token = sample(sampler, ctx, -1)
                 if is_eog(vocab, token):
-                    finish = "stop"
+                    out.finish = "stop"
                     break
                 if not generated:
-                    t_first = time.perf_counter()
+                    out.t_first = time.perf_counter()
                 generated.append(token)
                 n = to_piece(vocab, token, buf, len(buf), 0, False)
                 if n < 0:  # a piece longer than the buffer: llama.cpp says how long
@@ -535,33 +818,104 @@ class Engine:
                     if on_text is not None:
                         on_text(text)
                 one[0] = token
+                if pos is not None:
+                    pos[0] = len(cached)
                 if decode(ctx, batch) != 0:
                     raise LlmkitError("llama.cpp failed to evaluate a generated token")
                 cached.append(token)
             else:
                 if params.max_tokens is None or params.max_tokens > room:
-                    finish = "context"
+                    out.finish = "context"
             tail = decoder.decode(b"", final=True)
             if tail:
                 pieces.append(tail)
                 if on_text is not None:
                     on_text(tail)
         except KeyboardInterrupt:
-            finish = "interrupted"
+            out.finish = "interrupted"
         finally:
-            lc.llama_sampler_free(sampler)
-        t_end = time.perf_counter()
+            if explicit_pos:
+                lc.llama_batch_free(batch)
+        return out
+
+
+@dataclass
+class _Sampled:
+    """What a sampling loop produced, before it is wrapped in a Generation."""
+
+    pieces: list[str]
+    tokens: list[int]
+    finish: str
+    t_first: float
+
+    def generation(self, n_prompt: int, n_evaluated: int, t0: float, t_prompt: float
+                   ) -> Generation:
+        t_first = max(self.t_first, t_prompt)
         return Generation(
-            text="".join(pieces),
+            text="".join(self.pieces),
             prompt_tokens=n_prompt,
-            prompt_tokens_evaluated=n_prompt - keep if t_prompt > t0 else 0,
-            completion_tokens=len(generated),
-            finish_reason=finish,
+            prompt_tokens_evaluated=n_evaluated,
+            completion_tokens=len(self.tokens),
+            finish_reason=self.finish,
             prompt_ms=(t_prompt - t0) * 1000,
-            generation_ms=(t_end - t_prompt) * 1000,
+            generation_ms=(time.perf_counter() - t_prompt) * 1000,
             first_token_ms=(t_first - t0) * 1000,
-            tokens=generated,
+            tokens=self.tokens,
         )
+
+
+class RGBImage(Protocol):
+    """Pixels ready for a vision projector: ``width`` × ``height`` × 3 bytes, row by row."""
+
+    @property
+    def rgb(self) -> bytes: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+
+@dataclass
+class _Segment:
+    """One piece of a tokenized image prompt: text tokens, or an image chunk."""
+
+    start: int  # first position
+    keys: list[int]  # token ids, or one image id per position
+    n_tokens: int  # context cells it takes
+    chunk: Any = None  # the mtmd chunk of an image, None for text
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.keys)
+
+
+def _media_segments(mtmd: Any, chunks: Any, image_keys: list[int]) -> list[_Segment]:
+    segments: list[_Segment] = []
+    pos = 0
+    images = iter(image_keys)
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+        kind = mtmd.mtmd_input_chunk_get_type(chunk)
+        if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t(0)
+            pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            tokens = [pointer[j] for j in range(n.value)]
+            segments.append(_Segment(pos, tokens, len(tokens)))
+        else:
+            n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+            key = next(images, -1)
+            segments.append(_Segment(pos, [key] * n_pos,
+                                     int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)), chunk))
+        pos = segments[-1].end
+    return segments
+
+
+def _last_error_line() -> str:
+    lines = [line.strip() for line in recent_log()
+             if "error" in line.lower() or "failed" in line.lower()]
+    return lines[-1] if lines else ""
 
 
 def _load_failure(path: Path) -> LlmkitError:

@@ -136,3 +136,33 @@ class DownloadIntegrityError(HubError):
 
 class DiskSpaceError(HubError):
     """Not enough free disk space for a download."""
+
+
+class NotAVisionModelError(LlmkitError):
+    """A text-only model was asked to look at images."""
+
+    def __init__(self, name: str, suggestion: str) -> None:
+        super().__init__(
+            f"model '{name}' is a text-only model and cannot see images",
+            hint=f"use a vision model, e.g. `-m {suggestion}` (`llmkit pull {suggestion}`)",
+        )
+        self.name = name
+
+
+class ProjectorMissingError(LlmkitError):
+    """A vision model whose projector (mmproj) file is not available."""
+
+    def __init__(self, name: str, missing: str, hint: str) -> None:
+        super().__init__(f"model '{name}' cannot see images without its projector {missing}",
+                         hint=hint)
+        self.name = name
+        self.missing = missing
+
+
+class ImageError(LlmkitError):
+    """An image file (or image bytes) that cannot be turned into pixels, with the reason."""
+
+    def __init__(self, path: str, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path} {reason}", hint=hint)
+        self.path = path
+        self.reason = reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -62,3 +63,81 @@ def read_text_file(path: Path) -> str:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     return decode_text(data, str(path))
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _walk(directory: Path, suffixes: frozenset[str], recursive: bool) -> list[str]:
+    found: list[str] = []
+    try:
+        entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise InputError(f"cannot read directory {directory}: {exc.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # .git, .DS_Store, editor droppings: never anyone's input
+        if entry.is_dir():
+            if recursive:
+                found.extend(_walk(entry, suffixes, recursive))
+        elif entry.suffix.lower() in suffixes:
+            found.append(str(entry))
+    return found
+
+
+def split_path_list(text: str) -> list[str]:
+    """Paths from `find -print0` (NUL-separated) or one per line; blank lines are ignored."""
+    parts = text.split("\0") if "\0" in text else text.splitlines()
+    return [p.strip("\r\n") for p in parts if p.strip()]
+
+
+def collect_paths(
+    args: list[str],
+    *,
+    suffixes: frozenset[str],
+    recursive: bool = False,
+    stdin: BinaryIO | None = None,
+) -> list[str]:
+    """Expand command-line inputs into the files to process, each once, in order.
+
+    A file is taken whatever its name; a directory gives the files inside it whose suffix is in
+    ``suffixes`` (all levels with ``recursive``); a pattern such as ``'photos/*.jpg'`` is
+    expanded here too, so it works when quoted or in a cron line; ``-`` reads a list of paths
+    from stdin. A path that does not exist is kept, so the batch reports it as failed.
+
+    Raises:
+        InputError: nothing to process, or stdin is not a list of paths.
+    """
+    import glob
+
+    from llmkit.batch import unique
+
+    paths: list[str] = []
+    for arg in args:
+        if arg == "-":
+            if stdin is None:
+                if stdin_is_tty() or sys.stdin is None:
+                    raise InputError("'-' reads paths from stdin, but stdin is a terminal",
+                                     hint="pipe a list of paths, e.g. `find . -name '*.jpg' |`")
+                stdin = sys.stdin.buffer
+            paths.extend(split_path_list(decode_text(stdin.read(), "stdin")))
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            paths.extend(_walk(path, suffixes, recursive))
+        elif not path.exists() and _GLOB_CHARS & set(arg):
+            matches = sorted(glob.glob(os.path.expanduser(arg), recursive=True))
+            for match in matches:
+                if Path(match).is_dir():
+                    paths.extend(_walk(Path(match), suffixes, recursive))
+                else:
+                    paths.append(match)
+            if not matches:
+                paths.append(arg)
+        else:
+            paths.append(str(path) if arg.startswith("~") else arg)
+    result = list(unique(paths))
+    if not result:
+        raise InputError("no input files found",
+                         hint="name files, directories (-r to recurse) or globs, or '-' for stdin")
+    return result

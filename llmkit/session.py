@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmkit.engine import Engine, SamplingParams
 from llmkit.store import Resolution, resolve
@@ -70,3 +72,131 @@ def default_system_prompt(resolution: Resolution) -> str | None:
     if resolution.spec is not None and resolution.spec.system:
         return resolution.spec.system
     return None
+
+
+DEFAULT_VISION_MODEL = "gemma3:4b"
+
+
+def default_vision_model_name() -> str:
+    """``LLMKIT_VISION_MODEL`` if set, else the catalog's default captioning model."""
+    return os.environ.get("LLMKIT_VISION_MODEL") or DEFAULT_VISION_MODEL
+
+
+def find_projector(model_path: Path) -> Path | None:
+    """The one ``mmproj*.gguf`` beside a model file, as vision models are published, if any."""
+    candidates = sorted(p for p in model_path.parent.glob("*.gguf")
+                        if "mmproj" in p.name.lower() and p != model_path)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Path, str | None]:
+    """The model and projector files to see images with, or why there are none.
+
+    Args:
+        resolution: the resolved model.
+        mmproj: a projector the user named (``--mmproj``), overriding what the store knows.
+
+    Returns:
+        (model file, projector file, a note for stderr when the projector was found by looking
+        beside the model).
+
+    Raises:
+        NotAVisionModelError: a text or guard model, or a GGUF whose vocabulary has no image
+            tokens and no projector beside it.
+        ProjectorMissingError: a vision model whose projector is not on this machine.
+        InvalidModelFileError: the file given as the model is itself a projector.
+    """
+    from llmkit.engine import image_tokens_in_vocab
+    from llmkit.errors import (
+        InvalidModelFileError,
+        NotAVisionModelError,
+        ProjectorMissingError,
+    )
+    from llmkit.gguf_file import read_info
+
+    model = resolution.model
+    spec = resolution.spec
+    path = Path(model.path)
+    suggestion = default_vision_model_name()
+    if spec is not None and spec.kind in ("text", "guard") and mmproj is None:
+        raise NotAVisionModelError(model.name, suggestion)
+    info = read_info(path)
+    if info.architecture == "clip":
+        raise InvalidModelFileError(
+            str(path), "is a vision projector (mmproj), not a model",
+            hint="pass the language model with -m and this file with --mmproj")
+    if mmproj is not None:
+        return path, mmproj, None
+    if model.mmproj:
+        projector = Path(model.mmproj)
+        if projector.is_file():
+            return path, projector, None
+        hint = (f"run `llmkit pull {model.name}` again to fetch it" if model.source == "pull"
+                else "import it again with --mmproj FILE --force, or pass --mmproj FILE")
+        raise ProjectorMissingError(model.name, str(projector), hint=hint)
+    if spec is not None and spec.kind == "vision":
+        raise ProjectorMissingError(
+            model.name, spec.mmproj or "(mmproj)",
+            hint=f"run `llmkit pull {model.name}` to fetch it, or pass --mmproj FILE")
+    found = find_projector(path)
+    if found is not None:
+        return path, found, f"using the projector {found.name} found beside {path.name}"
+    if image_tokens_in_vocab(path):
+        raise ProjectorMissingError(
+            model.name, f"(an mmproj-*.gguf beside {path.name})",
+            hint="pass --mmproj FILE; vision GGUFs are published with an mmproj file next to "
+                 "the model")
+    raise NotAVisionModelError(model.name, suggestion)
+
+
+def open_vision_engine(model: str | None, options: EngineOptions, *,
+                       mmproj: Path | None = None) -> tuple[Engine, Resolution, str | None]:
+    """Resolve ``model`` (None: the default vision model) and load it with its projector.
+
+    Returns:
+        The engine, the resolution, and a note for stderr (or None).
+
+    Raises:
+        LlmkitError: unknown, unsupported or unpulled model; a model that cannot see images;
+            a missing or mismatched projector; loading failures.
+    """
+    resolution = resolve(model if model is not None else default_vision_model_name())
+    model_path, projector, note = vision_files(resolution, mmproj)
+    engine = Engine(
+        model_path,
+        n_ctx=options.ctx,
+        threads=options.threads,
+        device=options.device,
+        gpu_layers=options.gpu_layers,
+        verbose=options.verbose,
+        name=resolution.model.name,
+        mmproj=projector,
+    )
+    return engine, resolution, note or resolution.note
+
+
+def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path | None = None,
+                     images: bool = False) -> tuple[Engine, Resolution, str | None]:
+    """Load a model for chat: with its projector when images are asked for or it has one.
+
+    Returns:
+        The engine, the resolution, and a note for stderr (or None).
+
+    Raises:
+        LlmkitError: as :func:`open_engine`, and as :func:`open_vision_engine` with images.
+    """
+    if images or mmproj is not None:
+        return open_vision_engine(model, options, mmproj=mmproj)
+    resolution = resolve(model)
+    projector = Path(resolution.model.mmproj) if resolution.model.mmproj else None
+    engine = Engine(
+        resolution.model.path,
+        n_ctx=options.ctx,
+        threads=options.threads,
+        device=options.device,
+        gpu_layers=options.gpu_layers,
+        verbose=options.verbose,
+        name=resolution.model.name,
+        mmproj=projector if projector is not None and projector.is_file() else None,
+    )
+    return engine, resolution, resolution.note

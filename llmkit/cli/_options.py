@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,3 +59,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for rep
                                              show_default=False)]
 MaxTokensOpt = Annotated[int, typer.Option(
     "--max-tokens", "-n", min=0, help="Most tokens to generate; 0 = until the context is full.")]
+MmprojOpt = Annotated[Path | None, typer.Option(
+    "--mmproj", help="Vision projector GGUF (default: the model's own, or the one mmproj-*.gguf "
+    "beside it).", show_default=False)]
+ImageOpt = Annotated[list[Path] | None, typer.Option(
+    "--image", "-i", help="An image to ask about (repeat for several); needs a vision model.",
+    show_default=False)]

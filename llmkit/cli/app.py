@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli.caption import caption
 from llmkit.cli.chat import chat
 from llmkit.cli.completions import completions
 from llmkit.cli.convert import convert, quantize
@@ -49,6 +50,7 @@ def _root(
 
 app.command("run")(run)
 app.command("chat")(chat)
+app.command("caption")(caption)
 app.command("list")(list_models)
 app.command("show")(show)
 app.command("import")(import_model)

@@ -15,7 +15,9 @@ from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
     GpuLayersOpt,
+    ImageOpt,
     MaxTokensOpt,
+    MmprojOpt,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -41,6 +43,7 @@ HELP = """Commands:
   /save FILE         save the conversation as JSON
   /load FILE         load a conversation saved with /save
   /model [NAME]      show or switch the model (the conversation is kept)
+  /image FILE        show an image with your next message (vision models)
   /exit, /bye        leave (Ctrl-D works too)
 Multi-line input: end a line with \\ to continue, or wrap text in \"\"\" … \"\"\".
 Ctrl-C stops a reply; the session goes on."""
@@ -56,6 +59,8 @@ def chat(
     ctx: CtxOpt = None,
     load: Annotated[Path | None, typer.Option(
         "--load", help="Start from a conversation saved with /save.", show_default=False)] = None,
+    image: ImageOpt = None,
+    mmproj: MmprojOpt = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -65,13 +70,15 @@ def chat(
     """Chat with a model. Piped stdin is sent as one message and the answer printed.
 
     Example: llmkit chat -m llama3.2:1b
+
+    With --image (or /image PATH in the chat) the next message is about that picture.
     """
     from llmkit.errors import Interrupted
     from llmkit.io import read_stdin, stdin_is_tty
     from llmkit.session import (
         EngineOptions,
         default_system_prompt,
-        open_engine,
+        open_chat_engine,
         sampling_params,
     )
     from llmkit.tasks.chat import Conversation, chat_turn
@@ -86,9 +93,11 @@ def chat(
         from llmkit.errors import InputError
 
         raise InputError("stdin is empty", hint="pipe a message, or run chat in a terminal")
-    engine, resolution = open_engine(model, options)
-    if resolution.note:
-        out.note(resolution.note)
+    pending = [str(p) for p in image or []]
+    engine, resolution, note = open_chat_engine(model, options, mmproj=mmproj,
+                                                images=bool(pending) or convo.has_images)
+    if note:
+        out.note(note)
 
     def params_for(res: Resolution) -> SamplingParams:
         return sampling_params(res, temperature=temperature, top_p=top_p, seed=seed,
@@ -101,14 +110,17 @@ def chat(
         convo.system = default_system_prompt(resolution)
     if piped is not None:
         with engine:
-            reply = chat_turn(engine, convo, piped, params=params, on_text=out.write)
+            reply = chat_turn(engine, convo, piped, params=params, on_text=out.write,
+                              images=pending)
         out.write("\n")
         if reply.dropped_messages:
             out.note(f"dropped {reply.dropped_messages} oldest message(s) to fit the context")
         if reply.generation.finish_reason == "interrupted":
             raise Interrupted()
         return
-    _Repl(engine, convo, params, options, params_for).loop()
+    repl = _Repl(engine, convo, params, options, params_for)
+    repl.pending_images = pending
+    repl.loop()
 
 
 class _Repl:
@@ -123,6 +135,7 @@ class _Repl:
         self.params_for = params_for  # the user's sampling flags over a model's defaults
         self.options = options
         self._history_ok = _setup_history()
+        self.pending_images: list[str] = []  # shown with the next message (/image, --image)
 
     def loop(self) -> None:
         out.note(f"chatting with {self.engine.model_name}; /help for commands, Ctrl-D to leave")
@@ -177,7 +190,7 @@ class _Repl:
 
         try:
             reply = chat_turn(self.engine, self.convo, text, params=self.params,
-                              on_text=out.write)
+                              on_text=out.write, images=self.pending_images)
         except LlmkitError as exc:
             out.error(str(exc))
             return
@@ -186,6 +199,7 @@ class _Repl:
             out.write("\n")
             out.note("reply stopped")
             return
+        self.pending_images = []
         out.write("\n")
         if reply.generation.finish_reason == "interrupted":
             out.note("reply stopped")
@@ -224,6 +238,8 @@ class _Repl:
                 loaded = Conversation.load(path)
                 self.convo.system, self.convo.messages = loaded.system, loaded.messages
                 out.note(f"loaded {len(self.convo.messages)} message(s) from {path}")
+            elif name == "/image":
+                self._attach(_path_arg(arg, "/image FILE"))
             elif name == "/model":
                 if not arg:
                     sys.stderr.write(self.engine.model_name + "\n")
@@ -235,15 +251,29 @@ class _Repl:
             out.error(str(exc))
         return True
 
-    def _switch_model(self, name: str) -> None:
-        from llmkit.session import open_engine
+    def _attach(self, path: Path) -> None:
+        from llmkit.errors import NotAVisionModelError
+        from llmkit.images import prepare_image
+        from llmkit.session import default_vision_model_name
 
-        engine, resolution = open_engine(name, self.options)
+        if not self.engine.vision:
+            raise NotAVisionModelError(self.engine.model_name, default_vision_model_name())
+        image = prepare_image(path)  # read it now, so a bad file is reported at once
+        self.pending_images.append(str(path))
+        self.convo.image_cache[str(path)] = image
+        out.note(f"{path.name} ({image.width}x{image.height}) will be shown with your next "
+                 "message")
+
+    def _switch_model(self, name: str) -> None:
+        from llmkit.session import open_chat_engine
+
+        engine, resolution, note = open_chat_engine(name, self.options,
+                                                    images=self.convo.has_images)
         self.engine.close()
         self.engine = engine
         self.params = self.params_for(resolution)
-        if resolution.note:
-            out.note(resolution.note)
+        if note:
+            out.note(note)
         out.note(f"now chatting with {engine.model_name}")
 
 

@@ -12,7 +12,9 @@ from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
     GpuLayersOpt,
+    ImageOpt,
     MaxTokensOpt,
+    MmprojOpt,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -42,6 +44,8 @@ def run(
     json_schema: Annotated[Path | None, typer.Option(
         "--json-schema", help="Constrain the answer to JSON matching this schema file.",
         show_default=False)] = None,
+    image: ImageOpt = None,
+    mmproj: MmprojOpt = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -51,35 +55,48 @@ def run(
     """Answer one prompt and exit.
 
     Example: llmkit run "What is the capital of France?"
+
+    With --image the question is about that picture (default model: the vision default).
     """
     from llmkit.engine import grammar_from_json_schema
     from llmkit.errors import Interrupted
+    from llmkit.images import prepare_image
     from llmkit.io import read_stdin, read_text_file
     from llmkit.session import (
         EngineOptions,
         default_system_prompt,
         open_engine,
+        open_vision_engine,
         sampling_params,
     )
-    from llmkit.tasks.chat import build_user_message, run_prompt
+    from llmkit.tasks.chat import build_user_message, run_prompt, run_prompt_with_images
 
     out.set_quiet(quiet)
     text = build_user_message(" ".join(prompt) if prompt else None, read_stdin())
     grammar = grammar_from_json_schema(read_text_file(json_schema)) if json_schema else None
-    engine, resolution = open_engine(model, EngineOptions(
-        ctx=ctx, threads=threads, device=str(getattr(device, "value", device)),
-        gpu_layers=gpu_layers, verbose=verbose))
-    if resolution.note:
-        out.note(resolution.note)
+    options = EngineOptions(ctx=ctx, threads=threads,
+                            device=str(getattr(device, "value", device)),
+                            gpu_layers=gpu_layers, verbose=verbose)
+    prepared = [prepare_image(p) for p in image or []]  # before loading: fail fast
+    if image:
+        engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)
+    else:
+        engine, resolution = open_engine(model, options)
+        note = resolution.note
+    if note:
+        out.note(note)
     params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
                              max_tokens=max_tokens, grammar=grammar)
     streaming = format == TextFormat.text
+    system_prompt = system if system is not None else default_system_prompt(resolution)
     with engine:
-        reply = run_prompt(
-            engine, text,
-            system=system if system is not None else default_system_prompt(resolution),
-            params=params, on_text=out.write if streaming else None,
-        )
+        if image:
+            reply = run_prompt_with_images(
+                engine, text, prepared, system=system_prompt, params=params,
+                on_text=out.write if streaming else None)
+        else:
+            reply = run_prompt(engine, text, system=system_prompt, params=params,
+                               on_text=out.write if streaming else None)
     finish = reply.generation.finish_reason
     if streaming:
         out.write("\n")
@@ -93,3 +110,4 @@ def run(
         raise Interrupted()
     if finish == "context":
         out.warn("the answer stopped because the context is full (raise --ctx)")
+

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmkit._fs import atomic_write_text
-from llmkit.engine import Generation, Message, SamplingParams, TextEngine
-from llmkit.errors import ContextOverflowError, InputError
+from llmkit.engine import Generation, Message, RGBImage, SamplingParams, TextEngine
+from llmkit.errors import ContextOverflowError, InputError, LlmkitError, NotAVisionModelError
 
 # Room kept free for the reply when fitting a conversation into the context.
 MIN_REPLY_TOKENS = 16
@@ -102,15 +102,48 @@ def run_prompt(
 
 @dataclass
 class Conversation:
-    """A chat: an optional system prompt and alternating user/assistant messages."""
+    """A chat: an optional system prompt and alternating user/assistant messages.
+
+    A user message may carry ``images``: a list of image file paths shown with it.
+    """
 
     system: str | None = None
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    image_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def rendered(self) -> list[Message]:
-        """System prompt first (when set), then the turns."""
+        """System prompt first (when set), then the turns (text only)."""
         head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
-        return head + list(self.messages)
+        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any message shows an image."""
+        return any(m.get("images") for m in self.messages)
+
+    def rendered_with_images(self, marker: str, max_side: int = 2048
+                             ) -> tuple[list[Message], list[Any]]:
+        """The turns with each image's ``marker`` before its message's text, and the images.
+
+        Images are prepared once and kept for later turns.
+
+        Raises:
+            ImageError: an image cannot be read.
+        """
+        from llmkit.images import prepare_image
+
+        messages: list[Message] = [{"role": "system", "content": self.system}] if (
+            self.system) else []
+        images: list[Any] = []
+        for m in self.messages:
+            paths = m.get("images") or []
+            for path in paths:
+                if path not in self.image_cache:
+                    self.image_cache[path] = prepare_image(Path(path), max_side=max_side)
+                images.append(self.image_cache[path])
+            content = "".join(marker for _ in paths) + ("\n" if paths else "") + m["content"]
+            messages.append({"role": m["role"], "content": content})
+        return messages, images
 
     def to_dict(self) -> dict[str, Any]:
         """JSON shape used by /save and /load."""
@@ -140,7 +173,12 @@ class Conversation:
         ):
             raise InputError(f"{path} is not a conversation (expected role/content messages)")
         system = data.get("system")
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        turns: list[dict[str, Any]] = []
+        for m in messages:
+            turn: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+            if isinstance(m.get("images"), list) and all(isinstance(p, str) for p in m["images"]):
+                turn["images"] = list(m["images"])
+            turns.append(turn)
         if system is None and turns and turns[0]["role"] == "system":
             system = turns.pop(0)["content"]
         return cls(system=system if isinstance(system, str) else None, messages=turns)
@@ -181,15 +219,26 @@ def chat_turn(
     *,
     params: SamplingParams | None = None,
     on_text: Callable[[str], None] | None = None,
+    images: Sequence[str] = (),
 ) -> Reply:
     """Add a user message, answer it, and record the answer in ``convo``.
 
     The engine reuses its KV cache for the part of the conversation it has already seen, so
     a turn costs only the new tokens. An interrupted reply is kept as far as it got.
 
+    Args:
+        engine: a loaded model (one with a projector when images are involved).
+        convo: the conversation so far; the new turns are appended to it.
+        user_text: the new message.
+        params: sampling settings.
+        on_text: receives the reply as it is generated.
+        images: image files shown with this message.
+
     Raises:
         InputError: empty message.
         ContextOverflowError: the message alone does not fit.
+        NotAVisionModelError: images for an engine without a projector.
+        ImageError: an image cannot be read.
     """
     if not user_text.strip():
         raise InputError("the message is empty")
@@ -198,14 +247,77 @@ def chat_turn(
     reserve = min(params.max_tokens or CHAT_REPLY_RESERVE, engine.n_ctx // 4)
     reserve = max(reserve, MIN_REPLY_TOKENS)
     before = list(convo.messages)
-    convo.messages.append({"role": "user", "content": user_text})
+    message: dict[str, Any] = {"role": "user", "content": user_text}
+    if images:
+        message["images"] = [str(p) for p in images]
+    convo.messages.append(message)
     try:
-        tokens, dropped = fit_conversation(engine, convo, reserve)
-    except (ContextOverflowError, KeyboardInterrupt):
-        # Not answered: leave the history as it was before this turn (fit_conversation may
-        # already have dropped older turns while trying to make room).
+        if convo.has_images:
+            generation, dropped = _answer_with_images(engine, convo, params, reserve, on_text)
+        else:
+            tokens, dropped = fit_conversation(engine, convo, reserve)
+            generation = engine.generate(tokens, params, on_text)
+    except (LlmkitError, KeyboardInterrupt):
+        # Not answered: leave the history as it was before this turn (fitting may already
+        # have dropped older turns while trying to make room).
         convo.messages[:] = before
         raise
-    generation = engine.generate(tokens, params, on_text)
     convo.messages.append({"role": "assistant", "content": generation.text})
     return Reply(engine.model_name, generation.text, generation, dropped_messages=dropped)
+
+
+def _answer_with_images(engine: TextEngine, convo: Conversation, params: SamplingParams,
+                        reserve: int, on_text: Callable[[str], None] | None
+                        ) -> tuple[Generation, int]:
+    """Answer a conversation that shows images, dropping its oldest turns until it fits."""
+    if not getattr(engine, "vision", False):
+        from llmkit.session import default_vision_model_name
+
+        raise NotAVisionModelError(engine.model_name, default_vision_model_name())
+    vision: Any = engine
+    dropped = 0
+    while True:
+        messages, images = convo.rendered_with_images(vision.media_marker)
+        try:
+            generation: Generation = vision.generate_with_images(
+                messages, images, params, on_text, reserve=reserve)
+            return generation, dropped
+        except ContextOverflowError:
+            if len(convo.messages) <= 1:
+                raise
+        convo.messages.pop(0)
+        dropped += 1
+        while len(convo.messages) > 1 and convo.messages[0]["role"] != "user":
+            convo.messages.pop(0)
+            dropped += 1
+
+
+def run_prompt_with_images(
+    engine: TextEngine,
+    prompt: str,
+    images: Sequence[RGBImage],
+    *,
+    system: str | None = None,
+    params: SamplingParams | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Reply:
+    """Answer one prompt about one or more prepared images (``llmkit run --image``).
+
+    Raises:
+        InputError: empty prompt.
+        NotAVisionModelError: the engine has no projector.
+        ContextOverflowError: the images and prompt do not fit.
+    """
+    if not prompt.strip():
+        raise InputError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
+    if not getattr(engine, "vision", False):
+        from llmkit.session import default_vision_model_name
+
+        raise NotAVisionModelError(engine.model_name, default_vision_model_name())
+    vision: Any = engine
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user",
+                     "content": vision.media_marker * len(images) + "\n" + prompt.rstrip()})
+    generation: Generation = vision.generate_with_images(
+        messages, images, params or SamplingParams(), on_text, reserve=MIN_REPLY_TOKENS)
+    return Reply(engine.model_name, generation.text, generation)

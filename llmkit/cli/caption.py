@@ -1,0 +1,187 @@
+"""`llmkit caption`: captions for one photo or a folder of thousands, safe to rerun from cron."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import (
+    CtxOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    MmprojOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
+    VerboseOpt,
+)
+
+
+class Style(str, Enum):
+    """Ready-made caption instructions."""
+
+    short = "short"
+    detailed = "detailed"
+    alt_text = "alt-text"
+    tags = "tags"
+
+
+class BatchFormat(str, Enum):
+    """Output format of batch commands."""
+
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+    ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm", ".tga", ".ico",
+})
+
+
+def caption(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Images, directories, globs, or - to read paths from stdin.", show_default=False)],
+    model: ModelOpt = None,
+    mmproj: MmprojOpt = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", help="Your own instruction instead of a --style.",
+        show_default=False)] = None,
+    style: Annotated[Style, typer.Option(
+        "--style", help="short: one sentence; detailed; alt-text: under 125 characters for "
+        "screen readers; tags: comma-separated keywords.")] = Style.short,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r",
+                                            help="Look into subdirectories too.")] = False,
+    format: Annotated[BatchFormat | None, typer.Option(
+        "--format", "-f", help="text (default), json (one array at the end) or jsonl (one "
+        "record per image as it finishes).", show_default=False)] = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Append one JSON record per image to this JSONL file as each "
+        "finishes.", show_default=False)] = None,
+    sidecar: Annotated[bool, typer.Option(
+        "--sidecar", help="Write each caption next to its image (photo.jpg → photo.txt).")
+    ] = False,
+    sidecar_ext: Annotated[str, typer.Option(
+        "--sidecar-ext", help="Extension of sidecar files (implies --sidecar).")] = ".txt",
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Skip images that already have a sidecar or a record in --out."
+    )] = False,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", "-n", min=1, show_default=False,
+        help="Most tokens per caption (default: by style, 64–512).")] = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    max_side: Annotated[int, typer.Option(
+        "--max-side", min=64, help="Downscale images whose longest side is larger.")] = 2048,
+    ctx: CtxOpt = None,
+    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Caption images with a vision model; the model is loaded once for the whole batch.
+
+    Example: llmkit caption photos/ -r --style alt-text --sidecar --skip-existing
+
+    Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage, 130 Ctrl-C.
+    """
+    from llmkit.batch import BatchOutput, RecordLog, run_batch, should_skip
+    from llmkit.errors import Interrupted, LlmkitError
+    from llmkit.io import collect_paths
+    from llmkit.session import EngineOptions, open_vision_engine, sampling_params
+    from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
+
+    out.set_quiet(quiet)
+    instruction, style_name = instruction_for(style.value, prompt)
+    paths = collect_paths(inputs, suffixes=IMAGE_SUFFIXES, recursive=recursive)
+    single = len(paths) == 1 and "-" not in inputs and not Path(inputs[0]).is_dir()
+    fmt = format or BatchFormat.text
+    use_sidecar = sidecar or sidecar_ext != ".txt"
+    log = RecordLog(out_file) if out_file is not None else None
+    try:
+        output = BatchOutput(log=log, sidecar_ext=sidecar_ext if use_sidecar else None,
+                             skip_existing=skip_existing)
+        todo = [p for p in paths if not should_skip(p, output)]
+        if not todo:
+            # Nothing new since the last run: don't even load the model.
+            if not single or skip_existing:
+                out.note(f"{len(paths)} image{'s' * (len(paths) != 1)}: 0 done, "
+                         f"{len(paths)} skipped, 0 failed")
+            return
+        engine, resolution, note = open_vision_engine(model, EngineOptions(
+            ctx=ctx, threads=threads, device=str(getattr(device, "value", device)),
+            gpu_layers=gpu_layers, verbose=verbose), mmproj=mmproj)
+        if note:
+            out.note(note)
+        params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
+                                 max_tokens=max_tokens or DEFAULT_MAX_TOKENS[style_name])
+        job = CaptionJob(instruction=instruction, style=style_name, params=params,
+                         max_side=max_side)
+        records: list[dict[str, Any]] = []
+        progress = _Progress(len(todo), quiet)
+
+        def work(path: str) -> dict[str, Any]:
+            progress.start(path)
+            return caption_file(engine, path, job)
+
+        def emit(record: dict[str, Any]) -> None:
+            progress.done()
+            if record.get("error") and (fmt == BatchFormat.text or single):
+                out.error(str(record["error"]))
+            if fmt == BatchFormat.jsonl:
+                out.write_jsonl(record)
+            elif fmt == BatchFormat.json:
+                records.append(record)
+            elif record.get("caption") is not None:
+                out.write(record["caption"] + "\n" if single
+                          else f"==> {record['path']} <==\n{record['caption']}\n\n")
+
+        with engine:
+            try:
+                summary = run_batch(paths, work, output, text_field="caption", on_record=emit)
+            except KeyboardInterrupt:
+                progress.done()
+                raise Interrupted() from None
+            except LlmkitError:
+                progress.done()
+                raise
+        if fmt == BatchFormat.json:
+            out.write_json(records[0] if single and records else records)
+        if not single or summary.skipped:
+            out.note(summary.line("image"))
+        if summary.failed:
+            raise typer.Exit(1)
+    finally:
+        if log is not None:
+            log.close()
+
+
+class _Progress:
+    """``[3/50] photo.jpg`` on stderr while an image is worked on, only on a terminal."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.count = 0
+        self.enabled = not quiet and total > 1 and sys.stderr.isatty()
+
+    def start(self, path: str) -> None:
+        self.count += 1
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K[{self.count}/{self.total}] {path}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

@@ -1,0 +1,178 @@
+"""Image captions: one instruction per style, tidy output, and one record per image."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmkit.engine import Generation, Message, RGBImage, SamplingParams
+from llmkit.errors import InputError, LlmkitError
+
+# What each --style asks the model. Kept short: small vision models follow short, concrete
+# instructions better than long ones.
+STYLES: dict[str, str] = {
+    "short": "Describe this image in one sentence.",
+    "detailed": ("Describe this image in detail: the main subject, the setting, colours, any "
+                 "visible text, and anything unusual."),
+    "alt-text": ("Write alt text for this image for someone using a screen reader: one plain "
+                 "sentence under 125 characters. Do not start with 'Image of' or 'Picture of'."),
+    "tags": ("List 5 to 15 keywords that describe this image, lowercase, separated by commas. "
+             "Reply with the keywords only."),
+}
+DEFAULT_STYLE = "short"
+# Enough room for what each style asks; a caption that hits the limit is reported as "length".
+DEFAULT_MAX_TOKENS = {"short": 96, "detailed": 512, "alt-text": 64, "tags": 96, "custom": 512}
+ALT_TEXT_LIMIT = 125
+
+
+class VisionEngine(Protocol):
+    """What captioning needs from an engine."""
+
+    model_name: str
+
+    @property
+    def media_marker(self) -> str: ...
+
+    def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
+                             params: SamplingParams,
+                             on_text: Callable[[str], None] | None = ...) -> Generation: ...
+
+
+def instruction_for(style: str | None, prompt: str | None) -> tuple[str, str]:
+    """The instruction to send and the style name to report (``custom`` for ``--prompt``).
+
+    Raises:
+        InputError: an unknown style or a blank prompt.
+    """
+    if prompt is not None:
+        if not prompt.strip():
+            raise InputError("the --prompt is empty")
+        return prompt.strip(), "custom"
+    style = style or DEFAULT_STYLE
+    if style not in STYLES:
+        raise InputError(f"unknown style '{style}'", hint=f"use one of {', '.join(STYLES)}")
+    return STYLES[style], style
+
+
+_PREAMBLE = re.compile(r"^(alt[- ]text|caption|description|keywords|tags)\s*:\s*", re.I)
+_TAG_JUNK = re.compile(r"^[\s\-*•#\d.)]+")
+
+
+def _shorten(text: str, limit: int) -> str:
+    """Cut at the last sentence end within ``limit``, else the last word, ending with a period."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    if end >= 15:  # a whole first sentence beats a sentence cut mid-way
+        return head[:end + 1]
+    cut = head[:limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
+    return cut + "."
+
+
+def tidy_caption(text: str, style: str) -> str:
+    """Clean a raw answer into the shape the style promises.
+
+    short/alt-text: one line, no "Caption:" preamble or wrapping quotes; alt-text at most
+    125 characters (cut at a sentence or word boundary). tags: lowercase, comma-separated,
+    each once. detailed/custom: only outer whitespace removed.
+    """
+    text = text.strip()
+    if style in ("detailed", "custom"):
+        return text
+    if style == "tags":
+        tags: list[str] = []
+        for part in re.split(r"[,\n;]", text):
+            tag = _TAG_JUNK.sub("", _PREAMBLE.sub("", part.strip())).strip(" .\"'").lower()
+            if tag and tag not in tags:
+                tags.append(tag)
+        return ", ".join(tags)
+    text = " ".join(_PREAMBLE.sub("", text).split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if style == "alt-text":
+        text = _shorten(text, ALT_TEXT_LIMIT)
+    return text
+
+
+def caption_image(
+    engine: VisionEngine,
+    image: RGBImage,
+    instruction: str,
+    params: SamplingParams,
+    *,
+    system: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Generation:
+    """Ask the model one question about one image (image first, then the instruction)."""
+    messages: list[Message] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": f"{engine.media_marker}\n{instruction}"})
+    return engine.generate_with_images(messages, [image], params, on_text)
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    """Everything that is the same for every image in a batch."""
+
+    instruction: str
+    style: str
+    params: SamplingParams
+    max_side: int
+    system: str | None = None
+
+
+def caption_file(engine: VisionEngine, path: str, job: CaptionJob,
+                 on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Caption one file and return its record; a bad file gives a record with ``error`` set.
+
+    The record shape is stable (JSON/JSONL output and ``--out``): ``path``, ``caption``,
+    ``model``, ``style``, ``error``, ``finish_reason``, ``image`` (sizes), ``usage`` and
+    ``timings``. ``error`` is one sentence that names the file. KeyboardInterrupt is not
+    caught: the batch stops and the record is not written.
+    """
+    from llmkit.images import prepare_image
+
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"path": path, "caption": None, "model": engine.model_name,
+                              "style": job.style, "error": None}
+    try:
+        image = prepare_image(Path(path), max_side=job.max_side)
+    except LlmkitError as exc:
+        record["error"] = exc.message
+        record["timings"] = {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        return record
+    t_prepared = time.perf_counter()
+    record["image"] = {"width": image.width, "height": image.height,
+                       "original_width": image.original_width,
+                       "original_height": image.original_height, "format": image.format}
+    try:
+        generation = caption_image(engine, image, job.instruction, job.params,
+                                   system=job.system, on_text=on_text)
+    except LlmkitError as exc:
+        record["error"] = f"{path}: {exc.message}"
+        return record
+    if generation.finish_reason == "interrupted":
+        raise KeyboardInterrupt
+    t_end = time.perf_counter()
+    caption = tidy_caption(generation.text, job.style)
+    if not caption:
+        record["error"] = f"{path}: the model gave an empty caption"
+    else:
+        record["caption"] = caption
+    record["finish_reason"] = generation.finish_reason
+    record["usage"] = {"prompt_tokens": generation.prompt_tokens,
+                       "image_tokens": generation.image_tokens,
+                       "completion_tokens": generation.completion_tokens}
+    record["timings"] = {
+        "prepare_ms": round((t_prepared - t0) * 1000, 2),
+        "prompt_ms": round(generation.prompt_ms, 2),
+        "generation_ms": round(generation.generation_ms, 2),
+        "total_ms": round((t_end - t0) * 1000, 2),
+    }
+    return record
