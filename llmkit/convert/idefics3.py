@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.convert.llama import LlamaConverter
-from llmkit.convert.safetensors import MappedFiles, TensorRef, to_float32
+from llmkit.convert.safetensors import MappedFiles, TensorRef
 from llmkit.convert.writer import PlannedTensor
 from llmkit.errors import ConvertError
 
@@ -277,7 +277,7 @@ class Idefics3ProjectorConverter:
 
     def _rows(self, ref: TensorRef) -> Any:
         def rows(a: int, b: int) -> Any:
-            return to_float32(self.files.array(ref)[a:b], ref.dtype)
+            return self.files.rows(ref, a, b)
         return rows
 
     def tensors(self, outtype: str) -> list[PlannedTensor]:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmkit.convert.safetensors import MappedFiles, TensorRef, to_float32
+from llmkit.convert.safetensors import MappedFiles, TensorRef
 from llmkit.convert.writer import PlannedTensor, file_type, tensor_type
 from llmkit.errors import ConvertError
 
@@ -23,28 +23,34 @@ def llama3_rope_factors(config: dict[str, Any], head_dim: int) -> list[float] | 
 
     llama.cpp applies them from a `rope_freqs.weight` tensor; the formula is the one in
     Meta's Llama 3.1 reference code (smooth interpolation between a low- and high-frequency
-    band around the original context length).
+    band around the original context length). Every step is computed in float32, as Meta's
+    code and the Hugging Face implementations do on torch float32 tensors, so the factors
+    agree bit for bit with theirs (float64 arithmetic differs in the last bit for the
+    frequencies inside the band).
     """
+    import numpy as np
+
     scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if str(scaling.get("rope_type", scaling.get("type", ""))).lower() != "llama3":
         return None
-    base = float(_get(scaling, "rope_theta", default=config.get("rope_theta", 10000.0)))
-    factor = float(scaling.get("factor", 8.0))
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    f32 = np.float32
+    base = f32(_get(scaling, "rope_theta", default=config.get("rope_theta", 10000.0)))
+    factor = f32(scaling.get("factor", 8.0))
+    low = f32(scaling.get("low_freq_factor", 1.0))
+    high = f32(scaling.get("high_freq_factor", 4.0))
+    old_ctx = f32(scaling.get("original_max_position_embeddings", 8192))
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    factors = []
-    for i in range(0, head_dim, 2):
-        freq = 1.0 / (base ** (i / head_dim))
-        wavelen = 2 * math.pi / freq
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / f32(head_dim)
+    factors: list[float] = []
+    for freq in f32(1.0) / (base ** exponents):
+        wavelen = f32(2 * math.pi) / freq
         if wavelen < high_wavelen:
             factors.append(1.0)
         elif wavelen > low_wavelen:
-            factors.append(factor)
+            factors.append(float(factor))
         else:
             smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+            factors.append(float(f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)))
     return factors
 
 
@@ -118,9 +124,7 @@ class LlamaConverter:
 
     def _source_rows(self, ref: TensorRef, order: Any | None) -> Any:
         def rows(a: int, b: int) -> Any:
-            data = self.files.array(ref)
-            block = data[a:b] if order is None else data[order[a:b]]
-            return to_float32(block, ref.dtype)
+            return self.files.rows(ref, a, b, order)
         return rows
 
     def tensors(self, outtype: str) -> list[PlannedTensor]:

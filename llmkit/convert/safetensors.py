@@ -108,6 +108,36 @@ class MappedFiles:
         count = (ref.end - ref.start) // dtype.itemsize
         return np.frombuffer(mm, dtype=dtype, count=count, offset=ref.start).reshape(ref.shape)
 
+    def rows(self, ref: TensorRef, a: int, b: int, order: Any | None = None) -> Any:
+        """Rows a..b-1 of a tensor (or rows ``order[a:b]``) widened to a float32 copy.
+
+        The source pages are handed back to the OS once copied: a mapped file's pages count
+        in the process's resident memory while mapped, so without this a conversion's RSS
+        climbs to the size of the whole checkpoint. They stay in the page cache, so reading
+        them again is cheap.
+        """
+        data = self.array(ref)
+        block = data[a:b] if order is None else data[order[a:b]]
+        out = to_float32(block, ref.dtype)  # always a fresh array (astype copies)
+        del block
+        row_bytes = (ref.end - ref.start) // max(1, ref.shape[0]) if ref.shape else 0
+        if order is None:
+            first, last = a, b
+        else:
+            picked = order[a:b]
+            first, last = int(picked.min()), int(picked.max()) + 1
+        self._release(ref.file, ref.start + first * row_bytes, ref.start + last * row_bytes)
+        return out
+
+    def _release(self, file: Path, start: int, end: int) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED") or file not in self._maps:
+            return
+        mm = self._maps[file][1]
+        aligned = start - start % mmap.PAGESIZE
+        if end > aligned:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+
     def close(self) -> None:
         """Release the maps (views made from them must be gone)."""
         for fh, mm in self._maps.values():
