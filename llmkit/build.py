@@ -44,9 +44,6 @@ def _target(ref: str, quant: str | None) -> tuple[str, str, str, str]:
     if spec is not None:
         if not spec.supported:
             raise UnsupportedModelError(spec.name, spec.reason, spec.alternatives)
-        if spec.kind == "vision":
-            raise UsageError(f"{spec.name} is a vision model; --from-source converts text models",
-                             hint=f"pull its prebuilt GGUF: llmkit pull {spec.name}")
         if not spec.source_repo:
             raise UsageError(f"{spec.name} names no source checkpoint in the catalog")
         qtype = normalize_type(chosen or spec.default_quant)
@@ -76,6 +73,7 @@ def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
     from llmkit.quantize import quantize
 
     name, repo, qtype, kind = _target(ref, quant)
+    _check_convertible(repo, name, quiet=quiet)
     started = time.perf_counter()
     safe = name.replace("/", "--").replace(":", "-")
     out_dir = paths.models_dir()
@@ -89,12 +87,20 @@ def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
 
         check_free_space(out_dir, weights * 2, f"converting {repo}")
         kept: list[str] = []
+        from llmkit.convert import PROJECTORS, read_config
+
+        architectures = read_config(directory).get("architectures") or []
+        mmproj = out_dir / f"mmproj-{safe}.gguf" if any(
+            a in PROJECTORS for a in architectures) else None
+        if mmproj is not None:
+            kind = "vision"
         if qtype in _DIRECT:
-            convert(directory, final, outtype=_DIRECT[qtype])
+            convert(directory, final, outtype=_DIRECT[qtype], mmproj=mmproj)
         else:
             intermediate = out_dir / f"{safe}.f16.gguf"
             try:
-                convert(directory, intermediate, outtype="f16")
+                convert(directory, intermediate, outtype="f16",
+                        mmproj=mmproj)
                 quantize(intermediate, qtype, final, threads=threads, force=True)
             finally:
                 if keep and intermediate.exists():
@@ -103,6 +109,31 @@ def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
                     with contextlib.suppress(FileNotFoundError):
                         intermediate.unlink()
         model = register(LocalModel(name=name, path=str(final), source="convert", kind=kind,
-                                    quant=qtype, size_bytes=final.stat().st_size),
+                                    quant=qtype, size_bytes=final.stat().st_size,
+                                    mmproj=str(mmproj) if mmproj is not None else ""),
                          replace=True)
     return BuildResult(model, repo, tuple(kept), time.perf_counter() - started)
+
+
+def _check_convertible(repo: str, name: str, *, quiet: bool) -> None:
+    """Read the checkpoint's config.json alone first, so an architecture the converter does
+    not know is refused before gigabytes of weights are downloaded.
+
+    Raises:
+        ConvertError: the architecture is not supported.
+        HubError: the repository cannot be reached.
+    """
+    import json
+
+    from llmkit.convert import CONVERTERS
+    from llmkit.errors import ConvertError
+    from llmkit.hub import fetch_file
+
+    config = json.loads(fetch_file(repo, "config.json", quiet=quiet).read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if not any(a in CONVERTERS for a in architectures):
+        raise ConvertError(
+            f"{name} ({repo}) is a {', '.join(architectures) or 'model of unknown architecture'}"
+            f" checkpoint, which llmkit's converter does not support (supported are "
+            f"{', '.join(sorted(CONVERTERS))})",
+            hint=f"pull its prebuilt GGUF instead: llmkit pull {name}")

@@ -614,6 +614,21 @@ def explain(exc: Exception, repo: str) -> HubError:
     return _hub_error(exc, repo)
 
 
+def fetch_file(repo: str, filename: str, *, quiet: bool = False) -> Path:
+    """One small file of a Hub repository, through the Hugging Face cache.
+
+    Raises:
+        HubError: the repository or file cannot be fetched.
+    """
+    _configure_output(progress=False, quiet=quiet)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as exc:
+        raise explain(exc, repo) from None
+
+
 def checkpoint_dir(source: str, *, quiet: bool = False) -> Path:
     """A local checkpoint directory for `convert`: SOURCE itself, or a Hub snapshot of it.
 

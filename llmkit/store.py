@@ -134,9 +134,15 @@ def remove(name: str) -> LocalModel:
         _write_manifest(models)
     model = _model_from_entry(name, entry)
     owned = paths.models_dir().resolve()
-    target = Path(model.path).resolve()
-    if owned in target.parents and target.exists():
-        target.unlink()
+    still_used = {str(Path(e.get(k) or "").resolve()) for e in models.values()
+                  for k in ("path", "mmproj") if e.get(k)}
+    for file in (model.path, model.mmproj):
+        if not file:
+            continue
+        target = Path(file).resolve()
+        # Only files llmkit itself wrote, and that no other name still points to.
+        if owned in target.parents and target.exists() and str(target) not in still_used:
+            target.unlink()
     return model
 
 

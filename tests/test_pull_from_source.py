@@ -77,6 +77,41 @@ def test_keep_without_from_source_is_a_usage_error() -> None:
     assert proc.returncode == 2 and "--keep only applies with --from-source" in proc.stderr
 
 
-def test_from_source_of_a_vision_model_is_refused() -> None:
+def test_from_source_refuses_an_unknown_architecture_before_downloading_weights(
+        hub: FakeHub, isolated_home: Path, tmp_path: Path) -> None:  # noqa: F811
+    ckpt = tmp_path / "gemma"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(
+        {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}))
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 1024)
+    hub.add("google/gemma-3-4b-it", {p.name: p for p in ckpt.iterdir()})
     proc = run_llmkit(["pull", "gemma3:4b", "--from-source"])
-    assert proc.returncode == 2 and "is a vision model" in proc.stderr
+    assert proc.returncode == 1
+    assert ("gemma3:4b (google/gemma-3-4b-it) is a Gemma3ForConditionalGeneration checkpoint, "
+            "which llmkit's converter does not support") in proc.stderr
+    assert "llmkit pull gemma3:4b" in proc.stderr
+    fetched = {r["path"].rsplit("/", 1)[-1] for r in hub.requests if "/resolve/" in r["path"]}
+    assert fetched == {"config.json"}
+
+
+def test_from_source_of_smolvlm_registers_the_projector(
+        hub: FakeHub, isolated_home: Path, tmp_path: Path) -> None:  # noqa: F811
+    from tests.images import write_photo_jpeg
+    from tests.vision_checkpoints import build_tiny_smolvlm
+
+    ckpt = tmp_path / "smolvlm"
+    build_tiny_smolvlm(ckpt)
+    hub.add("acme/tiny-smolvlm", {p.name: p for p in ckpt.iterdir() if p.is_file()})
+    proc = run_llmkit(["pull", "acme/tiny-smolvlm", "--from-source", "--quant", "Q8_0",
+                       "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)["model"]
+    assert model["kind"] == "vision"
+    assert Path(model["mmproj"]) == isolated_home / "models" / "mmproj-acme--tiny-smolvlm-q8_0.gguf"
+    assert Path(model["mmproj"]).is_file()
+    photo = write_photo_jpeg(tmp_path)
+    captioned = run_llmkit(["caption", str(photo), "-m", "acme/tiny-smolvlm:q8_0", "-n", "3"])
+    assert captioned.returncode == 0, captioned.stderr
+    removed = run_llmkit(["rm", "acme/tiny-smolvlm:q8_0"])
+    assert removed.returncode == 0, removed.stderr
+    assert sorted((isolated_home / "models").iterdir()) == []
