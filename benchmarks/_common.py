@@ -1,10 +1,14 @@
-"""Shared helpers for the benchmarks: the default model, medians, and JSON results."""
+"""Shared helpers for the benchmarks: the default model, medians, noise and JSON results."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import os
+import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -37,3 +41,74 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class ForeignLoad:
+    """How busy other processes kept the machine while a block ran, in cores (Linux only).
+
+    Machine-wide busy CPU time minus this process's and its waited-for children's, divided by
+    wall time. On a 2-core box a value of 0.3 already slows a 2-thread llama.cpp run a lot: its
+    OpenMP threads wait for each other, so one preempted thread stalls both.
+    """
+
+    def __enter__(self) -> ForeignLoad:
+        self.cores: float | None = None
+        self._busy, self._own, self._t = _busy_seconds(), _own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_seconds()
+        if busy is None or self._busy is None:
+            return
+        wall = time.perf_counter() - self._t
+        foreign = (busy - self._busy) - (_own_seconds() - self._own)
+        self.cores = round(max(0.0, foreign) / wall, 3) if wall > 0 else None
+
+
+def environment(model: str | None = None) -> dict[str, Any]:
+    """Machine, versions and the llmkit commit, for the JSON record."""
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    env: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "llama_cpp_python": version("llama_cpp_python"), "llmkit": version("llmkit"),
+        "llmkit_commit": commit,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if model is not None:
+        env["model"] = model
+        env["model_bytes"] = Path(model).stat().st_size
+    return env

@@ -5,6 +5,8 @@ tensor shapes and config (GQA, llama3 RoPE scaling, tied embeddings) and SmolLM2
 (one the reference converter recognises offline; the vocabulary is padded to 128256 as Llama's
 is). Then, interleaved over rounds, converts it bf16 → f16 with both converters, measuring wall
 time and peak RSS of each process, and checks that the two outputs hold identical tensor data.
+Every run starts after a sync (no run pays for another's write-back); llmkit's time includes
+its fsync, so the reference is also timed with a sync after it ("both durable").
 Also times `llmkit quantize` against llama.cpp's `llama-quantize` (same library function).
 The reference converter is the one in the pinned llama-cpp-python sdist (build_llama_bench.sh
 fetches it); it needs torch and transformers, which llmkit itself never imports.
@@ -92,11 +94,21 @@ def build_checkpoint(out: Path) -> None:
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def timed(cmd: list[str], env: dict[str, str] | None = None, *, durable: bool = False
+          ) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process.
+
+    Dirty pages left by the previous run are flushed first, untimed, so no run pays for
+    another's write-back. ``durable`` adds a sync after the process to the time: llmkit fsyncs
+    its output before renaming it into place, the reference converter does not.
+    """
+    os.sync()
+    time.sleep(2)  # a virtual disk keeps writing for a moment after sync returns
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
+    if durable:
+        os.sync()
     elapsed = time.perf_counter() - t0
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
@@ -120,7 +132,7 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", default="/tmp/llmkit-bench-1b")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -139,21 +151,26 @@ def main() -> None:
         with open(chunk, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    samples: dict[str, list[tuple[float, int]]] = {"llmkit": [], "reference": []}
+    samples: dict[str, list[tuple[float, int]]] = {"llmkit": [], "reference": [],
+                                                   "reference_synced": []}
     for r in range(args.rounds):
-        order = [("llmkit", llmkit), ("reference", ref)]
-        for name, cmd in (order if r % 2 == 0 else order[::-1]):
-            samples[name].append(timed(cmd))
+        order = [("llmkit", llmkit, False), ("reference", ref, False),
+                 ("reference_synced", ref, True)]
+        for name, cmd, durable in (order if r % 2 == 0 else order[::-1]):
+            samples[name].append(timed(cmd, durable=durable))
         print(f"round {r + 1}/{args.rounds}: llmkit {samples['llmkit'][-1][0]:.1f} s, "
-              f"reference {samples['reference'][-1][0]:.1f} s", file=sys.stderr)
+              f"reference {samples['reference'][-1][0]:.1f} s (+ sync "
+              f"{samples['reference_synced'][-1][0]:.1f} s)", file=sys.stderr)
     result: dict[str, Any] = {
         "checkpoint": str(ckpt), "rounds": args.rounds, "reference": str(reference),
         "llmkit_s": round(median([s[0] for s in samples["llmkit"]]), 2),
         "reference_s": round(median([s[0] for s in samples["reference"]]), 2),
+        "reference_synced_s": round(median([s[0] for s in samples["reference_synced"]]), 2),
         "llmkit_peak_rss_mb": round(median([s[1] for s in samples["llmkit"]]) / 2**20),
         "reference_peak_rss_mb": round(median([s[1] for s in samples["reference"]]) / 2**20),
     }
     result["time_ratio"] = round(result["llmkit_s"] / result["reference_s"], 3)
+    result["time_ratio_both_durable"] = round(result["llmkit_s"] / result["reference_synced_s"], 3)
     result["memory_ratio"] = round(
         result["llmkit_peak_rss_mb"] / result["reference_peak_rss_mb"], 3)
     result["tensor_data"] = compare(ours_out, ref_out)
