@@ -157,7 +157,7 @@ def caption(
                 progress.done()
                 raise
         if fmt == BatchFormat.json:
-            out.write_json(records[0] if single and records else records)
+            out.write_json(records)
         if not single or summary.skipped:
             out.note(summary.line("image"))
         if summary.failed:
