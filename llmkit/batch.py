@@ -135,13 +135,20 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    flagged: int = 0  # withheld by a safety check (--guard)
     failures: list[str] = field(default_factory=list)
 
     def line(self, noun: str) -> str:
         """``12 done, 3 skipped, 1 failed`` with the noun for the items."""
-        total = self.done + self.skipped + self.failed
-        return (f"{total} {noun}{'' if total == 1 else 's'}: {self.done} done, "
+        total = self.done + self.skipped + self.failed + self.flagged
+        text = (f"{total} {noun}{'' if total == 1 else 's'}: {self.done} done, "
                 f"{self.skipped} skipped, {self.failed} failed")
+        return text + (f", {self.flagged} flagged" if self.flagged else "")
+
+    @property
+    def exit_code(self) -> int:
+        """1 when an item failed, else 3 when one was flagged, else 0."""
+        return 1 if self.failed else 3 if self.flagged else 0
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ def run_batch(
     text_field: str,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
+    before_save: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
     """Process items one at a time, saving each result the moment it exists.
 
@@ -181,6 +189,7 @@ def run_batch(
         text_field: the record field written to sidecars.
         on_record: called with each new record after it has been saved.
         on_skip: called with each skipped path.
+        before_save: may remove fields meant for the screen only, on a copy saved to the log.
 
     Returns:
         How many items were done, skipped and failed.
@@ -196,13 +205,18 @@ def run_batch(
         if record.get("error"):
             summary.failed += 1
             summary.failures.append(path)
+        elif record.get("flagged"):
+            summary.flagged += 1  # withheld: no sidecar
         else:
             if output.sidecar_ext is not None:
                 write_sidecar(sidecar_path(Path(path), output.sidecar_ext),
                               str(record.get(text_field) or ""))
             summary.done += 1
         if output.log is not None:
-            output.log.append(record)
+            saved = dict(record)
+            if before_save is not None:
+                before_save(saved)
+            output.log.append(saved)
         if on_record is not None:
             on_record(record)
     return summary

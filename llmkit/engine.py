@@ -405,6 +405,34 @@ class Engine:
             n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, special)
         return buf.raw[:n].decode("utf-8", "replace")
 
+    def token_pieces(self, text: str) -> list[bytes]:
+        """The bytes each token of ``text`` stands for (no special tokens), in order."""
+        lc = self._lc
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        for token in self.tokenize(text, add_special=False):
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            pieces.append(buf.raw[:n])
+        return pieces
+
+    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` the KV cache already holds."""
+        keep = 0
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:
+                break
+            keep += 1
+        return keep
+
+    def forget(self) -> None:
+        """Empty the KV cache, so the next prompt is evaluated from its first token."""
+        lc = self._lc
+        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+        self._cached.clear()
+
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""

@@ -166,3 +166,28 @@ class ImageError(LlmkitError):
         super().__init__(f"{path} {reason}", hint=hint)
         self.path = path
         self.reason = reason
+
+
+class ChunkingError(LlmkitError):
+    """A document cannot be split into chunks that fit the token budget."""
+
+
+class ContextTooSmallError(LlmkitError):
+    """The context cannot hold an instruction, an answer and a useful piece of a document."""
+
+    def __init__(self, n_ctx: int, needed: int) -> None:
+        super().__init__(
+            f"a {n_ctx}-token context is too small to summarize in: the instructions, the answer "
+            f"and the smallest useful piece of text need about {needed}",
+            hint=f"raise --ctx to at least {needed}, or ask for a shorter summary")
+        self.n_ctx = n_ctx
+        self.needed = needed
+
+
+class DocumentError(LlmkitError):
+    """A document (a file, or stdin) that cannot be turned into text, with the reason."""
+
+    def __init__(self, path: str, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path} {reason}", hint=hint)
+        self.path = path
+        self.reason = reason

@@ -141,3 +141,24 @@ def collect_paths(
         raise InputError("no input files found",
                          hint="name files, directories (-r to recurse) or globs, or '-' for stdin")
     return result
+
+
+def read_input_lines(source: str) -> list[str]:
+    """The lines of a file, or of stdin for ``-`` (UTF-8).
+
+    Raises:
+        InputError: missing, unreadable, not UTF-8, stdin is a terminal, or no lines.
+    """
+    if source == "-":
+        if stdin_is_tty() or sys.stdin is None:
+            raise InputError("'-' reads lines from stdin, but stdin is a terminal",
+                             hint="pipe JSONL in, or name a file")
+        text = decode_text(sys.stdin.buffer.read(), "stdin")
+        name = "stdin"
+    else:
+        text = read_text_file(Path(source))
+        name = source
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise InputError(f"{name} has no records")
+    return lines

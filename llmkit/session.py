@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmkit.engine import Engine, SamplingParams
 from llmkit.store import Resolution, resolve
+
+if TYPE_CHECKING:
+    from llmkit.tasks.safety import Guard
 
 
 @dataclass(frozen=True)
@@ -200,3 +204,39 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
         mmproj=projector if projector is not None and projector.is_file() else None,
     )
     return engine, resolution, resolution.note
+
+
+DEFAULT_GUARD_MODEL = "llama-guard3:1b"
+
+
+def default_guard_model_name() -> str:
+    """``LLMKIT_GUARD_MODEL`` if set, else Llama Guard 3 1B."""
+    return os.environ.get("LLMKIT_GUARD_MODEL") or DEFAULT_GUARD_MODEL
+
+
+def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None = None,
+               categories_file: Path | None = None, threshold: float | None = None
+               ) -> tuple[Guard, str | None]:
+    """Load a guard model with its policy: its own taxonomy, a custom one, minus exclusions.
+
+    Returns:
+        The guard (its ``engine`` must be closed by the caller) and a note for stderr.
+
+    Raises:
+        LlmkitError: the model cannot be resolved or loaded, or the policy is malformed.
+    """
+    from llmkit.tasks.safety import Guard, default_categories, load_categories
+    from llmkit.tasks.safety import exclude as drop
+
+    # The policy is read first: a typo in it should not cost a model load.
+    custom = load_categories(categories_file) if categories_file is not None else None
+    engine, resolution = open_engine(model or default_guard_model_name(), options)
+    try:
+        policy = custom if custom is not None else default_categories(
+            engine.chat_template, resolution.model.name)
+        if exclude:
+            policy = drop(policy, exclude.split(","))
+        return Guard(engine, policy, threshold=threshold), resolution.note
+    except BaseException:
+        engine.close()
+        raise

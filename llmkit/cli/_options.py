@@ -65,3 +65,12 @@ MmprojOpt = Annotated[Path | None, typer.Option(
 ImageOpt = Annotated[list[Path] | None, typer.Option(
     "--image", "-i", help="An image to ask about (repeat for several); needs a vision model.",
     show_default=False)]
+GuardOpt = Annotated[bool, typer.Option(
+    "--guard", help="Check the input before and the output after with a safety model; "
+    "flagged output is withheld (exit 3).")]
+GuardModelOpt = Annotated[str | None, typer.Option(
+    "--guard-model", help="The safety model for --guard (default llama-guard3:1b); implies "
+    "--guard.", show_default=False)]
+GuardThresholdOpt = Annotated[float | None, typer.Option(
+    "--guard-threshold", min=0.0, max=1.0, help="Flag when the safety model's P(unsafe) "
+    "reaches this, instead of taking its answer.", show_default=False)]

@@ -47,6 +47,11 @@ def warn(message: str) -> None:
         _plain(f"llmkit: warning: {message}")
 
 
+def flagged(message: str) -> None:
+    """A safety refusal on stderr; always shown (it explains an exit code)."""
+    _plain(f"llmkit: flagged: {message}")
+
+
 def error(message: str) -> None:
     """An error line on stderr; always shown."""
     _plain(f"llmkit: error: {message}")

@@ -11,15 +11,18 @@ import typer
 from llmkit.cli import _output as out
 from llmkit.cli.caption import caption
 from llmkit.cli.chat import chat
+from llmkit.cli.check import check
 from llmkit.cli.completions import completions
 from llmkit.cli.convert import convert, quantize
 from llmkit.cli.doctor import doctor
 from llmkit.cli.models import import_model, list_models, rm, show
 from llmkit.cli.pull import pull
 from llmkit.cli.run import run
+from llmkit.cli.summarize import summarize
 from llmkit.errors import Interrupted, LlmkitError
 
-EXIT_CODES = """Exit codes: 0 ok, 1 error, 2 usage error, 130 interrupted (Ctrl-C)."""
+EXIT_CODES = """Exit codes: 0 ok, 1 error, 2 usage error, 3 flagged by a safety check (check,
+--guard), 130 interrupted (Ctrl-C)."""
 
 app = typer.Typer(
     name="llmkit",
@@ -51,6 +54,8 @@ def _root(
 app.command("run")(run)
 app.command("chat")(chat)
 app.command("caption")(caption)
+app.command("summarize")(summarize)
+app.command("check")(check)
 app.command("list")(list_models)
 app.command("show")(show)
 app.command("import")(import_model)
@@ -81,7 +86,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except LlmkitError as exc:
         if debug:
             raise
-        out.error(str(exc))
+        if exc.exit_code == 3:  # a safety refusal is an answer, not a failure
+            out.flagged(str(exc))
+        else:
+            out.error(str(exc))
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         out.error(Interrupted().message)

@@ -14,6 +14,9 @@ from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
     GpuLayersOpt,
+    GuardModelOpt,
+    GuardOpt,
+    GuardThresholdOpt,
     MmprojOpt,
     ModelOpt,
     QuietOpt,
@@ -84,6 +87,9 @@ def caption(
     max_side: Annotated[int, typer.Option(
         "--max-side", min=64, help="Downscale images whose longest side is larger.")] = 2048,
     ctx: CtxOpt = None,
+    guard: GuardOpt = False,
+    guard_model: GuardModelOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -94,13 +100,15 @@ def caption(
 
     Example: llmkit caption photos/ -r --style alt-text --sidecar --skip-existing
 
-    Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage, 130 Ctrl-C.
+    Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage,
+    3 a caption was flagged and withheld (--guard), 130 Ctrl-C.
     """
     from llmkit.batch import BatchOutput, RecordLog, run_batch, should_skip
     from llmkit.errors import Interrupted, LlmkitError
     from llmkit.io import collect_paths
     from llmkit.session import EngineOptions, open_vision_engine, sampling_params
     from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
+    from llmkit.tasks.safety import guard_batch_output
 
     out.set_quiet(quiet)
     instruction, style_name = instruction_for(style.value, prompt)
@@ -109,6 +117,7 @@ def caption(
     fmt = format or BatchFormat.text
     use_sidecar = sidecar or sidecar_ext != ".txt"
     log = RecordLog(out_file) if out_file is not None else None
+    checker = None
     try:
         output = BatchOutput(log=log, sidecar_ext=sidecar_ext if use_sidecar else None,
                              skip_existing=skip_existing)
@@ -119,9 +128,20 @@ def caption(
                 out.note(f"{len(paths)} image{'s' * (len(paths) != 1)}: 0 done, "
                          f"{len(paths)} skipped, 0 failed")
             return
-        engine, resolution, note = open_vision_engine(model, EngineOptions(
-            ctx=ctx, threads=threads, device=str(getattr(device, "value", device)),
-            gpu_layers=gpu_layers, verbose=verbose), mmproj=mmproj)
+        engine_options = EngineOptions(ctx=ctx, threads=threads,
+                                       device=str(getattr(device, "value", device)),
+                                       gpu_layers=gpu_layers, verbose=verbose)
+        if guard or guard_model or guard_threshold is not None:
+            from llmkit.session import open_guard
+            from llmkit.tasks.safety import check_input
+
+            checker, guard_note = open_guard(guard_model, engine_options,
+                                             threshold=guard_threshold)
+            if guard_note:
+                out.note(guard_note)
+            if prompt is not None:
+                check_input(checker, instruction)  # your own instruction is input too
+        engine, resolution, note = open_vision_engine(model, engine_options, mmproj=mmproj)
         if note:
             out.note(note)
         params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
@@ -133,12 +153,18 @@ def caption(
 
         def work(path: str) -> dict[str, Any]:
             progress.start(path)
-            return caption_file(engine, path, job)
+            record = caption_file(engine, path, job)
+            if checker is not None and record.get("caption"):
+                record = guard_batch_output(checker, instruction, record["caption"], record,
+                                            "caption")
+            return record
 
         def emit(record: dict[str, Any]) -> None:
             progress.done()
             if record.get("error") and (fmt == BatchFormat.text or single):
                 out.error(str(record["error"]))
+            if record.get("flagged"):
+                out.flagged(f"{record['path']}: {record.pop('flagged_note', '')}")
             if fmt == BatchFormat.jsonl:
                 out.write_jsonl(record)
             elif fmt == BatchFormat.json:
@@ -149,7 +175,8 @@ def caption(
 
         with engine:
             try:
-                summary = run_batch(paths, work, output, text_field="caption", on_record=emit)
+                summary = run_batch(paths, work, output, text_field="caption", on_record=emit,
+                                    before_save=lambda r: r.pop("flagged_note", None))
             except KeyboardInterrupt:
                 progress.done()
                 raise Interrupted() from None
@@ -160,11 +187,13 @@ def caption(
             out.write_json(records)
         if not single or summary.skipped:
             out.note(summary.line("image"))
-        if summary.failed:
-            raise typer.Exit(1)
+        if summary.exit_code:
+            raise typer.Exit(summary.exit_code)
     finally:
         if log is not None:
             log.close()
+        if checker is not None:
+            checker.close()
 
 
 class _Progress:

@@ -15,6 +15,9 @@ from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
     GpuLayersOpt,
+    GuardModelOpt,
+    GuardOpt,
+    GuardThresholdOpt,
     ImageOpt,
     MaxTokensOpt,
     MmprojOpt,
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from llmkit.session import EngineOptions
     from llmkit.store import Resolution
     from llmkit.tasks.chat import Conversation
+    from llmkit.tasks.safety import Guard
 
 HELP = """Commands:
   /help              this help
@@ -61,6 +65,9 @@ def chat(
         "--load", help="Start from a conversation saved with /save.", show_default=False)] = None,
     image: ImageOpt = None,
     mmproj: MmprojOpt = None,
+    guard: GuardOpt = False,
+    guard_model: GuardModelOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -72,6 +79,8 @@ def chat(
     Example: llmkit chat -m llama3.2:1b
 
     With --image (or /image PATH in the chat) the next message is about that picture.
+    With --guard every message and reply is checked; a flagged turn is refused and the chat
+    goes on (piped: exit 3).
     """
     from llmkit.errors import Interrupted
     from llmkit.io import read_stdin, stdin_is_tty
@@ -81,7 +90,8 @@ def chat(
         open_chat_engine,
         sampling_params,
     )
-    from llmkit.tasks.chat import Conversation, chat_turn
+    from llmkit.tasks.chat import Conversation
+    from llmkit.tasks.safety import guarded_chat_turn
 
     out.set_quiet(quiet)
     options = EngineOptions(ctx=ctx, threads=threads,
@@ -94,6 +104,13 @@ def chat(
 
         raise InputError("stdin is empty", hint="pipe a message, or run chat in a terminal")
     pending = [str(p) for p in image or []]
+    checker = None
+    if guard or guard_model or guard_threshold is not None:
+        from llmkit.session import open_guard
+
+        checker, guard_note = open_guard(guard_model, options, threshold=guard_threshold)
+        if guard_note:
+            out.note(guard_note)
     engine, resolution, note = open_chat_engine(model, options, mmproj=mmproj,
                                                 images=bool(pending) or convo.has_images)
     if note:
@@ -110,8 +127,8 @@ def chat(
         convo.system = default_system_prompt(resolution)
     if piped is not None:
         with engine:
-            reply = chat_turn(engine, convo, piped, params=params, on_text=out.write,
-                              images=pending)
+            reply = guarded_chat_turn(engine, convo, piped, checker, params=params,
+                                      on_text=out.write, images=pending)
         out.write("\n")
         if reply.dropped_messages:
             out.note(f"dropped {reply.dropped_messages} oldest message(s) to fit the context")
@@ -120,6 +137,7 @@ def chat(
         return
     repl = _Repl(engine, convo, params, options, params_for)
     repl.pending_images = pending
+    repl.guard = checker
     repl.loop()
 
 
@@ -136,6 +154,7 @@ class _Repl:
         self.options = options
         self._history_ok = _setup_history()
         self.pending_images: list[str] = []  # shown with the next message (/image, --image)
+        self.guard: Guard | None = None
 
     def loop(self) -> None:
         out.note(f"chatting with {self.engine.model_name}; /help for commands, Ctrl-D to leave")
@@ -161,6 +180,8 @@ class _Repl:
                     self._answer(text)
         finally:
             self.engine.close()
+            if self.guard is not None:
+                self.guard.close()
             _save_history(self._history_ok)
 
     def _read(self) -> str | None:
@@ -186,11 +207,16 @@ class _Repl:
 
     def _answer(self, text: str) -> None:
         from llmkit.errors import LlmkitError
-        from llmkit.tasks.chat import chat_turn
+        from llmkit.tasks.safety import FlaggedError, guarded_chat_turn
 
         try:
-            reply = chat_turn(self.engine, self.convo, text, params=self.params,
-                              on_text=out.write, images=self.pending_images)
+            reply = guarded_chat_turn(self.engine, self.convo, text, self.guard,
+                                      params=self.params, on_text=out.write,
+                                      images=self.pending_images)
+        except FlaggedError as exc:
+            out.flagged(f"{exc} (the chat goes on)")
+            self.pending_images = []
+            return
         except LlmkitError as exc:
             out.error(str(exc))
             return

@@ -12,6 +12,9 @@ from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
     GpuLayersOpt,
+    GuardModelOpt,
+    GuardOpt,
+    GuardThresholdOpt,
     ImageOpt,
     MaxTokensOpt,
     MmprojOpt,
@@ -46,6 +49,9 @@ def run(
         show_default=False)] = None,
     image: ImageOpt = None,
     mmproj: MmprojOpt = None,
+    guard: GuardOpt = False,
+    guard_model: GuardModelOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
     device: DeviceOpt = "auto",  # type: ignore[assignment]
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -57,6 +63,8 @@ def run(
     Example: llmkit run "What is the capital of France?"
 
     With --image the question is about that picture (default model: the vision default).
+    With --guard the prompt is checked first and the answer before it is shown (exit 3 when
+    flagged).
     """
     from llmkit.engine import grammar_from_json_schema
     from llmkit.errors import Interrupted
@@ -66,10 +74,12 @@ def run(
         EngineOptions,
         default_system_prompt,
         open_engine,
+        open_guard,
         open_vision_engine,
         sampling_params,
     )
     from llmkit.tasks.chat import build_user_message, run_prompt, run_prompt_with_images
+    from llmkit.tasks.safety import check_input, check_output
 
     out.set_quiet(quiet)
     text = build_user_message(" ".join(prompt) if prompt else None, read_stdin())
@@ -78,6 +88,14 @@ def run(
                             device=str(getattr(device, "value", device)),
                             gpu_layers=gpu_layers, verbose=verbose)
     prepared = [prepare_image(p) for p in image or []]  # before loading: fail fast
+    checker = None
+    if guard or guard_model or guard_threshold is not None:
+        # The guard is loaded and the prompt checked before the model loads: a refused prompt
+        # costs no generation model at all.
+        checker, guard_note = open_guard(guard_model, options, threshold=guard_threshold)
+        if guard_note:
+            out.note(guard_note)
+        with_guard = check_input(checker, text)
     if image:
         engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)
     else:
@@ -87,7 +105,8 @@ def run(
         out.note(note)
     params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
                              max_tokens=max_tokens, grammar=grammar)
-    streaming = format == TextFormat.text
+    # Guarded answers are held back until checked, so they cannot be streamed.
+    streaming = format == TextFormat.text and checker is None
     system_prompt = system if system is not None else default_system_prompt(resolution)
     with engine:
         if image:
@@ -98,10 +117,17 @@ def run(
             reply = run_prompt(engine, text, system=system_prompt, params=params,
                                on_text=out.write if streaming else None)
     finish = reply.generation.finish_reason
+    if checker is not None:
+        with checker:
+            with_guard = check_output(checker, text, reply.text, with_guard)
     if streaming:
         out.write("\n")
+    elif format == TextFormat.text:
+        out.write(reply.text + "\n")
     else:
         data = reply.to_dict()
+        if checker is not None:
+            data["guard"] = with_guard
         data["timings"]["load_ms"] = round(engine.load_ms, 2)
         data["device"] = engine.device
         data["threads"] = engine.threads

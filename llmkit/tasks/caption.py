@@ -144,7 +144,7 @@ def caption_file(engine: VisionEngine, path: str, job: CaptionJob,
     try:
         image = prepare_image(Path(path), max_side=job.max_side)
     except LlmkitError as exc:
-        record["error"] = exc.message
+        record["error"] = str(exc)  # with its hint: e.g. which extra reads HEIC
         record["timings"] = {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}
         return record
     t_prepared = time.perf_counter()
@@ -155,7 +155,7 @@ def caption_file(engine: VisionEngine, path: str, job: CaptionJob,
         generation = caption_image(engine, image, job.instruction, job.params,
                                    system=job.system, on_text=on_text)
     except LlmkitError as exc:
-        record["error"] = f"{path}: {exc.message}"
+        record["error"] = f"{path}: {exc}"
         return record
     if generation.finish_reason == "interrupted":
         raise KeyboardInterrupt

@@ -1,0 +1,172 @@
+"""`llmkit check`: safety verdicts with Llama Guard that scripts can branch on (exit 0/3/1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import (
+    CtxOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    ImageOpt,
+    MmprojOpt,
+    ModelOpt,
+    QuietOpt,
+    TextFormat,
+    ThreadsOpt,
+    VerboseOpt,
+)
+
+FLAGGED_EXIT = 3
+
+
+def check(
+    text: Annotated[list[str] | None, typer.Argument(
+        help="The text to check (a user prompt). Without it: --file, --prompt/--response, "
+             "--conversation, --batch, or stdin.", show_default=False)] = None,
+    model: ModelOpt = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="Check the text of this file.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="The user prompt (with --response: the context of the response).",
+        show_default=False)] = None,
+    response: Annotated[str | None, typer.Option(
+        "--response", help="Check this assistant response (in the context of --prompt).",
+        show_default=False)] = None,
+    conversation: Annotated[Path | None, typer.Option(
+        "--conversation", help="A JSON file of {role, content} messages; the last one is "
+        "checked.", show_default=False)] = None,
+    batch: Annotated[str | None, typer.Option(
+        "--batch", help="A JSONL file (or - for stdin) of {\"text\"} or {\"prompt\", "
+        "\"response\"} records; one verdict line each.", show_default=False)] = None,
+    image: ImageOpt = None,
+    mmproj: MmprojOpt = None,
+    exclude: Annotated[str | None, typer.Option(
+        "--exclude", help="Leave these categories out, e.g. S7,S8.", show_default=False)] = None,
+    categories: Annotated[Path | None, typer.Option(
+        "--categories", help="Your own policy: a TOML file of [[categories]] (code, name, "
+        "description).", show_default=False)] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", min=0.0, max=1.0, help="Flag when P(unsafe) reaches this, instead of "
+        "taking the model's answer.", show_default=False)] = None,
+    format: Annotated[TextFormat, typer.Option(
+        "--format", "-f", help="text: safe / unsafe: S1 Violent Crimes; json: verdict, "
+        "categories, score, timings.")] = TextFormat.text,
+    ctx: CtxOpt = None,
+    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a prompt, a response or a conversation against a safety policy (Llama Guard 3).
+
+    Example: llmkit check "How do I make a bomb?" && echo allowed
+
+    Exit codes: 0 safe, 3 flagged (unsafe), 1 error (including an answer that is not a
+    verdict: never taken as safe), 2 usage. With --batch: 1 if any record failed, else 3 if
+    any was flagged, else 0.
+    """
+    from llmkit.errors import UsageError
+    from llmkit.io import read_stdin, read_text_file
+    from llmkit.session import EngineOptions, open_guard
+    from llmkit.tasks.safety import (
+        ImagesNotCheckableError,
+        VerdictError,
+        check_conversation,
+        load_conversation,
+    )
+
+    out.set_quiet(quiet)
+    options = EngineOptions(ctx=ctx, threads=threads,
+                            device=str(getattr(device, "value", device)),
+                            gpu_layers=gpu_layers, verbose=verbose)
+    sources = [name for name, given in (("TEXT", text), ("--file", file),
+                                        ("--prompt/--response", prompt or response),
+                                        ("--conversation", conversation), ("--batch", batch))
+               if given]
+    if len(sources) > 1:
+        raise UsageError(f"give one of {', '.join(sources)}, not several")
+    if response is not None and prompt is None:
+        raise UsageError("--response needs the --prompt it answers")
+    if image:
+        raise ImagesNotCheckableError()
+    if batch is not None:
+        _run_batch(batch, model, options, exclude, categories, threshold)
+        return
+    if conversation is not None:
+        messages = load_conversation(conversation)
+    elif prompt is not None:
+        messages = [{"role": "user", "content": prompt}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+    else:
+        if text:
+            body: str | None = " ".join(text)
+        elif file is not None:
+            body = read_text_file(file)
+        else:
+            body = read_stdin()
+            if body is None:
+                raise UsageError("nothing to check",
+                                 hint='pass text, --file, --prompt/--response, or pipe it in')
+        messages = [{"role": "user", "content": body or ""}]
+    messages = check_conversation(messages)
+    guard, note = open_guard(model, options, exclude=exclude, categories_file=categories,
+                             threshold=threshold)
+    if note:
+        out.note(note)
+    with guard:
+        try:
+            verdict = guard.check(messages)
+        except VerdictError as exc:
+            if format != TextFormat.json:
+                raise
+            # Scripts reading JSON get the raw answer too; it is an error, never "safe".
+            out.error(str(exc))
+            out.write_json({"verdict": None, "flagged": None, "model": guard.engine.model_name,
+                            "raw": exc.raw, "error": str(exc)})
+            raise typer.Exit(1) from None
+    if format == TextFormat.json:
+        out.write_json(verdict.to_dict())
+    else:
+        out.write(verdict.label + "\n")
+    if verdict.flagged:
+        raise typer.Exit(FLAGGED_EXIT)
+
+
+def _run_batch(source: str, model: str | None, options: Any, exclude: str | None,
+               categories: Path | None, threshold: float | None) -> None:
+    from llmkit.errors import Interrupted
+    from llmkit.io import read_input_lines
+    from llmkit.session import open_guard
+    from llmkit.tasks.safety import check_jsonl_line
+
+    lines = read_input_lines(source)
+    guard, note = open_guard(model, options, exclude=exclude, categories_file=categories,
+                             threshold=threshold)
+    if note:
+        out.note(note)
+    counts = {"safe": 0, "flagged": 0, "errors": 0}
+    with guard:
+        try:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                record = check_jsonl_line(guard, line, number)
+                counts["errors" if record["error"] else
+                       "flagged" if record["flagged"] else "safe"] += 1
+                out.write_jsonl(record)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+    total = sum(counts.values())
+    out.note(f"{total} record{'s' * (total != 1)}: {counts['safe']} safe, "
+             f"{counts['flagged']} flagged, {counts['errors']} errors")
+    if counts["errors"]:
+        raise typer.Exit(1)
+    if counts["flagged"]:
+        raise typer.Exit(FLAGGED_EXIT)

@@ -1,0 +1,309 @@
+"""`llmkit summarize`: documents of any length, one summary each, nothing silently cut."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmkit.cli import _output as out
+from llmkit.cli._options import (
+    CtxOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    GuardModelOpt,
+    GuardOpt,
+    GuardThresholdOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
+    VerboseOpt,
+)
+from llmkit.cli.caption import BatchFormat
+
+# Summaries should stick to the text: sample cooler than chat unless told otherwise.
+SUMMARY_TEMPERATURE = 0.2
+
+
+class Length(str, Enum):
+    """How long the summary is."""
+
+    short = "short"
+    medium = "medium"
+    long = "long"
+
+
+class SummaryStyle(str, Enum):
+    """The summary's shape."""
+
+    paragraph = "paragraph"
+    bullets = "bullets"
+    tldr = "tldr"
+    headline = "headline"
+
+
+class InputFormat(str, Enum):
+    """How to read the input, when its name or content does not say."""
+
+    text = "text"
+    markdown = "markdown"
+    html = "html"
+    pdf = "pdf"
+
+
+def summarize(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Documents, directories, globs, or - for stdin (the default when piped).",
+        show_default=False)] = None,
+    model: ModelOpt = None,
+    length: Annotated[Length, typer.Option(
+        "--length", "-l", help="short (~50 words), medium (~120) or long (~300).")
+    ] = Length.medium,
+    words: Annotated[int | None, typer.Option(
+        "--words", "-w", min=1, help="About this many words (instead of --length).",
+        show_default=False)] = None,
+    style: Annotated[SummaryStyle, typer.Option(
+        "--style", help="paragraph, bullets, tldr (one or two sentences) or headline.")
+    ] = SummaryStyle.paragraph,
+    focus: Annotated[str | None, typer.Option(
+        "--focus", help="Aim the summary at a question or topic.", show_default=False)] = None,
+    language: Annotated[str | None, typer.Option(
+        "--language", help="Write the summary in this language.", show_default=False)] = None,
+    as_format: Annotated[InputFormat | None, typer.Option(
+        "--as", help="Read inputs as this format (default: from the name or the content).",
+        show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r",
+                                            help="Look into subdirectories too.")] = False,
+    format: Annotated[BatchFormat | None, typer.Option(
+        "--format", "-f", help="text (default), json (one array at the end) or jsonl (one "
+        "record per document as it finishes).", show_default=False)] = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Append one JSON record per document to this JSONL file.",
+        show_default=False)] = None,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Skip documents that already have a record in --out.")
+    ] = False,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", "-n", min=1, show_default=False,
+        help="Most tokens in the final summary (default: from the length).")] = None,
+    ctx: CtxOpt = None,
+    guard: GuardOpt = False,
+    guard_model: GuardModelOpt = None,
+    guard_threshold: GuardThresholdOpt = None,
+    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Summarize documents of any length; long ones are split, summarized and merged.
+
+    Example: llmkit summarize report.md --length short
+
+    Exit codes: 0 all summarized or skipped, 1 a document or the model failed, 2 usage,
+    3 a document or its summary was flagged (--guard), 130 Ctrl-C.
+    """
+    from llmkit.batch import BatchOutput, RecordLog, run_batch, should_skip
+    from llmkit.documents import DOCUMENT_SUFFIXES
+    from llmkit.errors import Interrupted, LlmkitError, UsageError
+    from llmkit.io import collect_paths, stdin_is_tty
+    from llmkit.session import EngineOptions, default_system_prompt, open_engine, sampling_params
+    from llmkit.tasks.summarize import SummaryOptions, check_options
+
+    out.set_quiet(quiet)
+    checker = None
+    args = list(inputs or [])
+    if not args:
+        if stdin_is_tty():
+            raise UsageError("nothing to summarize",
+                             hint="name documents, or pipe text: `cat notes.txt | llmkit "
+                                  "summarize`")
+        args = ["-"]
+    if args.count("-") > 1:
+        raise UsageError("'-' (stdin) can be given once")
+    if skip_existing and out_file is None:
+        raise UsageError("--skip-existing needs --out FILE.jsonl to know what is done")
+    stdin_doc = _read_stdin_document(as_format) if "-" in args else None
+    named = [a for a in args if a != "-"]
+    paths = collect_paths(named, suffixes=DOCUMENT_SUFFIXES, recursive=recursive) if named else []
+    items = paths + (["-"] if stdin_doc is not None else [])
+    single = len(items) == 1 and not (named and Path(named[0]).is_dir())
+    fmt = format or BatchFormat.text
+    log = RecordLog(out_file) if out_file is not None else None
+    try:
+        output = BatchOutput(log=log, skip_existing=skip_existing)
+        todo = [p for p in items if p == "-" or not should_skip(p, output)]
+        if not todo:
+            out.note(f"{len(items)} document{'s' * (len(items) != 1)}: 0 done, "
+                     f"{len(items)} skipped, 0 failed")
+            return
+        engine_options = EngineOptions(ctx=ctx, threads=threads,
+                                       device=str(getattr(device, "value", device)),
+                                       gpu_layers=gpu_layers, verbose=verbose)
+        checker = None
+        if guard or guard_model or guard_threshold is not None:
+            from llmkit.session import open_guard
+
+            checker, guard_note = open_guard(guard_model, engine_options,
+                                             threshold=guard_threshold)
+            if guard_note:
+                out.note(guard_note)
+        engine, resolution = open_engine(model, engine_options)
+        if resolution.note:
+            out.note(resolution.note)
+        spec = resolution.spec
+        if temperature is None and (spec is None or spec.temperature is None):
+            temperature = SUMMARY_TEMPERATURE
+        options = SummaryOptions(
+            length=length.value, words=words, style=style.value, focus=focus,
+            language=language,
+            system=system if system is not None else default_system_prompt(resolution),
+            params=sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
+                                   max_tokens=max_tokens))
+        check_options(options)
+        records: list[dict[str, Any]] = []
+
+        def work(path: str) -> dict[str, Any]:
+            return _summarize_one(engine, options, path, stdin_doc, as_format, verbose, quiet,
+                                  checker)
+
+        def emit(record: dict[str, Any]) -> None:
+            _clear_progress(quiet)
+            if record.get("error") and (fmt == BatchFormat.text or single):
+                out.error(str(record["error"]))
+            if record.get("flagged"):
+                out.flagged(f"{record['path']}: {record.pop('flagged_note', '')}")
+            if fmt == BatchFormat.jsonl:
+                out.write_jsonl(record)
+            elif fmt == BatchFormat.json:
+                records.append(record)
+            elif record.get("summary") is not None:
+                out.write(record["summary"] + "\n" if single
+                          else f"==> {record['path']} <==\n{record['summary']}\n\n")
+
+        with engine:
+            try:
+                summary = run_batch(items, work, output, text_field="summary",
+                                    on_record=emit, before_save=_drop_note)
+            except KeyboardInterrupt:
+                _clear_progress(quiet)
+                raise Interrupted() from None
+            except LlmkitError:
+                _clear_progress(quiet)
+                raise
+        if fmt == BatchFormat.json:
+            out.write_json(records)
+        if not single or summary.skipped:
+            out.note(summary.line("document"))
+        if summary.exit_code:
+            raise typer.Exit(summary.exit_code)
+    finally:
+        if log is not None:
+            log.close()
+        if checker is not None:
+            checker.close()
+
+
+def _read_stdin_document(as_format: InputFormat | None) -> Any:
+    """stdin as a Document (read before the model loads, so a bad pipe fails fast)."""
+    from llmkit.documents import read_document
+
+    data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    return read_document(data, name="stdin", format=as_format.value if as_format else None)
+
+
+def _drop_note(record: dict[str, Any]) -> None:
+    record.pop("flagged_note", None)
+
+
+def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
+                   as_format: InputFormat | None, verbose: bool, quiet: bool,
+                   checker: Any = None) -> dict[str, Any]:
+    """One document's record; errors about the document become the record's ``error``."""
+    from llmkit.documents import read_document
+    from llmkit.errors import LlmkitError
+    from llmkit.tasks.safety import guard_batch_input, guard_batch_output
+    from llmkit.tasks.summarize import Summarizer, summary_record
+
+    try:
+        doc = stdin_doc if path == "-" else read_document(
+            Path(path), format=as_format.value if as_format else None)
+    except LlmkitError as exc:
+        return summary_record(path, None, model=engine.model_name, error=str(exc))
+    for warning in doc.warnings:
+        out.warn(warning)
+    label = "stdin" if path == "-" else path
+    input_verdict = None
+    if checker is not None:
+        record = summary_record(path, None, model=engine.model_name, fmt=doc.format,
+                                warnings=doc.warnings)
+        input_verdict = guard_batch_input(checker, doc.text, record, "summary")
+        if input_verdict is None:
+            return record
+    summarizer = Summarizer(
+        engine, options, on_progress=_Progress(label, verbose, quiet).show,
+        on_plan=(lambda plan: _show_plan(label, plan)) if verbose and not quiet else None)
+    try:
+        result = summarizer.summarize(doc.text)
+    except LlmkitError as exc:
+        return summary_record(path, None, model=engine.model_name, fmt=doc.format,
+                              error=f"{label}: {exc}", warnings=doc.warnings)
+    record = summary_record(path, result, model=engine.model_name, fmt=doc.format,
+                            warnings=doc.warnings)
+    if checker is not None:
+        record = guard_batch_output(checker, "Summarize this document.", result.text, record,
+                                    "summary", input_verdict)
+    return record
+
+
+class _Progress:
+    """``report.md: chunk 3/12`` on stderr: in place on a terminal, a line each otherwise."""
+
+    def __init__(self, label: str, verbose: bool, quiet: bool) -> None:
+        self.label = label
+        self.verbose = verbose
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.chunked = False
+
+    def show(self, stage: str, i: int, n: int) -> None:
+        if self.quiet:
+            return
+        if stage == "plan":
+            self.chunked = True
+            out.note(f"{self.label}: longer than the context; {i} chunks of at most {n} "
+                     "tokens, summarized then merged")
+            return
+        if not self.chunked:
+            return  # a one-pass summary needs no progress
+        line = f"{self.label}: {stage} {i}/{n}"
+        if self.tty:
+            sys.stderr.write(f"\r\033[K{line}")
+            sys.stderr.flush()
+        else:
+            out.note(line)
+
+
+def _clear_progress(quiet: bool) -> None:
+    if not quiet and sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _show_plan(label: str, plan: list[dict[str, Any]]) -> None:
+    for step in plan:
+        a, b = step["chars"]
+        out.note(f"{label}: chunk {step['chunk']}: characters {a}–{b}, {step['tokens']} tokens "
+                 f"(with {step['overlap_chars']} characters of overlap), ends at a "
+                 f"{step['ends_at']} boundary")

@@ -1,0 +1,345 @@
+"""Summaries of documents of any length: one pass when it fits, else map and merge, never cut."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from llmkit.engine import Generation, Message, SamplingParams
+from llmkit.errors import InputError, LlmkitError
+
+LENGTHS = {"short": 50, "medium": 120, "long": 300}  # target words of the final summary
+STYLES = {
+    "paragraph": "Write it as one or more plain paragraphs.",
+    "bullets": "Write it as a bulleted list: one key point per line, each line starting "
+               "with '- '.",
+    "tldr": "Write a TL;DR: one or two sentences.",
+    "headline": "Write only a headline of at most 12 words, without a final period.",
+}
+DEFAULT_LENGTH = "medium"
+DEFAULT_STYLE = "paragraph"
+# Tokens kept free beyond the prompt and the answer (chat-template rounding, BOS).
+MARGIN = 8
+# A chunk smaller than this is not worth a model call: the context is too small to summarize.
+MIN_CHUNK_TOKENS = 48
+MIN_PARTIAL_TOKENS = 32
+MAX_PARTIAL_TOKENS = 256
+
+
+class SummaryEngine(Protocol):
+    """What summarizing needs from an engine (a real Engine, or a scripted fake in tests)."""
+
+    model_name: str
+    n_ctx: int
+
+    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
+                 ) -> list[int]: ...
+
+    def token_pieces(self, text: str) -> list[bytes]: ...
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = ...) -> Generation: ...
+
+
+class EngineTokenizer:
+    """The chunk planner's view of an engine's tokenizer."""
+
+    def __init__(self, engine: SummaryEngine) -> None:
+        self.engine = engine
+
+    def count(self, text: str) -> int:
+        return len(self.engine.tokenize(text, add_special=False)) if text else 0
+
+    def pieces(self, text: str) -> list[bytes] | None:
+        return self.engine.token_pieces(text)
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    """What kind of summary to write, and how to sample it."""
+
+    length: str = DEFAULT_LENGTH
+    words: int | None = None
+    style: str = DEFAULT_STYLE
+    focus: str | None = None
+    language: str | None = None
+    system: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    overlap: int = 64
+    reuse_prefix: bool = True  # False: forget the KV cache before every call (benchmarks)
+
+    def target_words(self) -> int:
+        """About how many words the final summary should have."""
+        if self.words:
+            return self.words
+        if self.style == "headline":
+            return 12
+        if self.style == "tldr":
+            return 40
+        return LENGTHS[self.length]
+
+    def answer_tokens(self) -> int:
+        """Room for the final answer: words to tokens with headroom (about 1.4 tokens/word)."""
+        if self.params.max_tokens:
+            return self.params.max_tokens
+        return int(self.target_words() * 2) + 32
+
+
+def check_options(options: SummaryOptions) -> None:
+    """Raises InputError for an unknown length or style, or a bad word count."""
+    if options.length not in LENGTHS:
+        raise InputError(f"unknown length '{options.length}'",
+                         hint=f"use one of {', '.join(LENGTHS)}")
+    if options.style not in STYLES:
+        raise InputError(f"unknown style '{options.style}'", hint=f"use one of {', '.join(STYLES)}")
+    if options.words is not None and options.words < 1:
+        raise InputError("--words must be at least 1")
+
+
+def _wishes(options: SummaryOptions) -> str:
+    parts = []
+    if options.focus:
+        parts.append(f"Focus on: {options.focus.strip()}.")
+    if options.language:
+        parts.append(f"Write in {options.language.strip()}.")
+    return (" " + " ".join(parts)) if parts else ""
+
+
+def final_instruction(options: SummaryOptions, *, from_parts: bool) -> str:
+    """The instruction for the summary the user reads."""
+    source = ("the summaries below, which cover consecutive parts of one document in order"
+              if from_parts else "the document below")
+    words = "" if options.style == "headline" else f" in about {options.target_words()} words"
+    return (f"Summarize {source}{words}. {STYLES[options.style]} Use only facts from the "
+            f"text.{_wishes(options)}")
+
+
+def part_instruction(options: SummaryOptions) -> str:
+    """The instruction for one chunk; the same for every chunk, so its tokens are shared."""
+    return ("The text below is one part of a longer document. Summarize this part in a short "
+            "paragraph, keeping names, numbers, dates and conclusions. Use only facts from the "
+            f"text.{_wishes(options)}")
+
+
+def merge_instruction(options: SummaryOptions) -> str:
+    """The instruction that condenses several partial summaries into one."""
+    return ("The summaries below cover consecutive parts of one document, in order. Combine "
+            "them into one shorter summary in a short paragraph, keeping the most important "
+            f"names, numbers, dates and conclusions.{_wishes(options)}")
+
+
+@dataclass
+class Summary:
+    """A summary with what it took: chunks, merge levels, tokens and timings."""
+
+    text: str
+    input_tokens: int
+    chunks: int
+    levels: int  # 0: one pass; 1: chunks summarized and their summaries summarized; 2+: merges
+    merges: int  # model calls that combined partial summaries
+    calls: int
+    prompt_tokens: int  # summed over every model call
+    prompt_tokens_evaluated: int  # of those, the ones not already in the KV cache
+    output_tokens: int  # generated, summed over every call
+    finish_reason: str
+    seconds: float
+    plan: list[dict[str, Any]] = field(default_factory=list)
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Summarizer:
+    """Summarizes texts with one engine; plans chunks with the engine's own tokenizer."""
+
+    def __init__(self, engine: SummaryEngine, options: SummaryOptions,
+                 on_progress: ProgressFn | None = None,
+                 on_plan: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        check_options(options)
+        self.engine = engine
+        self.options = options
+        self.tokenizer = EngineTokenizer(engine)
+        self.on_progress = on_progress
+        self.on_plan = on_plan
+        self._stats: dict[str, int] = {}
+
+    # -- prompt arithmetic ----------------------------------------------------------------
+
+    def _messages(self, instruction: str, body: str) -> list[Message]:
+        messages: list[Message] = []
+        if self.options.system:
+            messages.append({"role": "system", "content": self.options.system})
+        messages.append({"role": "user", "content": f"{instruction}\n\n{body}"})
+        return messages
+
+    def _overhead(self, instruction: str) -> int:
+        """Tokens the chat template and the instruction take around an empty body."""
+        return len(self.engine.chat_tokens(self._messages(instruction, ""))) + MARGIN
+
+    def budget(self, instruction: str, answer: int) -> int:
+        """Tokens left for the body of a prompt with this instruction and answer room."""
+        return self.engine.n_ctx - self._overhead(instruction) - answer
+
+    # -- model calls ----------------------------------------------------------------------
+
+    def _call(self, instruction: str, body: str, max_tokens: int) -> Generation:
+        if not self.options.reuse_prefix:
+            forget = getattr(self.engine, "forget", None)
+            if forget is not None:
+                forget()
+        tokens = self.engine.chat_tokens(self._messages(instruction, body))
+        if len(tokens) + max_tokens > self.engine.n_ctx:
+            # The plan keeps every prompt within budget; this guards the arithmetic.
+            raise LlmkitError(f"internal error: a {len(tokens)}-token prompt was planned for a "
+                              f"{self.engine.n_ctx}-token context")
+        params = replace(self.options.params, max_tokens=max_tokens)
+        generation = self.engine.generate(tokens, params)
+        if generation.finish_reason == "interrupted":
+            raise KeyboardInterrupt
+        stats = self._stats
+        stats["calls"] += 1
+        stats["prompt"] += generation.prompt_tokens
+        stats["evaluated"] += generation.prompt_tokens_evaluated
+        stats["output"] += generation.completion_tokens
+        return generation
+
+    def _progress(self, stage: str, i: int, n: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(stage, i, n)
+
+    # -- the algorithm --------------------------------------------------------------------
+
+    def summarize(self, text: str) -> Summary:
+        """Summarize ``text``, splitting and merging as its length requires.
+
+        Raises:
+            InputError: the text is empty.
+            ContextTooSmallError: the context cannot hold the instruction, an answer and a
+                useful piece of text.
+        """
+        from llmkit.chunking import group_for_merge, plan_chunks
+        from llmkit.errors import ContextTooSmallError
+
+        if not text.strip():
+            raise InputError("the document is empty")
+        started = time.perf_counter()
+        self._stats = {"calls": 0, "prompt": 0, "evaluated": 0, "output": 0, "merges": 0}
+        options = self.options
+        n_input = self.tokenizer.count(text)
+        answer = options.answer_tokens()
+        final_whole = final_instruction(options, from_parts=False)
+        if n_input <= self.budget(final_whole, answer):
+            self._progress("summary", 1, 1)
+            generation = self._call(final_whole, text, answer)
+            return self._result(generation, n_input, 1, 0, started, [])
+
+        part = part_instruction(options)
+        merge = merge_instruction(options)
+        final_parts = final_instruction(options, from_parts=True)
+        # Each partial summary gets a fifth of what a merge or final prompt can hold: every
+        # merge then combines at least four of them, so the levels converge fast and the work
+        # grows about linearly with the document (one merge per three or more chunks). A
+        # fifth, not less, so a chunk is still summarized at about 4:1 or gentler.
+        room = min(self.budget(merge, 0), self.budget(final_parts, answer))
+        partial = min(MAX_PARTIAL_TOKENS, (room - MARGIN) // 5)
+        chunk_budget = self.budget(part, partial)
+        if partial < MIN_PARTIAL_TOKENS or chunk_budget < MIN_CHUNK_TOKENS:
+            least = 5 * MIN_PARTIAL_TOKENS + MARGIN
+            need = max(self._overhead(final_parts) + answer + least,
+                       self._overhead(merge) + least,
+                       self._overhead(part) + MIN_PARTIAL_TOKENS + MIN_CHUNK_TOKENS)
+            raise ContextTooSmallError(self.engine.n_ctx, need)
+        overlap = min(options.overlap, chunk_budget // 4)
+        chunks = plan_chunks(text, self.tokenizer, chunk_budget, overlap=overlap)
+        plan = [{"chunk": c.index + 1, "chars": [c.start, c.end], "tokens": c.tokens,
+                 "overlap_chars": c.start - c.context_start, "ends_at": c.boundary}
+                for c in chunks]
+        if self.on_progress is not None:
+            self.on_progress("plan", len(chunks), chunk_budget)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        partials: list[str] = []
+        for c in chunks:
+            self._progress("chunk", c.index + 1, len(chunks))
+            generation = self._call(part, text[c.context_start:c.end], partial)
+            partials.append(_complete_sentences(generation.text.strip()) or "(nothing)")
+        levels = 1
+        while True:
+            joined = "\n\n".join(partials)
+            if self.tokenizer.count(joined) <= self.budget(final_parts, answer):
+                break
+            groups = group_for_merge(partials, self.tokenizer, self.budget(merge, partial))
+            levels += 1
+            merged: list[str] = []
+            for i, group in enumerate(groups):
+                self._progress(f"merge level {levels}", i + 1, len(groups))
+                if len(group) == 1:
+                    merged.append(partials[group[0]])
+                    continue
+                body = "\n\n".join(partials[j] for j in group)
+                generation = self._call(merge, body, partial)
+                self._stats["merges"] += 1
+                merged.append(_complete_sentences(generation.text.strip()) or "(nothing)")
+            if len(merged) >= len(partials):  # cannot happen with thirds; never loop forever
+                raise LlmkitError("the partial summaries do not get shorter when merged",
+                                  hint="raise --ctx")
+            partials = merged
+        self._progress("summary", 1, 1)
+        generation = self._call(final_parts, "\n\n".join(partials), answer)
+        return self._result(generation, n_input, len(chunks), levels, started, plan)
+
+    def _result(self, generation: Generation, n_input: int, chunks: int, levels: int,
+                started: float, plan: list[dict[str, Any]]) -> Summary:
+        text = generation.text.strip()
+        if generation.finish_reason in ("length", "context"):
+            text = _complete_sentences(text, bullets=self.options.style == "bullets") or text
+        stats = self._stats
+        return Summary(text=text, input_tokens=n_input, chunks=chunks, levels=levels,
+                       merges=stats["merges"], calls=stats["calls"], prompt_tokens=stats["prompt"],
+                       prompt_tokens_evaluated=stats["evaluated"], output_tokens=stats["output"],
+                       finish_reason=generation.finish_reason,
+                       seconds=time.perf_counter() - started, plan=plan)
+
+
+_SENTENCE_END = re.compile(r"[.!?。！？…][\"')\]]*(?=\s|$)")
+
+
+def _complete_sentences(text: str, *, bullets: bool = False) -> str:
+    """``text`` without a trailing fragment that an answer cut at the token limit leaves."""
+    if bullets:
+        lines = text.splitlines()
+        return "\n".join(lines[:-1]).strip() if len(lines) > 1 else text
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[:ends[-1].end()] if ends else text
+
+
+def summary_record(path: str, summary: Summary | None, *, model: str, fmt: str | None = None,
+                   error: str | None = None, warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The stable JSON shape of one document's result (``--format json/jsonl``, ``--out``)."""
+    record: dict[str, Any] = {"path": path, "summary": None, "model": model, "error": error}
+    if fmt is not None:
+        record["format"] = fmt
+    if summary is not None:
+        record.update({
+            "summary": summary.text,
+            "finish_reason": summary.finish_reason,
+            "chunks": summary.chunks,
+            "levels": summary.levels,
+            "merges": summary.merges,
+            "calls": summary.calls,
+            "usage": {"input_tokens": summary.input_tokens,
+                      "prompt_tokens": summary.prompt_tokens,
+                      "prompt_tokens_evaluated": summary.prompt_tokens_evaluated,
+                      "output_tokens": summary.output_tokens},
+            "timings": {"total_ms": round(summary.seconds * 1000, 2),
+                        "input_tokens_per_s": round(summary.input_tokens / summary.seconds, 2)
+                        if summary.seconds > 0 else 0.0},
+        })
+    if warnings:
+        record["warnings"] = list(warnings)
+    return record
