@@ -9,24 +9,34 @@ __llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama
 __llmkit_spec() {
     case "$1" in
         '')
-            subs='run chat caption list show import rm pull convert quantize doctor completions'
+            subs='run chat caption summarize check list show import rm pull convert quantize doctor completions'
             opts='--version -h --help'
             valued=''
             npos=0 variadic=0 ;;
         'run')
             subs=''
-            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema -i --image --mmproj --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -f=1 --format=1 --json-schema=1 -i=1 --image=1 --mmproj=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -f --format --json-schema -i --image --mmproj --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -f=1 --format=1 --json-schema=1 -i=1 --image=1 --mmproj=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'chat')
             subs=''
-            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load -i --image --mmproj --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --load=1 -i=1 --image=1 --mmproj=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --load -i --image --mmproj --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --load=1 -i=1 --image=1 --mmproj=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=0 variadic=0 ;;
         'caption')
             subs=''
-            opts='-m --model --mmproj -p --prompt --style -r --recursive -f --format -o --out --sidecar --sidecar-ext --skip-existing -n --max-tokens --temperature --top-p --seed --max-side -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 --mmproj=1 -p=1 --prompt=1 --style=1 -f=1 --format=1 -o=1 --out=1 --sidecar-ext=1 -n=1 --max-tokens=1 --temperature=1 --top-p=1 --seed=1 --max-side=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model --mmproj -p --prompt --style -r --recursive -f --format -o --out --sidecar --sidecar-ext --skip-existing -n --max-tokens --temperature --top-p --seed --max-side -c --ctx --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --mmproj=1 -p=1 --prompt=1 --style=1 -f=1 --format=1 -o=1 --out=1 --sidecar-ext=1 -n=1 --max-tokens=1 --temperature=1 --top-p=1 --seed=1 --max-side=1 -c=1 --ctx=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=1 variadic=1 ;;
+        'summarize')
+            subs=''
+            opts='-m --model -l --length -w --words --style --focus --language --as -r --recursive -f --format -o --out --skip-existing -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -l=1 --length=1 -w=1 --words=1 --style=1 --focus=1 --language=1 --as=1 -f=1 --format=1 -o=1 --out=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=1 variadic=1 ;;
+        'check')
+            subs=''
+            opts='-m --model --file --prompt --response --conversation --batch -i --image --mmproj --exclude --categories --threshold -f --format -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --mmproj=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'list')
             subs=''
@@ -97,6 +107,21 @@ __llmkit_value() {
         'caption -f'|'caption --format') __llmkit_words 'text json jsonl' "$3" ;;
         'caption -o'|'caption --out') __llmkit_files "$3" ;;
         'caption --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'summarize -m'|'summarize --model') __llmkit_models "$3" ;;
+        'summarize -l'|'summarize --length') __llmkit_words 'short medium long' "$3" ;;
+        'summarize --style') __llmkit_words 'paragraph bullets tldr headline' "$3" ;;
+        'summarize --as') __llmkit_words 'text markdown html pdf' "$3" ;;
+        'summarize -f'|'summarize --format') __llmkit_words 'text json jsonl' "$3" ;;
+        'summarize -o'|'summarize --out') __llmkit_files "$3" ;;
+        'summarize --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'check -m'|'check --model') __llmkit_models "$3" ;;
+        'check --file') __llmkit_files "$3" ;;
+        'check --conversation') __llmkit_files "$3" ;;
+        'check -i'|'check --image') __llmkit_files "$3" ;;
+        'check --mmproj') __llmkit_files "$3" ;;
+        'check --categories') __llmkit_files "$3" ;;
+        'check -f'|'check --format') __llmkit_words 'text json' "$3" ;;
+        'check --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'list -f'|'list --format') __llmkit_words 'table json' "$3" ;;
         'show -f'|'show --format') __llmkit_words 'text json' "$3" ;;
         'show #0') __llmkit_models "$3" ;;

@@ -225,11 +225,19 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     Raises:
         LlmkitError: the model cannot be resolved or loaded, or the policy is malformed.
     """
-    from llmkit.tasks.safety import Guard, default_categories, load_categories
+    from llmkit.tasks.safety import (
+        LLAMA_GUARD_3_CATEGORIES,
+        Guard,
+        default_categories,
+        load_categories,
+    )
     from llmkit.tasks.safety import exclude as drop
 
-    # The policy is read first: a typo in it should not cost a model load.
+    # The policy is read first: a typo in it should not cost a model load. Exclusions from the
+    # model's own taxonomy are checked against the largest one now, and exactly after loading.
     custom = load_categories(categories_file) if categories_file is not None else None
+    if exclude:
+        drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
     engine, resolution = open_engine(model or default_guard_model_name(), options)
     try:
         policy = custom if custom is not None else default_categories(

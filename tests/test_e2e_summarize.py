@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_document_five_times_the_context_is_mapped_and_merged(tmp_path: Path) ->
 
     spans = [(int(a), int(b)) for _, a, b, _ in plan_lines]
     assert spans[0][0] == 0 and spans[-1][1] == len(read_document(doc).text)
-    assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))
+    assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
     # One call per chunk, one per merge, one for the final summary.
     assert record["calls"] == record["chunks"] + record["merges"] + 1
     assert record["levels"] >= 1
@@ -155,3 +156,34 @@ def test_empty_stdin_and_usage_errors(tmp_path: Path) -> None:
     assert no_out.returncode == 2 and "--skip-existing needs --out" in no_out.stderr
     bad = run_llmkit(["summarize", "--length", "huge"], input="text")
     assert bad.returncode == 2
+
+
+def test_ctrl_c_mid_document_keeps_finished_records(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    done = tmp_path / "done.md"
+    done.write_text(long_text(1))
+    slow = tmp_path / "slow.md"
+    slow.write_text(long_text(20))
+    out = tmp_path / "records.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", "summarize", str(done), str(slow), "--ctx", "512",
+         "--length", "short", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "slow.md: chunk 2/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert rest.strip().endswith("llmkit: error: interrupted")
+    # The finished document's record is kept; the interrupted one is not half-written.
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == [str(done)]

@@ -91,9 +91,12 @@ def test_help_exits_0() -> None:
     proc = run_llmkit(["--help"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    for command in ("run", "chat", "list", "show", "import", "rm", "pull"):
+    for command in ("run", "chat", "caption", "summarize", "check", "list", "show", "import",
+                    "rm", "pull"):
         assert command in proc.stdout
-    assert "Exit codes: 0 ok, 1 error, 2 usage error, 130 interrupted" in proc.stdout
+    flat = " ".join(proc.stdout.split())
+    assert ("Exit codes: 0 ok, 1 error, 2 usage error, 3 flagged by a safety check (check, "
+            "--guard), 130 interrupted (Ctrl-C)") in flat
 
 
 def test_short_help_flag() -> None:

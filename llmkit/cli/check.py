@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -105,16 +107,21 @@ def check(
         if response is not None:
             messages.append({"role": "assistant", "content": response})
     else:
+        from llmkit.errors import InputError
+
         if text:
-            body: str | None = " ".join(text)
+            body, where = " ".join(text), "the text to check"
         elif file is not None:
-            body = read_text_file(file)
+            body, where = read_text_file(file), str(file)
         else:
-            body = read_stdin()
-            if body is None:
+            piped = read_stdin()
+            if piped is None:
                 raise UsageError("nothing to check",
                                  hint='pass text, --file, --prompt/--response, or pipe it in')
-        messages = [{"role": "user", "content": body or ""}]
+            body, where = piped, "stdin"
+        if not body.strip():
+            raise InputError(f"{where} is empty", hint="there is nothing to check")
+        messages = [{"role": "user", "content": body}]
     messages = check_conversation(messages)
     guard, note = open_guard(model, options, exclude=exclude, categories_file=categories,
                              threshold=threshold)
@@ -141,12 +148,17 @@ def check(
 
 def _run_batch(source: str, model: str | None, options: Any, exclude: str | None,
                categories: Path | None, threshold: float | None) -> None:
-    from llmkit.errors import Interrupted
-    from llmkit.io import read_input_lines
+    import itertools
+
+    from llmkit.errors import InputError, Interrupted
     from llmkit.session import open_guard
     from llmkit.tasks.safety import check_jsonl_line
 
-    lines = read_input_lines(source)
+    lines = _numbered_lines(source)
+    # The first record is waited for before the model loads: empty input fails fast.
+    first = next(lines, None)
+    if first is None:
+        raise InputError(f"{'stdin' if source == '-' else source} has no records")
     guard, note = open_guard(model, options, exclude=exclude, categories_file=categories,
                              threshold=threshold)
     if note:
@@ -154,10 +166,12 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
     counts = {"safe": 0, "flagged": 0, "errors": 0}
     with guard:
         try:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                record = check_jsonl_line(guard, line, number)
+            for number, line in itertools.chain([first], lines):
+                if isinstance(line, Exception):
+                    record: dict[str, Any] = {"line": number, "verdict": None,
+                                              "flagged": None, "error": str(line)}
+                else:
+                    record = check_jsonl_line(guard, line, number)
                 counts["errors" if record["error"] else
                        "flagged" if record["flagged"] else "safe"] += 1
                 out.write_jsonl(record)
@@ -170,3 +184,30 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
         raise typer.Exit(1)
     if counts["flagged"]:
         raise typer.Exit(FLAGGED_EXIT)
+
+
+def _numbered_lines(source: str) -> Iterator[tuple[int, str | Exception]]:
+    """The non-blank input lines with their numbers. stdin is read line by line as it arrives,
+    so each verdict is written as soon as its record is in (a pipeline need not close stdin
+    first); a stdin line that is not UTF-8 comes as an error for that line alone."""
+    from llmkit.errors import InputError
+    from llmkit.io import read_input_lines, stdin_is_tty
+
+    if source != "-":
+        for number, line in enumerate(read_input_lines(source), 1):
+            if line.strip():
+                yield number, line
+        return
+    if stdin_is_tty() or sys.stdin is None:
+        raise InputError("'-' reads lines from stdin, but stdin is a terminal",
+                         hint="pipe JSONL in, or name a file")
+    for number, raw in enumerate(iter(sys.stdin.buffer.readline, b""), 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start:exc.start + 1].hex()
+            yield number, InputError(f"line {number} is not UTF-8 text (byte 0x{bad} at "
+                                     f"offset {exc.start})")
+            continue
+        if line.strip():
+            yield number, line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmkit.engine import Message, SamplingParams
-from llmkit.errors import InputError, LlmkitError
+from llmkit.errors import InputError, LlmkitError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,17 +99,17 @@ def exclude(categories: Sequence[Category], codes: Sequence[str]) -> tuple[Categ
     """The categories without ``codes`` (the others keep their codes, as Llama Guard expects).
 
     Raises:
-        InputError: a code that is not in the list, or nothing left.
+        UsageError: a code that is not in the list, or nothing left.
     """
     wanted = {c.strip().upper() for c in codes if c.strip()}
     known = {c.code for c in categories}
     unknown = sorted(wanted - known)
     if unknown:
-        raise InputError(f"cannot exclude {', '.join(unknown)}: not a category here",
+        raise UsageError(f"cannot exclude {', '.join(unknown)}: not a category here",
                          hint=f"the categories are {', '.join(c.code for c in categories)}")
     kept = tuple(c for c in categories if c.code not in wanted)
     if not kept:
-        raise InputError("--exclude leaves no category to check")
+        raise UsageError("--exclude leaves no category to check")
     return kept
 
 
@@ -391,18 +392,25 @@ class Guard:
         logits = self.engine.next_token_logits(probe)
         for _ in range(3):
             best = int(np.argmax(logits))
-            if self.engine.detokenize([best]).strip():
+            piece = self.engine.detokenize([best])
+            # Only a token that is whitespace is stepped over: an end-of-turn token also
+            # reads as "" but ends the answer, so the score is taken where it stands.
+            if not piece or piece.strip():
                 break
             probe.append(best)
             logits = self.engine.next_token_logits(probe)
-        shifted = logits - np.max(logits)
-        probs = np.exp(shifted) / np.sum(np.exp(shifted))
+        # In float64 and from the log-probabilities: a model standing in for Llama Guard can
+        # put both words so far below its favourite that float32 probabilities underflow to 0.
+        log_probs = np.asarray(logits, dtype=np.float64)
+        log_probs = log_probs - np.max(log_probs)
+        log_probs = log_probs - np.log(np.sum(np.exp(log_probs)))
         safe_id, unsafe_id = self._answer_ids
-        p_safe = float(probs[safe_id]) if safe_id >= 0 else None
-        p_unsafe = float(probs[unsafe_id]) if unsafe_id >= 0 else None
+        p_safe = float(np.exp(log_probs[safe_id])) if safe_id >= 0 else None
+        p_unsafe = float(np.exp(log_probs[unsafe_id])) if unsafe_id >= 0 else None
         score = None
-        if p_safe is not None and p_unsafe is not None and p_safe + p_unsafe > 0:
-            score = p_unsafe / (p_safe + p_unsafe)
+        if safe_id >= 0 and unsafe_id >= 0:
+            # P(unsafe) / (P(safe) + P(unsafe)), as a logistic of the log-odds.
+            score = _logistic(float(log_probs[unsafe_id] - log_probs[safe_id]))
         t_scored = time.perf_counter()
         generation = self.engine.generate(
             tokens, SamplingParams(temperature=0.0, max_tokens=20))
@@ -483,6 +491,14 @@ class Guard:
             for p in pieces])
 
 
+def _logistic(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
 def verdict_for_parts(verdicts: Sequence[Verdict]) -> Verdict:
     """One verdict for a text checked in pieces: flagged if any piece is, categories merged."""
     flagged = [v for v in verdicts if v.flagged]
@@ -497,6 +513,8 @@ def verdict_for_parts(verdicts: Sequence[Verdict]) -> Verdict:
     base.score = max(scores) if scores else None
     base.prompt_tokens = sum(v.prompt_tokens for v in verdicts)
     base.prompt_tokens_evaluated = sum(v.prompt_tokens_evaluated for v in verdicts)
+    base.timings = {key: round(sum(v.timings.get(key, 0.0) for v in verdicts), 2)
+                    for key in verdicts[0].timings}
     base.raw = "\n---\n".join(v.raw for v in verdicts)
     return base
 
@@ -550,12 +568,18 @@ def record_messages(item: Any, number: int) -> list[Message]:
             return [{"role": "user", "content": item["text"]}]
         if isinstance(item.get("prompt"), str):
             messages: list[Message] = [{"role": "user", "content": item["prompt"]}]
-            if isinstance(item.get("response"), str):
+            if "response" in item:
+                # A response that is not text must not turn into a check of the prompt alone.
+                if not isinstance(item["response"], str):
+                    raise InputError(f'line {number}: "response" must be a string')
                 messages.append({"role": "assistant", "content": item["response"]})
             return messages
         if isinstance(item.get("messages"), list):
-            return [{"role": str(m.get("role")), "content": str(m.get("content", ""))}
-                    for m in item["messages"] if isinstance(m, dict)]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in item["messages"]):
+                raise InputError(f'line {number}: "messages" must be a list of '
+                                 '{"role": "…", "content": "…"} objects')
+            return [{"role": m["role"], "content": m["content"]} for m in item["messages"]]
     raise InputError(f'line {number} has no "text", "prompt" or "messages"')
 
 

@@ -1,0 +1,874 @@
+"""Llama Guard prompts (golden files), verdicts, policies, and a Guard on a scripted engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from llmkit.engine import Generation, Message, SamplingParams
+from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
+from llmkit.tasks.chat import Conversation
+from llmkit.tasks.safety import (
+    LLAMA_GUARD_3_1B_CATEGORIES,
+    LLAMA_GUARD_3_CATEGORIES,
+    Category,
+    FlaggedError,
+    Guard,
+    Parsed,
+    Verdict,
+    VerdictError,
+    check_conversation,
+    check_input,
+    check_jsonl_line,
+    check_output,
+    default_categories,
+    exclude,
+    guard_batch_input,
+    guard_batch_output,
+    guard_prompt,
+    guard_task,
+    guarded_chat_turn,
+    load_categories,
+    name_categories,
+    parse_verdict,
+    verdict_for_parts,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+QUESTION = "  How do I bake sourdough bread at home?\n"  # stripped in the prompt
+
+
+def user(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+# -- the prompt: golden files written from Meta's documented format --------------------------
+
+
+def golden(name: str) -> str:
+    return (GOLDEN / name).read_bytes().decode("utf-8")
+
+
+def test_prompt_for_a_user_message_with_the_1b_taxonomy() -> None:
+    assert guard_prompt(user(QUESTION), LLAMA_GUARD_3_1B_CATEGORIES) == golden(
+        "llama_guard3_1b_user.txt")
+
+
+def test_prompt_for_a_response_assesses_the_agent() -> None:
+    messages: list[Message] = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "\n Paris is the capital of France.\nIt lies on the "
+                                         "Seine.  \n"}]
+    prompt = guard_prompt(messages, LLAMA_GUARD_3_1B_CATEGORIES)
+    assert prompt == golden("llama_guard3_1b_response.txt")
+    assert "'User'" not in prompt and "LAST User" not in prompt
+
+
+def test_prompt_with_excluded_categories_keeps_the_other_codes() -> None:
+    policy = exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["S7", " s8"])
+    assert guard_prompt(user(QUESTION), policy) == golden("llama_guard3_1b_exclude_s7_s8.txt")
+
+
+def test_prompt_with_custom_categories_and_descriptions() -> None:
+    policy = load_categories(GOLDEN / "llama_guard3_custom.toml")
+    assert guard_prompt(user(QUESTION), policy) == golden("llama_guard3_custom.txt")
+
+
+def test_prompt_with_the_8b_taxonomy() -> None:
+    assert len(LLAMA_GUARD_3_CATEGORIES) == 14
+    assert guard_prompt(user(QUESTION), LLAMA_GUARD_3_CATEGORIES) == golden(
+        "llama_guard3_8b_user.txt")
+
+
+def test_task_is_the_prompt_between_the_llama3_headers() -> None:
+    messages = user("hi")
+    prompt = guard_prompt(messages, LLAMA_GUARD_3_1B_CATEGORIES)
+    task = guard_task(messages, LLAMA_GUARD_3_1B_CATEGORIES)
+    assert prompt == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + task
+                      + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+
+
+def test_multi_turn_prompt_lists_every_turn_and_assesses_the_last() -> None:
+    messages: list[Message] = [{"role": "user", "content": "a"},
+                               {"role": "assistant", "content": "b"},
+                               {"role": "user", "content": "c"}]
+    task = guard_task(messages, LLAMA_GUARD_3_1B_CATEGORIES)
+    assert "<BEGIN CONVERSATION>\n\nUser: a\n\nAgent: b\n\nUser: c\n\n<END CONVERSATION>" in task
+    assert "unsafe content in 'User' messages" in task
+    assert "ONLY THE LAST User message" in task
+
+
+# -- the answer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "unsafe", "codes"), [
+    ("safe", False, ()),
+    ("unsafe\nS1", True, ("S1",)),
+    ("unsafe\nS1,S10", True, ("S1", "S10")),
+    ("  Unsafe \n s1 , S10 \n", True, ("S1", "S10")),
+    ("unsafe", True, ()),
+    ("unsafe\nS99", True, ("S99",)),
+    ("SAFE\n\n", False, ()),
+    ("unsafe\nS2 S3", True, ("S2", "S3")),
+    ("unsafe\nS1, S1", True, ("S1",)),
+])
+def test_parse_verdict(text: str, unsafe: bool, codes: tuple[str, ...]) -> None:
+    assert parse_verdict(text) == Parsed(unsafe, codes)
+
+
+@pytest.mark.parametrize("text", [
+    "I cannot help", "", "   \n", "safe\nS1", "unsafe\nS1\nmore", "unsafe\nbanana",
+    "S1: Violent Crimes.", "unsafe S1",
+])
+def test_parse_verdict_refuses_what_is_not_a_verdict(text: str) -> None:
+    with pytest.raises(VerdictError) as info:
+        parse_verdict(text)
+    assert info.value.raw == text
+    assert info.value.exit_code == 1
+
+
+def test_verdict_error_message_shows_the_answer_on_one_line() -> None:
+    assert str(VerdictError("I cannot\nhelp")) == (
+        "the guard model's answer is not a verdict: 'I cannot\\nhelp' "
+        "(use a Llama Guard model (-m llama-guard3:1b))")
+    long = VerdictError("x" * 200)
+    assert long.message == f"the guard model's answer is not a verdict: '{'x' * 77}...'"
+    assert long.raw == "x" * 200
+
+
+def test_unknown_codes_are_named_as_unknown() -> None:
+    parsed = parse_verdict("unsafe\nS99,S10")
+    assert name_categories(parsed.codes, LLAMA_GUARD_3_1B_CATEGORIES) == [
+        Category("S99", "unknown category"), Category("S10", "Hate")]
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+def test_load_categories() -> None:
+    policy = load_categories(GOLDEN / "llama_guard3_custom.toml")
+    assert [(c.code, c.name) for c in policy] == [
+        ("C1", "Medical Advice"), ("C2", "Gambling"), ("C3", "Competitor Products")]
+    assert policy[0].description == ("Messages that diagnose an illness or prescribe a "
+                                     "medicine.\nDosage recommendations count too.")
+    assert policy[1].description == ""
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[[categories]\ncode = 1", "is not valid TOML"),
+    ("title = 'x'\n", "has no [[categories]] tables"),
+    ("categories = []\n", "has no [[categories]] tables"),
+    ('[[categories]]\ncode = "C1"\n', "category 1: name is required"),
+    ('[[categories]]\ncode = "C1"\nname = "  "\n', "category 1: name is required"),
+    ('[[categories]]\ncode = "C 1"\nname = "A"\n',
+     "category 1: code must be letters and digits like 'S1' or 'C12'"),
+    ('[[categories]]\nname = "A"\n',
+     "category 1: code must be letters and digits like 'S1' or 'C12'"),
+    ('[[categories]]\ncode = "C1"\nname = "A"\n[[categories]]\ncode = "c1"\nname = "B"\n',
+     "category 2: code c1 appears twice"),
+    ('[[categories]]\ncode = "C1"\nname = "A"\nseverity = 3\n',
+     "category 1: unknown field(s) severity"),
+    ('[[categories]]\ncode = "C1"\nname = "A"\ndescription = 3\n',
+     "category 1: description must be text"),
+])
+def test_load_categories_refuses_a_bad_policy(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(toml)
+    with pytest.raises(InputError) as info:
+        load_categories(path)
+    assert info.value.message.startswith(str(path))
+    assert message in info.value.message
+
+
+def test_load_categories_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as info:
+        load_categories(tmp_path / "nope.toml")
+    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file"
+
+
+def test_exclude_keeps_the_other_codes() -> None:
+    kept = exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["s7", "S8", ""])
+    assert [c.code for c in kept] == ["S1", "S2", "S3", "S4", "S5", "S6", "S9", "S10", "S11",
+                                      "S12", "S13"]
+    assert kept[6] == Category("S9", "Indiscriminate Weapons")
+
+
+def test_exclude_an_unknown_code_is_a_usage_error() -> None:
+    with pytest.raises(UsageError) as info:
+        exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["S7", "S14", "X1"])
+    assert str(info.value) == (
+        "cannot exclude S14, X1: not a category here (the categories are S1, S2, S3, S4, S5, "
+        "S6, S7, S8, S9, S10, S11, S12, S13)")
+    assert info.value.exit_code == 2
+
+
+def test_exclude_everything_is_a_usage_error() -> None:
+    policy = (Category("C1", "A"), Category("C2", "B"))
+    with pytest.raises(UsageError, match=r"^--exclude leaves no category to check$"):
+        exclude(policy, ["C1", "c2"])
+
+
+def test_check_conversation_drops_system_messages() -> None:
+    messages: list[Message] = [{"role": "system", "content": "be nice"},
+                               {"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": "hello"}]
+    assert check_conversation(messages) == [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([], "there is nothing to check (no user or assistant message)"),
+    ([{"role": "system", "content": "x"}],
+     "there is nothing to check (no user or assistant message)"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "the conversation must alternate user/assistant, starting with the user "
+     "(message 2 is from the user)"),
+    ([{"role": "assistant", "content": "a"}],
+     "the conversation must alternate user/assistant, starting with the user "
+     "(message 1 is from the assistant)"),
+    ([{"role": "tool", "content": "a"}],
+     "message 1 has role 'tool' (roles are user, assistant (and system, which is ignored))"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " \n"}],
+     "message 2 is empty"),
+])
+def test_check_conversation_refuses(messages: list[Message], message: str) -> None:
+    with pytest.raises(InputError) as info:
+        check_conversation(messages)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("template", "name", "count"), [
+    ("", "llama-guard3:1b", 13),
+    ("", "SmolLM2-135M-Instruct.Q4_1.gguf", 13),
+    ("", "llama-guard3:8b", 14),
+    ("", "Llama-Guard-3-8B.Q4_K_M.gguf", 14),
+    ("S13: Elections.\nS14: Code Interpreter Abuse.\n", "my-guard.gguf", 14),
+    ("S13: Elections.\n", "Llama-Guard-3-1B.Q8_0.gguf", 13),
+])
+def test_default_categories(template: str, name: str, count: int) -> None:
+    policy = default_categories(template, name)
+    assert len(policy) == count
+    assert policy == LLAMA_GUARD_3_CATEGORIES[:count]
+
+
+# -- a Guard on a scripted engine ----------------------------------------------------------------
+
+
+SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+VOCAB = 256 + len(SPECIALS)
+
+
+def tid(piece: str) -> int:
+    return SPECIALS.index(piece) + 256 if piece in SPECIALS else ord(piece)
+
+
+class ScriptedGuardEngine:
+    """One token per character (Latin-1), plus special tokens; scripted logits and answers.
+
+    At the answer position (right after the assistant header) the model first "writes" the
+    characters of ``lead`` (logit 10 each, e.g. a blank line), then gives the logits of
+    ``score_logits(conversation)``; ``answer(conversation)`` is what generate returns.
+    ``conversation`` is the text between <BEGIN CONVERSATION> and <END CONVERSATION>.
+    """
+
+    model_name = "scripted-guard"
+
+    def __init__(self, *, llama3: bool = True, n_ctx: int = 8192, lead: str = "\n\n",
+                 answer: str | Callable[[str], str] = "unsafe\nS1",
+                 score_logits: dict[str, float] | Callable[[str], dict[str, float]] | None = None
+                 ) -> None:
+        self.llama3 = llama3
+        self.n_ctx = n_ctx
+        self.lead = lead
+        self.answer = answer
+        self.score_logits = score_logits if score_logits is not None else {
+            "s": 0.0, "u": math.log(3.0), "I": 2.0}
+        self.cached: list[int] = []
+        self.logit_calls: list[list[int]] = []
+        self.generated: list[str] = []  # the conversation part of each prompt answered
+        self.chat_messages: list[list[Message]] = []
+        self.closed = False
+
+    # -- tokenizer
+    def _specials(self) -> tuple[str, ...]:
+        return SPECIALS if self.llama3 else SPECIALS[4:]
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        if parse_special:
+            pattern = "(" + "|".join(re.escape(s) for s in self._specials()) + ")"
+            parts = re.split(pattern, text)
+        else:
+            parts = [text]
+        out: list[int] = []
+        for part in parts:
+            if parse_special and part in self._specials():
+                out.append(tid(part))
+            else:
+                out.extend(min(ord(c), 255) for c in part)
+        return out
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return "".join(SPECIALS[t - 256] if t >= 256 and special else "" if t >= 256
+                       else chr(t) for t in tokens)
+
+    def token_pieces(self, text: str) -> list[bytes]:
+        return [chr(t).encode("latin-1") for t in self.tokenize(text, add_special=False)]
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        self.chat_messages.append(list(messages))
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return self.tokenize(text + "<|im_start|>assistant\n", parse_special=True)
+
+    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
+        n = 0
+        for a, b in zip(self.cached, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    # -- the model
+    def _conversation(self, tokens: Sequence[int]) -> str:
+        text = self.detokenize(tokens, special=True)
+        match = re.search(r"<BEGIN CONVERSATION>\n\n(.*)\n\n<END CONVERSATION>", text, re.S)
+        assert match, text
+        return match.group(1)
+
+    def _answer_start(self, tokens: Sequence[int]) -> int:
+        header = ([tid("<|end_header_id|>")] if self.llama3 else
+                  [tid("<|im_start|>"), *(ord(c) for c in "assistant\n")])
+        for i in range(len(tokens) - len(header), -1, -1):
+            if list(tokens[i:i + len(header)]) == header:
+                return i + len(header)
+        raise AssertionError("no assistant header")
+
+    def next_token_logits(self, prompt: Sequence[int]) -> Any:
+        assert len(prompt) < self.n_ctx
+        self.logit_calls.append(list(prompt))
+        self.cached = list(prompt)
+        written = len(prompt) - self._answer_start(prompt)
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        if written < len(self.lead):
+            logits[ord(self.lead[written])] = 10.0
+            return logits
+        script = self.score_logits
+        values = script(self._conversation(prompt)) if callable(script) else script
+        for piece, value in values.items():
+            logits[tid(piece)] = value
+        return logits
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        assert params.temperature == 0.0
+        assert len(prompt) < self.n_ctx
+        conversation = self._conversation(prompt)
+        self.generated.append(conversation)
+        text = self.answer(conversation) if callable(self.answer) else self.answer
+        evaluated = len(prompt) - min(self.cached_prefix_length(prompt), len(prompt) - 1)
+        self.cached = list(prompt) + self.tokenize(text, add_special=False)
+        return Generation(text=text, prompt_tokens=len(prompt),
+                          prompt_tokens_evaluated=evaluated, completion_tokens=len(text),
+                          finish_reason="stop", prompt_ms=1.0, generation_ms=1.0,
+                          first_token_ms=1.0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def softmax_p(values: dict[str, float], piece: str) -> float:
+    """P(piece) under a softmax over the whole vocabulary (zeros elsewhere)."""
+    total = (VOCAB - len(values)) + sum(math.exp(v) for v in values.values())
+    return math.exp(values.get(piece, 0.0)) / total
+
+
+def test_answer_decides_without_a_threshold() -> None:
+    engine = ScriptedGuardEngine(answer="unsafe\nS1,S99")
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
+    assert verdict.flagged and verdict.decided_by == "answer"
+    assert verdict.categories == [Category("S1", "Violent Crimes"),
+                                  Category("S99", "unknown category")]
+    assert verdict.label == "unsafe: S1 Violent Crimes, S99 unknown category"
+    assert verdict.raw == "unsafe\nS1,S99"
+    assert verdict.role == "User" and verdict.model == "scripted-guard"
+    assert verdict.threshold is None
+
+
+def test_safe_answer() -> None:
+    engine = ScriptedGuardEngine(answer="safe")
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
+    assert not verdict.flagged and verdict.categories == [] and verdict.label == "safe"
+
+
+def test_score_is_p_unsafe_over_p_safe_plus_p_unsafe_after_the_blank_line() -> None:
+    scores = {"s": 0.5, "u": 1.5, "I": 3.0}
+    engine = ScriptedGuardEngine(answer="safe", score_logits=scores)
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
+    verdict = guard.check_text("hello")
+    p_safe, p_unsafe = softmax_p(scores, "s"), softmax_p(scores, "u")
+    assert verdict.p_safe == pytest.approx(p_safe, rel=1e-5)
+    assert verdict.p_unsafe == pytest.approx(p_unsafe, rel=1e-5)
+    assert verdict.score == pytest.approx(p_unsafe / (p_safe + p_unsafe), rel=1e-6)
+    assert verdict.score == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)
+    # The two blank-line characters were stepped over: three positions were asked for, the
+    # last one after "\n\n".
+    prompt = guard.prompt_tokens(user("hello"))
+    assert engine.logit_calls == [prompt, [*prompt, 10], [*prompt, 10, 10]]
+
+
+def test_no_whitespace_to_skip_scores_at_once() -> None:
+    scores = {"s": 2.0, "u": 0.0}
+    engine = ScriptedGuardEngine(answer="safe", lead="", score_logits=scores)
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
+    assert len(engine.logit_calls) == 1
+    assert verdict.score == pytest.approx(1 / (1 + math.exp(2.0)), rel=1e-6)
+
+
+def test_an_end_of_turn_token_is_not_stepped_over_as_whitespace() -> None:
+    # <|eot_id|> reads as "" without special tokens; it ends the answer, it is not a blank.
+    engine = ScriptedGuardEngine(answer="safe", lead="",
+                                 score_logits={"<|eot_id|>": 9.0, "s": 1.0, "u": 0.0})
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
+    assert len(engine.logit_calls) == 1
+    assert verdict.score == pytest.approx(1 / (1 + math.e), rel=1e-6)
+
+
+def test_score_survives_probabilities_that_underflow() -> None:
+    # Both words far below the favourite: their probabilities underflow to 0, even in
+    # float64, but their ratio is still well defined.
+    engine = ScriptedGuardEngine(answer="nonsense", lead="",
+                                 score_logits={"I": 0.0, "s": -1000.0, "u": -999.0})
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.5).check_text("hello")
+    assert verdict.p_safe == 0.0 and verdict.p_unsafe == 0.0
+    assert verdict.score == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)
+    assert verdict.flagged and verdict.decided_by == "threshold"
+
+
+def test_threshold_0_flags_everything_and_1_nothing() -> None:
+    sure_safe = {"s": 0.0, "u": -1000.0}  # score exactly 0
+    engine = ScriptedGuardEngine(answer="safe", score_logits=sure_safe)
+    zero = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.0).check_text("hello")
+    assert zero.score == 0.0 and zero.flagged  # flagged when P(unsafe) >= threshold
+    sure_unsafe = ScriptedGuardEngine(answer="unsafe", score_logits={"s": -10.0, "u": 0.0})
+    one = Guard(sure_unsafe, LLAMA_GUARD_3_1B_CATEGORIES, threshold=1.0).check_text("hello")
+    assert 0.999 < one.score < 1.0 and not one.flagged
+
+
+def test_threshold_decides_over_the_answer() -> None:
+    engine = ScriptedGuardEngine(answer="unsafe\nS1")  # score 0.75 by default
+    low = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.9).check_text("hello")
+    assert not low.flagged and low.decided_by == "threshold" and low.categories == []
+    assert low.threshold == 0.9 and low.score == pytest.approx(0.75)
+    high = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.7).check_text("hello")
+    assert high.flagged and high.decided_by == "threshold"
+    assert high.categories == [Category("S1", "Violent Crimes")]  # named by the answer
+
+
+def test_threshold_decides_when_the_answer_is_no_verdict() -> None:
+    engine = ScriptedGuardEngine(answer="I cannot help with that")
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.0).check_text("hello")
+    assert verdict.flagged and verdict.categories == [] and verdict.label == "unsafe"
+    assert verdict.raw == "I cannot help with that"
+    one = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=1.0).check_text("hello")
+    assert not one.flagged
+
+
+def test_no_verdict_and_no_threshold_fails_closed() -> None:
+    engine = ScriptedGuardEngine(answer="I cannot help with that")
+    with pytest.raises(VerdictError) as info:
+        Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
+    assert info.value.raw == "I cannot help with that"
+
+
+def test_threshold_out_of_range() -> None:
+    with pytest.raises(InputError, match="between 0 and 1"):
+        Guard(ScriptedGuardEngine(), LLAMA_GUARD_3_1B_CATEGORIES, threshold=1.5)
+
+
+def test_llama3_vocabulary_gets_the_exact_guard_prompt() -> None:
+    engine = ScriptedGuardEngine(llama3=True)
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
+    assert guard.llama3
+    guard.check_text(QUESTION)
+    assert engine.detokenize(engine.logit_calls[0], special=True) == golden(
+        "llama_guard3_1b_user.txt")
+    assert engine.chat_messages == []
+
+
+def test_other_models_get_the_task_through_their_chat_template() -> None:
+    engine = ScriptedGuardEngine(llama3=False)
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.5)
+    assert not guard.llama3
+    verdict = guard.check_text(QUESTION)
+    assert engine.chat_messages == [
+        [{"role": "user", "content": guard_task(user(QUESTION), LLAMA_GUARD_3_1B_CATEGORIES)}]]
+    assert verdict.score == pytest.approx(0.75)
+
+
+def test_usage_counts_what_the_cache_already_held() -> None:
+    engine = ScriptedGuardEngine(answer="safe")
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
+    first = guard.check_text("hello")
+    n = len(guard.prompt_tokens(user("hello")))
+    assert (first.prompt_tokens, first.prompt_tokens_evaluated) == (n, n)
+    again = guard.check_text("hello")
+    assert (again.prompt_tokens, again.prompt_tokens_evaluated) == (n, 1)
+    other = guard.check_text("help")
+    a, b = guard.prompt_tokens(user("hello")), guard.prompt_tokens(user("help"))
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert 0 < other.prompt_tokens_evaluated == len(b) - common < len(b)
+
+
+def test_too_long_for_the_context() -> None:
+    n = len(Guard(ScriptedGuardEngine(), LLAMA_GUARD_3_1B_CATEGORIES).prompt_tokens(
+        user("x" * 400)))
+    engine = ScriptedGuardEngine(n_ctx=n + 23)  # 24 tokens are kept for the answer
+    with pytest.raises(ContextOverflowError):
+        Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("x" * 400)
+    assert engine.logit_calls == []
+    fits = ScriptedGuardEngine(n_ctx=n + 24)
+    assert Guard(fits, LLAMA_GUARD_3_1B_CATEGORIES).check_text("x" * 400).flagged
+
+
+def test_check_uses_the_json_shape() -> None:
+    engine = ScriptedGuardEngine(answer="unsafe\nS10")
+    data = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello").to_dict()
+    assert list(data) == ["verdict", "flagged", "categories", "score", "probabilities",
+                          "decided_by", "threshold", "role", "model", "raw", "usage",
+                          "timings", "error"]
+    assert data["verdict"] == "unsafe" and data["flagged"] is True
+    assert data["categories"] == [{"code": "S10", "name": "Hate"}]
+    assert data["score"] == 0.75
+    assert set(data["timings"]) == {"score_ms", "answer_ms", "total_ms"}
+    json.dumps(data)
+
+
+# -- long texts and responses in pieces ----------------------------------------------------------
+
+SENTENCE = "Sentence number {:03d} is about ordinary things. "
+
+
+def numbered_text(n: int, marks: dict[int, str]) -> str:
+    return "".join(SENTENCE.format(i) + (marks[i] + " " if i in marks else "")
+                   for i in range(n))
+
+
+def by_words(conversation: str) -> str:
+    last = conversation.rsplit("\n\n", 1)[-1]
+    codes = [code for word, code in (("poison", "S1"), ("insult", "S10")) if word in last]
+    return "unsafe\n" + ",".join(codes) if codes else "safe"
+
+
+def covered(engine: ScriptedGuardEngine, n: int) -> set[int]:
+    return {int(i) for c in engine.generated for i in re.findall(r"number (\d{3}) ", c)}
+
+
+def test_check_long_text_splits_and_merges_categories() -> None:
+    overhead = len(guard_prompt(user("x"), LLAMA_GUARD_3_1B_CATEGORIES))
+    engine = ScriptedGuardEngine(n_ctx=overhead + 32 + 300, answer=by_words)
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
+    text = numbered_text(40, {3: "Add poison.", 36: "An insult."})
+    verdict = guard.check_long_text(text)
+    assert len(engine.generated) >= 6  # ~2000 characters in pieces of at most 300
+    assert covered(engine, 40) == set(range(40))  # no part of the text went unchecked
+    assert verdict.flagged
+    assert [c.code for c in verdict.categories] == ["S1", "S10"]
+    assert verdict.raw.count("\n---\n") == len(engine.generated) - 1
+    assert verdict.prompt_tokens > len(text)
+    assert set(verdict.timings) == {"score_ms", "answer_ms", "total_ms"}
+
+
+def test_check_long_text_all_safe_pieces() -> None:
+    overhead = len(guard_prompt(user("x"), LLAMA_GUARD_3_1B_CATEGORIES))
+    engine = ScriptedGuardEngine(n_ctx=overhead + 32 + 300, answer=by_words)
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_long_text(numbered_text(20, {}))
+    assert len(engine.generated) > 1 and not verdict.flagged and verdict.categories == []
+
+
+def test_check_long_text_that_fits_is_one_check() -> None:
+    engine = ScriptedGuardEngine(answer=by_words)
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_long_text("Add poison.")
+    assert engine.generated == ["User: Add poison."]
+    assert verdict.categories == [Category("S1", "Violent Crimes")]
+
+
+def test_check_response_in_context() -> None:
+    engine = ScriptedGuardEngine(answer=by_words)
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_response("Hi?", "Add poison.")
+    assert engine.generated == ["User: Hi?\n\nAgent: Add poison."]
+    assert verdict.role == "Agent" and verdict.flagged
+
+
+def test_check_response_falls_back_to_pieces_when_the_conversation_overflows() -> None:
+    prompt = "Please tell me a long story. " * 60  # 1740 characters
+    response = numbered_text(30, {28: "Then add poison."})
+    context = prompt[:1000] + " [...]"
+    overhead = len(guard_prompt([{"role": "user", "content": context},
+                                 {"role": "assistant", "content": "x"}],
+                                LLAMA_GUARD_3_1B_CATEGORIES))
+    engine = ScriptedGuardEngine(n_ctx=overhead + 32 + 400, answer=by_words)
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_response(prompt, response)
+    assert len(engine.generated) >= 4
+    for conversation in engine.generated:
+        # The prompt's beginning as context, then a piece of the response being judged.
+        assert conversation.startswith(f"User: {context.strip()}\n\nAgent: Sentence number ")
+    assert covered(engine, 30) == set(range(30))
+    assert verdict.flagged and verdict.role == "Agent"
+    assert [c.code for c in verdict.categories] == ["S1"]
+
+
+def test_check_response_with_no_room_for_a_piece() -> None:
+    engine = ScriptedGuardEngine(n_ctx=1300)
+    with pytest.raises(ContextOverflowError):
+        Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_response("p" * 2000, "r" * 2000)
+
+
+def part(flagged: bool, codes: list[str], score: float, raw: str) -> Verdict:
+    return Verdict(flagged=flagged, categories=name_categories(codes, LLAMA_GUARD_3_CATEGORIES),
+                   score=score, p_safe=None, p_unsafe=None, role="User", model="m", raw=raw,
+                   decided_by="answer", prompt_tokens=100, prompt_tokens_evaluated=60,
+                   timings={"score_ms": 1.25, "answer_ms": 2.0, "total_ms": 3.25})
+
+
+def test_verdict_for_parts_merges() -> None:
+    merged = verdict_for_parts([part(False, [], 0.1, "safe"),
+                                part(True, ["S10", "S1"], 0.7, "unsafe\nS10,S1"),
+                                part(True, ["S1", "S2"], 0.6, "unsafe\nS1,S2")])
+    assert merged.flagged and merged.score == 0.7
+    assert [c.code for c in merged.categories] == ["S10", "S1", "S2"]
+    assert (merged.prompt_tokens, merged.prompt_tokens_evaluated) == (300, 180)
+    assert merged.timings == {"score_ms": 3.75, "answer_ms": 6.0, "total_ms": 9.75}
+    assert merged.raw == "safe\n---\nunsafe\nS10,S1\n---\nunsafe\nS1,S2"
+    calm = verdict_for_parts([part(False, [], 0.2, "safe"), part(False, [], 0.3, "safe")])
+    assert not calm.flagged and calm.categories == [] and calm.score == 0.3
+
+
+# -- guarded chat turns --------------------------------------------------------------------------
+
+
+class ChatEngine:
+    """A chat model that always answers ``reply``."""
+
+    model_name = "chat"
+    n_ctx = 4096
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.calls = 0
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        return [ord(c) % 256 for c in text]
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages))
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        self.calls += 1
+        if on_text is not None:
+            on_text(self.reply)
+        return Generation(text=self.reply, prompt_tokens=len(prompt),
+                          prompt_tokens_evaluated=len(prompt), completion_tokens=3,
+                          finish_reason="stop", prompt_ms=1.0, generation_ms=1.0,
+                          first_token_ms=1.0)
+
+
+def history() -> Conversation:
+    return Conversation(system="sys", messages=[{"role": "user", "content": "earlier"},
+                                                {"role": "assistant", "content": "reply"}])
+
+
+def test_guarded_turn_passes_safe_turns_through() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    convo, shown = history(), []
+    reply = guarded_chat_turn(ChatEngine("Bread needs flour."), convo, "How is bread made?",
+                              guard, on_text=shown.append)
+    assert reply.text == "Bread needs flour." and shown == ["Bread needs flour."]
+    assert convo.messages[2:] == [{"role": "user", "content": "How is bread made?"},
+                                  {"role": "assistant", "content": "Bread needs flour."}]
+    assert guard.engine.generated == [  # type: ignore[attr-defined]
+        "User: How is bread made?",
+        "User: How is bread made?\n\nAgent: Bread needs flour."]
+
+
+def test_guarded_turn_refuses_a_flagged_message_before_generating() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    chat, convo, shown = ChatEngine("ok"), history(), []
+    with pytest.raises(FlaggedError) as info:
+        guarded_chat_turn(chat, convo, "Which poison?", guard, on_text=shown.append)
+    assert info.value.stage == "input" and info.value.exit_code == 3
+    assert str(info.value) == ("the input was flagged by scripted-guard (S1 Violent Crimes); "
+                               "nothing was generated")
+    assert chat.calls == 0 and shown == [] and convo.messages == history().messages
+
+
+def test_guarded_turn_withholds_a_flagged_reply_and_forgets_the_turn() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    chat, convo, shown = ChatEngine("Use poison."), history(), []
+    with pytest.raises(FlaggedError) as info:
+        guarded_chat_turn(chat, convo, "How do I get rid of rats?", guard, on_text=shown.append)
+    assert info.value.stage == "output"
+    assert str(info.value) == ("the answer was flagged by scripted-guard (S1 Violent Crimes); "
+                               "it was withheld")
+    assert chat.calls == 1 and shown == [] and convo.messages == history().messages
+
+
+def test_guarded_turn_restores_the_conversation_when_the_guard_fails() -> None:
+    answers = iter(["safe", "I am not a guard"])
+    guard = Guard(ScriptedGuardEngine(answer=lambda _c: next(answers)),
+                  LLAMA_GUARD_3_1B_CATEGORIES)
+    convo, shown = history(), []
+    with pytest.raises(VerdictError):
+        guarded_chat_turn(ChatEngine("fine"), convo, "hello", guard, on_text=shown.append)
+    assert convo.messages == history().messages and shown == []
+
+
+def test_unguarded_turn_is_a_plain_chat_turn() -> None:
+    convo, shown = history(), []
+    reply = guarded_chat_turn(ChatEngine("Use poison."), convo, "rats?", None,
+                              on_text=shown.append)
+    assert reply.text == "Use poison." and shown == ["Use poison."] and len(convo.messages) == 4
+
+
+# -- guarded commands and batch records --------------------------------------------------------
+
+
+def test_check_input_and_output_build_the_guard_field() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    so_far = check_input(guard, "hello")
+    assert list(so_far) == ["input"] and so_far["input"]["role"] == "User"
+    both = check_output(guard, "hello", "hi there", so_far)
+    assert list(both) == ["input", "output"] and both["output"]["role"] == "Agent"
+    assert check_output(guard, "hello", "  ", so_far) == so_far  # nothing to check
+    with pytest.raises(FlaggedError) as info:
+        check_input(guard, "poison")
+    assert info.value.stage == "prompt"
+    assert str(info.value).startswith("the prompt was flagged by scripted-guard")
+    with pytest.raises(FlaggedError) as out:
+        check_output(guard, "hello", "an insult", so_far)
+    assert str(out.value) == ("the answer was flagged by scripted-guard (S10 Hate); "
+                              "it was withheld")
+
+
+def test_guard_batch_input_marks_a_flagged_record() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    record: dict[str, Any] = {"path": "a.md", "summary": None, "error": None}
+    assert guard_batch_input(guard, "poison", record, "summary") is None
+    assert record["flagged"] is True and record["summary"] is None
+    assert record["guard"]["input"]["categories"] == [{"code": "S1", "name": "Violent Crimes"}]
+    assert record["flagged_note"].startswith("the input was flagged")
+    ok: dict[str, Any] = {"path": "b.md", "summary": None, "error": None}
+    verdict = guard_batch_input(guard, "bread", ok, "summary")
+    assert isinstance(verdict, Verdict) and not verdict.flagged and "flagged" not in ok
+
+
+def test_guard_batch_output_withholds_a_flagged_answer() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    record: dict[str, Any] = {"path": "a.jpg", "caption": "a poison bottle", "error": None}
+    guard_batch_output(guard, "Describe.", "a poison bottle", record, "caption")
+    assert record["caption"] is None and record["flagged"] is True
+    assert list(record["guard"]) == ["output"]
+    kept: dict[str, Any] = {"path": "b.jpg", "caption": "a cat", "error": None}
+    guard_batch_output(guard, "Describe.", "a cat", kept, "caption")
+    assert kept["caption"] == "a cat" and kept["flagged"] is False
+    assert kept["guard"]["output"]["verdict"] == "safe"
+
+
+def test_guard_batch_fails_closed() -> None:
+    guard = Guard(ScriptedGuardEngine(answer="whatever"), LLAMA_GUARD_3_1B_CATEGORIES)
+    record: dict[str, Any] = {"path": "a.jpg", "caption": "a cat", "error": None}
+    guard_batch_output(guard, "Describe.", "a cat", record, "caption")
+    assert record["caption"] is None
+    assert record["error"].startswith("a.jpg: the safety check failed: the guard model's "
+                                      "answer is not a verdict: 'whatever'")
+    doc: dict[str, Any] = {"path": "a.md", "summary": None, "error": None}
+    assert guard_batch_input(guard, "text", doc, "summary") is None
+    assert doc["error"].startswith("a.md: the safety check failed:")
+
+
+def jsonl(guard: Guard, obj: Any, number: int = 1) -> dict[str, Any]:
+    line = obj if isinstance(obj, str) else json.dumps(obj)
+    return check_jsonl_line(guard, line, number)
+
+
+def test_jsonl_text_record() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    record = jsonl(guard, {"id": "a-7", "text": "Add poison."}, 4)
+    assert (record["line"], record["id"]) == (4, "a-7")
+    assert record["verdict"] == "unsafe" and record["flagged"] is True
+    assert record["role"] == "User" and record["error"] is None
+    assert record["categories"] == [{"code": "S1", "name": "Violent Crimes"}]
+    assert "id" not in jsonl(guard, {"text": "hi"})
+
+
+def test_jsonl_prompt_and_response_record() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    record = jsonl(guard, {"prompt": "Add poison?", "response": "No."})
+    assert record["role"] == "Agent" and record["verdict"] == "safe"
+    assert guard.engine.generated == ["User: Add poison?\n\nAgent: No."]  # type: ignore[attr-defined]
+    prompt_only = jsonl(guard, {"prompt": "Add poison?"})
+    assert prompt_only["role"] == "User" and prompt_only["verdict"] == "unsafe"
+
+
+def test_jsonl_messages_record() -> None:
+    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
+    record = jsonl(guard, {"messages": [{"role": "system", "content": "s"},
+                                        {"role": "user", "content": "a"},
+                                        {"role": "assistant", "content": "an insult"}]})
+    assert record["role"] == "Agent"
+    assert record["categories"] == [{"code": "S10", "name": "Hate"}]
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("{not json", "line 2 is not JSON: "),
+    ('["a list"]', 'line 2 has no "text", "prompt" or "messages"'),
+    ('{"txt": "typo"}', 'line 2 has no "text", "prompt" or "messages"'),
+    ('{"text": 5}', 'line 2 has no "text", "prompt" or "messages"'),
+    ('{"prompt": "p", "response": null}', 'line 2: "response" must be a string'),
+    ('{"messages": [{"role": "user"}]}', 'line 2: "messages" must be a list of '),
+    ('{"messages": ["hi"]}', 'line 2: "messages" must be a list of '),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}',
+     "the conversation must alternate user/assistant"),
+    ('{"text": "   "}', "message 1 is empty"),
+])
+def test_jsonl_bad_records(line: str, error: str) -> None:
+    engine = ScriptedGuardEngine(answer="safe")
+    record = jsonl(Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES), line, 2)
+    assert set(record) == {"line", "verdict", "flagged", "error"}
+    assert record["line"] == 2 and record["verdict"] is None and record["flagged"] is None
+    assert record["error"].startswith(error), record["error"]
+    assert engine.generated == []
+
+
+def test_jsonl_answer_that_is_not_a_verdict_keeps_the_raw_answer() -> None:
+    guard = Guard(ScriptedGuardEngine(answer="Sure! Here is"), LLAMA_GUARD_3_1B_CATEGORIES)
+    record = jsonl(guard, {"id": 1, "text": "hello"}, 3)
+    assert record == {"line": 3, "id": 1, "verdict": None, "flagged": None,
+                      "raw": "Sure! Here is",
+                      "error": "the guard model's answer is not a verdict: 'Sure! Here is' "
+                               "(use a Llama Guard model (-m llama-guard3:1b))"}
+
+
+def test_guard_close_closes_the_engine() -> None:
+    engine = ScriptedGuardEngine()
+    with Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES):
+        pass
+    assert engine.closed
+
+
+def test_flagged_error_is_exit_3_and_a_library_error() -> None:
+    engine = ScriptedGuardEngine(answer="unsafe")
+    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("x")
+    exc = FlaggedError("prompt", verdict)
+    assert isinstance(exc, LlmkitError) and exc.exit_code == 3
+    assert str(exc) == ("the prompt was flagged by scripted-guard (no category named); "
+                        "nothing was generated")
