@@ -35,6 +35,13 @@ def counting_text(n: int = 400) -> str:
     return ", ".join(str(i) for i in range(1, n)) + ","
 
 
+# Runs a command and reports its peak RSS (KiB) on stderr: RUSAGE_CHILDREN of a process with
+# exactly one child is that child's peak. Use as [python, "-c", PEAK_RSS, *command].
+PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     """Write results as JSON under benchmarks/results/ and return the path."""
     RESULTS.mkdir(exist_ok=True)

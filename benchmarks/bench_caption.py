@@ -34,12 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import environment, median, save  # noqa: E402
-
-# Runs a command and reports its peak RSS: RUSAGE_CHILDREN of a process with one child.
-PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
+from _common import PEAK_RSS, environment, median, save  # noqa: E402
 
 
 def build_model(workdir: Path) -> tuple[Path, Path]:

@@ -25,6 +25,14 @@ class EngineOptions:
     verbose: bool = False
 
 
+def load_engine(path: str | Path, options: EngineOptions, name: str,
+                mmproj: Path | None = None) -> Engine:
+    """Load a GGUF (and its projector) with the user's hardware and context settings."""
+    return Engine(path, n_ctx=options.ctx, threads=options.threads, device=options.device,
+                  gpu_layers=options.gpu_layers, verbose=options.verbose, name=name,
+                  mmproj=mmproj)
+
+
 def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Resolution]:
     """Resolve ``model`` (None: the default) and load it.
 
@@ -35,16 +43,7 @@ def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Reso
         LlmkitError: any resolution or loading failure.
     """
     resolution = resolve(model)
-    engine = Engine(
-        resolution.model.path,
-        n_ctx=options.ctx,
-        threads=options.threads,
-        device=options.device,
-        gpu_layers=options.gpu_layers,
-        verbose=options.verbose,
-        name=resolution.model.name,
-    )
-    return engine, resolution
+    return load_engine(resolution.model.path, options, resolution.model.name), resolution
 
 
 DEFAULT_TEMPERATURE = 0.8
@@ -166,16 +165,7 @@ def open_vision_engine(model: str | None, options: EngineOptions, *,
     """
     resolution = resolve(model if model is not None else default_vision_model_name())
     model_path, projector, note = vision_files(resolution, mmproj)
-    engine = Engine(
-        model_path,
-        n_ctx=options.ctx,
-        threads=options.threads,
-        device=options.device,
-        gpu_layers=options.gpu_layers,
-        verbose=options.verbose,
-        name=resolution.model.name,
-        mmproj=projector,
-    )
+    engine = load_engine(model_path, options, resolution.model.name, projector)
     return engine, resolution, note or resolution.note
 
 
@@ -193,16 +183,8 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
         return open_vision_engine(model, options, mmproj=mmproj)
     resolution = resolve(model)
     projector = Path(resolution.model.mmproj) if resolution.model.mmproj else None
-    engine = Engine(
-        resolution.model.path,
-        n_ctx=options.ctx,
-        threads=options.threads,
-        device=options.device,
-        gpu_layers=options.gpu_layers,
-        verbose=options.verbose,
-        name=resolution.model.name,
-        mmproj=projector if projector is not None and projector.is_file() else None,
-    )
+    engine = load_engine(resolution.model.path, options, resolution.model.name,
+                         projector if projector is not None and projector.is_file() else None)
     return engine, resolution, resolution.note
 
 

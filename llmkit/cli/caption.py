@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli._batch import BatchFormat, note_all_skipped, open_cli_guard, run_cli_batch
 from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
@@ -35,14 +36,6 @@ class Style(str, Enum):
     detailed = "detailed"
     alt_text = "alt-text"
     tags = "tags"
-
-
-class BatchFormat(str, Enum):
-    """Output format of batch commands."""
-
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
 
 
 IMAGE_SUFFIXES = frozenset({
@@ -103,18 +96,16 @@ def caption(
     Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage,
     3 a caption was flagged and withheld (--guard), 130 Ctrl-C.
     """
-    from llmkit.batch import BatchOutput, RecordLog, run_batch, should_skip
-    from llmkit.errors import Interrupted, LlmkitError
+    from llmkit.batch import BatchOutput, RecordLog, should_skip
     from llmkit.io import collect_paths
     from llmkit.session import EngineOptions, open_vision_engine, sampling_params
     from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
-    from llmkit.tasks.safety import guard_batch_output
+    from llmkit.tasks.safety import check_input, guard_batch_output
 
     out.set_quiet(quiet)
     instruction, style_name = instruction_for(style.value, prompt)
     paths = collect_paths(inputs, suffixes=IMAGE_SUFFIXES, recursive=recursive)
     single = len(paths) == 1 and "-" not in inputs and not Path(inputs[0]).is_dir()
-    fmt = format or BatchFormat.text
     use_sidecar = sidecar or sidecar_ext != ".txt"
     log = RecordLog(out_file) if out_file is not None else None
     checker = None
@@ -125,22 +116,14 @@ def caption(
         if not todo:
             # Nothing new since the last run: don't even load the model.
             if not single or skip_existing:
-                out.note(f"{len(paths)} image{'s' * (len(paths) != 1)}: 0 done, "
-                         f"{len(paths)} skipped, 0 failed")
+                note_all_skipped(len(paths), "image")
             return
         engine_options = EngineOptions(ctx=ctx, threads=threads,
                                        device=str(getattr(device, "value", device)),
                                        gpu_layers=gpu_layers, verbose=verbose)
-        if guard or guard_model or guard_threshold is not None:
-            from llmkit.session import open_guard
-            from llmkit.tasks.safety import check_input
-
-            checker, guard_note = open_guard(guard_model, engine_options,
-                                             threshold=guard_threshold)
-            if guard_note:
-                out.note(guard_note)
-            if prompt is not None:
-                check_input(checker, instruction)  # your own instruction is input too
+        checker = open_cli_guard(guard, guard_model, guard_threshold, engine_options)
+        if checker is not None and prompt is not None:
+            check_input(checker, instruction)  # your own instruction is input too
         engine, resolution, note = open_vision_engine(model, engine_options, mmproj=mmproj)
         if note:
             out.note(note)
@@ -148,7 +131,6 @@ def caption(
                                  max_tokens=max_tokens or DEFAULT_MAX_TOKENS[style_name])
         job = CaptionJob(instruction=instruction, style=style_name, params=params,
                          max_side=max_side)
-        records: list[dict[str, Any]] = []
         progress = _Progress(len(todo), quiet)
 
         def work(path: str) -> dict[str, Any]:
@@ -159,36 +141,9 @@ def caption(
                                             "caption")
             return record
 
-        def emit(record: dict[str, Any]) -> None:
-            progress.done()
-            if record.get("error") and (fmt == BatchFormat.text or single):
-                out.error(str(record["error"]))
-            if record.get("flagged"):
-                out.flagged(f"{record['path']}: {record.pop('flagged_note', '')}")
-            if fmt == BatchFormat.jsonl:
-                out.write_jsonl(record)
-            elif fmt == BatchFormat.json:
-                records.append(record)
-            elif record.get("caption") is not None:
-                out.write(record["caption"] + "\n" if single
-                          else f"==> {record['path']} <==\n{record['caption']}\n\n")
-
         with engine:
-            try:
-                summary = run_batch(paths, work, output, text_field="caption", on_record=emit,
-                                    before_save=lambda r: r.pop("flagged_note", None))
-            except KeyboardInterrupt:
-                progress.done()
-                raise Interrupted() from None
-            except LlmkitError:
-                progress.done()
-                raise
-        if fmt == BatchFormat.json:
-            out.write_json(records)
-        if not single or summary.skipped:
-            out.note(summary.line("image"))
-        if summary.exit_code:
-            raise typer.Exit(summary.exit_code)
+            run_cli_batch(paths, work, output, fmt=format or BatchFormat.text, single=single,
+                          text_field="caption", noun="image", clear=progress.done)
     finally:
         if log is not None:
             log.close()

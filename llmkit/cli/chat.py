@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli._batch import open_cli_guard
 from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
@@ -104,13 +105,7 @@ def chat(
 
         raise InputError("stdin is empty", hint="pipe a message, or run chat in a terminal")
     pending = [str(p) for p in image or []]
-    checker = None
-    if guard or guard_model or guard_threshold is not None:
-        from llmkit.session import open_guard
-
-        checker, guard_note = open_guard(guard_model, options, threshold=guard_threshold)
-        if guard_note:
-            out.note(guard_note)
+    checker = open_cli_guard(guard, guard_model, guard_threshold, options)
     engine, resolution, note = open_chat_engine(model, options, mmproj=mmproj,
                                                 images=bool(pending) or convo.has_images)
     if note:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli._batch import open_cli_guard
 from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
@@ -74,7 +75,6 @@ def run(
         EngineOptions,
         default_system_prompt,
         open_engine,
-        open_guard,
         open_vision_engine,
         sampling_params,
     )
@@ -88,13 +88,10 @@ def run(
                             device=str(getattr(device, "value", device)),
                             gpu_layers=gpu_layers, verbose=verbose)
     prepared = [prepare_image(p) for p in image or []]  # before loading: fail fast
-    checker = None
-    if guard or guard_model or guard_threshold is not None:
-        # The guard is loaded and the prompt checked before the model loads: a refused prompt
-        # costs no generation model at all.
-        checker, guard_note = open_guard(guard_model, options, threshold=guard_threshold)
-        if guard_note:
-            out.note(guard_note)
+    # The guard is loaded and the prompt checked before the model loads: a refused prompt
+    # costs no generation model at all.
+    checker = open_cli_guard(guard, guard_model, guard_threshold, options)
+    if checker is not None:
         with_guard = check_input(checker, text)
     if image:
         engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from llmkit.cli import _output as out
+from llmkit.cli._batch import BatchFormat, note_all_skipped, open_cli_guard, run_cli_batch
 from llmkit.cli._options import (
     CtxOpt,
     DeviceOpt,
@@ -26,7 +27,6 @@ from llmkit.cli._options import (
     TopPOpt,
     VerboseOpt,
 )
-from llmkit.cli.caption import BatchFormat
 
 # Summaries should stick to the text: sample cooler than chat unless told otherwise.
 SUMMARY_TEMPERATURE = 0.2
@@ -114,9 +114,9 @@ def summarize(
     Exit codes: 0 all summarized or skipped, 1 a document or the model failed, 2 usage,
     3 a document or its summary was flagged (--guard), 130 Ctrl-C.
     """
-    from llmkit.batch import BatchOutput, RecordLog, run_batch, should_skip
+    from llmkit.batch import BatchOutput, RecordLog, should_skip
     from llmkit.documents import DOCUMENT_SUFFIXES
-    from llmkit.errors import Interrupted, LlmkitError, UsageError
+    from llmkit.errors import UsageError
     from llmkit.io import collect_paths, stdin_is_tty
     from llmkit.session import EngineOptions, default_system_prompt, open_engine, sampling_params
     from llmkit.tasks.summarize import SummaryOptions, check_options
@@ -139,26 +139,17 @@ def summarize(
     paths = collect_paths(named, suffixes=DOCUMENT_SUFFIXES, recursive=recursive) if named else []
     items = paths + (["-"] if stdin_doc is not None else [])
     single = len(items) == 1 and not (named and Path(named[0]).is_dir())
-    fmt = format or BatchFormat.text
     log = RecordLog(out_file) if out_file is not None else None
     try:
         output = BatchOutput(log=log, skip_existing=skip_existing)
         todo = [p for p in items if p == "-" or not should_skip(p, output)]
         if not todo:
-            out.note(f"{len(items)} document{'s' * (len(items) != 1)}: 0 done, "
-                     f"{len(items)} skipped, 0 failed")
+            note_all_skipped(len(items), "document")
             return
         engine_options = EngineOptions(ctx=ctx, threads=threads,
                                        device=str(getattr(device, "value", device)),
                                        gpu_layers=gpu_layers, verbose=verbose)
-        checker = None
-        if guard or guard_model or guard_threshold is not None:
-            from llmkit.session import open_guard
-
-            checker, guard_note = open_guard(guard_model, engine_options,
-                                             threshold=guard_threshold)
-            if guard_note:
-                out.note(guard_note)
+        checker = open_cli_guard(guard, guard_model, guard_threshold, engine_options)
         engine, resolution = open_engine(model, engine_options)
         if resolution.note:
             out.note(resolution.note)
@@ -172,42 +163,15 @@ def summarize(
             params=sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
                                    max_tokens=max_tokens))
         check_options(options)
-        records: list[dict[str, Any]] = []
 
         def work(path: str) -> dict[str, Any]:
             return _summarize_one(engine, options, path, stdin_doc, as_format, verbose, quiet,
                                   checker)
 
-        def emit(record: dict[str, Any]) -> None:
-            _clear_progress(quiet)
-            if record.get("error") and (fmt == BatchFormat.text or single):
-                out.error(str(record["error"]))
-            if record.get("flagged"):
-                out.flagged(f"{record['path']}: {record.pop('flagged_note', '')}")
-            if fmt == BatchFormat.jsonl:
-                out.write_jsonl(record)
-            elif fmt == BatchFormat.json:
-                records.append(record)
-            elif record.get("summary") is not None:
-                out.write(record["summary"] + "\n" if single
-                          else f"==> {record['path']} <==\n{record['summary']}\n\n")
-
         with engine:
-            try:
-                summary = run_batch(items, work, output, text_field="summary",
-                                    on_record=emit, before_save=_drop_note)
-            except KeyboardInterrupt:
-                _clear_progress(quiet)
-                raise Interrupted() from None
-            except LlmkitError:
-                _clear_progress(quiet)
-                raise
-        if fmt == BatchFormat.json:
-            out.write_json(records)
-        if not single or summary.skipped:
-            out.note(summary.line("document"))
-        if summary.exit_code:
-            raise typer.Exit(summary.exit_code)
+            run_cli_batch(items, work, output, fmt=format or BatchFormat.text, single=single,
+                          text_field="summary", noun="document",
+                          clear=lambda: _clear_progress(quiet))
     finally:
         if log is not None:
             log.close()
@@ -221,10 +185,6 @@ def _read_stdin_document(as_format: InputFormat | None) -> Any:
 
     data = sys.stdin.buffer.read() if sys.stdin is not None else b""
     return read_document(data, name="stdin", format=as_format.value if as_format else None)
-
-
-def _drop_note(record: dict[str, Any]) -> None:
-    record.pop("flagged_note", None)
 
 
 def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
