@@ -48,7 +48,9 @@ def _target(ref: str, quant: str | None) -> tuple[str, str, str, str]:
             raise UsageError(f"{spec.name} names no source checkpoint in the catalog")
         qtype = normalize_type(chosen or spec.default_quant)
         return spec.name, spec.source_repo, qtype, spec.kind
-    repo = name.removeprefix("hf.co/").removeprefix("huggingface.co/")
+    from llmkit.hub import strip_hub_url
+
+    repo = strip_hub_url(name)
     if repo.count("/") != 1:
         from llmkit.hub import _unknown
 

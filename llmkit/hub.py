@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -30,7 +31,8 @@ from llmkit.store import LocalModel, get_local, register
 
 # Room left over after a download, so a pull never fills a disk to the last byte.
 _MARGIN_BYTES = 64 * 1024 * 1024
-_PREFIXES = ("https://", "http://", "hf.co/", "huggingface.co/")
+# Hosts whose repository URLs users paste; the HF_ENDPOINT mirror's host counts too.
+_HUB_HOSTS = ("hf.co", "huggingface.co", "www.huggingface.co")
 _SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _QUANT_RE = re.compile(r"(?:^|[-._])((?:ud-)?(?:i?q\d[a-z0-9_]*|bf16|f16|f32))$", re.IGNORECASE)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -95,15 +97,29 @@ def _names_quant(filename: str, quant: str) -> bool:
     return re.search(rf"(?:^|[-._]){q}(?:$|[-.])", stem) is not None
 
 
-def _strip_prefix(ref: str) -> str:
-    for prefix in _PREFIXES:
-        if ref.lower().startswith(prefix):
-            ref = ref[len(prefix):]
-    return ref
+def strip_hub_url(ref: str) -> str:
+    """``OWNER/REPO[…]`` from a pasted repository URL or ``hf.co/…`` reference.
+
+    The Hub's own hosts and the host of ``HF_ENDPOINT`` (a mirror) are recognised; anything
+    else is returned as typed, so a foreign URL is refused as a malformed reference.
+    """
+    text = ref.strip()
+    for scheme in ("https://", "http://"):
+        if text.lower().startswith(scheme):
+            text = text[len(scheme):]
+            break
+    hosts = set(_HUB_HOSTS)
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        from urllib.parse import urlsplit
+
+        hosts.add(urlsplit(endpoint).netloc.lower())
+    head, sep, rest = text.partition("/")
+    return rest if sep and head.lower() in hosts else text
 
 
 def parse_ref(ref: str, quant: str | None = None) -> PullTarget:
-    """Turn ``NAME[@QUANT]``, ``OWNER/REPO[:QUANT]`` or ``hf.co/OWNER/REPO[:QUANT]`` into a target.
+    """Turn ``NAME[@QUANT]``, ``OWNER/REPO[:QUANT]`` or a repository URL into a target.
 
     Args:
         ref: what the user typed.
@@ -117,7 +133,7 @@ def parse_ref(ref: str, quant: str | None = None) -> PullTarget:
         UnsupportedModelError: a catalog entry llama.cpp cannot run.
         UsageError: a malformed reference, or two different quantizations.
     """
-    ref = _strip_prefix(ref.strip())
+    ref = strip_hub_url(ref)
     if "/" in ref:
         repo, sep, given = ref.partition(":")
         repo = repo.strip("/")

@@ -96,8 +96,9 @@ def test_pull_repo_quant(hub: FakeHub, ggufs: dict[str, bytes], isolated_home: P
     assert not (isolated_home / "models").exists()
     shown = run_llmkit(["show", "acme/tiny-gguf:q4_1", "-f", "json"])
     assert shown.returncode == 0, shown.stderr
-    # hf.co/ prefix, lower-case quant, --format json: one object on stdout; no second download.
-    again = run_llmkit(["pull", f"hf.co/{REPO}:q4_1", "--format", "json"])
+    # The repository's URL on the (mirror) endpoint, lower-case quant, --format json: one
+    # object on stdout; no second download.
+    again = run_llmkit(["pull", f"{hub.url}/{REPO}:q4_1", "--format", "json"])
     assert again.returncode == 0, again.stderr
     data = json.loads(again.stdout)
     assert data["name"] == "acme/tiny-gguf:q4_1" and data["path"] == str(path)
@@ -173,7 +174,7 @@ def test_pull_catalog_entry_quant_spellings(hub: FakeHub, ggufs: dict[str, bytes
     assert "write tiny:1m@Q8_0 or --quant Q8_0" in colon.stderr
 
 
-def test_unknown_and_unsupported_names() -> None:
+def test_unknown_and_unsupported_names(hub: FakeHub) -> None:
     unknown = run_llmkit(["pull", "llama3.2:1bb"])
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("llmkit: error: model 'llama3.2:1bb' not found (did you "
@@ -182,6 +183,7 @@ def test_unknown_and_unsupported_names() -> None:
     assert unsupported.returncode == 1
     assert "is not supported: It uses the \"mllama\"" in unsupported.stderr
     assert "try gemma3:4b" in unsupported.stderr
+    assert hub.requests == []  # refused before any request
 
 
 def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path,
@@ -384,17 +386,24 @@ def test_quant_of(name: str, quant: str) -> None:
     assert quant_of(name) == quant
 
 
+MIRROR = "http://127.0.0.1:8765"  # an HF_ENDPOINT; nothing is fetched by parsing
+
+
 @pytest.mark.parametrize(("ref", "quant", "name", "repo", "want"), [
     ("llama3.2:1b", None, "llama3.2:1b", "bartowski/Llama-3.2-1B-Instruct-GGUF", "Q4_K_M"),
     ("llama3.2:1b@q8_0", None, "llama3.2:1b", "bartowski/Llama-3.2-1B-Instruct-GGUF", "Q8_0"),
     ("llama3.2:1b", "Q8_0", "llama3.2:1b", "bartowski/Llama-3.2-1B-Instruct-GGUF", "Q8_0"),
-    ("hf.co/Owner/Repo-GGUF:Q4_K_M", None, "owner/repo-gguf:q4_k_m", "Owner/Repo-GGUF", "Q4_K_M"),
-    ("https://huggingface.co/Owner/Repo", "Q8_0", "owner/repo:q8_0", "Owner/Repo", "Q8_0"),
+    (f"{MIRROR}/Owner/Repo-GGUF:Q4_K_M", None, "owner/repo-gguf:q4_k_m", "Owner/Repo-GGUF",
+     "Q4_K_M"),
+    (f"{MIRROR}/Owner/Repo/", "Q8_0", "owner/repo:q8_0", "Owner/Repo", "Q8_0"),
+    ("127.0.0.1:8765/Owner/Repo", None, "owner/repo", "Owner/Repo", ""),
     ("Owner/Repo", None, "owner/repo", "Owner/Repo", ""),
 ])
-def test_parse_ref(ref: str, quant: str | None, name: str, repo: str, want: str) -> None:
+def test_parse_ref(ref: str, quant: str | None, name: str, repo: str, want: str,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
     from llmkit.hub import parse_ref
 
+    monkeypatch.setenv("HF_ENDPOINT", MIRROR)
     target = parse_ref(ref, quant)
     assert (target.name, target.repo, target.quant) == (name, repo, want)
 
@@ -407,6 +416,9 @@ def test_parse_ref_conflicts() -> None:
         parse_ref("Owner/Repo:Q4_1", "Q8_0")
     with pytest.raises(UsageError, match="not a repository reference"):
         parse_ref("a/b/c:Q4_1")
+    # A URL on a host that is neither the Hub nor HF_ENDPOINT is not taken for a repository.
+    with pytest.raises(UsageError, match="not a repository reference"):
+        parse_ref("http://127.0.0.2:8765/Owner/Repo:Q4_1")
 
 
 def test_free_space_check(tmp_path: Path) -> None:

@@ -72,9 +72,10 @@ def test_from_source_keep_leaves_the_f16(hub: FakeHub, isolated_home: Path,  # n
     assert "acme--tiny-llama3-q4_k_m.gguf" in files
 
 
-def test_keep_without_from_source_is_a_usage_error() -> None:
+def test_keep_without_from_source_is_a_usage_error(hub: FakeHub) -> None:  # noqa: F811
     proc = run_llmkit(["pull", "llama3.2:1b", "--keep"])
     assert proc.returncode == 2 and "--keep only applies with --from-source" in proc.stderr
+    assert hub.requests == []
 
 
 def test_from_source_refuses_an_unknown_architecture_before_downloading_weights(
