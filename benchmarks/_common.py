@@ -25,6 +25,23 @@ def default_model() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def built_tool(name: str = "llama-bench", explicit: str | None = None,
+               disabled: bool = False) -> str | None:
+    """A llama.cpp tool built by build_llama_bench.sh (or the one given), None when absent.
+
+    Raises:
+        SystemExit: an explicitly given path is not executable.
+    """
+    if disabled:
+        return None
+    if explicit is not None:
+        if not os.access(explicit, os.X_OK):
+            raise SystemExit(f"{explicit} is not an executable {name}")
+        return explicit
+    found = sorted(HERE.glob(f".build/build-*/bin/{name}"))
+    return str(found[-1]) if found else None
+
+
 def median(values: list[float]) -> float:
     """Median, or 0.0 for no values."""
     return statistics.median(values) if values else 0.0

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import ForeignLoad, default_model, environment, median, save  # noqa: E402
+from _common import (  # noqa: E402
+    ForeignLoad,
+    built_tool,
+    default_model,
+    environment,
+    median,
+    save,
+)
 from bench_generation import llmkit_command, worker_raw  # noqa: E402
 
 TARGET = 0.97
@@ -237,13 +243,8 @@ def main() -> None:
         n_prompt, probe_text = lengths[len(lengths) // 2]
         probe_tokens = guard.prompt_tokens([{"role": "user", "content": probe_text}])
         through = "Llama 3 prompt" if guard.llama3 else "its own chat template"
-    bench = args.llama_bench
-    if bench is None and not args.no_llama_bench:
-        found = sorted(HERE.glob(".build/build-*/bin/llama-bench"))
-        bench = str(found[-1]) if found else None
-    if bench and not args.no_llama_bench and not os.access(bench, os.X_OK):
-        raise SystemExit(f"{bench} is not an executable llama-bench")
-    use_bench = bool(bench) and not args.no_llama_bench
+    bench = built_tool("llama-bench", args.llama_bench, args.no_llama_bench)
+    use_bench = bench is not None
 
     variants: dict[str, Callable[[], Sample]] = {
         "batch": lambda: run_batch(args, jsonl, len(items)),

@@ -28,7 +28,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import default_model, median, save  # noqa: E402
+from _common import built_tool, default_model, median, save  # noqa: E402
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -174,7 +174,7 @@ def main() -> None:
     result["memory_ratio"] = round(
         result["llmkit_peak_rss_mb"] / result["reference_peak_rss_mb"], 3)
     result["tensor_data"] = compare(ours_out, ref_out)
-    quant = sorted(HERE.glob(".build/build-*/bin/llama-quantize"))
+    quant = built_tool("llama-quantize")
     if quant:
         q_ours: list[float] = []
         q_ref: list[float] = []
@@ -182,7 +182,7 @@ def main() -> None:
             q_ours.append(timed([python, "-m", "llmkit", "quantize", str(ours_out),
                                  str(work / "q-llmkit.gguf"), "--type", "Q4_K_M", "--force",
                                  "--threads", str(args.threads), "-q"])[0])
-            q_ref.append(timed([str(quant[-1]), str(ours_out), str(work / "q-ref.gguf"),
+            q_ref.append(timed([str(quant), str(ours_out), str(work / "q-ref.gguf"),
                                 "Q4_K_M", str(args.threads)])[0])
         result["quantize_llmkit_s"] = round(median(q_ours), 2)
         result["quantize_reference_s"] = round(median(q_ref), 2)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignLoad, default_model, environment, median, save
+from _common import ForeignLoad, built_tool, default_model, environment, median, save
 
 SYSTEM = "You are a helpful assistant."
 N_CTX = 4096
@@ -297,14 +296,9 @@ def main() -> None:
 
     started = time.perf_counter()
     text, tokens = build_prompt(args.model, args.prompt_tokens)
-    bench = args.llama_bench
-    if bench is None and not args.no_llama_bench:
-        found = sorted(Path(__file__).parent.glob(".build/build-*/bin/llama-bench"))
-        bench = str(found[-1]) if found else None
+    bench = built_tool("llama-bench", args.llama_bench, args.no_llama_bench)
     variants: dict[str, Callable[[], list[Sample]]] = {}
-    if bench and not args.no_llama_bench:
-        if not os.access(bench, os.X_OK):
-            raise SystemExit(f"{bench} is not an executable llama-bench")
+    if bench:
         variants["llama_bench"] = lambda: run_llama_bench(bench, args, len(tokens))
     for name in WORKERS:
         variants[name] = lambda n=name: in_subprocess(n, args, tokens)

@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import PEAK_RSS, default_model, environment, median, save  # noqa: E402
+from _common import PEAK_RSS, built_tool, default_model, environment, median, save  # noqa: E402
 
 
 def make_document(path: Path, target_tokens: int, count: Any) -> int:
@@ -60,10 +60,10 @@ def run_cli(doc: Path, model: Path, ctx: int, threads: int) -> dict[str, Any]:
 
 
 def llama_bench_pp(model: Path, threads: int, n: int) -> float | None:
-    found = sorted(HERE.glob(".build/build-*/bin/llama-bench"))
-    if not found:
+    bench = built_tool("llama-bench")
+    if bench is None:
         return None
-    proc = subprocess.run([str(found[-1]), "-m", str(model), "-t", str(threads), "-p", str(n),
+    proc = subprocess.run([bench, "-m", str(model), "-t", str(threads), "-p", str(n),
                            "-n", "0", "-r", "3", "-o", "json"], capture_output=True, text=True)
     if proc.returncode != 0:
         return None

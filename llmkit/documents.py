@@ -296,19 +296,12 @@ def markdown_title(text: str) -> str | None:
 
 
 def _read_file(path: Path, label: str) -> bytes:
+    from llmkit.io import open_problem
+
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise DocumentError(label, "does not exist") from None
-    except IsADirectoryError:
-        raise DocumentError(label, "is a directory") from None
-    except PermissionError:
-        # Windows refuses to open a directory with EACCES rather than EISDIR.
-        if path.is_dir():
-            raise DocumentError(label, "is a directory") from None
-        raise DocumentError(label, "cannot be read (permission denied)") from None
     except OSError as exc:
-        raise DocumentError(label, f"cannot be read ({exc.strerror or exc})") from None
+        raise DocumentError(label, open_problem(path, exc)) from None
 
 
 def _detect_format(data: bytes, suffix: str) -> str:

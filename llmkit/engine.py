@@ -591,10 +591,11 @@ class Engine:
                 bitmaps.append(bitmap)
                 digest = hashlib.blake2b(image.rgb, digest_size=8)
                 digest.update(f"{image.width}x{image.height}".encode())
-                mtmd.mtmd_bitmap_set_id(bitmap, digest.hexdigest().encode())
+                image_id = digest.hexdigest()
+                mtmd.mtmd_bitmap_set_id(bitmap, image_id.encode())
                 # Images sit in the cached-token list as a run of one negative id per position,
                 # which no real token matches, so prefix reuse stops at a changed image.
-                keys.append(-1 - int(digest.hexdigest()[:7], 16))
+                keys.append(-1 - int(image_id[:7], 16))
             data_text = text.encode("utf-8")
             inp = mtmd.mtmd_input_text()
             inp.text = data_text
@@ -653,22 +654,11 @@ class Engine:
 
     def _prepare_media(self, plan: list[int], segments: list[_Segment]) -> int:
         """Keep the cached prefix of ``plan`` that ends on a segment boundary or inside text."""
-        keep = 0
-        for a, b in zip(self._cached, plan, strict=False):
-            if a != b:
-                break
-            keep += 1
-        if keep == len(plan):
-            keep -= 1  # the last token must be evaluated again for fresh logits
+        keep = min(self.cached_prefix_length(plan), len(plan) - 1)
         for seg in segments:
             if seg.chunk is not None and seg.start < keep < seg.end:
                 keep = seg.start  # half an image cannot be kept
-        mem = self._lc.llama_get_memory(self._ctx)
-        if not self._lc.llama_memory_seq_rm(mem, -1, keep, -1):
-            self._lc.llama_memory_clear(mem, True)
-            keep = 0
-        del self._cached[keep:]
-        return keep
+        return self._keep(keep, len(plan))
 
     # -- generation -----------------------------------------------------------------------
 
@@ -713,14 +703,13 @@ class Engine:
 
     def _prepare(self, prompt: Sequence[int]) -> int:
         """Keep the cached prefix of ``prompt``; return how many tokens are kept."""
+        return self._keep(self.cached_prefix_length(prompt), len(prompt))
+
+    def _keep(self, keep: int, length: int) -> int:
+        """Drop the KV cache after ``keep`` tokens of a ``length``-token prompt; return what
+        was kept (the last prompt token is always decoded again, for fresh logits)."""
+        keep = min(keep, length - 1)
         lc = self._lc
-        keep = 0
-        for a, b in zip(self._cached, prompt, strict=False):
-            if a != b:
-                break
-            keep += 1
-        if keep == len(prompt):
-            keep -= 1  # the last prompt token must be decoded again to get fresh logits
         mem = lc.llama_get_memory(self._ctx)
         if not lc.llama_memory_seq_rm(mem, -1, keep, -1):
             lc.llama_memory_clear(mem, True)
@@ -940,9 +929,9 @@ def _media_segments(mtmd: Any, chunks: Any, image_keys: list[int]) -> list[_Segm
     return segments
 
 
-def _last_error_line() -> str:
-    lines = [line.strip() for line in recent_log()
-             if "error" in line.lower() or "failed" in line.lower()]
+def _last_error_line(words: tuple[str, ...] = ("error", "failed")) -> str:
+    """The last line llama.cpp logged that mentions one of ``words``, or ''."""
+    lines = [line.strip() for line in recent_log() if any(w in line.lower() for w in words)]
     return lines[-1] if lines else ""
 
 
@@ -951,9 +940,7 @@ def _load_failure(path: Path) -> LlmkitError:
     from llmkit.gguf_file import read_info
 
     info = read_info(path)  # raises InvalidModelFileError for truncated or corrupt files
-    errors = [line.strip() for line in recent_log()
-              if "error" in line.lower() or "failed" in line.lower() or "unknown" in line.lower()]
-    detail = errors[-1] if errors else "llama.cpp could not load it"
+    detail = _last_error_line(("error", "failed", "unknown")) or "llama.cpp could not load it"
     if "unknown model architecture" in detail or "unknown architecture" in detail:
         return InvalidModelFileError(
             str(path), f"architecture '{info.architecture}' is not supported by this llama.cpp",

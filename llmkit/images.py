@@ -128,19 +128,12 @@ def prepare_image(
 
 
 def _open_file(path: Path, label: str) -> IO[bytes]:
+    from llmkit.io import open_problem
+
     try:
         stream = path.open("rb")
-    except FileNotFoundError:
-        raise ImageError(label, "does not exist") from None
-    except IsADirectoryError:
-        raise ImageError(label, "is a directory") from None
-    except PermissionError:
-        # Windows refuses to open a directory with EACCES rather than EISDIR.
-        if path.is_dir():
-            raise ImageError(label, "is a directory") from None
-        raise ImageError(label, "cannot be read (permission denied)") from None
     except OSError as exc:
-        raise ImageError(label, f"cannot be read ({exc.strerror or exc})") from None
+        raise ImageError(label, open_problem(path, exc)) from None
     if stream.seekable():
         return stream
     # A pipe or device (/dev/stdin, <(…)): Pillow seeks, so read it whole.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +33,19 @@ def decode_text(data: bytes, source: str) -> str:
             f"{source} is not UTF-8 text (byte 0x{bad} at offset {exc.start})",
             hint="convert it first, e.g. `iconv -f latin1 -t utf-8`",
         ) from None
+
+
+def open_problem(path: Path, exc: OSError) -> str:
+    """Why ``path`` could not be opened, as the end of a sentence that starts with its name."""
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    # Windows refuses to open a directory with EACCES rather than EISDIR.
+    if isinstance(exc, IsADirectoryError) or (isinstance(exc, PermissionError)
+                                               and path.is_dir()):
+        return "is a directory"
+    if isinstance(exc, PermissionError):
+        return "cannot be read (permission denied)"
+    return f"cannot be read ({exc.strerror or exc})"
 
 
 def read_stdin(stream: BinaryIO | None = None) -> str | None:
@@ -143,22 +157,28 @@ def collect_paths(
     return result
 
 
-def read_input_lines(source: str) -> list[str]:
-    """The lines of a file, or of stdin for ``-`` (UTF-8).
+def numbered_lines(source: str) -> Iterator[tuple[int, str | InputError]]:
+    """The non-blank lines of a file, or of stdin for ``-``, with their line numbers.
+
+    stdin is read line by line as it arrives, so a caller can answer each line before the
+    pipe closes; a stdin line that is not UTF-8 comes as an error for that line alone.
 
     Raises:
-        InputError: missing, unreadable, not UTF-8, stdin is a terminal, or no lines.
+        InputError: the file is missing, unreadable or not UTF-8, or stdin is a terminal.
     """
-    if source == "-":
-        if stdin_is_tty() or sys.stdin is None:
-            raise InputError("'-' reads lines from stdin, but stdin is a terminal",
-                             hint="pipe JSONL in, or name a file")
-        text = decode_text(sys.stdin.buffer.read(), "stdin")
-        name = "stdin"
-    else:
-        text = read_text_file(Path(source))
-        name = source
-    lines = text.splitlines()
-    if not any(line.strip() for line in lines):
-        raise InputError(f"{name} has no records")
-    return lines
+    if source != "-":
+        for number, line in enumerate(read_text_file(Path(source)).splitlines(), 1):
+            if line.strip():
+                yield number, line
+        return
+    if stdin_is_tty() or sys.stdin is None:
+        raise InputError("'-' reads lines from stdin, but stdin is a terminal",
+                         hint="pipe JSONL in, or name a file")
+    for number, raw in enumerate(iter(sys.stdin.buffer.readline, b""), 1):
+        try:
+            line = decode_text(raw, f"line {number}")
+        except InputError as exc:
+            yield number, exc
+            continue
+        if line.strip():
+            yield number, line

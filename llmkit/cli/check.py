@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -151,10 +149,11 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
     import itertools
 
     from llmkit.errors import InputError, Interrupted
+    from llmkit.io import numbered_lines
     from llmkit.session import open_guard
     from llmkit.tasks.safety import check_jsonl_line
 
-    lines = _numbered_lines(source)
+    lines = numbered_lines(source)
     # The first record is waited for before the model loads: empty input fails fast.
     first = next(lines, None)
     if first is None:
@@ -184,30 +183,3 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
         raise typer.Exit(1)
     if counts["flagged"]:
         raise typer.Exit(FLAGGED_EXIT)
-
-
-def _numbered_lines(source: str) -> Iterator[tuple[int, str | Exception]]:
-    """The non-blank input lines with their numbers. stdin is read line by line as it arrives,
-    so each verdict is written as soon as its record is in (a pipeline need not close stdin
-    first); a stdin line that is not UTF-8 comes as an error for that line alone."""
-    from llmkit.errors import InputError
-    from llmkit.io import read_input_lines, stdin_is_tty
-
-    if source != "-":
-        for number, line in enumerate(read_input_lines(source), 1):
-            if line.strip():
-                yield number, line
-        return
-    if stdin_is_tty() or sys.stdin is None:
-        raise InputError("'-' reads lines from stdin, but stdin is a terminal",
-                         hint="pipe JSONL in, or name a file")
-    for number, raw in enumerate(iter(sys.stdin.buffer.readline, b""), 1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            bad = raw[exc.start:exc.start + 1].hex()
-            yield number, InputError(f"line {number} is not UTF-8 text (byte 0x{bad} at "
-                                     f"offset {exc.start})")
-            continue
-        if line.strip():
-            yield number, line

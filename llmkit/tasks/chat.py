@@ -204,12 +204,18 @@ def fit_conversation(
             return tokens, dropped
         if len(convo.messages) <= 1:
             raise ContextOverflowError(len(tokens), engine.n_ctx, reserve=reserve)
+        dropped += _drop_oldest_turn(convo)
+
+
+def _drop_oldest_turn(convo: Conversation) -> int:
+    """Remove the oldest message, and any that would then open the history other than a user
+    turn (chat templates expect one first); returns how many were removed."""
+    convo.messages.pop(0)
+    dropped = 1
+    while len(convo.messages) > 1 and convo.messages[0]["role"] != "user":
         convo.messages.pop(0)
         dropped += 1
-        # Keep the history starting with a user turn, as chat templates expect.
-        while len(convo.messages) > 1 and convo.messages[0]["role"] != "user":
-            convo.messages.pop(0)
-            dropped += 1
+    return dropped
 
 
 def chat_turn(
@@ -285,11 +291,7 @@ def _answer_with_images(engine: TextEngine, convo: Conversation, params: Samplin
         except ContextOverflowError:
             if len(convo.messages) <= 1:
                 raise
-        convo.messages.pop(0)
-        dropped += 1
-        while len(convo.messages) > 1 and convo.messages[0]["role"] != "user":
-            convo.messages.pop(0)
-            dropped += 1
+        dropped += _drop_oldest_turn(convo)
 
 
 def run_prompt_with_images(

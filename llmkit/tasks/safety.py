@@ -6,7 +6,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -449,16 +449,7 @@ class Guard:
 
         Flagged when any piece is; the categories of all flagged pieces are merged.
         """
-        from llmkit.chunking import plan_chunks
-        from llmkit.tasks.summarize import EngineTokenizer
-
-        overhead = len(self.prompt_tokens([{"role": "user", "content": "x"}]))
-        budget = self.engine.n_ctx - overhead - 32
-        tokenizer = EngineTokenizer(self.engine)  # type: ignore[arg-type]
-        if budget <= 0 or tokenizer.count(text) <= budget:
-            return self.check_text(text)
-        pieces = plan_chunks(text, tokenizer, budget, overlap=min(64, budget // 4))
-        return verdict_for_parts([self.check_text(p.text_in(text)) for p in pieces])
+        return self._check_in_pieces(text, lambda piece: [{"role": "user", "content": piece}])
 
     def check_response(self, prompt: str, response: str) -> Verdict:
         """Assess an assistant response in the context of the prompt it answers.
@@ -474,21 +465,34 @@ class Guard:
                                {"role": "assistant", "content": response}])
         except ContextOverflowError:
             pass
-        from llmkit.chunking import plan_chunks
-        from llmkit.tasks.summarize import EngineTokenizer
-
         context = prompt if len(prompt) <= 1000 else prompt[:1000] + " [...]"
-        overhead = len(self.prompt_tokens([{"role": "user", "content": context},
-                                           {"role": "assistant", "content": "x"}]))
+        return self._check_in_pieces(
+            response, lambda piece: [{"role": "user", "content": context},
+                                     {"role": "assistant", "content": piece}],
+            min_budget=16)
+
+    def _check_in_pieces(self, text: str, messages_for: Callable[[str], list[Message]], *,
+                         min_budget: int = 1) -> Verdict:
+        """Check ``text`` as the last message of ``messages_for(text)``: whole when it fits the
+        guard's context, else in chunks that do (each checked in the same surroundings).
+
+        Raises:
+            ContextOverflowError: the surroundings leave less than ``min_budget`` tokens.
+        """
+        from llmkit.chunking import EngineTokenizer, plan_chunks
+        from llmkit.errors import ContextOverflowError
+
+        overhead = len(self.prompt_tokens(messages_for("x")))
         budget = self.engine.n_ctx - overhead - 32
-        if budget < 16:
-            raise ContextOverflowError(overhead, self.engine.n_ctx, reserve=32)
-        tokenizer = EngineTokenizer(self.engine)  # type: ignore[arg-type]
-        pieces = plan_chunks(response, tokenizer, budget, overlap=min(64, budget // 4))
-        return verdict_for_parts([
-            self.check([{"role": "user", "content": context},
-                        {"role": "assistant", "content": p.text_in(response)}])
-            for p in pieces])
+        tokenizer = EngineTokenizer(self.engine)
+        if budget < min_budget:
+            if min_budget > 1:
+                raise ContextOverflowError(overhead, self.engine.n_ctx, reserve=32)
+            return self.check(messages_for(text))  # reports the overflow for the whole text
+        if tokenizer.count(text) <= budget:
+            return self.check(messages_for(text))
+        pieces = plan_chunks(text, tokenizer, budget, overlap=min(64, budget // 4))
+        return verdict_for_parts([self.check(messages_for(p.text_in(text))) for p in pieces])
 
 
 def _logistic(x: float) -> float:
@@ -533,27 +537,16 @@ class ImagesNotCheckableError(LlmkitError):
 
 
 def load_conversation(path: Path) -> list[Message]:
-    """A conversation from a JSON file: a list of {role, content}, or {"messages": [...]}.
+    """The messages of a conversation file (as `chat`'s /save writes it, or a plain list of
+    {role, content}); a system prompt in it is left out, as Llama Guard has no place for it.
 
     Raises:
-        InputError: unreadable, not JSON, or not a list of messages.
+        InputError: unreadable, not JSON, or not role/content messages.
     """
-    import json
+    from llmkit.tasks.chat import Conversation
 
-    from llmkit.io import read_text_file
-
-    try:
-        data = json.loads(read_text_file(path))
-    except ValueError as exc:
-        raise InputError(f"{path} is not JSON: {exc}") from None
-    if isinstance(data, dict):
-        data = data.get("messages")
-    if not isinstance(data, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in data):
-        raise InputError(f"{path} is not a conversation",
-                         hint='expected [{"role": "user", "content": "…"}, …]')
-    return [{"role": m["role"], "content": m["content"]} for m in data]
+    return [{"role": m["role"], "content": m["content"]}
+            for m in Conversation.load(path).messages]
 
 
 def record_messages(item: Any, number: int) -> list[Message]:

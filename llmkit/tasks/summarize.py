@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from llmkit.chunking import EngineTokenizer
 from llmkit.engine import Generation, Message, SamplingParams
 from llmkit.errors import InputError, LlmkitError
 
@@ -44,19 +45,6 @@ class SummaryEngine(Protocol):
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = ...) -> Generation: ...
-
-
-class EngineTokenizer:
-    """The chunk planner's view of an engine's tokenizer."""
-
-    def __init__(self, engine: SummaryEngine) -> None:
-        self.engine = engine
-
-    def count(self, text: str) -> int:
-        return len(self.engine.tokenize(text, add_special=False)) if text else 0
-
-    def pieces(self, text: str) -> list[bytes] | None:
-        return self.engine.token_pieces(text)
 
 
 @dataclass(frozen=True)
