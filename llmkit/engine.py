@@ -23,7 +23,7 @@ from llmkit.errors import (
     LlmkitError,
     SchemaError,
 )
-from llmkit.gguf_file import check_header
+from llmkit.gguf_file import check_model_file, check_projector_file
 from llmkit.hardware import default_threads, resolve_device
 
 DEFAULT_CTX = 4096
@@ -257,10 +257,10 @@ class Engine:
             LlmkitError: the context could not be created (usually not enough memory).
         """
         path = Path(model_path)
-        check_header(path)
+        check_model_file(path)
         projector = Path(mmproj) if mmproj is not None else None
         if projector is not None:
-            check_header(projector)
+            check_projector_file(projector)
         if n_ctx is not None and n_ctx < 16:
             raise InputError(f"--ctx {n_ctx} is too small", hint="use at least 16 tokens")
         lc = llama_module(verbose)

@@ -71,6 +71,24 @@ def check_header(path: Path) -> None:
         raise InvalidModelFileError(str(path), "is truncated (header incomplete)")
 
 
+def check_model_file(path: Path) -> None:
+    """Check a model file before llama.cpp loads it (llama.cpp aborts where llmkit must error).
+
+    Raises:
+        InvalidModelFileError: the file is not a GGUF llama.cpp can safely load.
+    """
+    check_header(path)
+
+
+def check_projector_file(path: Path) -> None:
+    """Check a vision projector (mmproj) file before mtmd loads it.
+
+    Raises:
+        InvalidModelFileError: the file is not a projector GGUF mtmd can safely load.
+    """
+    check_header(path)
+
+
 class _Truncated(Exception):
     pass
 
