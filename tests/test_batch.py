@@ -13,6 +13,7 @@ import pytest
 from llmkit.batch import (
     BatchOutput,
     RecordLog,
+    SidecarPlan,
     item_key,
     run_batch,
     should_skip,
@@ -105,7 +106,9 @@ def test_run_batch_writes_sidecars_records_and_counts(tmp_path: Path) -> None:
 
     seen: list[str] = []
     with RecordLog(tmp_path / "out.jsonl") as log:
-        output = BatchOutput(log=log, sidecar_ext=".txt", skip_existing=True)
+        log.append({"path": paths[2], "caption": "earlier caption", "error": None})
+        output = BatchOutput(log=log, sidecars=SidecarPlan.build(paths, ".txt", siblings=IMAGES),
+                             skip_existing=True)
         summary = run_batch(paths, work, output, text_field="caption",
                             on_record=lambda r: seen.append(r["path"]))
     assert (summary.done, summary.skipped, summary.failed) == (1, 1, 1)
@@ -114,14 +117,15 @@ def test_run_batch_writes_sidecars_records_and_counts(tmp_path: Path) -> None:
     assert not (tmp_path / "b.txt").exists()
     assert (tmp_path / "c.txt").read_text() == "earlier caption\n"
     assert seen == paths[:2]
-    assert [r["path"] for r in _lines(tmp_path / "out.jsonl")] == paths[:2]
+    assert [r["path"] for r in _lines(tmp_path / "out.jsonl")] == [paths[2], *paths[:2]]
 
 
 def test_should_skip_needs_the_flag(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("x")
     path = str(tmp_path / "a.jpg")
-    assert not should_skip(path, BatchOutput(sidecar_ext=".txt"))
-    assert should_skip(path, BatchOutput(sidecar_ext=".txt", skip_existing=True))
+    plan = SidecarPlan.build([path], ".txt", siblings=IMAGES)
+    assert not should_skip(path, BatchOutput(sidecars=plan))
+    assert should_skip(path, BatchOutput(sidecars=plan, skip_existing=True))
 
 
 def test_item_key_normalises() -> None:
