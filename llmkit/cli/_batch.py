@@ -44,13 +44,16 @@ def note_all_skipped(count: int, noun: str) -> None:
 
 def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
                   output: BatchOutput, *, fmt: BatchFormat, single: bool, text_field: str,
-                  noun: str, clear: Callable[[], None]) -> None:
+                  noun: str, clear: Callable[[], None],
+                  error_record: Callable[[str, str], dict[str, Any]] | None = None) -> None:
     """Run a batch, printing each record as it is saved, then the summary; exits non-zero
     (1 failed, 3 flagged) the way the command's help says.
 
     Text format prints the result alone for a single input, ``==> path <==`` blocks for
     several; failures and flagged items are reported on stderr in text format (and always
-    for a single input). JSON prints one array at the end, JSONL one line per record.
+    for a single input). JSON prints one array at the end (after Ctrl-C too: the records
+    finished so far), JSONL one line per record. A closed stdout ends the batch (exit 141);
+    what is already in ``--out`` and the sidecars stays.
     """
     from llmkit.batch import run_batch
     from llmkit.errors import Interrupted
@@ -74,9 +77,11 @@ def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
     try:
         summary: BatchSummary = run_batch(
             items, work, output, text_field=text_field, on_record=emit,
-            before_save=lambda r: r.pop("flagged_note", None))
+            before_save=lambda r: r.pop("flagged_note", None), error_record=error_record)
     except KeyboardInterrupt:
         clear()
+        if fmt == BatchFormat.json:
+            out.write_json(records)  # what finished is saved: stdout must not lose it either
         raise Interrupted() from None
     except BaseException:
         clear()

@@ -2,15 +2,74 @@
 
 from __future__ import annotations
 
-import json
+import codecs
+import contextlib
+import io
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from llmkit._fs import json_dumps
+from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 _state: dict[str, Any] = {"quiet": False, "console": None}
+
+# How the two streams write what UTF-8 cannot: a file name's undecodable bytes (given by
+# Python as U+DC80..U+DCFF) as those bytes again, anything else as a backslash escape.
+NAME_ERRORS = "llmkit-names"
+
+
+def _names(exc: UnicodeError) -> tuple[str | bytes, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start:exc.end]
+    if all("\udc80" <= ch <= "\udcff" for ch in bad):
+        return bytes(ord(ch) - 0xDC00 for ch in bad), exc.end
+    return codecs.backslashreplace_errors(exc)
+
+
+codecs.register_error(NAME_ERRORS, _names)
+
+
+class StdoutClosed(BaseException):
+    """The reader of stdout went away (``| head``): the command stops, exit code 141.
+
+    A BaseException, like KeyboardInterrupt, so that no handler of item errors records it
+    as one item's failure and goes on writing into the closed pipe.
+    """
+
+
+def prepare_streams() -> None:
+    """Let stdout and stderr carry file names that are not UTF-8 (see ``NAME_ERRORS``)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors != NAME_ERRORS:
+            with contextlib.suppress(OSError, ValueError):  # closed: nothing more is written
+                stream.reconfigure(errors=NAME_ERRORS)
+
+
+def silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null, so what is still buffered can go nowhere
+    quietly (no "Exception ignored" at exit, no second error)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real descriptor (tests capturing output): nothing to flush at exit
+
+
+def _stdout_failed(exc: OSError) -> NoReturn:
+    silence_stdout()
+    if isinstance(exc, BrokenPipeError):
+        raise StdoutClosed() from None
+    raise LlmkitError(f"cannot write the output: {exc.strerror or exc}",
+                      hint="stdout goes to a full or failing disk; free some space or send the "
+                           "output elsewhere, then run again") from None
 
 
 def set_quiet(quiet: bool) -> None:
@@ -31,8 +90,11 @@ def stderr_console() -> Console:
 
 
 def _plain(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr is closed or full: the exit code is all that is left to say it
 
 
 def note(message: str) -> None:
@@ -58,18 +120,24 @@ def error(message: str) -> None:
 
 
 def write(text: str) -> None:
-    """Stream a piece of data to stdout right away."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Stream a piece of data to stdout right away.
+
+    Raises:
+        StdoutClosed: the reader went away.
+        LlmkitError: stdout cannot be written (a full disk, an I/O error).
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        _stdout_failed(exc)
 
 
 def write_json(obj: Any) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-    sys.stdout.flush()
+    """One JSON document on stdout (file names that are not UTF-8 as ``\\udcXX`` escapes)."""
+    write(json_dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(obj: Any) -> None:
     """One JSON line on stdout, flushed."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    write(json_dumps(obj) + "\n")

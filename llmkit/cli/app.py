@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from llmkit.cli.summarize import summarize
 from llmkit.errors import Interrupted, LlmkitError
 
 EXIT_CODES = """Exit codes: 0 ok, 1 error, 2 usage error, 3 flagged by a safety check (check,
---guard), 130 interrupted (Ctrl-C)."""
+--guard), 130 interrupted (Ctrl-C), 141 stdout closed early (| head)."""
 
 app = typer.Typer(
     name="llmkit",
@@ -73,9 +74,17 @@ def _click_exception(exc: BaseException) -> bool:
         exc, "exit_code")
 
 
+def _stdout_closed_in_typer(exc: SystemExit) -> bool:
+    # Typer answers EPIPE with sys.exit(1) inside its `except OSError`, before our handlers
+    # could see it; the BrokenPipeError it handled is still there as the exit's context.
+    context = exc.__context__
+    return isinstance(context, OSError) and context.errno == errno.EPIPE
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting (used by tests and main)."""
     debug = os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+    out.prepare_streams()
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name="llmkit",
                      standalone_mode=False)
@@ -94,14 +103,16 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         out.error(Interrupted().message)
         return Interrupted.exit_code
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, as other Unix tools do.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
+    except (out.StdoutClosed, BrokenPipeError):
+        # The reader went away (`| head`): stop quietly, as other Unix tools do, and keep
+        # Python's flush at exit from failing on the closed pipe.
+        out.silence_stdout()
         return 141
+    except SystemExit as exc:
+        if _stdout_closed_in_typer(exc):
+            out.silence_stdout()
+            return 141
+        raise
     except Exception as exc:
         if type(exc).__name__ == "Abort":
             out.error(Interrupted().message)

@@ -64,13 +64,14 @@ def caption(
         "--out", "-o", help="Append one JSON record per image to this JSONL file as each "
         "finishes.", show_default=False)] = None,
     sidecar: Annotated[bool, typer.Option(
-        "--sidecar", help="Write each caption next to its image (photo.jpg → photo.txt).")
+        "--sidecar", help="Write each caption next to its image (photo.jpg → photo.txt; "
+        "photo.jpg.txt when photo.png is there too); never over an input.")
     ] = False,
     sidecar_ext: Annotated[str, typer.Option(
         "--sidecar-ext", help="Extension of sidecar files (implies --sidecar).")] = ".txt",
     skip_existing: Annotated[bool, typer.Option(
-        "--skip-existing", help="Skip images that already have a sidecar or a record in --out."
-    )] = False,
+        "--skip-existing", help="Skip images already done: with a sidecar (--sidecar) and a "
+        "record in --out (--out), whichever were asked for.")] = False,
     max_tokens: Annotated[int | None, typer.Option(
         "--max-tokens", "-n", min=1, show_default=False,
         help="Most tokens per caption (default: by style, 64–512).")] = None,
@@ -96,7 +97,7 @@ def caption(
     Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage,
     3 a caption was flagged and withheld (--guard), 130 Ctrl-C.
     """
-    from llmkit.batch import BatchOutput, RecordLog, should_skip
+    from llmkit.batch import BatchOutput, RecordLog, SidecarPlan, should_skip
     from llmkit.io import collect_paths
     from llmkit.session import EngineOptions, open_vision_engine, sampling_params
     from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
@@ -107,16 +108,27 @@ def caption(
     paths = collect_paths(inputs, suffixes=IMAGE_SUFFIXES, recursive=recursive)
     single = len(paths) == 1 and "-" not in inputs and not Path(inputs[0]).is_dir()
     use_sidecar = sidecar or sidecar_ext != ".txt"
+    plan = SidecarPlan.build(paths, sidecar_ext, siblings=IMAGE_SUFFIXES) if use_sidecar else None
     log = RecordLog(out_file) if out_file is not None else None
     checker = None
     try:
-        output = BatchOutput(log=log, sidecar_ext=sidecar_ext if use_sidecar else None,
-                             skip_existing=skip_existing)
+        output = BatchOutput(log=log, sidecars=plan, skip_existing=skip_existing)
         todo = [p for p in paths if not should_skip(p, output)]
         if not todo:
             # Nothing new since the last run: don't even load the model.
             if not single or skip_existing:
                 note_all_skipped(len(paths), "image")
+            return
+
+        def refused(path: str, reason: str) -> dict[str, Any]:
+            return {"path": path, "caption": None, "model": None, "style": style_name,
+                    "error": reason}
+
+        if plan is not None and all(plan.refusal(p) for p in todo):
+            # Every image left would be refused its sidecar: no model is needed to say so.
+            run_cli_batch(paths, _no_work, output, fmt=format or BatchFormat.text,
+                          single=single, text_field="caption", noun="image",
+                          clear=lambda: None, error_record=refused)
             return
         engine_options = EngineOptions(ctx=ctx, threads=threads,
                                        device=str(getattr(device, "value", device)),
@@ -143,12 +155,17 @@ def caption(
 
         with engine:
             run_cli_batch(paths, work, output, fmt=format or BatchFormat.text, single=single,
-                          text_field="caption", noun="image", clear=progress.done)
+                          text_field="caption", noun="image", clear=progress.done,
+                          error_record=refused)
     finally:
         if log is not None:
             log.close()
         if checker is not None:
             checker.close()
+
+
+def _no_work(path: str) -> dict[str, Any]:
+    raise AssertionError(f"{path} was to be refused before any work")  # pragma: no cover
 
 
 class _Progress:
