@@ -125,7 +125,7 @@ def test_save_clear_load(spawn: Spawn, tmp_path: Path) -> None:
     assert saved_conversation(child, tmp_path / "again.json") == data
 
     missing = tmp_path / "missing.json"
-    assert "llmkit: error: cannot load a conversation from" in ask(child, f"/load {missing}")
+    assert "llmkit: error: cannot load a conversation: " in ask(child, f"/load {missing}")
     assert "llmkit: error: usage: /save FILE" in ask(child, "/save")
     assert saved_conversation(child, tmp_path / "still.json") == data
 

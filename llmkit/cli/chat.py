@@ -130,11 +130,19 @@ def chat(
         if reply.generation.finish_reason == "interrupted":
             raise Interrupted()
         return
+    try:
+        _check_chat_template(engine, convo)
+    except BaseException:
+        engine.close()
+        raise
     repl = _Repl(engine, convo, params, options, params_for)
     repl.pending_images = pending
     repl.guard = checker
     repl.loop()
 
+
+NOT_UTF8 = ("that line is not UTF-8 text and was not sent (the chat goes on; set the terminal "
+            "to UTF-8)")
 
 class _Repl:
     """The interactive loop; all model work goes through tasks.chat."""
@@ -164,7 +172,13 @@ class _Repl:
                 except EOFError:
                     sys.stdout.write("\n")
                     return
+                except UnicodeDecodeError:  # a terminal decoded strictly
+                    out.error(NOT_UTF8)
+                    continue
                 if text is None:
+                    continue
+                if not _is_utf8(text):  # or leniently, bad bytes as lone surrogates
+                    out.error(NOT_UTF8)
                     continue
                 stripped = text.strip()
                 if stripped.startswith("/"):
@@ -204,6 +218,7 @@ class _Repl:
         from llmkit.errors import LlmkitError
         from llmkit.tasks.safety import FlaggedError, guarded_chat_turn
 
+        before = list(self.convo.messages)
         try:
             reply = guarded_chat_turn(self.engine, self.convo, text, self.guard,
                                       params=self.params, on_text=out.write,
@@ -219,6 +234,14 @@ class _Repl:
             # Ctrl-C before the first token (while the prompt was evaluated).
             out.write("\n")
             out.note("reply stopped")
+            return
+        except Exception as exc:
+            # A failure nobody foresaw must not end the session: the conversation goes back
+            # to before this message, and the KV cache, which may hold half a turn, is dropped.
+            self.convo.messages[:] = before
+            with contextlib.suppress(Exception):
+                self.engine.forget()
+            _report_unexpected(exc)
             return
         self.pending_images = []
         out.write("\n")
@@ -270,6 +293,10 @@ class _Repl:
                 out.error(f"unknown command {name} (/help lists them)")
         except LlmkitError as exc:
             out.error(str(exc))
+        except KeyboardInterrupt:
+            out.note(f"{name} stopped (the chat goes on)")
+        except Exception as exc:
+            _report_unexpected(exc)
         return True
 
     def _attach(self, path: Path) -> None:
@@ -286,10 +313,27 @@ class _Repl:
                  "message")
 
     def _switch_model(self, name: str) -> None:
+        """Load ``name`` beside the current model and switch only once it can take this chat;
+        until then (a failed load, a template that rejects the conversation, Ctrl-C) the
+        current model stays."""
+        from llmkit.errors import LlmkitError
         from llmkit.session import open_chat_engine
 
-        engine, resolution, note = open_chat_engine(name, self.options,
-                                                    images=self.convo.has_images)
+        current = self.engine.model_name
+        try:
+            engine, resolution, note = open_chat_engine(name, self.options,
+                                                        images=self.convo.has_images)
+            try:
+                _check_chat_template(engine, self.convo)
+            except BaseException:
+                engine.close()
+                raise
+        except LlmkitError as exc:
+            out.error(f"{exc}; still chatting with {current}")
+            return
+        except KeyboardInterrupt:
+            out.note(f"/model stopped; still chatting with {current}")
+            return
         self.engine.close()
         self.engine = engine
         self.params = self.params_for(resolution)
@@ -301,10 +345,54 @@ class _Repl:
 def _path_arg(arg: str, usage: str) -> Path:
     from llmkit.errors import UsageError
 
-    parts = shlex.split(arg) if arg else []
+    try:
+        parts = shlex.split(arg) if arg else []
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"usage: {usage} ({exc})") from None
     if len(parts) != 1:
         raise UsageError(f"usage: {usage}")
     return Path(parts[0]).expanduser()
+
+
+def _check_chat_template(engine: Engine, convo: Conversation) -> None:
+    """Render ``convo`` with one more user message, as its next turn will be rendered.
+
+    Raises:
+        LlmkitError: the model's chat template fails on it (whatever the template raised).
+    """
+    from llmkit.errors import LlmkitError
+
+    messages = convo.rendered()
+    if not messages or messages[-1]["role"] != "user":
+        messages.append({"role": "user", "content": "Hello."})
+    try:
+        engine.chat_tokens(messages)
+    except LlmkitError:
+        raise
+    except Exception as exc:
+        raise LlmkitError(
+            f"the chat template of {engine.model_name} fails: {type(exc).__name__}: {exc}",
+            hint="use another model, or fix its template") from None
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: bytes that were not UTF-8, escaped by Python."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _report_unexpected(exc: Exception) -> None:
+    import os
+
+    if os.environ.get("LLMKIT_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    out.error(f"unexpected {type(exc).__name__}: {exc} (the chat goes on; LLMKIT_DEBUG=1 shows "
+              "the traceback)")
 
 
 def _setup_history() -> bool:

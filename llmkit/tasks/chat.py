@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmkit._fs import atomic_write_text
+from llmkit._fs import atomic_write_bytes
 from llmkit.engine import Generation, Message, RGBImage, SamplingParams, TextEngine
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError, NotAVisionModelError
 
@@ -150,8 +150,34 @@ class Conversation:
         return {"system": self.system, "messages": self.messages}
 
     def save(self, path: Path) -> None:
-        """Write the conversation as JSON (atomically)."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        """Write the conversation as JSON (atomically: a failed save leaves ``path`` as it was).
+
+        Raises:
+            LlmkitError: the file cannot be written (a directory, no permission, a full disk).
+        """
+        import errno
+
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            # Python decodes a non-UTF-8 argument (--system) to lone surrogates; inside JSON
+            # strings "\udcff" is a valid escape, so the file stays UTF-8 and loads back as is.
+            atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
+        except OSError as exc:
+            if isinstance(exc, IsADirectoryError) or path.is_dir():
+                problem, hint = "it is a directory", "give a file name, e.g. /save chat.json"
+            elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                problem, hint = "the disk is full", "free some space or save elsewhere"
+            elif isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+                problem = ("the file system is read-only" if exc.errno == errno.EROFS
+                           else "permission denied")
+                hint = "save it somewhere you can write"
+            else:
+                problem, hint = exc.strerror or str(exc), "save it somewhere else"
+            raise LlmkitError(f"cannot save the conversation to {path}: {problem}",
+                              hint=hint) from None
+        except ValueError:  # a NUL byte in the name
+            raise LlmkitError(f"cannot save the conversation to {str(path)!r}: the name holds "
+                              "a NUL byte", hint="give another file name") from None
 
     @classmethod
     def load(cls, path: Path) -> Conversation:
@@ -160,10 +186,23 @@ class Conversation:
         Raises:
             InputError: unreadable file or wrong shape.
         """
+        from llmkit.io import read_text_file
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"cannot load a conversation from {path}: {exc}") from None
+            text = read_text_file(path)
+        except InputError as exc:
+            raise InputError(f"cannot load a conversation: {exc.message}", hint=exc.hint
+                             ) from None
+        except ValueError:  # a NUL byte in the name
+            raise InputError(f"cannot load a conversation from {str(path)!r}: the name holds "
+                             "a NUL byte") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"cannot load a conversation: {path} is not JSON ({exc})") from None
+        except RecursionError:  # json's decoder recurses once per nested array or object
+            raise InputError(f"cannot load a conversation: {path} nests its JSON too deeply"
+                             ) from None
         if isinstance(data, list):
             data = {"messages": data}
         messages = data.get("messages") if isinstance(data, dict) else None
@@ -173,6 +212,8 @@ class Conversation:
         ):
             raise InputError(f"{path} is not a conversation (expected role/content messages)")
         system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"{path} is not a conversation (its \"system\" is not text)")
         turns: list[dict[str, Any]] = []
         for m in messages:
             turn: dict[str, Any] = {"role": m["role"], "content": m["content"]}
