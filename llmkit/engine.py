@@ -16,6 +16,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from llmkit.chat_template import (
+    ChatTemplate,
+    Escapes,
+    Piece,
+    SpecialToken,
+    SpecialTokens,
+    defuse_value,
+    new_media_marker,
+)
 from llmkit.errors import (
     ContextOverflowError,
     InputError,
@@ -35,6 +44,10 @@ FALLBACK_TEMPLATE = (
 )
 
 Message = Mapping[str, str]
+
+# llama_token_attr bits (llama.h): what llama.cpp matches as a whole in prompt text.
+_ATTR_UNKNOWN, _ATTR_CONTROL, _ATTR_USER_DEFINED = 1 << 0, 1 << 3, 1 << 4
+_ATTR_LSTRIP, _ATTR_RSTRIP = 1 << 7, 1 << 8
 
 _log_lines: deque[str] = deque(maxlen=200)
 _state: dict[str, Any] = {"verbose": False, "callback": None}
@@ -159,6 +172,8 @@ class TextEngine(Protocol):
                  ) -> list[int]: ...
 
     def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]: ...
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = ...) -> Generation: ...
@@ -314,7 +329,9 @@ class Engine:
         self.n_batch = min(n_batch, n_ctx)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self._cached: list[int] = []
-        self._template: Any = None
+        self._template: ChatTemplate | None = None
+        self._specials: SpecialTokens | None = None
+        self._marker = new_media_marker()
         self._piece_buf = ctypes.create_string_buffer(256)
         self.mmproj = projector
         self._mrope = False
@@ -379,7 +396,21 @@ class Engine:
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
                  ) -> list[int]:
-        """Text to token ids (``add_special`` adds BOS where the model wants one)."""
+        """Text to token ids (``add_special`` adds BOS where the model wants one).
+
+        Without ``parse_special`` the text never becomes a chat-markup special token, not even
+        a USER_DEFINED one (which llama.cpp would otherwise match in any text).
+        """
+        if not parse_special:
+            pieces = self.special_tokens().plain_pieces(text)
+            if len(pieces) > 1:
+                tokens = self._tokenize(pieces[0], add_special, False)
+                for piece in pieces[1:]:
+                    tokens.extend(self._tokenize(piece, False, False))
+                return tokens
+        return self._tokenize(text, add_special, parse_special)
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         lc = self._lc
         data = text.encode("utf-8")
         size = len(data) + 8
@@ -439,34 +470,112 @@ class Engine:
         raw = self._lc.llama_vocab_get_text(self._vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Messages rendered through the model's chat template, ready for the reply."""
-        if self._template is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    def special_tokens(self) -> SpecialTokens:
+        """The vocabulary's special tokens as llama.cpp matches them, and which of them user
+        text must never produce (read from the vocabulary once)."""
+        if self._specials is None:
+            lc, vocab = self._lc, self._vocab
+            get_attr = lc.llama_vocab_get_attr
+            wanted = _ATTR_CONTROL | _ATTR_USER_DEFINED | _ATTR_UNKNOWN
+            found = [(i, a) for i, a in ((i, get_attr(vocab, i))
+                                         for i in range(lc.llama_vocab_n_tokens(vocab)))
+                     if a & wanted]
+            markup = self.chat_template or FALLBACK_TEMPLATE
+            ends = {lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab),
+                    lc.llama_vocab_eot(vocab)}
+            tokens, protected, user_defined = [], [], []
+            for token, attr in found:
+                text = self._token_text(token)
+                tokens.append(SpecialToken(token, text, bool(attr & _ATTR_LSTRIP),
+                                           bool(attr & _ATTR_RSTRIP)))
+                if attr & (_ATTR_CONTROL | _ATTR_UNKNOWN):
+                    protected.append(text)
+                elif text in markup or token in ends or lc.llama_vocab_is_eog(vocab, token):
+                    protected.append(text)
+                    user_defined.append(text)
+            self._specials = SpecialTokens(tokens, protected, user_defined)
+        return self._specials
 
+    def _chat_template(self) -> ChatTemplate:
+        if self._template is None:
             lc = self._lc
-            self._template = Jinja2ChatFormatter(
-                template=self.chat_template or FALLBACK_TEMPLATE,
+            self._template = ChatTemplate(
+                self.chat_template or FALLBACK_TEMPLATE,
                 eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
                 bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
-                add_generation_prompt=True,
-            )
-        try:
-            return str(self._template(messages=[dict(m) for m in messages]).prompt)
-        except Exception as exc:  # template errors (raise_exception, jinja) are user-facing
-            raise LlmkitError(
-                f"the model's chat template rejected the conversation: {exc}",
-                hint="some templates need alternating user/assistant turns",
-            ) from None
+                owner=self.model_name)
+        return self._template
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """Render and tokenize a conversation, with BOS exactly once when the model wants it."""
-        tokens = self.tokenize(self.render_chat(messages), add_special=False, parse_special=True)
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Messages rendered through the model's chat template, ready for the reply.
+
+        Raises:
+            ChatTemplateError: the template is not valid Jinja or exceeded a rendering bound.
+            ChatTemplateRejected: the template refused the conversation.
+        """
+        return self._chat_template().render(messages)
+
+    def _render_prompt(self, messages: Sequence[Message]) -> tuple[str, Escapes | None]:
+        """The rendered conversation, and the escapes its untrusted text needed (None: none,
+        so the text is tokenized whole, exactly as llama.cpp would).
+
+        Every string in the messages is untrusted; special-token texts in them are replaced by
+        placeholders before rendering and put back as plain text after it, so that only the
+        template's own markup becomes special tokens.
+        """
+        template = self._chat_template()
+        specials = self.special_tokens()
+        escapes = Escapes()
+        escaped = [escapes.escape_value(m, specials) for m in messages]
+        if not escapes.table:
+            return template.render(messages), None
+        text = template.render(escaped)
+        if escapes.intact(text):
+            return text, escapes
+        # The template cut a placeholder (it slices or reverses message text): render the
+        # special texts broken up instead, which no tokenizer matches.
+        return template.render([defuse_value(m, specials) for m in messages]), None
+
+    def _text_tokens(self, text: str, escapes: Escapes | None) -> list[int]:
+        """Tokens of rendered prompt text in which only ``escapes``' placeholders are user text."""
+        if escapes is None:
+            return self._tokenize(text, False, True)
+        tokens: list[int] = []
+        for part in self.special_tokens().partition(text):
+            if isinstance(part, int):
+                tokens.append(part)
+            else:
+                # One call per run between special tokens, as llama.cpp tokenizes them (a
+                # SentencePiece space prefix goes on each run that follows a special token).
+                tokens.extend(self.tokenize(escapes.restore(part), add_special=False))
+        return tokens
+
+    def _with_bos(self, tokens: list[int]) -> list[int]:
         lc = self._lc
         bos = lc.llama_vocab_bos(self._vocab)
         if lc.llama_vocab_get_add_bos(self._vocab) and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
         return tokens
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """Render and tokenize a conversation, with BOS exactly once when the model wants it.
+
+        Message text (roles and contents) never becomes a special token: only the chat
+        template's own markup does.
+
+        Raises:
+            ChatTemplateError, ChatTemplateRejected: see :meth:`render_chat`.
+        """
+        text, escapes = self._render_prompt(messages)
+        return self._with_bos(self._text_tokens(text, escapes))
+
+    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:
+        """Tokenize a prompt written as pieces: trusted markup may hold special tokens, the
+        other pieces are plain text (no BOS is added)."""
+        specials = self.special_tokens()
+        escapes = Escapes()
+        text = "".join(p.text if p.trusted else escapes.escape(p.text, specials) for p in pieces)
+        return self._text_tokens(text, escapes if escapes.table else None)
 
     # -- images ---------------------------------------------------------------------------
 
@@ -506,10 +615,12 @@ class Engine:
 
     @property
     def media_marker(self) -> str:
-        """The text that stands for an image inside a prompt."""
-        import llama_cpp.mtmd_cpp as mtmd
+        """The text that stands for an image inside a message's content.
 
-        return str(mtmd.mtmd_default_marker().decode("utf-8"))
+        It is random per engine, so no text a user writes (mtmd's own ``<__media__>``
+        included) can stand for an image.
+        """
+        return self._marker
 
     def _decode_at(self, tokens: Sequence[int], pos0: int) -> None:
         """Evaluate ``tokens`` at explicit positions from ``pos0``; logits for the last one."""
@@ -570,14 +681,15 @@ class Engine:
 
         if self._mtmd is None:
             raise LlmkitError(f"{self.model_name} has no vision projector loaded")
+        text, escapes = self._render_prompt(messages)
         marker = self.media_marker
-        text = self.render_chat(messages)
         if text.count(marker) != len(images):
             raise InputError(f"the prompt marks {text.count(marker)} image(s) but "
                              f"{len(images)} were given")
         lc = self._lc
         bitmaps = []
-        chunks = mtmd.mtmd_input_chunks_init()
+        collections: list[Any] = []
+        segments: list[_Segment] = []
         t0 = time.perf_counter()
         t_prompt = t0
         try:
@@ -595,22 +707,23 @@ class Engine:
                 mtmd.mtmd_bitmap_set_id(bitmap, image_id.encode())
                 # Images sit in the cached-token list as a run of one negative id per position,
                 # which no real token matches, so prefix reuse stops at a changed image.
-                keys.append(-1 - int(image_id[:7], 16))
-            data_text = text.encode("utf-8")
-            inp = mtmd.mtmd_input_text()
-            inp.text = data_text
-            inp.text_len = len(data_text)
-            # Templates that write the BOS text themselves must not get a second one.
-            bos = lc.llama_vocab_bos(self._vocab)
-            inp.add_special = bool(lc.llama_vocab_get_add_bos(self._vocab)) and not (
-                bos >= 0 and text.startswith(self._token_text(bos) or "\0"))
-            inp.parse_special = True
-            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            rc = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(inp), array, len(bitmaps))
-            if rc != 0:
-                raise LlmkitError(f"llama.cpp could not prepare the image prompt (code {rc}; "
-                                  f"{_last_error_line() or 'no detail'})")
-            segments = _media_segments(mtmd, chunks, keys)
+                keys.append(int(image_id[:7], 16))
+            # The text is tokenized here, never by mtmd (which would parse special tokens in
+            # all of it); mtmd sees each image alone, behind its own marker, and gives the
+            # image's chunks with the wrapper tokens its projector puts around them.
+            for i, run in enumerate(text.split(marker)):
+                tokens = self._text_tokens(run, escapes)
+                if i == 0:
+                    tokens = self._with_bos(tokens)
+                if tokens:
+                    start = segments[-1].end if segments else 0
+                    segments.append(_Segment(start, tokens, len(tokens)))
+                if i < len(images):
+                    chunks = mtmd.mtmd_input_chunks_init()
+                    collections.append(chunks)
+                    self._tokenize_image(mtmd, chunks, bitmaps[i])
+                    segments.extend(_image_segments(mtmd, chunks, keys[i],
+                                                    segments[-1].end if segments else 0))
             n_cells = sum(seg.n_tokens for seg in segments)
             if n_cells >= self.n_ctx or n_cells + reserve > self.n_ctx:
                 raise ContextOverflowError(n_cells, self.n_ctx, reserve=reserve)
@@ -645,12 +758,27 @@ class Engine:
             finally:
                 lc.llama_sampler_free(sampler)
         finally:
-            mtmd.mtmd_input_chunks_free(chunks)
+            for chunks in collections:
+                mtmd.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
         result = sampled.generation(n_cells, evaluated if t_prompt > t0 else 0, t0, t_prompt)
         result.image_tokens = sum(seg.n_tokens for seg in segments if seg.chunk is not None)
         return result
+
+    def _tokenize_image(self, mtmd: Any, chunks: Any, bitmap: Any) -> None:
+        """Fill ``chunks`` with one image as mtmd lays it out: behind its default marker."""
+        marker = mtmd.mtmd_default_marker()
+        inp = mtmd.mtmd_input_text()
+        inp.text = marker
+        inp.text_len = len(marker)
+        inp.add_special = False
+        inp.parse_special = True  # the marker alone: only mtmd's own wrapper text is parsed
+        array = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(inp), array, 1)
+        if rc != 0:
+            raise LlmkitError(f"llama.cpp could not prepare the image prompt (code {rc}; "
+                              f"{_last_error_line() or 'no detail'})")
 
     def _prepare_media(self, plan: list[int], segments: list[_Segment]) -> int:
         """Keep the cached prefix of ``plan`` that ends on a segment boundary or inside text."""
@@ -908,10 +1036,12 @@ class _Segment:
         return self.start + len(self.keys)
 
 
-def _media_segments(mtmd: Any, chunks: Any, image_keys: list[int]) -> list[_Segment]:
+def _image_segments(mtmd: Any, chunks: Any, key: int, pos: int) -> list[_Segment]:
+    """The segments of one image's chunks from position ``pos``: mtmd's wrapper text tokens,
+    and each image chunk as one negative id per position (from ``key``, the image's hash, and
+    the chunk's place, for projectors that cut an image into slices)."""
     segments: list[_Segment] = []
-    pos = 0
-    images = iter(image_keys)
+    n_images = 0
     for i in range(mtmd.mtmd_input_chunks_size(chunks)):
         chunk = mtmd.mtmd_input_chunks_get(chunks, i)
         kind = mtmd.mtmd_input_chunk_get_type(chunk)
@@ -919,13 +1049,16 @@ def _media_segments(mtmd: Any, chunks: Any, image_keys: list[int]) -> list[_Segm
             n = ctypes.c_size_t(0)
             pointer = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
             tokens = [pointer[j] for j in range(n.value)]
-            segments.append(_Segment(pos, tokens, len(tokens)))
+            if tokens:
+                segments.append(_Segment(pos, tokens, len(tokens)))
         else:
             n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
-            key = next(images, -1)
-            segments.append(_Segment(pos, [key] * n_pos,
+            image_key = -1 - ((key + n_images) & 0x0FFFFFFF)
+            n_images += 1
+            segments.append(_Segment(pos, [image_key] * n_pos,
                                      int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)), chunk))
-        pos = segments[-1].end
+        if segments:
+            pos = segments[-1].end
     return segments
 
 

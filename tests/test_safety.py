@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from llmkit.chat_template import Piece
 from llmkit.engine import Generation, Message, SamplingParams
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
 from llmkit.tasks.chat import Conversation
@@ -315,6 +316,10 @@ class ScriptedGuardEngine:
             else:
                 out.extend(min(ord(c), 255) for c in part)
         return out
+
+    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:
+        return [t for p in pieces
+                for t in self.tokenize(p.text, add_special=False, parse_special=p.trusted)]
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return "".join(SPECIALS[t - 256] if t >= 256 and special else "" if t >= 256

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmkit.chat_template import Piece
 from llmkit.engine import Message, SamplingParams
 from llmkit.errors import InputError, LlmkitError, UsageError
 
@@ -179,13 +180,22 @@ LLAMA3_USER_HEADER = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\
 LLAMA3_ASSISTANT_TURN = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
 
 
-def guard_prompt(messages: Sequence[Message], categories: Sequence[Category]) -> str:
-    """The full Llama Guard 3 prompt, Llama 3 special tokens included.
+def guard_prompt_pieces(messages: Sequence[Message], categories: Sequence[Category]
+                        ) -> list[Piece]:
+    """The full Llama Guard 3 prompt as markup (its Llama 3 special tokens) and the task text,
+    which holds the conversation and is tokenized as plain text, so that no message can close
+    the user turn or open another.
 
     As in the model's own template, the assistant header is not followed by a blank line: the
     model writes it (and then 'safe' or 'unsafe') itself.
     """
-    return LLAMA3_USER_HEADER + guard_task(messages, categories) + LLAMA3_ASSISTANT_TURN
+    return [Piece(LLAMA3_USER_HEADER, True), Piece(guard_task(messages, categories), False),
+            Piece(LLAMA3_ASSISTANT_TURN, True)]
+
+
+def guard_prompt(messages: Sequence[Message], categories: Sequence[Category]) -> str:
+    """The full Llama Guard 3 prompt as text, Llama 3 special tokens included."""
+    return "".join(p.text for p in guard_prompt_pieces(messages, categories))
 
 
 # -- the answer ---------------------------------------------------------------------------
@@ -314,6 +324,8 @@ class GuardEngine(Protocol):
 
     def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
 
+    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]: ...
+
     def next_token_logits(self, prompt: Sequence[int]) -> Any: ...
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = ...) -> str: ...
@@ -362,8 +374,7 @@ class Guard:
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         """The tokens of the guard prompt for a conversation (last message assessed)."""
         if self.llama3:
-            return self.engine.tokenize(guard_prompt(messages, self.categories),
-                                        add_special=False, parse_special=True)
+            return self.engine.tokenize_pieces(guard_prompt_pieces(messages, self.categories))
         return self.engine.chat_tokens(
             [{"role": "user", "content": guard_task(messages, self.categories)}])
 
