@@ -67,6 +67,16 @@ def _sweep_stale_temps(directory: Path) -> None:
             os.unlink(directory / entry)
 
 
+def temp_path(path: Path) -> Path:
+    """A new temporary name beside ``path``, owned by this process, to rename into place.
+
+    Stale ones left by dead writers in that directory are removed first (see
+    ``_sweep_stale_temps``), so a killed conversion or write leaves no lasting litter.
+    """
+    _sweep_stale_temps(path.parent)
+    return path.with_name(_temp_name(path.name))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place.
 
@@ -74,12 +84,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     a replaced file keeps its mode. Temporary files left by killed writers are removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale_temps(path.parent)
     try:
         mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = None
-    tmp = path.with_name(_temp_name(path.name))
+    tmp = temp_path(path)
     # Created by os.open with 0o666 so that the kernel applies the umask, as open() does
     # (mkstemp would make it 0600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)

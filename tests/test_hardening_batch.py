@@ -96,6 +96,20 @@ def test_a_live_writers_temp_is_left_alone(tmp_path: Path) -> None:
         child.wait()
 
 
+def test_temp_path_for_other_writers_sweeps_dead_ones(tmp_path: Path) -> None:
+    # What convert and quantize can use for files that are not written in one piece.
+    target = tmp_path / "model.gguf"
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), "die"])
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    assert len(_temps(tmp_path)) == 1
+    fresh = _fs.temp_path(target)
+    assert _temps(tmp_path) == []
+    assert fresh.parent == tmp_path and f"-{os.getpid()}-" in fresh.name
+    assert fresh.name.startswith(".model.gguf.llmkit-") and not fresh.exists()
+    long = _fs.temp_path(tmp_path / ("x" * 250))
+    assert len(os.fsencode(long.name)) <= 255
+
+
 def test_json_dumps_carries_names_that_are_not_utf8() -> None:
     text = _fs.json_dumps({"path": f"photos/{FF}", "caption": "café ☕"})
     assert text.encode("utf-8")  # valid UTF-8
