@@ -9,7 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from llmkit import paths
-from llmkit.hardware import default_threads, physical_cores
+from llmkit.hardware import measure_threads, physical_cores
 
 
 def _version(dist: str) -> str:
@@ -24,6 +24,7 @@ def report() -> dict[str, Any]:
     from llmkit import engine
     from llmkit.store import list_models
 
+    threads = measure_threads()  # before llama.cpp's library loads: this process is idle
     lc = engine.llama_module()
     gpu = bool(lc.llama_supports_gpu_offload())
     info = lc.llama_print_system_info().decode("utf-8", "replace").strip()
@@ -38,7 +39,8 @@ def report() -> dict[str, Any]:
         "gpu_offload": gpu,
         "system_info": info,
         "physical_cores": physical_cores(),
-        "default_threads": default_threads(),
+        "default_threads": threads.threads,
+        "threads_reason": threads.reason,
         "paths": {
             "home": str(paths.home()),
             "manifest": str(paths.manifest_path()),

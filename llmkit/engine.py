@@ -33,7 +33,7 @@ from llmkit.errors import (
     SchemaError,
 )
 from llmkit.gguf_file import check_model_file, check_projector_file
-from llmkit.hardware import default_threads, resolve_device
+from llmkit.hardware import ThreadGovernor, resolve_device
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 512
@@ -257,7 +257,8 @@ class Engine:
         Args:
             model_path: the .gguf file.
             n_ctx: context size in tokens; default min(4096, the model's training context).
-            threads: CPU threads; default the number of physical cores.
+            threads: CPU threads, exactly; default (None) the physical cores that other
+                processes leave idle, measured during the load and again while generating.
             device: "auto", "cpu" or "gpu".
             gpu_layers: layers to offload (None: all when offloading).
             n_batch: tokens per prompt-evaluation batch.
@@ -284,7 +285,8 @@ class Engine:
         self.model_name = name or path.name
         choice = resolve_device(device, gpu_layers, bool(lc.llama_supports_gpu_offload()))
         self.device = choice.label
-        self.threads = threads or default_threads()
+        # Its first reading of the machine's load is taken now, so the load is the sample.
+        self._threads = ThreadGovernor(threads)
         t0 = time.perf_counter()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if choice.n_gpu_layers < 0 else choice.n_gpu_layers
@@ -308,8 +310,8 @@ class Engine:
         cparams.n_ctx = n_ctx
         cparams.n_batch = min(n_batch, n_ctx)
         cparams.n_ubatch = min(n_batch, n_ctx)
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads
+        cparams.n_threads = self._threads.threads
+        cparams.n_threads_batch = self._threads.threads
         try:
             with _deferred_interrupt():
                 self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -327,6 +329,7 @@ class Engine:
         # --ctx 64 refuses a 200-token prompt instead of quietly using a bigger window.
         self.n_ctx = min(n_ctx, int(lc.llama_n_ctx(self._ctx)))
         self.n_batch = min(n_batch, n_ctx)
+        self._retune_threads(min_window=0.0)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self._cached: list[int] = []
         self._template: ChatTemplate | None = None
@@ -338,6 +341,23 @@ class Engine:
         if projector is not None:
             self._init_vision(projector, use_gpu=choice.n_gpu_layers != 0)
             self.load_ms = (time.perf_counter() - t0) * 1000
+
+    @property
+    def threads(self) -> int:
+        """CPU threads llama.cpp runs now."""
+        return self._threads.threads
+
+    @property
+    def threads_reason(self) -> str:
+        """Why that many: "set by --threads", "set by LLMKIT_THREADS", or the load measured."""
+        return self._threads.choice.reason
+
+    def _retune_threads(self, *, min_window: float = ThreadGovernor.INTERVAL_S) -> None:
+        """Follow the machine's load (when the count is llmkit's choice); cheap to call per
+        token: it reads /proc/stat at most every ``min_window`` seconds."""
+        if self._threads.update(min_window=min_window):
+            n = self._threads.threads
+            self._lc.llama_set_n_threads(self._ctx, n, n)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -629,6 +649,7 @@ class Engine:
         batch = lc.llama_batch_init(size, 0, 1)
         try:
             for start in range(0, len(tokens), size):
+                self._retune_threads()
                 part = tokens[start:start + size]
                 for i, token in enumerate(part):
                     batch.token[i] = token
@@ -822,6 +843,7 @@ class Engine:
     def _decode_prompt(self, tokens: Sequence[int]) -> None:
         lc = self._lc
         for start in range(0, len(tokens), self.n_batch):
+            self._retune_threads()
             chunk = tokens[start:start + self.n_batch]
             arr = (lc.llama_token * len(chunk))(*chunk)
             rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
@@ -943,9 +965,10 @@ class Engine:
             lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_token_to_piece,
             lc.llama_decode,
         )
-        ctx, vocab, cached = self._ctx, self._vocab, self._cached
+        ctx, vocab, cached, retune = self._ctx, self._vocab, self._cached, self._retune_threads
         try:
             while len(generated) < limit:
+                retune()
                 token = sample(sampler, ctx, -1)
                 if is_eog(vocab, token):
                     out.finish = "stop"

@@ -124,7 +124,14 @@ def test_threads_env_overrides(monkeypatch: pytest.MonkeyPatch, value: str,
     assert hardware.default_threads() == expected
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "many", ""])
-def test_bad_threads_env_is_ignored(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_threads_env_means_unset(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("LLMKIT_THREADS", value)
     assert hardware.default_threads() == hardware.physical_cores()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "513"])
+def test_bad_threads_env_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("LLMKIT_THREADS", value)
+    with pytest.raises(UsageError, match="^LLMKIT_THREADS="):
+        hardware.default_threads()

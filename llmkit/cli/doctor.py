@@ -37,7 +37,7 @@ def doctor(
              "no (CPU only; see the README to build with CUDA or Metal)"),
         line("cpu features", data["system_info"]),
         line("physical cores", data["physical_cores"]),
-        line("threads", data["default_threads"]),
+        line("threads", f"{data['default_threads']} ({data['threads_reason']})"),
         *(line(k.replace("_", " "), v) for k, v in data["paths"].items()),
         line("hf offline", "yes" if data["hf_offline"] else "no"),
         line("models present", ", ".join(data["models_present"]) or "none"),

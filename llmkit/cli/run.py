@@ -128,6 +128,7 @@ def run(
         data["timings"]["load_ms"] = round(engine.load_ms, 2)
         data["device"] = engine.device
         data["threads"] = engine.threads
+        data["threads_reason"] = engine.threads_reason
         out.write_json(data)
     if finish == "interrupted":
         raise Interrupted()
