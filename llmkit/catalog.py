@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -76,7 +77,9 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
                 raise CatalogError(f"{where}: {key} must be true or false")
             values[key] = value
         elif key in ("temperature", "top_p"):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            # TOML has nan and inf literals, which every range check lets through.
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value < 0):
                 raise CatalogError(f"{where}: {key} must be a number, 0 or more")
             values[key] = float(value)
         elif key == "context_length":

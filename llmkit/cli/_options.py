@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from llmkit.hardware import MAX_THREADS
+
+# llama.cpp keeps context sizes and layer counts in 32-bit fields, where a bigger value would
+# silently wrap around (2**32 + 16 tokens would become 16).
+INT32_MAX = 2**31 - 1
+
+
+def finite(value: float | None) -> float | None:
+    """Refuse NaN and infinities: Click's ranges let NaN through (every comparison is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def utf8_text(value: str | None) -> str | None:
+    """Refuse text that is not UTF-8: Python passes such argument bytes on as lone surrogates,
+    which no tokenizer can encode."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start].encode("utf-8", "surrogateescape").hex()
+            raise typer.BadParameter(f"it is not UTF-8 text (byte 0x{bad} at character "
+                                     f"{exc.start})") from None
+    return value
 
 
 class Device(str, Enum):
@@ -37,23 +64,24 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP,
                                               show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: GPU when llama.cpp has one.")]
 GpuLayersOpt = Annotated[int | None, typer.Option(
-    "--gpu-layers", min=0, help="Layers to offload to the GPU (default: all when offloading).",
-    show_default=False)]
+    "--gpu-layers", min=0, max=INT32_MAX, show_default=False,
+    help="Layers to offload to the GPU (default: all when offloading).")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", "-t", min=1, help="CPU threads (default: physical cores).", show_default=False)]
+    "--threads", "-t", min=1, max=MAX_THREADS, show_default=False,
+    help="CPU threads, exactly (default: the physical cores other processes leave idle).")]
 CtxOpt = Annotated[int | None, typer.Option(
-    "--ctx", "-c", min=16, help="Context size in tokens (default: min(4096, the model's)).",
-    show_default=False)]
+    "--ctx", "-c", min=16, max=INT32_MAX,
+    help="Context size in tokens (default: min(4096, the model's)).", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Show llama.cpp's log on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes or progress on stderr.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.",
-                                               show_default=False)]
+                                               callback=utf8_text, show_default=False)]
 TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", min=0.0, max=5.0, show_default=False,
+    "--temperature", min=0.0, max=5.0, callback=finite, show_default=False,
     help="Sampling temperature; 0 is greedy (default: the model's, else 0.8).")]
 TopPOpt = Annotated[float | None, typer.Option(
-    "--top-p", min=0.0, max=1.0, show_default=False,
+    "--top-p", min=0.0, max=1.0, callback=finite, show_default=False,
     help="Nucleus sampling (default: the model's, else 0.95).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed for repeatable output.",
                                              show_default=False)]
@@ -72,5 +100,5 @@ GuardModelOpt = Annotated[str | None, typer.Option(
     "--guard-model", help="The safety model for --guard (default llama-guard3:1b); implies "
     "--guard.", show_default=False)]
 GuardThresholdOpt = Annotated[float | None, typer.Option(
-    "--guard-threshold", min=0.0, max=1.0, help="Flag when the safety model's P(unsafe) "
-    "reaches this, instead of taking its answer.", show_default=False)]
+    "--guard-threshold", min=0.0, max=1.0, callback=finite, show_default=False,
+    help="Flag when the safety model's P(unsafe) reaches this, instead of taking its answer.")]

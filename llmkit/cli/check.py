@@ -19,6 +19,7 @@ from llmkit.cli._options import (
     TextFormat,
     ThreadsOpt,
     VerboseOpt,
+    finite,
 )
 
 FLAGGED_EXIT = 3
@@ -51,8 +52,8 @@ def check(
         "--categories", help="Your own policy: a TOML file of [[categories]] (code, name, "
         "description).", show_default=False)] = None,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", min=0.0, max=1.0, help="Flag when P(unsafe) reaches this, instead of "
-        "taking the model's answer.", show_default=False)] = None,
+        "--threshold", min=0.0, max=1.0, callback=finite, show_default=False,
+        help="Flag when P(unsafe) reaches this, instead of taking the model's answer.")] = None,
     format: Annotated[TextFormat, typer.Option(
         "--format", "-f", help="text: safe / unsafe: S1 Violent Crimes; json: verdict, "
         "categories, score, timings.")] = TextFormat.text,
