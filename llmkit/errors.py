@@ -79,6 +79,18 @@ class InputError(LlmkitError):
     """Input text is missing, empty, or not decodable."""
 
 
+class InputFileError(InputError):
+    """A named input (a file, a pipe, stdin) that cannot be read, or is larger than llmkit reads.
+
+    ``reason`` ends a sentence that starts with ``path``: "is a character device, not a file".
+    """
+
+    def __init__(self, path: str, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path} {reason}", hint=hint)
+        self.path = path
+        self.reason = reason
+
+
 class ContextOverflowError(LlmkitError):
     """A prompt does not fit in the model's context window."""
 
