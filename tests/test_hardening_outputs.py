@@ -108,7 +108,9 @@ def test_stdout_on_a_full_disk_is_one_sentence(smol: str, tmp_path: Path) -> Non
     with open("/dev/full", "wb") as full:
         for args in (["run", "-m", smol, "Say hi.", "-n", "4"],
                      ["run", "-m", smol, "Say hi.", "-n", "4", "-f", "json"],
-                     ["list", "--format", "json"]):
+                     ["list", "--format", "json"],
+                     ["list", "--format", "table"],  # Rich's printing
+                     ["--help"], ["caption", "--help"]):  # Typer's printing
             proc = _llmkit(args, stdout=full)
             assert (proc.returncode, proc.stderr) == (1, FULL), args
 

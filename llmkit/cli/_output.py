@@ -63,13 +63,30 @@ def silence_stdout() -> None:
         pass  # not a real descriptor (tests capturing output): nothing to flush at exit
 
 
+def _output_error(exc: OSError) -> LlmkitError:
+    return LlmkitError(f"cannot write the output: {exc.strerror or exc}",
+                       hint="stdout goes to a full or failing disk; free some space or send the "
+                            "output elsewhere, then run again")
+
+
 def _stdout_failed(exc: OSError) -> NoReturn:
     silence_stdout()
     if isinstance(exc, BrokenPipeError):
         raise StdoutClosed() from None
-    raise LlmkitError(f"cannot write the output: {exc.strerror or exc}",
-                      hint="stdout goes to a full or failing disk; free some space or send the "
-                           "output elsewhere, then run again") from None
+    raise _output_error(exc) from None
+
+
+def stdout_error(exc: OSError) -> LlmkitError | None:
+    """The sentence for ``exc`` when it was raised by printing that is not ours (Typer's help,
+    a Rich table): the innermost frame of its traceback is in Typer or Rich; else None."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+    if not module.startswith(("typer.", "rich.")):
+        return None
+    silence_stdout()
+    return _output_error(exc)
 
 
 def set_quiet(quiet: bool) -> None:

@@ -125,6 +125,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             if message.strip():  # empty when `llmkit` alone already printed the help
                 out.error(f"{message} (see `{where} --help`)")
             return int(exc.exit_code)  # type: ignore[attr-defined]
+        failed_output = out.stdout_error(exc) if isinstance(exc, OSError) else None
+        if failed_output is not None:
+            out.error(str(failed_output))
+            return failed_output.exit_code
         if debug:
             raise
         out.error(f"unexpected {type(exc).__name__}: {exc} (LLMKIT_DEBUG=1 shows the traceback)")
