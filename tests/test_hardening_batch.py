@@ -377,3 +377,38 @@ def test_skip_existing_needs_every_output_that_was_asked_for(tmp_path: Path) -> 
     with RecordLog(tmp_path / "out.jsonl") as log:
         output = BatchOutput(log=log, sidecars=_plan([tmp_path / "b.jpg"]), skip_existing=True)
         assert not should_skip(str(tmp_path / "b.jpg"), output)  # no record in --out yet
+
+
+def test_a_plan_with_an_image_extension_stays_the_same_on_rerun(tmp_path: Path) -> None:
+    a = _png(tmp_path / "a.jpg")
+    first = _plan([a], ".png")
+    assert first.target(str(a)) == tmp_path / "a.png" and first.refusal(str(a)) is None
+    first.write(str(a), "a caption")
+    # a.png is now a sidecar, not a second image claiming the stem: the same name again.
+    again = _plan([a], ".png")
+    assert again.target(str(a)) == tmp_path / "a.png" and again.refusal(str(a)) is None
+
+
+# --- stdout and stderr -------------------------------------------------------------------------
+
+def test_streams_write_a_names_own_bytes_and_escape_the_rest() -> None:
+    import io
+
+    from llmkit.cli import _output as out
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors=out.NAME_ERRORS)
+    stream.write(f"==> {FF} <==\n\ud800 café\n")
+    stream.flush()
+    assert raw.getvalue() == b"==> \xff.jpg <==\n\\ud800 caf\xc3\xa9\n"
+
+
+def test_a_closed_stderr_does_not_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from llmkit.cli import _output as out
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    out.error("nowhere to say it")  # the exit code is all that is left
