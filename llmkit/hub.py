@@ -608,10 +608,10 @@ def _verify(path: Path, remote: RemoteFile) -> str | None:
 
 
 def _check_gguf(path: Path, target: PullTarget, remote: RemoteFile) -> None:
-    from llmkit.gguf_file import check_complete
+    from llmkit.gguf_file import check_file
 
     try:
-        check_complete(path)
+        check_file(path, "projector" if "mmproj" in remote.name.lower() else "model")
     except InvalidModelFileError as exc:
         raise InvalidModelFileError(
             f"{remote.name} from {target.repo}", exc.problem,

@@ -122,16 +122,18 @@ def quantize(
         QuantizeError: llama.cpp failed, not enough disk, or the result does not load.
     """
     from llmkit.engine import Engine, llama_module, recent_log
-    from llmkit.gguf_file import check_complete
+    from llmkit.gguf_file import check_file, check_header, check_output
     from llmkit.hardware import default_threads
 
     qtype = normalize_type(qtype)
-    check_complete(source)
+    # llama.cpp's quantizer loads the header as a model load does, and aborts on the same values.
+    check_file(source, "model")
+    if imatrix is not None:
+        check_header(imatrix)  # a FIFO would block the reader below
     output = output or default_output(source, qtype)
     if output.resolve() == source.resolve():
         raise UsageError("the output would overwrite the input", hint="give another OUT path")
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists", hint="pass --force to replace it")
+    check_output(output, force=force)
     if qtype in NEEDS_IMATRIX and imatrix is None:
         raise UsageError(f"{qtype} needs an importance matrix",
                          hint="pass --imatrix FILE (from llama-imatrix) or choose another type")

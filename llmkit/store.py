@@ -155,14 +155,15 @@ def import_gguf(file: Path, name: str, *, kind: str = "text", mmproj: Path | Non
         StoreError: the name is taken.
         UsageError: the name is malformed.
     """
-    from llmkit.gguf_file import read_info
+    from llmkit.gguf_file import check_file
 
     if not name or any(c.isspace() for c in name) or "/" in name:
         raise UsageError(f"invalid model name '{name}'", hint="use letters, digits, ':', '.', '-'")
-    info = read_info(file)
+    # Checked as llama.cpp will load them: what is imported must not abort a later run.
+    info = check_file(file, "model")
     mm = ""
     if mmproj is not None:
-        read_info(mmproj)
+        check_file(mmproj, "projector")
         mm = str(mmproj.resolve())
         kind = "vision"
     return register(

@@ -14,27 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_llmkit
+from tests.gguf_edit import tiny_header_gguf
 from tests.hub_server import GOOD_TOKEN, FakeHub, serve
 
 REPO = "acme/Tiny-GGUF"
 
 
 def tiny_gguf(path: Path, seed: int) -> bytes:
-    """A small, complete GGUF (two tiny tensors); ``seed`` makes the bytes differ."""
-    import gguf
-    import numpy as np
+    """A small, complete GGUF whose header llama.cpp accepts (a projector's for mmproj-*).
 
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(f"tiny-{seed}")
-    writer.add_context_length(64)
-    rng = np.random.default_rng(seed)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((32, 16)).astype(np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
+    ``seed`` makes the bytes differ. Pull checks files as llama.cpp will load them.
+    """
+    return tiny_header_gguf(path, seed, projector=path.name.startswith("mmproj"))
 
 
 @pytest.fixture(scope="module")
@@ -188,19 +179,10 @@ def test_unknown_and_unsupported_names(hub: FakeHub) -> None:
 
 def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path,
                                       isolated_home: Path) -> None:
-    import gguf
-    import numpy as np
     from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
     # Bigger than huggingface_hub's 10 MiB read chunk, so a part arrives before the drop.
-    writer = gguf.GGUFWriter(str(tmp_path / "big.gguf"), "llama")
-    writer.add_tensor("token_embd.weight",
-                      np.random.default_rng(0).standard_normal((1536, 4096)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    data = (tmp_path / "big.gguf").read_bytes()
+    data = tiny_header_gguf(tmp_path / "big.gguf", 0, embd_shape=(4096, 1536))
     repo = hub.add(REPO, {"Big-Q8_0.gguf": data})
     repo.files["Big-Q8_0.gguf"].drop_after = DOWNLOAD_CHUNK_SIZE + len(data) // 4
     proc = run_llmkit(["pull", f"{REPO}:Q8_0"])

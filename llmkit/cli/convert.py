@@ -46,15 +46,14 @@ def convert(
     Example: llmkit convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf
     """
     from llmkit.convert import convert as run_convert
-    from llmkit.errors import UsageError
-    from llmkit.gguf_file import human_size
+    from llmkit.gguf_file import check_output, human_size
     from llmkit.hub import checkpoint_dir
 
     out.set_quiet(quiet)
     # Checked again once the checkpoint is known; here they fail before any download.
     for path in (output, mmproj):
-        if path is not None and path.exists() and not force:
-            raise UsageError(f"{path} exists", hint="pass --force to replace it")
+        if path is not None:
+            check_output(path, force=force)
     directory = checkpoint_dir(source, quiet=quiet)
     result = run_convert(directory, output, outtype=outtype.lower(), mmproj=mmproj, force=force,
                          on_tensor=_progress(quiet))

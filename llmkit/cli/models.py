@@ -64,11 +64,11 @@ def show(
 
     Example: llmkit show smollm2:135m
     """
-    from llmkit.gguf_file import human_params, human_size, read_info
+    from llmkit.gguf_file import check_file, human_params, human_size
     from llmkit.store import resolve
 
     resolution = resolve(model)
-    info = read_info(Path(resolution.model.path))
+    info = check_file(Path(resolution.model.path))
     if format == TextFormat.json:
         data = info.to_dict()
         data["name"] = resolution.model.name

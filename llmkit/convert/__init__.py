@@ -15,6 +15,7 @@ from llmkit.convert.safetensors import MappedFiles, checkpoint_tensors
 from llmkit.convert.tokenizer import add_tokenizer
 from llmkit.convert.writer import OUTTYPES, discard, publish, stage_gguf
 from llmkit.errors import ConvertError, UsageError
+from llmkit.gguf_file import check_output, special_file
 
 # Hugging Face `architectures` names → converter of the language model. Llama Guard 3 and
 # SmolLM2 are Llama models; SmolVLM's text model is one too.
@@ -50,6 +51,25 @@ class ConvertResult:
 def default_mmproj_path(output: Path) -> Path:
     """Where a vision model's projector goes unless named: ``mmproj-<OUT name>`` beside OUT."""
     return output.with_name(f"mmproj-{output.name}")
+
+
+# What a conversion reads from a checkpoint directory, by name ending.
+_READ_SUFFIXES = (".json", ".safetensors", ".model", ".jinja")
+
+
+def _check_regular_files(directory: Path) -> None:
+    """Refuse FIFOs, devices and sockets among the files a conversion reads.
+
+    Opening a FIFO blocks until something writes to it, and /dev/zero never ends.
+
+    Raises:
+        ConvertError: such a file is there.
+    """
+    for entry in sorted(directory.iterdir()):
+        kind = special_file(entry) if entry.name.endswith(_READ_SUFFIXES) else None
+        if kind is not None:
+            raise ConvertError(f"{entry} is {kind}, not a regular file",
+                               hint="a checkpoint directory holds the model's own files")
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -109,6 +129,7 @@ def convert(
     if not source.is_dir():
         raise ConvertError(f"{source} is not a directory")
     started = time.perf_counter()
+    _check_regular_files(source)
     config = read_config(source)
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
@@ -127,8 +148,8 @@ def convert(
         raise UsageError(f"the projector and the model would both be {output}",
                          hint="give --mmproj another file name")
     for path in (output, mmproj_path):
-        if path is not None and path.exists() and not force:
-            raise UsageError(f"{path} exists", hint="pass --force to replace it")
+        if path is not None:
+            check_output(path, force=force)
     name = config.get("_name_or_path") or source.name
     files = MappedFiles()
     staged: list[tuple[Path, Path]] = []

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llmkit.convert.llama import LlamaConverter
+from llmkit.convert.llama import MAX_LAYERS, LlamaConverter
 from llmkit.convert.safetensors import MappedFiles, TensorRef
 from llmkit.convert.writer import PlannedTensor
 from llmkit.errors import ConvertError
@@ -64,9 +64,12 @@ def text_config(config: dict[str, Any], tensors: dict[str, TensorRef]) -> dict[s
     merged.setdefault("rms_norm_eps", 1e-5)
     if "num_attention_heads" not in merged and "hidden_size" in merged:
         # SmolVLM2 configs omit it; head_dim, when given, pins it down (else LlamaConfig's 32).
-        head_dim = merged.get("head_dim")
-        heads = int(merged["hidden_size"]) // int(head_dim) if head_dim else 32
-        merged["num_attention_heads"] = heads
+        hidden, head_dim = merged["hidden_size"], merged.get("head_dim")
+        if isinstance(head_dim, int) and head_dim > 0 and isinstance(hidden, int):
+            merged["num_attention_heads"] = hidden // head_dim
+        elif head_dim is None:
+            merged["num_attention_heads"] = 32
+        # Otherwise the Llama converter names the bad head_dim when it reads the config.
     embed = tensors.get("model.embed_tokens.weight")
     if not merged.get("vocab_size") and embed is not None:
         merged["vocab_size"] = embed.shape[0]
@@ -180,7 +183,7 @@ class Idefics3ProjectorConverter:
             self.eps = float(vision["layer_norm_eps"])
             self.scale_factor = int(config.get("scale_factor") or DEFAULT_SCALE_FACTOR)
             self.n_embd_text = int(text["hidden_size"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConvertError(f"config.json lacks a usable vision setting: {exc}") from None
         self._check_config(str(vision.get("hidden_act", "")))
         pre = read_preprocessor(directory)
@@ -205,6 +208,14 @@ class Idefics3ProjectorConverter:
     def _check_config(self, hidden_act: str) -> None:
         side = self.image_size // self.patch_size if self.patch_size > 0 else 0
         problems = []
+        # Checked before a tensor-name map is built for that many layers (the tensors
+        # themselves are checked against the count by expected_shapes).
+        if not 1 <= self.n_layer <= MAX_LAYERS:
+            problems.append(f"num_hidden_layers {self.n_layer} (1 to {MAX_LAYERS} are possible)")
+        if self.n_embd <= 0 or self.n_ff <= 0:
+            problems.append("a hidden_size or intermediate_size of 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            problems.append(f"layer_norm_eps {self.eps} (it must be a positive number)")
         if self.patch_size <= 0 or self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size "
                             f"{self.patch_size}")

@@ -3,12 +3,62 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from llmkit.convert.safetensors import MappedFiles, TensorRef
 from llmkit.convert.writer import PlannedTensor, file_type, tensor_type
 from llmkit.errors import ConvertError
+
+# llama.cpp loads at most this many layers (LLAMA_MAX_LAYERS); more would only be refused later.
+MAX_LAYERS = 512
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def config_int(config: dict[str, Any], key: str, *, low: int = 1, high: int = 1 << 24,
+               default: int | None = None) -> int:
+    """A whole-number setting of config.json, within [low, high].
+
+    Raises:
+        ConvertError: missing (and no default), not a whole number, or out of range.
+    """
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ConvertError(f"config.json lacks {key}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConvertError(f"config.json: {key} is {value!r}, not a whole number")
+    if value < low:
+        raise ConvertError(f"config.json: {key} is {value}; it must be at least {low}")
+    if value > high:
+        raise ConvertError(f"config.json: {key} is {value}; it can be at most {high}")
+    return value
+
+
+def config_float(config: dict[str, Any], key: str, *, default: float | None = None,
+                 positive: bool = True, section: str = "") -> float | None:
+    """A real-number setting of config.json: finite, and positive unless told otherwise.
+
+    Raises:
+        ConvertError: not a number, NaN or infinite, or not positive.
+    """
+    value = config.get(key)
+    if value is None:
+        return default
+    key = section + key
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConvertError(f"config.json: {key} is {value!r}, not a number")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ConvertError(f"config.json: {key} is {value}; it must be a "
+                           f"{'positive' if positive else 'finite'} number")
+    return float(value)
+
+
+def layers_present(tensors: dict[str, TensorRef]) -> set[int]:
+    """The layer numbers N of the ``model.layers.N.`` tensors a checkpoint holds."""
+    return {int(m.group(1)) for name in tensors if (m := _LAYER.match(name))}
 
 
 def _get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -34,11 +84,23 @@ def llama3_rope_factors(config: dict[str, Any], head_dim: int) -> list[float] | 
     if str(scaling.get("rope_type", scaling.get("type", ""))).lower() != "llama3":
         return None
     f32 = np.float32
-    base = f32(_get(scaling, "rope_theta", default=config.get("rope_theta", 10000.0)))
-    factor = f32(scaling.get("factor", 8.0))
-    low = f32(scaling.get("low_freq_factor", 1.0))
-    high = f32(scaling.get("high_freq_factor", 4.0))
-    old_ctx = f32(scaling.get("original_max_position_embeddings", 8192))
+    settings = {"rope_theta": _get(scaling, "rope_theta", default=config.get("rope_theta",
+                                                                          10000.0)),
+                "factor": scaling.get("factor", 8.0),
+                "low_freq_factor": scaling.get("low_freq_factor", 1.0),
+                "high_freq_factor": scaling.get("high_freq_factor", 4.0),
+                "original_max_position_embeddings": scaling.get(
+                    "original_max_position_embeddings", 8192)}
+    for key in settings:
+        config_float(settings, key, section="rope_scaling.")
+    if settings["low_freq_factor"] >= settings["high_freq_factor"]:
+        raise ConvertError("config.json: rope_scaling's low_freq_factor must be below its "
+                           "high_freq_factor (llama3 RoPE interpolates between them)")
+    base = f32(settings["rope_theta"])
+    factor = f32(settings["factor"])
+    low = f32(settings["low_freq_factor"])
+    high = f32(settings["high_freq_factor"])
+    old_ctx = f32(settings["original_max_position_embeddings"])
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / f32(head_dim)
     factors: list[float] = []
@@ -79,17 +141,61 @@ class LlamaConverter:
         self.config = config
         self.refs = tensors
         self.files = files
-        try:
-            self.n_layer = int(config["num_hidden_layers"])
-            self.n_embd = int(config["hidden_size"])
-            self.n_head = int(config["num_attention_heads"])
-            self.n_ff = int(config["intermediate_size"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConvertError(f"config.json lacks a required field: {exc}") from None
-        self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
-        self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
-        self.n_vocab = int(config.get("vocab_size") or 0)
+        self._check_config(config)
         self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.n_layer)
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        """Read the hyperparameters and check them against each other and the weights.
+
+        Done before anything is planned: a config.json claiming 100000 layers must fail at
+        once, not after building a tensor-name map for all of them.
+        """
+        self.n_layer = config_int(config, "num_hidden_layers", high=MAX_LAYERS)
+        self.n_embd = config_int(config, "hidden_size")
+        self.n_head = config_int(config, "num_attention_heads", high=1 << 16)
+        self.n_ff = config_int(config, "intermediate_size")
+        self.n_head_kv = config_int(config, "num_key_value_heads", high=self.n_head,
+                                    default=self.n_head)
+        if self.n_head % self.n_head_kv:
+            raise ConvertError(f"config.json: num_key_value_heads ({self.n_head_kv}) does not "
+                               f"divide num_attention_heads ({self.n_head})")
+        if config.get("head_dim") is None and self.n_embd % self.n_head:
+            raise ConvertError(f"config.json: hidden_size ({self.n_embd}) does not divide "
+                               f"into {self.n_head} attention heads",
+                               hint="a head_dim setting is needed for such a model")
+        self.head_dim = config_int(config, "head_dim", default=self.n_embd // self.n_head)
+        if self.head_dim % 2:
+            raise ConvertError(f"config.json: head_dim is {self.head_dim}; RoPE needs an even "
+                               "head size")
+        self.n_vocab = config_int(config, "vocab_size", low=0, high=(1 << 31) - 1, default=0)
+        config_int(config, "max_position_embeddings", default=2048)
+        config_float(config, "rms_norm_eps")
+        config_float(config, "rope_theta")
+        present = layers_present(self.refs)
+        if present != set(range(self.n_layer)):
+            holds = (f"{len(present)} (model.layers.0 to model.layers.{max(present)})"
+                     if present and len(present) == max(present) + 1 else
+                     f"layers {sorted(present)[:8]}" if present else "none")
+            raise ConvertError(f"config.json says num_hidden_layers is {self.n_layer}, but the "
+                               f"weights hold {holds}",
+                               hint="the config and the weights are from different models")
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        expected = {"self_attn.q_proj.weight": (q, self.n_embd),
+                    "self_attn.k_proj.weight": (kv, self.n_embd),
+                    "self_attn.v_proj.weight": (kv, self.n_embd),
+                    "self_attn.o_proj.weight": (self.n_embd, q),
+                    "mlp.gate_proj.weight": (self.n_ff, self.n_embd),
+                    "mlp.up_proj.weight": (self.n_ff, self.n_embd),
+                    "mlp.down_proj.weight": (self.n_embd, self.n_ff)}
+        for name, ref in self.refs.items():
+            part = name.split(".", 3)[-1] if _LAYER.match(name) else None
+            shape = expected.get(part) if part else (
+                (ref.shape[0], self.n_embd) if name in ("model.embed_tokens.weight",
+                                                        "lm_head.weight") else None)
+            if shape is not None and tuple(ref.shape) != shape:
+                raise ConvertError(f"tensor {name} has shape {list(ref.shape)}, but config.json "
+                                   f"implies {list(shape)}",
+                                   hint="the config and the weights are from different models")
 
     def metadata(self, writer: Any, outtype: str, name: str) -> None:
         """Add the architecture's key/values."""
@@ -118,7 +224,8 @@ class LlamaConverter:
             import gguf
 
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
+            writer.add_rope_scaling_factor(config_float(scaling, "factor", section="rope_scaling.")
+                                         or 1.0)
         if self.n_vocab:
             writer.add_vocab_size(self.n_vocab)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import ConvertError
+from llmkit.errors import ConvertError, InvalidModelFileError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Elements per block of rows streamed at a time: bounds peak memory to a few tens of MB.
@@ -147,9 +147,15 @@ def stage_gguf(
         fout.flush()
         os.fsync(fout.fileno())
         fout.close()
-        from llmkit.gguf_file import read_info
+        from llmkit.gguf_file import check_file
 
-        info = read_info(tmp)  # the whole header parses and every tensor's data is present
+        # The whole header parses, every tensor's data is present, and llama.cpp can load it.
+        try:
+            info = check_file(tmp)
+        except InvalidModelFileError as exc:
+            raise ConvertError(f"the converted {path.name} would not load: {exc.problem}",
+                               hint="the checkpoint's config.json does not match its weights"
+                               ) from None
         if info.tensor_count != len(tensors):
             raise ConvertError(f"the output has {info.tensor_count} tensors, not {len(tensors)}")
         done = True
