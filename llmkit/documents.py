@@ -11,11 +11,21 @@ import warnings
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmkit.errors import DocumentError, UsageError
+from llmkit.errors import DocumentError, InputFileError, UsageError
+
+if TYPE_CHECKING:
+    from llmkit.io import ReadLimit
 
 DOCUMENT_FORMATS: tuple[str, ...] = ("text", "markdown", "html", "pdf")
+
+# The largest document read (file bytes, or a PDF's extracted text). Summaries handle any length
+# by chunking, so this is not about the context: it bounds memory (tokenizing a document takes
+# about 30 bytes per byte of text, so 32 MiB peaks near 1 GB) and time (8 million tokens, half a
+# day of prompt evaluation for a 1B model on a laptop CPU). It is 6 times the complete works of
+# Shakespeare, and holds all but image-heavy PDFs; `summarize --max-bytes` raises it.
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 # What each suffix means. Lightweight markup other than Markdown (reStructuredText, Org,
 # AsciiDoc) is read as plain text: a model reads its markup as well as a person does, and
@@ -131,6 +141,7 @@ def read_document(
     *,
     name: str | None = None,
     format: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Document:
     """Read a document file (or stdin's bytes) as text.
 
@@ -144,33 +155,40 @@ def read_document(
         name: what to call the document in messages and ``Document.source``; defaults to the
             path as given, or "stdin" for bytes. For bytes, its suffix also names the format.
         format: "text", "markdown", "html" or "pdf", to override the suffix and the content.
+        max_bytes: refuse a document larger than this (a file or a pipe is read no further),
+            or a PDF holding more text than this.
 
     Returns:
         The text, and its format, encoding, title, page count and any warnings.
 
     Raises:
-        DocumentError: the file is missing, a directory, unreadable, empty, binary, a PDF that
-            cannot be read (encrypted, corrupt, no text, pypdf not installed), or HTML with no
-            visible text.
-        UsageError: ``format`` is not one of the four.
+        DocumentError: the file is missing, a directory, a device or a socket, unreadable,
+            empty, larger than ``max_bytes``, binary, a PDF that cannot be read (encrypted,
+            corrupt, no text, pypdf not installed), or HTML with no visible text.
+        UsageError: ``format`` is not one of the four, or ``max_bytes`` is below 1.
     """
     if format is not None and format not in DOCUMENT_FORMATS:
         raise UsageError(f"unknown document format '{format}' "
                          f"(choose {', '.join(DOCUMENT_FORMATS[:-1])} or {DOCUMENT_FORMATS[-1]})")
+    if max_bytes < 1:
+        raise UsageError(f"the document size limit must be at least 1 byte, not {max_bytes}")
+    limit = document_limit(max_bytes)
     if isinstance(source, bytes):
         data = source
         label = name or "stdin"
         suffix = Path(name).suffix.lower() if name else ""
+        if len(data) > max_bytes:
+            raise _as_document_error(limit.exceeded(label))
     else:
         label = name or str(source)
-        data = _read_file(Path(source), label)
+        data = _read_file(Path(source), label, limit)
         suffix = Path(source).suffix.lower()
     if not data:
         raise DocumentError(label, "is empty")
 
     fmt = format or _detect_format(data, suffix)
     if fmt == "pdf":
-        text, title, pages, notes = _read_pdf(data, label)
+        text, title, pages, notes = _read_pdf(data, label, max_bytes)
         return Document(text=text, source=label, format="pdf", encoding=None, title=title,
                         warnings=notes, pages=pages)
 
@@ -295,13 +313,27 @@ def markdown_title(text: str) -> str | None:
 # --- reading and recognising ------------------------------------------------------------------
 
 
-def _read_file(path: Path, label: str) -> bytes:
-    from llmkit.io import open_problem
+def document_limit(max_bytes: int = DEFAULT_MAX_BYTES) -> ReadLimit:
+    """How much of one document is read, and the next step past it."""
+    from llmkit.io import ReadLimit, size_argument
+
+    return ReadLimit(max_bytes, "the most llmkit reads of one document",
+                     f"raise --max-bytes, e.g. --max-bytes {size_argument(2 * max_bytes)}")
+
+
+def _as_document_error(error: InputFileError) -> DocumentError:
+    return DocumentError(error.path, error.reason, hint=error.hint)
+
+
+def _read_file(path: Path, label: str, limit: ReadLimit) -> bytes:
+    from llmkit.io import read_input
 
     try:
-        return path.read_bytes()
+        return read_input(path, limit, name=label)
+    except InputFileError as exc:
+        raise _as_document_error(exc) from None
     except OSError as exc:
-        raise DocumentError(label, open_problem(path, exc)) from None
+        raise DocumentError(label, f"cannot be read ({exc.strerror or exc})") from None
 
 
 def _detect_format(data: bytes, suffix: str) -> str:
@@ -815,7 +847,8 @@ def _int_attr(attrs: list[tuple[str, str | None]], name: str) -> int | None:
 # --- PDF --------------------------------------------------------------------------------------
 
 
-def _read_pdf(data: bytes, label: str) -> tuple[str, str | None, int, tuple[str, ...]]:
+def _read_pdf(data: bytes, label: str, max_bytes: int
+              ) -> tuple[str, str | None, int, tuple[str, ...]]:
     """Text of every page (blank lines between), title, page count and warnings."""
     start = data.find(b"%PDF-", 0, 1024)
     if start < 0:
@@ -841,14 +874,14 @@ def _read_pdf(data: bytes, label: str) -> tuple[str, str | None, int, tuple[str,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _extract_pdf(pypdf, needs_dependency, data, label)
+            return _extract_pdf(pypdf, needs_dependency, data, label, max_bytes)
     finally:
         logger.removeHandler(quiet)
         logger.propagate = propagate
 
 
 def _extract_pdf(pypdf: Any, needs_dependency: type[Exception], data: bytes,
-                 label: str) -> tuple[str, str | None, int, tuple[str, ...]]:
+                 label: str, max_bytes: int) -> tuple[str, str | None, int, tuple[str, ...]]:
     # pypdf decrypts RC4 itself but AES only through the cryptography package, and says so
     # when it first needs to: opening the file, or reading a page.
     aes_error = DocumentError(label, "is encrypted with AES, and decrypting it needs the "
@@ -873,6 +906,7 @@ def _extract_pdf(pypdf: Any, needs_dependency: type[Exception], data: bytes,
     notes: list[str] = []
     texts: list[str] = []
     problems: list[str] = []
+    extracted = 0
     for number, page in enumerate(pages, 1):
         try:
             text = page.extract_text()
@@ -887,6 +921,15 @@ def _extract_pdf(pypdf: Any, needs_dependency: type[Exception], data: bytes,
         text = tidy_text(text if isinstance(text, str) else "")
         if text:
             texts.append(text)
+            # Compressed page streams can hold far more text than the file's size: stop
+            # at the limit rather than gather it all.
+            extracted += len(text.encode("utf-8"))
+            if extracted > max_bytes:
+                from llmkit.io import format_size
+
+                limit = document_limit(max_bytes)
+                raise DocumentError(label, f"holds more than {format_size(max_bytes)} of text, "
+                                           f"{limit.why}", hint=limit.hint)
     if len(problems) == len(pages):
         raise DocumentError(label, f"is not a readable PDF: {problems[0]}")
     if not texts:

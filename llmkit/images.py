@@ -16,6 +16,8 @@ from llmkit.errors import ImageError, UsageError
 if TYPE_CHECKING:
     from PIL import Image, ImageCms
 
+    from llmkit.io import ReadLimit
+
 # Vision encoders work at no more than about 1–2k pixels a side: CLIP/SigLIP towers at 224–896
 # px, tiling and dynamic-resolution ones (LLaVA-NeXT, MiniCPM-V, Qwen2-VL) up to roughly 1–2k.
 # llama.cpp's mtmd resizes whatever it is given to that, so pixels past 2048 only cost decode
@@ -25,6 +27,22 @@ DEFAULT_MAX_SIDE = 2048
 # Pillow's own hard limit (2 × Image.MAX_IMAGE_PIXELS, about 13,400 px square): past it Pillow
 # refuses to open the file anyway, calling it a possible decompression bomb.
 DEFAULT_MAX_PIXELS = 178_956_970
+
+# Pixels count less than the memory they take: a 13000×13000 16-bit PNG passes the pixel limit
+# and is a few hundred kilobytes of zlib, yet its decoded pixels take 322 MiB and converting
+# them to RGB several times that. So the decoded image is bounded in bytes, at the size the
+# decoder will really produce (JPEG draws big photos at 1/2–1/8), before anything is decoded.
+# 256 MiB holds a 64-megapixel RGB or RGBA image, or 128 megapixels of 16-bit grey; turning it
+# into RGB peaks at about four times that.
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
+
+# The encoded file: read whole only from a pipe; from a file Pillow reads what it needs.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+# How many bytes Pillow keeps per pixel, by mode: bands are stored in 8-bit quads, except for
+# these (Pillow's Storage.c).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+                 "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
 
 # Enough of the file to recognise what it is when Pillow cannot.
 _SNIFF_BYTES = 512
@@ -92,6 +110,8 @@ def prepare_image(
     *,
     max_side: int = DEFAULT_MAX_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     name: str | None = None,
 ) -> PreparedImage:
     """Decode an image into upright 8-bit RGB no larger than ``max_side`` on its longest side.
@@ -104,6 +124,9 @@ def prepare_image(
         source: the image file, or its bytes.
         max_side: the longest side of the result; larger images are scaled down to it.
         max_pixels: refuse images with more pixels than this (decompression bombs).
+        max_bytes: refuse files (or bytes) larger than this; a pipe is read no further.
+        max_decoded_bytes: refuse images whose decoded pixels would take more memory than
+            this, counted from the header at the size the decoder draws them.
         name: what to call the image in error messages; defaults to the path, or
             "image data" for bytes.
 
@@ -111,40 +134,56 @@ def prepare_image(
         The pixels and what was done to them.
 
     Raises:
-        ImageError: the file is missing, unreadable, empty, not an image, truncated or corrupt,
-            in a format Pillow cannot decode, or too large.
-        UsageError: ``max_side`` or ``max_pixels`` is below 1.
+        ImageError: the file is missing, unreadable, not a file or a pipe (a device, a socket,
+            a directory), empty, not an image, truncated or corrupt, in a format Pillow cannot
+            decode, or too large.
+        UsageError: a limit is below 1.
     """
-    if max_side < 1:
-        raise UsageError(f"the longest image side must be at least 1 pixel, not {max_side}")
-    if max_pixels < 1:
-        raise UsageError(f"the image pixel limit must be at least 1, not {max_pixels}")
+    for value, what in ((max_side, "the longest image side"), (max_pixels, "the image pixel "
+                        "limit"), (max_bytes, "the image file limit"),
+                        (max_decoded_bytes, "the decoded image limit")):
+        if value < 1:
+            raise UsageError(f"{what} must be at least 1, not {value}")
+    limits = _Limits(max_side, max_pixels, max_decoded_bytes)
     if isinstance(source, bytes):
-        return _prepare(io.BytesIO(source), name or "image data", max_side, max_pixels)
+        label = name or "image data"
+        if len(source) > max_bytes:
+            too_large = _file_limit(max_bytes).exceeded(label)
+            raise ImageError(label, too_large.reason, hint=too_large.hint)
+        return _prepare(io.BytesIO(source), label, limits)
     path = Path(source)
     label = name or str(path)
-    with _open_file(path, label) as stream:
-        return _prepare(stream, label, max_side, max_pixels)
+    with _open_file(path, label, max_bytes) as stream:
+        return _prepare(stream, label, limits)
 
 
-def _open_file(path: Path, label: str) -> IO[bytes]:
-    from llmkit.io import open_problem
+@dataclass(frozen=True)
+class _Limits:
+    max_side: int
+    max_pixels: int
+    max_decoded_bytes: int
+
+
+def _file_limit(size: int) -> ReadLimit:
+    from llmkit.io import ReadLimit
+
+    return ReadLimit(size, "the most llmkit reads of one image", "downscale or recompress it first")
+
+
+def _open_file(path: Path, label: str, max_bytes: int) -> IO[bytes]:
+    """The file, or a pipe's bytes in memory (Pillow seeks); devices and sockets refused."""
+    from llmkit.errors import InputFileError
+    from llmkit.io import seekable_input
 
     try:
-        stream = path.open("rb")
+        return seekable_input(path, _file_limit(max_bytes), name=label)
+    except InputFileError as exc:
+        raise ImageError(label, exc.reason, hint=exc.hint) from None
     except OSError as exc:
-        raise ImageError(label, open_problem(path, exc)) from None
-    if stream.seekable():
-        return stream
-    # A pipe or device (/dev/stdin, <(…)): Pillow seeks, so read it whole.
-    with stream:
-        try:
-            return io.BytesIO(stream.read())
-        except OSError as exc:
-            raise ImageError(label, f"cannot be read ({exc.strerror or exc})") from None
+        raise ImageError(label, f"cannot be read ({exc.strerror or exc})") from None
 
 
-def _prepare(stream: IO[bytes], label: str, max_side: int, max_pixels: int) -> PreparedImage:
+def _prepare(stream: IO[bytes], label: str, limits: _Limits) -> PreparedImage:
     try:
         head = stream.read(_SNIFF_BYTES)
         stream.seek(0)
@@ -177,10 +216,10 @@ def _prepare(stream: IO[bytes], label: str, max_side: int, max_pixels: int) -> P
             # Plugins raise OSError, ValueError, EOFError, struct.error… on broken headers.
             raise _decode_error(label, None, exc) from exc
         with image:
-            return _decode(image, label, max_side, max_pixels)
+            return _decode(image, label, limits)
 
 
-def _decode(image: Image.Image, label: str, max_side: int, max_pixels: int) -> PreparedImage:
+def _decode(image: Image.Image, label: str, limits: _Limits) -> PreparedImage:
     from PIL import Image
 
     fmt = image.format or "unknown"
@@ -192,10 +231,10 @@ def _decode(image: Image.Image, label: str, max_side: int, max_pixels: int) -> P
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(label, "is truncated or corrupt (it has no pixels)")
-    if width * height > max_pixels:
+    if width * height > limits.max_pixels:
         raise ImageError(label, f"is too large ({width}×{height} pixels, over the limit of "
-                                f"{max_pixels:,})", hint="downscale it first")
-    target = _fit(width, height, max_side)
+                                f"{limits.max_pixels:,})", hint="downscale it first")
+    target = _fit(width, height, limits.max_side)
     mode = image.mode
     try:
         # Counting frames walks a GIF's blocks and seeks back to frame 0, before any decoding.
@@ -206,6 +245,7 @@ def _decode(image: Image.Image, label: str, max_side: int, max_pixels: int) -> P
             # never below the size asked for, so the resize below only finishes the job: a
             # 6000×4000 photo is decoded as 3000×2000, a quarter of the pixels.
             decode_scale = _draft_scale(width, height, image.size)
+        _check_decoded_size(image, label, limits.max_decoded_bytes)
         image.load()
         transpose = _orientation_transpose(image)
         upright = image if transpose is None else image.transpose(transpose)
@@ -232,6 +272,18 @@ def _decode(image: Image.Image, label: str, max_side: int, max_pixels: int) -> P
         decode_scale=decode_scale,
         flattened=flattened, color_managed=color_managed,
     )
+
+
+def _check_decoded_size(image: Image.Image, label: str, limit: int) -> None:
+    """Refuse an image whose pixels, as the decoder is about to draw them, exceed ``limit``."""
+    from llmkit.io import format_size
+
+    width, height = image.size  # after draft(): the size the decoder will really produce
+    needed = width * height * _STORED_BYTES.get(image.mode, 4)
+    if needed > limit:
+        raise ImageError(label, f"is too large to decode ({width}×{height} pixels of mode "
+                                f"{image.mode} take {format_size(needed)}, over the limit of "
+                                f"{format_size(limit)})", hint="downscale it first")
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -191,7 +191,7 @@ def test_json_schema_that_is_not_json(tmp_path: Path) -> None:
 def test_json_schema_file_missing(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
     assert _error(["run", "--json-schema", str(missing), "hi"]) == (
-        f"llmkit: error: {missing}: no such file")
+        f"llmkit: error: {missing} does not exist")
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_read_text_file(tmp_path: Path) -> None:
     bad.write_bytes(b"na\xefve")
     with pytest.raises(InputError, match=f"{re.escape(str(bad))} is not UTF-8 text"):
         read_text_file(bad)
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="does not exist"):
         read_text_file(tmp_path / "missing.txt")
     with pytest.raises(InputError, match="is a directory"):
         read_text_file(tmp_path)

@@ -154,7 +154,8 @@ def test_json_schema_that_is_not_json(tmp_path: Path) -> None:
 
 
 def test_json_schema_file_missing(tmp_path: Path) -> None:
-    assert "no such file" in _error(["run", "--json-schema", str(tmp_path / "x.json"), "hi"])
+    assert "x.json does not exist" in _error(["run", "--json-schema", str(tmp_path / "x.json"),
+                                              "hi"])
 
 
 def test_show_of_a_non_gguf(tmp_path: Path) -> None:

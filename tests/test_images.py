@@ -460,10 +460,10 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     path = samples.write_photo_jpeg(tmp_path)
     if os.geteuid() == 0:
         # root reads through chmod 000, so stand in for the kernel's refusal.
-        def refuse(self: Path, *args: object, **kwargs: object) -> object:
-            raise PermissionError(13, "Permission denied", str(self))
+        def refuse(target: object, *args: object, **kwargs: object) -> object:
+            raise PermissionError(13, "Permission denied", str(target))
 
-        monkeypatch.setattr(Path, "open", refuse)
+        monkeypatch.setattr(os, "open", refuse)
     else:
         path.chmod(0)
     assert reason_of(path).reason == "cannot be read (permission denied)"

@@ -73,7 +73,7 @@ def check(
     any was flagged, else 0.
     """
     from llmkit.errors import UsageError
-    from llmkit.io import read_stdin, read_text_file
+    from llmkit.io import prompt_limit, read_stdin, read_text_file
     from llmkit.session import EngineOptions, open_guard
     from llmkit.tasks.safety import (
         ImagesNotCheckableError,
@@ -97,7 +97,7 @@ def check(
     if image:
         raise ImagesNotCheckableError()
     if batch is not None:
-        _run_batch(batch, model, options, exclude, categories, threshold)
+        _run_batch(batch, model, options, exclude, categories, threshold, ctx)
         return
     if conversation is not None:
         messages = load_conversation(conversation)
@@ -108,12 +108,13 @@ def check(
     else:
         from llmkit.errors import InputError
 
+        # Text longer than the guard's context can hold is refused as it is read, not after.
         if text:
             body, where = " ".join(text), "the text to check"
         elif file is not None:
-            body, where = read_text_file(file), str(file)
+            body, where = read_text_file(file, prompt_limit(ctx)), str(file)
         else:
-            piped = read_stdin()
+            piped = read_stdin(limit=prompt_limit(ctx))
             if piped is None:
                 raise UsageError("nothing to check",
                                  hint='pass text, --file, --prompt/--response, or pipe it in')
@@ -146,15 +147,16 @@ def check(
 
 
 def _run_batch(source: str, model: str | None, options: Any, exclude: str | None,
-               categories: Path | None, threshold: float | None) -> None:
+               categories: Path | None, threshold: float | None, ctx: int | None) -> None:
     import itertools
 
     from llmkit.errors import InputError, Interrupted
-    from llmkit.io import numbered_lines
+    from llmkit.io import batch_line_limit, numbered_lines
     from llmkit.session import open_guard
     from llmkit.tasks.safety import check_jsonl_line
 
-    lines = numbered_lines(source)
+    # A file is streamed as stdin is: one bad or over-long line is that line's error record.
+    lines = numbered_lines(source, limit=batch_line_limit(ctx))
     # The first record is waited for before the model loads: empty input fails fast.
     first = next(lines, None)
     if first is None:

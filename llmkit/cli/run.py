@@ -70,7 +70,7 @@ def run(
     from llmkit.engine import grammar_from_json_schema
     from llmkit.errors import Interrupted
     from llmkit.images import prepare_image
-    from llmkit.io import read_stdin, read_text_file
+    from llmkit.io import MiB, ReadLimit, prompt_limit, read_stdin, read_text_file
     from llmkit.session import (
         EngineOptions,
         default_system_prompt,
@@ -82,8 +82,12 @@ def run(
     from llmkit.tasks.safety import check_input, check_output
 
     out.set_quiet(quiet)
-    text = build_user_message(" ".join(prompt) if prompt else None, read_stdin())
-    grammar = grammar_from_json_schema(read_text_file(json_schema)) if json_schema else None
+    # stdin that cannot fit the context is refused as it is read, not once read whole.
+    text = build_user_message(" ".join(prompt) if prompt else None,
+                              read_stdin(limit=prompt_limit(ctx)))
+    schema_limit = ReadLimit(MiB, "the most llmkit reads of a JSON schema")
+    grammar = (grammar_from_json_schema(read_text_file(json_schema, schema_limit))
+               if json_schema else None)
     options = EngineOptions(ctx=ctx, threads=threads,
                             device=str(getattr(device, "value", device)),
                             gpu_layers=gpu_layers, verbose=verbose)

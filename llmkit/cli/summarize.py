@@ -81,6 +81,9 @@ def summarize(
         show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r",
                                             help="Look into subdirectories too.")] = False,
+    max_bytes: Annotated[str, typer.Option(
+        "--max-bytes", help="Refuse documents larger than this, e.g. 100M (k, M, G: binary "
+        "units).")] = "32M",
     format: Annotated[BatchFormat | None, typer.Option(
         "--format", "-f", help="text (default), json (one array at the end) or jsonl (one "
         "record per document as it finishes).", show_default=False)] = None,
@@ -117,12 +120,13 @@ def summarize(
     from llmkit.batch import BatchOutput, RecordLog, should_skip
     from llmkit.documents import DOCUMENT_SUFFIXES
     from llmkit.errors import UsageError
-    from llmkit.io import collect_paths, stdin_is_tty
+    from llmkit.io import collect_paths, parse_size, stdin_is_tty
     from llmkit.session import EngineOptions, default_system_prompt, open_engine, sampling_params
     from llmkit.tasks.summarize import SummaryOptions, check_options
 
     out.set_quiet(quiet)
     checker = None
+    limit = parse_size(max_bytes, "--max-bytes")
     args = list(inputs or [])
     if not args:
         if stdin_is_tty():
@@ -134,7 +138,7 @@ def summarize(
         raise UsageError("'-' (stdin) can be given once")
     if skip_existing and out_file is None:
         raise UsageError("--skip-existing needs --out FILE.jsonl to know what is done")
-    stdin_doc = _read_stdin_document(as_format) if "-" in args else None
+    stdin_doc = _read_stdin_document(as_format, limit) if "-" in args else None
     named = [a for a in args if a != "-"]
     paths = collect_paths(named, suffixes=DOCUMENT_SUFFIXES, recursive=recursive) if named else []
     items = paths + (["-"] if stdin_doc is not None else [])
@@ -165,8 +169,8 @@ def summarize(
         check_options(options)
 
         def work(path: str) -> dict[str, Any]:
-            return _summarize_one(engine, options, path, stdin_doc, as_format, verbose, quiet,
-                                  checker)
+            return _summarize_one(engine, options, path, stdin_doc, as_format, limit, verbose,
+                                  quiet, checker)
 
         with engine:
             run_cli_batch(items, work, output, fmt=format or BatchFormat.text, single=single,
@@ -179,16 +183,20 @@ def summarize(
             checker.close()
 
 
-def _read_stdin_document(as_format: InputFormat | None) -> Any:
-    """stdin as a Document (read before the model loads, so a bad pipe fails fast)."""
-    from llmkit.documents import read_document
+def _read_stdin_document(as_format: InputFormat | None, max_bytes: int) -> Any:
+    """stdin as a Document (read before the model loads, so a bad pipe fails fast); reading
+    stops past ``max_bytes``, so an endless stream is an error, not memory without end."""
+    from llmkit.documents import document_limit, read_document
+    from llmkit.io import read_capped
 
-    data = sys.stdin.buffer.read() if sys.stdin is not None else b""
-    return read_document(data, name="stdin", format=as_format.value if as_format else None)
+    data = (read_capped(sys.stdin.buffer, document_limit(max_bytes), "stdin")
+            if sys.stdin is not None else b"")
+    return read_document(data, name="stdin", format=as_format.value if as_format else None,
+                         max_bytes=max_bytes)
 
 
 def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
-                   as_format: InputFormat | None, verbose: bool, quiet: bool,
+                   as_format: InputFormat | None, max_bytes: int, verbose: bool, quiet: bool,
                    checker: Any = None) -> dict[str, Any]:
     """One document's record; errors about the document become the record's ``error``."""
     from llmkit.documents import read_document
@@ -198,7 +206,7 @@ def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
 
     try:
         doc = stdin_doc if path == "-" else read_document(
-            Path(path), format=as_format.value if as_format else None)
+            Path(path), format=as_format.value if as_format else None, max_bytes=max_bytes)
     except LlmkitError as exc:
         return summary_record(path, None, model=engine.model_name, error=str(exc))
     for warning in doc.warnings:
