@@ -164,7 +164,9 @@ def parse_proc_stat(text: str, cpus: Collection[int]) -> int | None:
     busy: dict[int, int] = {}
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
-        if not name.startswith("cpu") or not name[3:].isdigit():
+        if not name.startswith("cpu"):
+            break  # the CPU lines come first; the rest (interrupt counts) is long
+        if not name[3:].isdigit():
             continue
         cpu = int(name[3:])
         if cpu in cpus:
@@ -198,10 +200,10 @@ class CpuReading:
 def read_cpu(cpus: Collection[int]) -> CpuReading | None:
     """Read /proc/stat and this process's CPU time; None where there is no /proc/stat."""
     try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            ticks = parse_proc_stat(fh.read(), cpus)
+        with open("/proc/stat", "rb", buffering=0) as fh:
+            ticks = parse_proc_stat(fh.read().decode("ascii", "replace"), cpus)
         hertz = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError):
         return None
     if ticks is None or hertz <= 0:
         return None

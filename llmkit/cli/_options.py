@@ -36,6 +36,13 @@ def utf8_text(value: str | None) -> str | None:
     return value
 
 
+def utf8_texts(values: list[str] | None) -> list[str] | None:
+    """:func:`utf8_text` for each of a repeatable option or an argument list."""
+    for value in values or []:
+        utf8_text(value)
+    return values
+
+
 class Device(str, Enum):
     """Where to run the model."""
 
