@@ -18,8 +18,8 @@ from llmkit.errors import LlmkitError
 # A real chat template renders a conversation in milliseconds; these bounds only stop templates
 # that loop, recurse or grow strings without end. Sizes scale with the conversation, so a long
 # document still renders; the floor keeps short prompts (and the template's own text) free.
+# Time is the rendering thread's CPU time: a busy machine slows a render, it does not fail it.
 RENDER_SECONDS = 5.0
-PROBE_SECONDS = 1.0
 MIN_CHARS = 1 << 20  # characters of output, and of any one value, for a small conversation
 CHARS_PER_INPUT_CHAR = 8
 MIN_LOOP_STEPS = 1_000_000
@@ -55,6 +55,7 @@ class _Budget:
     steps_left: int = -1
     written: int = 0
     depth: int = 0
+    ticks: int = 0
 
     @classmethod
     def unbounded_time(cls) -> _Budget:
@@ -67,8 +68,10 @@ class _Budget:
             self.steps_left = self.steps
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _Limit(f"the {self.seconds:g}-second rendering time")
+        # Every step between two ticks is bounded, so reading the clock every 32nd is enough.
+        self.ticks += 1
+        if self.ticks & 31 == 0 and time.thread_time() > self.deadline:
+            raise _Limit(f"the rendering limit of {self.seconds:g} seconds of CPU time")
 
     def size(self, n: int) -> None:
         if n > self.max_chars:
@@ -174,6 +177,13 @@ def _growth_check(name: str, value: Any, args: Sequence[Any], kwargs: Mapping[st
         sep, items = (value, args[0] if args else ()) if method else (arg(0, "d", ""), value)
         if isinstance(sep, str) and hasattr(items, "__len__"):
             too_big = len(sep) * len(items) > limit
+    elif name == "sum":
+        start = arg(1, "start", 0)
+        if not isinstance(start, (int, float)) and hasattr(value, "__len__"):
+            # Adding lists or strings copies the running total each time: quadratic work in
+            # one call, which no time check can interrupt.
+            each = sum(len(x) for x in value if hasattr(x, "__len__"))
+            too_big = len(value) * each > limit
     elif name in ("batch", "slice"):
         count = arg(0, "linecount" if name == "batch" else "slices", 0)
         too_big = isinstance(count, int) and count > limit
@@ -207,6 +217,7 @@ def _make_environment() -> Any:
     import jinja2
     import jinja2.ext
     from jinja2 import nodes
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.visitor import NodeTransformer
 
@@ -220,10 +231,27 @@ def _make_environment() -> Any:
             parser.stream.skip(1)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
+    class BoundedCodeGenerator(CodeGenerator):
+        """Calls llmkit's own checks directly, not through the sandbox's call()."""
+
+        def visit_Call(self, node: Any, frame: Any, forward_caller: bool = False) -> None:
+            helper = node.node
+            if isinstance(helper, nodes.EnvironmentAttribute) and helper.name in _HELPERS:
+                self.write(f"environment.{helper.name}(")
+                for i, arg in enumerate(node.args):
+                    if i:
+                        self.write(", ")
+                    self.visit(arg, frame)
+                self.write(")")
+                return
+            super().visit_Call(node, frame, forward_caller=forward_caller)
+
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         # Arithmetic that can build huge strings, lists or integers in one step is checked
         # before it runs (the sandbox compiles these operators to call_binop).
-        intercepted_binops = frozenset({"+", "*", "**", "%"})
+        # ("+" chains become one llmkit_add call each, see Instrument.visit_Add.)
+        intercepted_binops = frozenset({"*", "**", "%"})
+        code_generator_class = BoundedCodeGenerator
 
         def __init__(self) -> None:
             super().__init__(trim_blocks=True, lstrip_blocks=True,
@@ -233,7 +261,7 @@ def _make_environment() -> Any:
             self.llmkit_write = self._write
             self.llmkit_concat = self._concat
             self.llmkit_value = self._value
-            self._own = (self._loop, self._write, self._concat, self._value)
+            self.llmkit_add = self._add
             for name, function in list(self.filters.items()):
                 self.filters[name] = self._bounded_filter(name, function)
             self.filters["tojson"] = self._bounded_filter("tojson", _hf_tojson)
@@ -251,18 +279,26 @@ def _make_environment() -> Any:
         # -- helpers the instrumented template calls ------------------------------------------
 
         def _loop(self, iterable: Any) -> Any:
-            return _Steps(iterable, self.budget)
+            budget = self.budget
+            budget.tick()
+            if isinstance(iterable, (list, tuple, range, str, dict)):
+                # Charged before the loop runs (its body may break early: conservative), so
+                # the loop itself costs nothing per step.
+                budget.steps_left -= len(iterable)
+                if budget.steps_left < 0:
+                    raise _Limit(f"the limit of {budget.steps} loop steps")
+                return iterable
+            return _Steps(iterable, budget)
 
         def _write(self, value: Any) -> str:
             budget = self.budget
-            if not isinstance(value, str):
-                size, _ = _measure(value, budget.max_chars)
-                budget.size(size)
-            text = str(value)
-            budget.written += len(text)
+            if type(value) is not str:
+                budget.size(_measure(value, budget.max_chars)[0])
+                value = str(value)
+            budget.written += len(value)
             if budget.written > budget.max_chars:
                 raise _Limit(f"the output limit of {budget.max_chars} characters")
-            return text
+            return str(value)
 
         def _concat(self, *values: Any) -> str:
             budget = self.budget
@@ -274,6 +310,25 @@ def _make_environment() -> Any:
                 parts.append(value)
             budget.size(sum(len(p) for p in parts))
             return "".join(parts)
+
+        def _add(self, *operands: Any) -> Any:
+            budget = self.budget
+            total = 0
+            for x in operands:
+                if type(x) is not str:
+                    break
+                total += len(x)
+            else:
+                # The common case by far ('<|im_start|>' + role + '\n' + …): one check, one join.
+                budget.size(total)
+                return "".join(operands)
+            budget.tick()
+            result = operands[0]
+            for right in operands[1:]:
+                if isinstance(result, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                    budget.size(len(result) + len(right))
+                result = self._checked(result + right)
+            return result
 
         def _value(self, value: Any) -> Any:
             if isinstance(value, str):
@@ -299,6 +354,10 @@ def _make_environment() -> Any:
             def bounded(*args: Any, **kwargs: Any) -> Any:
                 budget = self.budget
                 budget.tick()
+                if name in ("join", "sum") and len(args) > skip and not isinstance(
+                        args[skip], (str, list, tuple, dict)):
+                    # A generator (map, select …) has no length to check: take its items.
+                    args = (*args[:skip], list(args[skip]), *args[skip + 1:])
                 if len(args) > skip:
                     _growth_check(name, args[skip], args[skip + 1:], kwargs, budget.max_chars)
                 return self._checked(function(*args, **kwargs))
@@ -309,6 +368,7 @@ def _make_environment() -> Any:
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             budget = self.budget
+            budget.tick()
             limit = budget.max_chars
             sized = (str, list, tuple)
             if operator == "*":
@@ -324,26 +384,23 @@ def _make_environment() -> Any:
                 if isinstance(left, int) and isinstance(right, int) and right > 0 and (
                         max(left.bit_length(), 1) * right > MAX_INT_BITS):
                     raise _Limit(f"the integer limit of {MAX_INT_BITS} bits")
-            elif operator == "+":
-                if isinstance(left, sized) and isinstance(right, sized):
-                    budget.size(len(left) + len(right))
             elif operator == "%" and isinstance(left, str):
                 _check_percent_format(left, right, limit)
-            return self._checked(super().call_binop(context, operator, left, right))
+            result = super().call_binop(context, operator, left, right)
+            if isinstance(result, str):
+                return result  # its size was checked above
+            return self._checked(result)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-            if __obj in __self._own:
-                # The compiler adds these inside loops and blocks, for context functions only.
-                kwargs.pop("_loop_vars", None)
-                kwargs.pop("_block_vars", None)
-                return __obj(*args, **kwargs)
             budget = __self.budget
             budget.tick()
             owner = getattr(__obj, "__self__", None)
             wrapped = getattr(__obj, "__wrapped__", None)
             if isinstance(owner, str):
-                _growth_check(getattr(__obj, "__name__", ""), owner, args, kwargs,
-                              budget.max_chars, method=True)
+                name = getattr(__obj, "__name__", "")
+                if name == "join" and args and not isinstance(args[0], (str, list, tuple)):
+                    args = (list(args[0]), *args[1:])  # see the join filter
+                _growth_check(name, owner, args, kwargs, budget.max_chars, method=True)
             elif wrapped is not None and isinstance(getattr(wrapped, "__self__", None), str):
                 _check_str_format(wrapped.__self__, args, kwargs, budget.max_chars)
             budget.depth += 1
@@ -378,6 +435,15 @@ def _make_environment() -> Any:
             node.nodes = [self._call("llmkit_write", [child], child) for child in node.nodes]
             return node
 
+        def visit_Add(self, node: Any) -> Any:
+            operands = []
+            while isinstance(node, nodes.Add):  # a + b + c parses as ((a + b) + c)
+                operands.append(node.right)
+                node = node.left
+            operands.append(node)
+            operands = [self.visit(x) for x in reversed(operands)]
+            return self._call("llmkit_add", operands, operands[0])
+
         def visit_Concat(self, node: Any) -> Any:
             self.generic_visit(node)
             return self._call("llmkit_concat", list(node.nodes), node)
@@ -400,6 +466,10 @@ def _make_environment() -> Any:
     environment: Any = BoundedEnvironment()
     environment.llmkit_instrument = Instrument(environment)
     return environment
+
+
+_HELPERS = frozenset({"llmkit_loop", "llmkit_write", "llmkit_concat", "llmkit_value",
+                      "llmkit_add"})
 
 
 def _hf_tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
@@ -431,11 +501,12 @@ class _Steps:
 
 def _input_chars(value: Any) -> int:
     """Characters of text in a template's input (messages), for scaling its bounds."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         return len(value)
-    if isinstance(value, Mapping):
-        return sum(_input_chars(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
+    if kind is dict or isinstance(value, Mapping):
+        return sum(len(v) if type(v) is str else _input_chars(v) for v in value.values())
+    if kind is list or kind is tuple:
         return sum(_input_chars(v) for v in value)
     return 0
 
@@ -470,7 +541,7 @@ class ChatTemplate:
                 tree = environment.parse(self.source)
                 environment.llmkit_instrument.visit(tree)
                 self._compiled = environment.from_string(tree)
-            except (jinja2.TemplateError, _Limit, RecursionError, MemoryError) as exc:
+            except Exception as exc:  # whatever the parser or compiler trips over
                 reason = exc.message if isinstance(exc, jinja2.TemplateError) else str(exc)
                 if isinstance(exc, RecursionError):
                     reason = "it nests too deeply"
@@ -496,7 +567,7 @@ class ChatTemplate:
 
     def _probe(self, messages: list[dict[str, Any]]) -> str:
         try:
-            return self._render(messages, add_generation_prompt=False, seconds=PROBE_SECONDS)
+            return self._render(messages, add_generation_prompt=False)
         except ChatTemplateRejected:
             return ""
 
@@ -517,18 +588,17 @@ class ChatTemplate:
             for m in prepared:
                 if isinstance(m.get("content"), str):
                     m["content"] = [{"type": "text", "text": m["content"]}]
-        return self._render(prepared, add_generation_prompt=add_generation_prompt,
-                            seconds=RENDER_SECONDS)
+        return self._render(prepared, add_generation_prompt=add_generation_prompt)
 
-    def _render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
-                seconds: float) -> str:
+    def _render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
         from jinja2.exceptions import SecurityError
 
         template = self._compile()
+        seconds = RENDER_SECONDS
         environment = self._environment
         chars = _input_chars(messages) + len(self.bos_token) + len(self.eos_token)
         environment.budget = _Budget(
-            deadline=time.monotonic() + seconds, seconds=seconds,
+            deadline=time.thread_time() + seconds, seconds=seconds,
             max_chars=max(MIN_CHARS, CHARS_PER_INPUT_CHAR * chars),
             steps=max(MIN_LOOP_STEPS, CHARS_PER_INPUT_CHAR * chars))
         try:
@@ -595,6 +665,9 @@ class SpecialTokens:
         self.user_defined = tuple(sorted((t for t in user_defined if t in self.protected),
                                          key=len, reverse=True))
         lowered = sorted({t.lower() for t in self.protected}, key=len, reverse=True)
+        # Most text holds none of the characters special texts start with ('<', '[' …).
+        firsts = sorted({c for t in self.protected for c in (t[0].lower(), t[0].upper())})
+        self._firsts = re.compile("[" + "".join(map(re.escape, firsts)) + "]") if firsts else None
         self._by_head: dict[str, list[str]] = {}
         for text in lowered:
             self._by_head.setdefault(text[:2], []).append(text)
@@ -604,7 +677,7 @@ class SpecialTokens:
     def occur_in(self, text: str) -> bool:
         """Whether ``text`` holds a protected text (in any letter case, as templates may
         change case)."""
-        if not self._heads:
+        if self._firsts is None or not self._firsts.search(text):
             return False
         lowered = text.lower()
         return any(head in lowered and any(t in lowered for t in self._by_head[head])
@@ -655,7 +728,8 @@ class SpecialTokens:
                 if start < end:
                     split.append((start, end))
             fragments = split
-        return [f if isinstance(f, int) else text[f[0]:f[1]] for f in fragments]
+        return [f if isinstance(f, int) else text[f[0]:f[1]] for f in fragments
+                if isinstance(f, int) or f[1] > f[0]]
 
     def plain_pieces(self, text: str) -> list[str]:
         """``text`` cut so that no piece holds a protected USER_DEFINED text whole (llama.cpp
@@ -725,13 +799,21 @@ class Escapes:
         return specials.pattern().sub(placeholder, text)
 
     def escape_value(self, value: Any, specials: SpecialTokens) -> Any:
-        """Every string in a message (its role, content, typed parts) escaped."""
+        """Every string in a message (its role, content, typed parts) escaped; ``value``
+        itself when nothing in it needed escaping."""
         if isinstance(value, str):
             return self.escape(value, specials)
         if isinstance(value, Mapping):
-            return {k: self.escape_value(v, specials) for k, v in value.items()}
+            changed: dict[str, Any] | None = None
+            for key, item in value.items():
+                escaped = self.escape_value(item, specials)
+                if escaped is not item:
+                    changed = changed if changed is not None else dict(value)
+                    changed[key] = escaped
+            return value if changed is None else changed
         if isinstance(value, (list, tuple)):
-            return [self.escape_value(v, specials) for v in value]
+            parts = [self.escape_value(v, specials) for v in value]
+            return value if all(a is b for a, b in zip(parts, value, strict=True)) else parts
         return value
 
     def restore(self, text: str) -> str:
