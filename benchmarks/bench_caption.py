@@ -89,8 +89,10 @@ def rendered_prompt(model: Path, mmproj: Path) -> str:
     from llmkit.tasks.caption import STYLES
 
     with Engine(model, mmproj=mmproj, threads=1) as engine:
-        return engine.render_chat(
+        text = engine.render_chat(
             [{"role": "user", "content": f"{engine.media_marker}\n{STYLES['short']}"}])
+        # llmkit's own image marker is random per engine; raw mtmd looks for its default one.
+        return text.replace(engine.media_marker, "<__media__>")
 
 
 def main() -> None:
