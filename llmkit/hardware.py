@@ -289,26 +289,17 @@ class ThreadGovernor:
         return changed
 
 
-def measure_threads(window: float = ThreadGovernor.INTERVAL_S) -> ThreadChoice:
-    """The thread count a model loaded now would start with, from ``window`` seconds of the
-    machine's load (for `llmkit doctor`; waits that long when llmkit chooses).
+def measure_threads(threads: int | None = None, window: float = ThreadGovernor.INTERVAL_S
+                    ) -> ThreadChoice:
+    """``threads`` (or LLMKIT_THREADS) exactly, else the idle physical cores over the next
+    ``window`` seconds: for work that is not re-checked as it goes (`llmkit doctor`, the
+    quantizer), and waits that long when llmkit chooses.
 
     Raises:
         UsageError: --threads out of range or a bad LLMKIT_THREADS (see :func:`requested_threads`).
     """
-    governor = ThreadGovernor(None)
+    governor = ThreadGovernor(threads)
     if governor.choice.adaptive:
         time.sleep(window)
         governor.update(min_window=0.0)
     return governor.choice
-
-
-def default_threads() -> int:
-    """``LLMKIT_THREADS`` if set, else the number of physical cores (for work without
-    barriers between threads, such as quantizing).
-
-    Raises:
-        UsageError: LLMKIT_THREADS is set to something that is not a thread count.
-    """
-    fixed = requested_threads(None)
-    return fixed.threads if fixed is not None else physical_cores()

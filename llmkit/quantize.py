@@ -108,7 +108,8 @@ def quantize(
         source: the input GGUF (usually F32/F16/BF16).
         qtype: target type, e.g. "Q4_K_M" (case-insensitive).
         output: where to write; default next to the input, named after the type.
-        threads: quantizer threads (default: physical cores).
+        threads: quantizer threads, exactly (default: the physical cores other processes
+            leave idle, or LLMKIT_THREADS).
         force: replace an existing output file.
         imatrix: importance matrix GGUF (required for the smallest IQ types).
         verify: load the result in llama.cpp before declaring it done.
@@ -123,7 +124,7 @@ def quantize(
     """
     from llmkit.engine import Engine, llama_module, recent_log
     from llmkit.gguf_file import check_file, check_header, check_output
-    from llmkit.hardware import default_threads
+    from llmkit.hardware import measure_threads
 
     qtype = normalize_type(qtype)
     # llama.cpp's quantizer loads the header as a model load does, and aborts on the same values.
@@ -145,7 +146,7 @@ def quantize(
                             f"{needed >> 20} MB needed, {free >> 20} MB free")
     lc = llama_module()
     params = lc.llama_model_quantize_default_params()
-    params.nthread = threads or default_threads()
+    params.nthread = measure_threads(threads).threads
     params.ftype = TYPES[qtype][0]
     keep: list[Any] = []  # ctypes buffers that must outlive the call
     if imatrix is not None:

@@ -121,17 +121,17 @@ def test_physical_cores_is_within_what_the_process_may_use() -> None:
 def test_threads_env_overrides(monkeypatch: pytest.MonkeyPatch, value: str,
                                expected: int) -> None:
     monkeypatch.setenv("LLMKIT_THREADS", value)
-    assert hardware.default_threads() == expected
+    assert hardware.measure_threads(window=0.0).threads == expected
 
 
 @pytest.mark.parametrize("value", ["", "  "])
 def test_empty_threads_env_means_unset(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("LLMKIT_THREADS", value)
-    assert hardware.default_threads() == hardware.physical_cores()
+    assert hardware.requested_threads(None) is None
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many", "513"])
 def test_bad_threads_env_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("LLMKIT_THREADS", value)
-    with pytest.raises(UsageError, match="^LLMKIT_THREADS="):
-        hardware.default_threads()
+    with pytest.raises(UsageError, match=r"^LLMKIT_THREADS="):
+        hardware.measure_threads(window=0.0)
