@@ -405,7 +405,6 @@ def _make_environment() -> Any:
                 _check_str_format(wrapped.__self__, args, kwargs, budget.max_chars)
             budget.depth += 1
             if budget.depth > MAX_CALL_DEPTH:
-                budget.depth = 0
                 raise _Limit(f"the limit of {MAX_CALL_DEPTH} nested calls")
             try:
                 result = super().call(__context, __obj, *args, **kwargs)
@@ -514,7 +513,7 @@ def _input_chars(value: Any) -> int:
 class ChatTemplate:
     """A GGUF's chat template, compiled once and rendered in a bounded sandbox.
 
-    Bounds per render: :data:`RENDER_SECONDS` of time; output and any one value at most
+    Bounds per render: :data:`RENDER_SECONDS` of CPU time; output and any one value at most
     max(:data:`MIN_CHARS`, :data:`CHARS_PER_INPUT_CHAR` × the conversation's characters);
     loop steps likewise scaled; :data:`MAX_CALL_DEPTH` nested calls; no huge integers, string
     widths or repetitions. Semantics follow Hugging Face's renderer (trim_blocks, lstrip_blocks,
@@ -583,14 +582,13 @@ class ChatTemplate:
                 something the sandbox forbids.
             ChatTemplateRejected: the template refused the conversation.
         """
-        prepared = [dict(m) for m in messages]
+        prepared = list(messages)
         if self.typed_content:
-            for m in prepared:
-                if isinstance(m.get("content"), str):
-                    m["content"] = [{"type": "text", "text": m["content"]}]
+            prepared = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                        if isinstance(m.get("content"), str) else m for m in prepared]
         return self._render(prepared, add_generation_prompt=add_generation_prompt)
 
-    def _render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[Any], *, add_generation_prompt: bool) -> str:
         from jinja2.exceptions import SecurityError
 
         template = self._compile()
@@ -790,8 +788,8 @@ class Escapes:
         def placeholder(match: re.Match[str]) -> str:
             found = match.group(0)
             if found not in self._index:
-                if len(self.table) >= _PLANE_SIZE:
-                    raise _Limit("too many distinct special-token texts")
+                if len(self.table) >= _PLANE_SIZE:  # out of placeholders: break it up instead
+                    return found[0] + _WORD_JOINER + found[1:]
                 self._index[found] = len(self.table)
                 self.table.append(found)
             return self.prefix + chr(_PLANE_16 + self._index[found])
