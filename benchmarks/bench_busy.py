@@ -7,6 +7,9 @@ runs it again. This measures how much that costs and what avoids it, in scenario
 - quiet: nothing else started (other processes on the machine are measured as noise);
 - one-busy: one process spinning (`python -c 'while 1: pass'`);
 - half-busy: one process busy half the time (20 ms spinning, 20 ms asleep);
+- quarter-busy: one process busy a quarter of the time (10 ms spinning, 30 ms asleep); these
+  two bracket llmkit's rule of counting a CPU as taken when others keep it busy over half
+  the time;
 - all-busy: one spinning process per CPU;
 - llmkit-beside: a second llmkit process generating all the time with its default threads.
 
@@ -50,14 +53,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ForeignLoad, built_tool, counting_text, default_model, environment, median, save
 
-SCENARIOS = ("quiet", "one-busy", "half-busy", "all-busy", "llmkit-beside")
+SCENARIOS = ("quiet", "one-busy", "half-busy", "quarter-busy", "all-busy", "llmkit-beside")
 VARIANTS = ("auto", "auto-at-start", "auto-passive", "all-cores", "one", "passive", "spin-10k",
             "llama-bench-all", "llama-bench-one")
 QUIET_TARGET = 0.97
 FAIR_TARGET = 0.9  # "about its fair share": within 10 %
 SPIN = "while True: pass"
-HALF = ("import time\nwhile True:\n    end = time.monotonic() + 0.02\n"
-        "    while time.monotonic() < end: pass\n    time.sleep(0.02)")
+DUTY = ("import time\nwhile True:\n    end = time.monotonic() + {on}\n"
+        "    while time.monotonic() < end: pass\n    time.sleep({off})")
 Sample = dict[str, Any]
 
 
@@ -123,7 +126,8 @@ def start_busy(scenario: str, model: str) -> list[subprocess.Popen[bytes]]:
     commands = {
         "quiet": [],
         "one-busy": [[sys.executable, "-c", SPIN]],
-        "half-busy": [[sys.executable, "-c", HALF]],
+        "half-busy": [[sys.executable, "-c", DUTY.format(on=0.02, off=0.02)]],
+        "quarter-busy": [[sys.executable, "-c", DUTY.format(on=0.01, off=0.03)]],
         "all-busy": [[sys.executable, "-c", SPIN]] * cpus,
         "llmkit-beside": [[sys.executable, __file__, "--competitor", "--model", model]],
     }[scenario]
@@ -207,8 +211,8 @@ def summarize(samples: dict[str, dict[str, list[Sample]]], cpus: int) -> dict[st
         return median(values) if values else None
 
     quiet_all, quiet_one = med("quiet", "all-cores"), med("quiet", "one")
-    busy_count = {"quiet": 0, "one-busy": 1, "half-busy": 0.5, "all-busy": cpus,
-                  "llmkit-beside": 1}
+    busy_count = {"quiet": 0, "one-busy": 1, "half-busy": 0.5, "quarter-busy": 0.25,
+                  "all-busy": cpus, "llmkit-beside": 1}
     table: dict[str, Any] = {}
     for scenario, variants in samples.items():
         share = cpus / (busy_count[scenario] + 1)
