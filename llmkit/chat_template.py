@@ -752,7 +752,7 @@ class SpecialTokens:
 # -- marking untrusted text --------------------------------------------------------------------
 
 # Placeholders come from Unicode's supplementary private use planes: no tokenizer or template
-# gives them meaning, case filters and | trim leave them alone. A random prefix per engine
+# gives them meaning, case filters and | trim leave them alone. A random prefix per prompt
 # means no input can forge one.
 _PLANE_15 = 0xF0000
 _PLANE_16 = 0x100000
@@ -775,7 +775,7 @@ class Escapes:
     """Protected special-token texts taken out of untrusted text, each replaced by a
     placeholder, so that after rendering they are put back as plain text."""
 
-    prefix: str = field(default_factory=lambda: _random_private(2))
+    prefix: str = ""  # made when the first placeholder is needed
     table: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
 
@@ -790,6 +790,8 @@ class Escapes:
             if found not in self._index:
                 if len(self.table) >= _PLANE_SIZE:  # out of placeholders: break it up instead
                     return found[0] + _WORD_JOINER + found[1:]
+                if not self.prefix:
+                    self.prefix = _random_private(2)
                 self._index[found] = len(self.table)
                 self.table.append(found)
             return self.prefix + chr(_PLANE_16 + self._index[found])
@@ -816,7 +818,7 @@ class Escapes:
 
     def restore(self, text: str) -> str:
         """The placeholders in ``text`` put back as the texts they stand for."""
-        if not self.table or self.prefix[0] not in text:
+        if not self.table or not self.prefix or self.prefix[0] not in text:
             return text
         pattern = re.escape(self.prefix) + f"([{chr(_PLANE_16)}-{chr(_PLANE_16 + _PLANE_SIZE)}])"
 
