@@ -8,7 +8,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,12 +431,3 @@ def run_batch(
             on_record(record)
     return summary
 
-
-def unique(paths: Iterable[str]) -> Iterator[str]:
-    """Each input once, in first-mention order (a glob and a directory may name one file)."""
-    seen: set[str] = set()
-    for path in paths:
-        key = item_key(path)
-        if key not in seen:
-            seen.add(key)
-            yield path

@@ -203,7 +203,7 @@ def test_bad_categories_file(smol: str, tmp_path: Path) -> None:
     proc = run_llmkit(["check", "-m", str(tmp_path / "missing.gguf"), "--categories",
                        str(missing), "x"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (
-        1, "", f"llmkit: error: {missing}: no such file\n")
+        1, "", f"llmkit: error: {missing} does not exist\n")
     bad = tmp_path / "bad.toml"
     bad.write_text('[[categories]]\ncode = "C1"\n')
     proc = check(smol, "--categories", str(bad), "x")

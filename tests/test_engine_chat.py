@@ -117,3 +117,21 @@ def test_conversation_save_and_load(tmp_path: Path) -> None:
     path.write_text('{"messages": [{"role": 1}]}')
     with pytest.raises(InputError, match="is not a conversation"):
         Conversation.load(path)
+
+
+def test_any_failure_in_a_turn_leaves_the_history_as_it_was(engine: Engine,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    # Not only llmkit's own errors: a bug or a native failure surfacing as another exception
+    # must not leave a half-done turn (an unanswered user message) in the conversation.
+    convo = Conversation(messages=[{"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Hello!"}])
+    before = [dict(m) for m in convo.messages]
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "generate", broken)
+    with pytest.raises(RuntimeError):
+        chat_turn(engine, convo, "Another question")
+    assert convo.messages == before

@@ -72,6 +72,22 @@ def test_a_system_prompt_that_is_not_utf8_is_a_usage_error() -> None:
                     "(byte 0xe9 at character 3) (see `llmkit run --help`)")
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (["run", "caf\udce9"], "'prompt'"),
+    (["check", "caf\udce9"], "'text'"),
+    (["check", "--prompt", "caf\udce9"], "'--prompt'"),
+    (["check", "--prompt", "hi", "--response", "caf\udce9"], "'--response'"),
+    (["caption", "--prompt", "caf\udce9", "x.jpg"], "'--prompt' / '-p'"),
+    (["summarize", "--focus", "caf\udce9", "x.txt"], "'--focus'"),
+    (["summarize", "--language", "caf\udce9", "x.txt"], "'--language'"),
+])
+def test_text_arguments_that_are_not_utf8_are_usage_errors(args: list[str], name: str) -> None:
+    # Before, these reached the tokenizer and ended in "unexpected UnicodeEncodeError".
+    line = _usage_error(args)
+    assert line.startswith(f"llmkit: error: Invalid value for {name}: it is not UTF-8 text "
+                           "(byte 0xe9 at character 3)"), line
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("key", ["temperature", "top_p"])
 def test_catalog_refuses_non_finite_sampling_values(key: str, value: str) -> None:

@@ -191,7 +191,19 @@ def test_load_categories_refuses_a_bad_policy(tmp_path: Path, toml: str, message
 def test_load_categories_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         load_categories(tmp_path / "nope.toml")
-    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file"
+    assert str(info.value) == f"{tmp_path / 'nope.toml'} does not exist"
+
+
+def test_load_categories_refuses_devices_and_pipes_without_waiting(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "policy.toml"
+    os.mkfifo(fifo)  # nothing writes to it: reading it used to wait for ever
+    for path, problem in ((Path("/dev/zero"), "is a character device, not a file"),
+                          (fifo, "is a pipe that nothing is writing to")):
+        with pytest.raises(InputError) as info:
+            load_categories(path)
+        assert info.value.message == f"{path} {problem}"
 
 
 def test_exclude_keeps_the_other_codes() -> None:

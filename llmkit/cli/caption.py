@@ -26,6 +26,7 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    utf8_text,
 )
 
 
@@ -51,7 +52,7 @@ def caption(
     mmproj: MmprojOpt = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", help="Your own instruction instead of a --style.",
-        show_default=False)] = None,
+        callback=utf8_text, show_default=False)] = None,
     style: Annotated[Style, typer.Option(
         "--style", help="short: one sentence; detailed; alt-text: under 125 characters for "
         "screen readers; tags: comma-separated keywords.")] = Style.short,

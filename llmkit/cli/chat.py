@@ -84,7 +84,7 @@ def chat(
     goes on (piped: exit 3).
     """
     from llmkit.errors import Interrupted
-    from llmkit.io import read_stdin, stdin_is_tty
+    from llmkit.io import prompt_limit, read_stdin, stdin_is_tty
     from llmkit.session import (
         EngineOptions,
         default_system_prompt,
@@ -99,7 +99,7 @@ def chat(
                             device=str(getattr(device, "value", device)),
                             gpu_layers=gpu_layers, verbose=verbose)
     convo = Conversation.load(load) if load else Conversation()
-    piped = None if stdin_is_tty() else read_stdin()
+    piped = None if stdin_is_tty() else read_stdin(limit=prompt_limit(ctx))
     if piped is not None and not piped.strip():
         from llmkit.errors import InputError
 
@@ -166,11 +166,11 @@ class _Repl:
                 try:
                     text = self._read()
                 except KeyboardInterrupt:
-                    sys.stdout.write("\n")
+                    out.write("\n")
                     out.note("(Ctrl-D or /exit to leave)")
                     continue
                 except EOFError:
-                    sys.stdout.write("\n")
+                    out.write("\n")
                     return
                 except UnicodeDecodeError:  # a terminal decoded strictly
                     out.error(NOT_UTF8)

@@ -20,6 +20,8 @@ from llmkit.cli._options import (
     ThreadsOpt,
     VerboseOpt,
     finite,
+    utf8_text,
+    utf8_texts,
 )
 
 FLAGGED_EXIT = 3
@@ -28,16 +30,17 @@ FLAGGED_EXIT = 3
 def check(
     text: Annotated[list[str] | None, typer.Argument(
         help="The text to check (a user prompt). Without it: --file, --prompt/--response, "
-             "--conversation, --batch, or stdin.", show_default=False)] = None,
+             "--conversation, --batch, or stdin.", callback=utf8_texts,
+        show_default=False)] = None,
     model: ModelOpt = None,
     file: Annotated[Path | None, typer.Option(
         "--file", help="Check the text of this file.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="The user prompt (with --response: the context of the response).",
-        show_default=False)] = None,
+        callback=utf8_text, show_default=False)] = None,
     response: Annotated[str | None, typer.Option(
         "--response", help="Check this assistant response (in the context of --prompt).",
-        show_default=False)] = None,
+        callback=utf8_text, show_default=False)] = None,
     conversation: Annotated[Path | None, typer.Option(
         "--conversation", help="A JSON file of {role, content} messages; the last one is "
         "checked.", show_default=False)] = None,

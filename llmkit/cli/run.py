@@ -28,13 +28,14 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    utf8_texts,
 )
 
 
 def run(
     prompt: Annotated[list[str] | None, typer.Argument(
         help="The prompt. With piped stdin, stdin is the context and this the instruction.",
-        show_default=False)] = None,
+        callback=utf8_texts, show_default=False)] = None,
     model: ModelOpt = None,
     system: SystemOpt = None,
     temperature: TemperatureOpt = None,

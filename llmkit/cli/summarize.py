@@ -26,6 +26,7 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    utf8_text,
 )
 
 # Summaries should stick to the text: sample cooler than chat unless told otherwise.
@@ -73,9 +74,11 @@ def summarize(
         "--style", help="paragraph, bullets, tldr (one or two sentences) or headline.")
     ] = SummaryStyle.paragraph,
     focus: Annotated[str | None, typer.Option(
-        "--focus", help="Aim the summary at a question or topic.", show_default=False)] = None,
+        "--focus", help="Aim the summary at a question or topic.", callback=utf8_text,
+        show_default=False)] = None,
     language: Annotated[str | None, typer.Option(
-        "--language", help="Write the summary in this language.", show_default=False)] = None,
+        "--language", help="Write the summary in this language.", callback=utf8_text,
+        show_default=False)] = None,
     as_format: Annotated[InputFormat | None, typer.Option(
         "--as", help="Read inputs as this format (default: from the name or the content).",
         show_default=False)] = None,

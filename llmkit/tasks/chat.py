@@ -304,9 +304,9 @@ def chat_turn(
         else:
             tokens, dropped = fit_conversation(engine, convo, reserve)
             generation = engine.generate(tokens, params, on_text)
-    except (LlmkitError, KeyboardInterrupt):
-        # Not answered: leave the history as it was before this turn (fitting may already
-        # have dropped older turns while trying to make room).
+    except BaseException:
+        # Not answered, for whatever reason: leave the history as it was before this turn
+        # (fitting may already have dropped older turns while trying to make room).
         convo.messages[:] = before
         raise
     convo.messages.append({"role": "assistant", "content": generation.text})

@@ -61,12 +61,11 @@ def load_categories(path: Path) -> tuple[Category, ...]:
     Raises:
         InputError: unreadable, not TOML, or a malformed or duplicate category.
     """
+    from llmkit.io import read_text_file
+
+    text = read_text_file(path)  # bounded, and never hangs on a FIFO or reads a device
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path} is not valid TOML: {exc}") from None
     tables = data.get("categories")
