@@ -22,6 +22,7 @@ def _version(dist: str) -> str:
 def report() -> dict[str, Any]:
     """Gather the facts; loads llama.cpp's library but no model."""
     from llmkit import engine
+    from llmkit.errors import StoreError
     from llmkit.store import list_models
 
     threads = measure_threads()  # before llama.cpp's library loads: this process is idle
@@ -30,6 +31,11 @@ def report() -> dict[str, Any]:
     info = lc.llama_print_system_info().decode("utf-8", "replace").strip()
     hf_home = os.environ.get("HF_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache", "huggingface")
+    # A damaged store is one of the facts doctor reports, not a reason to stop reporting.
+    try:
+        present, store = [r.name for r in list_models() if r.present], "ok"
+    except StoreError as exc:
+        present, store = [], str(exc)
     return {
         "llmkit": _version("llmkit"),
         "python": sys.version.split()[0],
@@ -48,5 +54,6 @@ def report() -> dict[str, Any]:
             "hf_home": hf_home,
         },
         "hf_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"),
-        "models_present": [r.name for r in list_models() if r.present],
+        "store": store,
+        "models_present": present,
     }

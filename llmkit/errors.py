@@ -96,11 +96,19 @@ class ContextOverflowError(LlmkitError):
 
     def __init__(self, n_tokens: int, n_ctx: int, *, reserve: int = 0) -> None:
         room = n_ctx - reserve
-        super().__init__(
-            f"prompt is {n_tokens} tokens but the context holds {room}"
-            + (f" ({n_ctx} minus {reserve} reserved for the answer)" if reserve else ""),
-            hint="raise --ctx, lower --max-tokens, or shorten the input",
-        )
+        if reserve and room <= 0:
+            # Nothing of the prompt can fit: the input is not what is too long.
+            super().__init__(
+                f"the {n_ctx}-token context is no larger than the {reserve} tokens reserved "
+                f"for the answer, so it has no room for the {n_tokens}-token prompt",
+                hint=f"raise --ctx to at least {n_tokens + reserve}, or lower --max-tokens",
+            )
+        else:
+            super().__init__(
+                f"prompt is {n_tokens} tokens but the context holds {room}"
+                + (f" ({n_ctx} minus {reserve} reserved for the answer)" if reserve else ""),
+                hint="raise --ctx, lower --max-tokens, or shorten the input",
+            )
         self.n_tokens = n_tokens
         self.n_ctx = n_ctx
 

@@ -86,10 +86,22 @@ def default_vision_model_name() -> str:
 
 
 def find_projector(model_path: Path) -> Path | None:
-    """The one ``mmproj*.gguf`` beside a model file, as vision models are published, if any."""
+    """The one ``mmproj*.gguf`` beside a model file, as vision models are published, if any.
+
+    Raises:
+        InvalidModelFileError: more than one lies there, so which is the model's is unknown.
+    """
+    from llmkit.errors import InvalidModelFileError
+
     candidates = sorted(p for p in model_path.parent.glob("*.gguf")
                         if "mmproj" in p.name.lower() and p != model_path)
-    return candidates[0] if len(candidates) == 1 else None
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates[:4]) + (", …" if len(candidates) > 4
+                                                              else "")
+        raise InvalidModelFileError(
+            str(model_path), f"has {len(candidates)} projectors beside it ({names}), so which "
+            "one is its own is unclear", hint="pass the right one with --mmproj FILE")
+    return candidates[0] if candidates else None
 
 
 def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Path, str | None]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
+import math
 import os
+import shlex
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,33 +56,158 @@ class Resolution:
     note: str | None = None
 
 
-def _read_manifest() -> dict[str, dict[str, Any]]:
+# What each manifest entry may hold, by field; a newer llmkit's extra fields are ignored.
+_ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
+    "path": (str,), "source": (str,), "kind": (str,), "quant": (str,), "mmproj": (str,),
+    "size_bytes": (int,), "added": (int, float),
+}
+# A manifest lists a few models; anything far larger is not one (and is not read whole).
+_MANIFEST_MAX_BYTES = 64 << 20
+
+
+class _Damaged(Exception):
+    """What is wrong with a manifest's content, for the message."""
+
+
+def backup_path() -> Path:
+    """The last good manifest, written beside it after each successful change."""
     path = paths.manifest_path()
+    return path.with_name(path.name + ".bak")
+
+
+def _load(path: Path) -> dict[str, dict[str, Any]]:
+    """The models of the manifest at ``path`` ({} when there is none), checked field by field.
+
+    Raises:
+        _Damaged: the content is not a manifest llmkit wrote.
+        StoreError: it cannot be read at all (permissions), or a newer llmkit wrote it.
+    """
+    from llmkit.gguf_file import special_file
+
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        raise StoreError(f"cannot read {path} ({exc.strerror})",
+                         hint=f"check the permissions of {path.parent}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise _Damaged("it is a directory, not a file")
+    kind = special_file(path)  # a FIFO in its place would block every command
+    if kind is not None:
+        raise _Damaged(f"it is {kind}, not a file")
+    if info.st_size > _MANIFEST_MAX_BYTES:
+        raise _Damaged(f"it is {info.st_size} bytes, far more than a manifest holds")
     try:
-        data = json.loads(text)
-        models = data["models"]
-        if not isinstance(models, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise StoreError(
-            f"{path} is damaged", hint="move it aside; re-import or re-pull your models"
-        ) from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot read {path} ({exc.strerror})",
+                         hint=f"check its permissions (ls -l {shlex.quote(str(path))})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Damaged("it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _Damaged(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+                       ) from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, 100000 nested lists
+        raise _Damaged(f"not a manifest: {str(exc)[:80]}") from None
+    if not isinstance(data, dict):
+        raise _Damaged(f"it holds a JSON {type(data).__name__}, not an object")
+    version = data.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
+        raise StoreError(f"{path} was written by a newer llmkit (manifest version {version})",
+                         hint="upgrade llmkit to use this store")
+    if version != MANIFEST_VERSION or isinstance(version, bool):
+        raise _Damaged(f"its version is {json.dumps(version)[:40]}, not {MANIFEST_VERSION}")
+    models = data.get("models")
+    if not isinstance(models, dict):
+        raise _Damaged(f"its \"models\" is {_json_kind(models)}, not an object")
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise _Damaged(f"the entry for '{name}' is {_json_kind(entry)}, not an object")
+        if "path" not in entry:
+            raise _Damaged(f"the entry for '{name}' has no path")
+        for key, types in _ENTRY_FIELDS.items():
+            value = entry.get(key, "")
+            if key in entry and (isinstance(value, bool) or not isinstance(value, types)):
+                wanted = {str: "a string", int: "a whole number"}.get(types[-1], "a number")
+                raise _Damaged(f"the entry for '{name}' has {key} {json.dumps(value)[:40]}, "
+                               f"not {wanted}")
+        if not entry["path"]:
+            raise _Damaged(f"the entry for '{name}' has an empty path")
+        size, added = entry.get("size_bytes", 0), entry.get("added", 0.0)
+        if not 0 <= size < 1 << 63 or not math.isfinite(added):
+            raise _Damaged(f"the entry for '{name}' has a size or date out of range")
     return models
 
 
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null",
+            bool: "a boolean"}.get(type(value), "a number")
+
+
+def _repair_hint(path: Path) -> str:
+    backup = backup_path()
+    try:
+        usable = backup.is_file() and _load(backup) is not None
+    except (_Damaged, StoreError):
+        usable = False
+    if usable:
+        return (f"restore the last good copy with `cp {shlex.quote(str(backup))} "
+                f"{shlex.quote(str(path))}`")
+    aside = shlex.quote(str(path) + ".damaged")
+    return (f"move it aside with `mv {shlex.quote(str(path))} {aside}`, then import or pull "
+            "your models again")
+
+
+def _read_manifest() -> dict[str, dict[str, Any]]:
+    path = paths.manifest_path()
+    try:
+        return _load(path)
+    except _Damaged as exc:
+        raise StoreError(f"{path} is damaged ({exc})", hint=_repair_hint(path)) from None
+
+
 def _write_manifest(models: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest atomically, then the same text as the last good backup.
+
+    Raises:
+        StoreError: the manifest could not be written (disk full, permissions); the store is
+            as it was.
+    """
     text = json.dumps({"version": MANIFEST_VERSION, "models": models}, indent=2, sort_keys=True)
-    atomic_write_text(paths.manifest_path(), text + "\n")
+    path = paths.manifest_path()
+    try:
+        atomic_write_text(path, text + "\n")
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} ({exc.strerror or exc})",
+                         hint="free some disk space (or fix permissions) and try again; the "
+                              "store is unchanged") from None
+    try:
+        atomic_write_text(backup_path(), text + "\n")
+    except OSError:
+        # The change itself is done. A backup one change behind would restore a store that
+        # lacks it, so none is better than a stale one.
+        with contextlib.suppress(OSError):
+            backup_path().unlink()
 
 
 def _lock_path() -> Path:
     return paths.home() / ".manifest.lock"
+
+
+@contextlib.contextmanager
+def _store_locked() -> Iterator[None]:
+    """The store's lock; failing to take it (a directory in its place) is a StoreError."""
+    path = _lock_path()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(path))
+        except OSError as exc:
+            raise StoreError(f"cannot lock the store: {path} ({exc.strerror or exc})",
+                             hint=f"check that {path.parent} is a writable directory") from None
+        yield
 
 
 def _model_from_entry(name: str, entry: dict[str, Any]) -> LocalModel:
@@ -104,7 +234,7 @@ def register(model: LocalModel, *, replace: bool = False) -> LocalModel:
     Raises:
         StoreError: the name is taken and ``replace`` is false.
     """
-    with locked(_lock_path()):
+    with _store_locked():
         models = _read_manifest()
         if model.name in models and not replace:
             raise StoreError(
@@ -125,7 +255,7 @@ def remove(name: str) -> LocalModel:
     Raises:
         ModelNotFoundError: no such registered model.
     """
-    with locked(_lock_path()):
+    with _store_locked():
         models = _read_manifest()
         if name not in models:
             hint = "`llmkit list` shows local models"
@@ -251,7 +381,13 @@ def resolve(ref: str | None) -> Resolution:
                 note=f"{wanted} is not pulled yet; using the embedded {EMBEDDED_MODEL} "
                      f"(run `llmkit pull {wanted}` for the default)",
             )
-    local = get_local(ref)
+    try:
+        local = get_local(ref)
+    except StoreError:
+        # A path to a file needs no store: a damaged manifest must not block `run -m x.gguf`.
+        if _looks_like_path(ref) and os.path.lexists(Path(ref).expanduser()):
+            return _path_resolution(ref)
+        raise
     if local is not None:
         if not Path(local.path).is_file():
             raise InvalidModelFileError(
@@ -268,14 +404,18 @@ def resolve(ref: str | None) -> Resolution:
             raise ModelNotPulledError(spec.name)
         return Resolution(model, spec)
     if _looks_like_path(ref):
-        path = Path(ref).expanduser()
-        if not path.exists():
+        if not os.path.lexists(Path(ref).expanduser()):
             raise ModelNotFoundError(ref, hint="no such file")
-        return Resolution(LocalModel(name=path.name, path=str(path), source="path"))
+        return _path_resolution(ref)
     names = list(load_catalog()) + [m.name for m in local_models()]
     close = difflib.get_close_matches(ref, names, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "`llmkit list` shows known models"
     raise ModelNotFoundError(ref, hint=hint)
+
+
+def _path_resolution(ref: str) -> Resolution:
+    path = Path(ref).expanduser()
+    return Resolution(LocalModel(name=path.name, path=str(path), source="path"))
 
 
 @dataclass(frozen=True)

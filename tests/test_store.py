@@ -58,9 +58,9 @@ def test_register_writes_the_manifest_under_llmkit_home(isolated_home: Path) -> 
     assert "name" not in entry
     got = store.get_local("a:1b")
     assert got is not None and got.path == "/models/a.gguf" and got.quant == "Q4_0"
-    # No temporary file is left beside the manifest.
+    # No temporary file is left beside the manifest and its last good copy.
     assert sorted(p.name for p in isolated_home.iterdir() if not p.name.startswith(".")) == [
-        "manifest.json"]
+        "manifest.json", "manifest.json.bak"]
 
 
 def test_register_twice_needs_replace() -> None:

@@ -40,6 +40,8 @@ def doctor(
         line("threads", f"{data['default_threads']} ({data['threads_reason']})"),
         *(line(k.replace("_", " "), v) for k, v in data["paths"].items()),
         line("hf offline", "yes" if data["hf_offline"] else "no"),
-        line("models present", ", ".join(data["models_present"]) or "none"),
+        line("store", data["store"]),
+        line("models present", ", ".join(data["models_present"]) or
+             ("unknown" if data["store"] != "ok" else "none")),
     ])
     out.write(text)
