@@ -289,8 +289,16 @@ def test_deep_trees_do_not_exhaust_the_stack(tmp_path: Path) -> None:
         deep = deep / "d"
         deep.mkdir()
     (deep / "x.txt").write_text("deep")
-    assert collect_paths([str(tmp_path)], suffixes=TEXTS, recursive=True) == [
-        str(deep / "x.txt")]
+    try:
+        assert collect_paths([str(tmp_path)], suffixes=TEXTS, recursive=True) == [
+            str(deep / "x.txt")]
+    finally:
+        # pytest removes old temporary directories recursively and would hit the recursion
+        # limit on this tree in a later run: take it down here, deepest first.
+        (deep / "x.txt").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def _refuse_listing(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
