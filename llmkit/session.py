@@ -144,7 +144,8 @@ def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Pat
         return path, mmproj, None
     if model.mmproj:
         projector = Path(model.mmproj)
-        if projector.is_file():
+        # Whatever is there is handed on: the engine's check names a FIFO or a damaged file.
+        if projector.exists():
             return path, projector, None
         hint = (f"run `llmkit pull {model.name}` again to fetch it" if model.source == "pull"
                 else "import it again with --mmproj FILE --force, or pass --mmproj FILE")

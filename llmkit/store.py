@@ -254,6 +254,8 @@ def remove(name: str) -> LocalModel:
 
     Raises:
         ModelNotFoundError: no such registered model.
+        StoreError: the manifest cannot be read or written (nothing changed), or the name is
+            unregistered but a file of it could not be deleted.
     """
     with _store_locked():
         models = _read_manifest()
@@ -269,10 +271,15 @@ def remove(name: str) -> LocalModel:
     for file in (model.path, model.mmproj):
         if not file:
             continue
-        target = Path(file).resolve()
-        # Only files llmkit itself wrote, and that no other name still points to.
-        if owned in target.parents and target.exists() and str(target) not in still_used:
-            target.unlink()
+        try:
+            target = Path(file).resolve()
+            # Only files llmkit itself wrote, and that no other name still points to.
+            if owned in target.parents and target.exists() and str(target) not in still_used:
+                target.unlink()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StoreError(f"removed '{name}' from the store, but could not delete {file} "
+                             f"({reason})", hint="delete the file by hand") from None
     return model
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from llmkit import paths, store
 from llmkit.errors import ContextOverflowError, InvalidModelFileError, StoreError
+from llmkit.gguf_file import check_projector_file
 from tests.conftest import run_llmkit
 
 
@@ -326,3 +327,36 @@ def test_context_that_holds_nothing_through_the_cli() -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("llmkit: error: the 16-token context is no larger than the "
                                   "16 tokens reserved for the answer"), proc.stderr
+
+
+def test_rm_that_cannot_delete_its_file_says_so(isolated_home: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    owned = paths.models_dir() / "pulled.gguf"
+    owned.parent.mkdir(parents=True)
+    owned.write_bytes(b"GGUF")
+    store.register(store.LocalModel(name="p", path=str(owned), source="pull"))
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(StoreError) as err:
+        store.remove("p")
+    assert str(err.value) == (f"removed 'p' from the store, but could not delete {owned} "
+                              "(Permission denied) (delete the file by hand)")
+    monkeypatch.undo()
+    assert store.get_local("p") is None
+
+
+def test_a_registered_projector_that_is_a_fifo_is_named(tmp_path: Path, smollm2_path: Path,
+                                                        isolated_home: Path) -> None:
+    from llmkit.session import vision_files
+
+    pipe = tmp_path / "mmproj.gguf"
+    os.mkfifo(pipe)
+    store.register(store.LocalModel(name="v", path=str(smollm2_path), source="import",
+                                    kind="vision", mmproj=str(pipe)))
+    # Handed on to the engine, whose check says what it is (not "projector missing").
+    assert vision_files(store.resolve("v"), None)[1] == pipe
+    with pytest.raises(InvalidModelFileError, match="is a FIFO"):
+        check_projector_file(pipe)
