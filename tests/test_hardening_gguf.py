@@ -603,3 +603,62 @@ def test_read_info_still_describes_a_file_that_would_be_refused(tmp_path: Path,
     # The engine's failure explanation reads facts without judging them.
     path = _mutant(tmp_path, model_bytes, lambda e: e.set("llama.block_count", 0))
     assert read_info(path).metadata["llama.block_count"] == 0
+
+
+# -- pull: files from the Hub are checked as the engine will check them -----------------------
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from tests.hub_server import FakeHub, serve
+
+    fake = FakeHub()
+    with serve(fake):
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(var, raising=False)
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        yield fake
+
+
+def test_pull_refuses_a_bad_header_and_a_truncated_projector(hub: Any, tmp_path: Path,
+                                                             isolated_home: Path) -> None:
+    from tests.gguf_edit import tiny_header_gguf
+
+    model = tiny_header_gguf(tmp_path / "Tiny-Q8_0.gguf", 1)
+    projector = tiny_header_gguf(tmp_path / "mmproj-Tiny-f16.gguf", 2, projector=True)
+    bad_model = GGUFEdit(model).set("llama.block_count", 0).to_bytes()
+    hub.add("acme/Bad-GGUF", {"Tiny-Q8_0.gguf": bad_model})
+    proc = run_llmkit(["pull", "acme/Bad-GGUF:Q8_0"])
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "llmkit: error: Tiny-Q8_0.gguf from acme/Bad-GGUF: llama.block_count is 0, but a model "
+        "has 1 to 512 layers (the file on the Hub is not a usable GGUF; nothing was "
+        "registered)\n")
+    hub.add("acme/Eyes-GGUF", {"Tiny-Q8_0.gguf": model,
+                               "mmproj-Tiny-f16.gguf": projector[:-10]})
+    proc = run_llmkit(["pull", "acme/Eyes-GGUF:Q8_0"])
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("llmkit: error: mmproj-Tiny-f16.gguf from acme/Eyes-GGUF: "
+                                  "is truncated ("), proc.stderr
+    assert not (isolated_home / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["heads-0", "epsilon-nan", "scale-factor-too-big"])
+def test_projectors_mtmd_aborted_on_are_refused_end_to_end(vlm: Path, tmp_path: Path,
+                                                          case: str) -> None:
+    from tests import images
+
+    _, edit, problem = next(m for m in PROJECTOR_MUTATIONS if m[0] == case)
+    (tmp_path / "pics").mkdir()
+    picture = images.write_all(tmp_path / "pics")["photo"]
+    path = _mutant(tmp_path, (vlm.parent / "mmproj-vlm.gguf").read_bytes(), edit)
+    proc = run_llmkit(["run", "--image", str(picture), "-m", str(vlm), "--mmproj", str(path),
+                       "--max-tokens", "2", "what is it?"], timeout=120)
+    _one_line_error(proc, path, problem)
