@@ -8,8 +8,8 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -255,7 +255,9 @@ def tidy_text(text: str) -> str:
 
 
 def _tidy_lines(text: str) -> str:
-    return re.sub(r"[^\S\n]+$", "", text, flags=re.MULTILINE).strip("\n")
+    # str.rstrip strips what the regex \s matches, in linear time: a regex anchored at the
+    # line's end retries from every character of a long run of spaces (quadratic).
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
 
 
 def markdown_title(text: str) -> str | None:
@@ -359,24 +361,38 @@ def _is_html(text: str) -> bool:
     return head.startswith(("<!doctype html", "<html"))
 
 
+# The legacy encodings of the WHATWG Encoding Standard, by Python's names for them. UTF-8,
+# UTF-16 and Windows-1252 are left out on purpose: see _declared_charset.
+_WEB_ENCODINGS = frozenset({
+    "cp866", "iso8859-2", "iso8859-3", "iso8859-4", "iso8859-5", "iso8859-6", "iso8859-7",
+    "iso8859-8", "iso8859-9", "iso8859-10", "iso8859-11", "tis-620", "iso8859-13",
+    "iso8859-14", "iso8859-15", "iso8859-16", "koi8-r", "koi8-u", "mac-roman", "mac-cyrillic",
+    "cp874", "cp1250", "cp1251", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp1258",
+    "gbk", "gb2312", "gb18030", "big5", "big5hkscs", "euc_jp", "iso2022_jp", "shift_jis",
+    "cp932", "euc_kr", "cp949"})
+# Labels the standard has that Python's codec registry does not know.
+_WEB_LABELS = {"windows-874": "cp874", "x-mac-cyrillic": "mac-cyrillic", "windows-31j": "cp932",
+               "x-sjis": "cp932", "ms_kanji": "cp932", "iso-8859-8-i": "iso8859-8",
+               "mac": "mac-roman", "x-mac-roman": "mac-roman", "csmacintosh": "mac-roman"}
+
+
 def _declared_charset(data: bytes) -> str | None:
     """The charset an HTML page declares in a <meta> tag near its top, as a codec name."""
     match = re.search(rb"<meta[^>]*?charset\s*=\s*[\"']?\s*([A-Za-z0-9._:-]+)",
                       data[:_SNIFF_BYTES], re.IGNORECASE)
     if match is None:
         return None
+    label = match.group(1).decode("ascii").lower()
     try:
-        codec = codecs.lookup(match.group(1).decode("ascii")).name
-        b"".decode(codec)  # raises for codecs that are not text encodings (base64, rot13…)
-    except (LookupError, UnicodeError):
+        codec = _WEB_LABELS.get(label) or codecs.lookup(label).name
+    except LookupError:
         return None
-    # A page can only declare a charset in one that ASCII reads, so a UTF-16/32 declaration is
-    # always wrong (WHATWG: treat it as UTF-8); Latin-1 and ASCII mean Windows-1252 on the web,
-    # which is what undecodable bytes become anyway.
-    if codec.startswith(("utf-16", "utf-32", "utf-8")) or codec in ("latin-1", "ascii",
-                                                                     "iso8859-1", "cp1252"):
-        return None
-    return codec
+    # Only the web's own encodings: Python knows many more codecs by name, and some would
+    # read the page as something else entirely (unicode_escape turns "\ud800" into half a
+    # character no tokenizer can encode; EBCDIC cannot have declared itself in ASCII). A
+    # UTF-16/32 declaration is always wrong (WHATWG: treat it as UTF-8); Latin-1 and ASCII
+    # mean Windows-1252 on the web, which is what undecodable bytes become anyway.
+    return codec if codec in _WEB_ENCODINGS else None
 
 
 def _binary_kind(data: bytes) -> tuple[str | None, bool]:
@@ -555,6 +571,9 @@ _IMPLIED_END: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "option": (frozenset({"option"}), frozenset({"select", "datalist"})),
 }
 
+# Nested lists deeper than this are indented as deep as this.
+_MAX_LIST_INDENT = 8
+
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.IGNORECASE)
 
 
@@ -565,7 +584,8 @@ def html_to_text(html: str) -> tuple[str, str | None]:
     ``aria-hidden="true"``, ``display: none``) are dropped. Blocks become lines and paragraphs,
     headings "# Heading" lines, list items "- item" (numbered in ``<ol>``), table cells are
     separated by " | "; ``<pre>`` keeps its whitespace, and runs of whitespace elsewhere become
-    one space. Malformed HTML is read as a browser would, roughly; it never raises.
+    one space. Malformed HTML is read as a browser would, roughly; it never raises, and the
+    time it takes grows linearly with the page, whatever the page holds.
 
     Args:
         html: the page's source.
@@ -574,42 +594,215 @@ def html_to_text(html: str) -> tuple[str, str | None]:
         The text (tidied as ``tidy_text`` does) and the ``<title>``, or None without one.
     """
     extractor = _HtmlText()
-    try:
-        extractor.feed(html)
-        extractor.close()
-    except Exception:
-        # html.parser is lenient, but its corners (odd declarations, in some Python versions)
-        # can still raise; tags stripped crudely beat no text at all.
-        return _crude_html_text(html)
+    _tokenize_html(html, extractor)
     return extractor.result()
 
 
-def _crude_html_text(html: str) -> tuple[str, str | None]:
+# The tag grammar of CPython's html.parser (3.11), which reads malformed tags much as browsers
+# do. Its tokenizer is not used itself: on a tag, comment or declaration that never ends it
+# scans to the end of the page again from every '<' that follows (CPython gh-135462), so a page
+# of 100,000 "<a " takes hours. The loop in _tokenize_html takes the same grammar in one pass.
+_START_TAG = re.compile(r"""
+  <[a-zA-Z][^\t\n\r\f />\x00]*       # tag name
+  (?:[\s/]*                          # optional whitespace before attribute name
+    (?:(?<=['"\s/])[^\s/>][^\s/=>]*  # attribute name
+      (?:\s*=+\s*                    # value indicator
+        (?:'[^']*'                   # LITA-enclosed value
+          |"[^"]*"                   # LIT-enclosed value
+          |(?!['"])[^>\s]*           # bare value
+         )
+        \s*                          # possibly followed by a space
+       )?(?:\s|/(?!>))*
+     )*
+   )?
+  \s*                                # trailing whitespace
+""", re.VERBOSE)
+_TAG_NAME = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
+_ATTRIBUTE = re.compile(r"""((?<=['"\s/])[^\s/>][^\s/=>]*)(\s*=+\s*"""
+                        r"""('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?(?:\s|/(?!>))*""")
+_END_TAG_NAME = re.compile(r"\s*([a-zA-Z][^\t\n\r\f />\x00]*)")
+_COMMENT_END = re.compile(r"--!?>")
+# Elements whose content is raw text up to their own end tag (as html.parser has them).
+_RAW_TEXT = ("script", "style")
+_RAW_TEXT_END = {tag: re.compile(rf"</{tag}(?=[\s/>])", re.IGNORECASE) for tag in _RAW_TEXT}
+_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class _Ahead:
+    """Searches forward through one text, remembering each pattern's last answer.
+
+    Every construct the tokenizer meets asks where its end is; asking again from a later
+    position reuses the answer while it still lies ahead, and a pattern that was not found
+    from some position is not looked for again past it. So each pattern crosses the text
+    about once in all, however many constructs never end.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.found: dict[object, tuple[int, int, int]] = {}  # pattern → (from, start, end)
+        # Characters that broken-off start tags may scan again (see _start_tag).
+        self.rescans = 4 * len(text) + (1 << 20)
+
+    def search(self, pattern: str | re.Pattern[str], start: int) -> tuple[int, int]:
+        """(start, end) of the first match at or after ``start``; (-1, -1) for none."""
+        cached = self.found.get(pattern)
+        if cached is not None:
+            since, at, end = cached
+            if since <= start and (at < 0 or start <= at):
+                return at, end
+        if isinstance(pattern, str):
+            at = self.text.find(pattern, start)
+            end = at + len(pattern) if at >= 0 else -1
+        else:
+            match = pattern.search(self.text, start)
+            at, end = (match.start(), match.end()) if match else (-1, -1)
+        self.found[pattern] = (start, at, end)
+        return at, end
+
+
+def _tokenize_html(html: str, out: _HtmlText) -> None:
+    """Feed ``out`` the start tags, end tags and text of ``html``, in one pass.
+
+    A start tag that does not end where its grammar does is text up to the next '>' (as
+    html.parser has it); with no '>' left, nothing further can be a tag, so the rest is text.
+    Comments, declarations (``<!…>``), processing instructions and end tags end at their
+    closing mark; an unclosed comment hides the rest, as in a browser.
+    """
     import html as html_module
 
-    title_match = re.search(r"<title[^>]*>(.*?)</title>", html, re.IGNORECASE | re.DOTALL)
-    title = None
-    if title_match:
-        title = " ".join(html_module.unescape(title_match.group(1)).split()) or None
-    body = re.sub(r"<(script|style|title)\b.*?</\1\s*>|<!--.*?-->", " ", html,
-                  flags=re.IGNORECASE | re.DOTALL)
-    blocks = "|".join(sorted(_PARAGRAPHS | _LINES | {"br"}))
-    body = re.sub(rf"</?(?:{blocks})\b[^>]*>", "\n", body, flags=re.IGNORECASE)
-    body = re.sub(r"<[^>]*>", "", body)
-    lines = (" ".join(html_module.unescape(line).split()) for line in body.split("\n"))
-    return "\n".join(line for line in lines if line), title
+    unescape = html_module.unescape
+    ahead = _Ahead(html)
+    n = len(html)
+    i = 0
+    while i < n:
+        lt = html.find("<", i)
+        if lt < 0:
+            lt = n
+        if lt > i:
+            out.handle_data(unescape(html[i:lt]))
+        i = lt
+        if i >= n:
+            return
+        after = html[i + 1:i + 2]
+        if after in _ASCII_LETTERS:
+            going_on, raw = _start_tag(html, i, out, ahead)
+            if going_on < 0:
+                out.handle_data(unescape(html[i:]))  # no tag can end: text to the end
+                return
+            i = going_on
+            if raw is not None:
+                # A script or style: its content is not markup, up to its own end tag.
+                at, end = ahead.search(_RAW_TEXT_END[raw], i)
+                if at < 0:
+                    out.handle_data(html[i:])
+                    return
+                out.handle_data(html[i:at])
+                gt, _ = ahead.search(">", end)
+                out.handle_endtag(raw)
+                i = n if gt < 0 else gt + 1
+        elif html.startswith("<!--", i):
+            _, end = ahead.search(_COMMENT_END, i + 4)
+            if end < 0:
+                return  # an unclosed comment runs to the end of the page
+            i = end
+        elif after == "/":
+            if html.startswith("</>", i):
+                i += 3
+                continue
+            gt, _ = ahead.search(">", i + 2)
+            if gt < 0:
+                out.handle_data(unescape(html[i:]))
+                return
+            name = _END_TAG_NAME.match(html, i + 2, gt)
+            if name is not None:
+                out.handle_endtag(name.group(1).lower())
+            i = gt + 1  # an end tag without a name is a bogus comment
+        elif after in ("!", "?"):
+            # A doctype, a CDATA section (a bogus comment in HTML) or a processing instruction.
+            gt, _ = ahead.search(">", i + 2)
+            if gt < 0:
+                out.handle_data(unescape(html[i:]))
+                return
+            i = gt + 1
+        else:
+            out.handle_data("<")
+            i += 1
 
 
-class _HtmlText(HTMLParser):
+def _start_tag(html: str, i: int, out: _HtmlText, ahead: _Ahead) -> tuple[int, str | None]:
+    """Read the start tag at ``i``, or the text it turns out to be.
+
+    Returns:
+        Where to go on (-1: no tag can end, the rest is text) and, for a script or style,
+        its name.
+    """
+    import html as html_module
+
+    match = _START_TAG.match(html, i)
+    assert match is not None  # it matches any "<" and a letter
+    end = match.end()
+    following = html[end:end + 1]
+    if following == ">":
+        end += 1
+    elif html.startswith("/>", end):
+        end += 2
+    elif following == "" or following in _ASCII_LETTERS or following in "=/":
+        # The tag breaks off (an unclosed quote, the end of the page): html.parser makes the
+        # text up to the next '>' plain text, and reads on from there.
+        gt, _ = ahead.search(">", i + 1)
+        # The part scanned beyond that '>' is scanned again by the tags that follow; past a
+        # budget of that (only a page built to do it gets there), the rest is text.
+        ahead.rescans -= max(end - gt, 0)
+        if gt < 0 or ahead.rescans < 0:
+            return -1, None
+        out.handle_data(html_module.unescape(html[i:gt + 1]))
+        return gt + 1, None
+    name = _TAG_NAME.match(html, i + 1, end)
+    assert name is not None  # the tag grammar starts with the same name
+    tag = name.group(1).lower()
+    attrs: list[tuple[str, str | None]] = []
+    k = name.end()
+    while k < end:
+        attribute = _ATTRIBUTE.match(html, k, end)
+        if not attribute or attribute.end() == k:
+            break
+        key, rest, value = attribute.group(1, 2, 3)
+        if not rest:
+            value = None
+        elif len(value) > 1 and value[:1] in ("'", '"') and value[:1] == value[-1:]:
+            value = value[1:-1]
+        attrs.append((key.lower(), html_module.unescape(value) if value else value))
+        k = attribute.end()
+    closing = html[k:end].strip()
+    if closing not in (">", "/>"):
+        out.handle_data(html[i:end])  # junk after the attributes: html.parser shows it
+        return end, None
+    out.handle_starttag(tag, attrs)
+    if closing == "/>" and tag not in _VOID:
+        out.handle_endtag(tag)  # <div/>; a void element (<br/>) has no end to make
+    return end, tag if closing == ">" and tag in _RAW_TEXT else None
+
+
+class _HtmlText:
+    """What _tokenize_html reads, laid out as text."""
+
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
+        from array import array
+
         self.parts: list[str] = []
         self.trailing_newlines = 0  # newlines at the end of parts; starts as at a line start
         self.pending_breaks = 0  # newlines owed before the next text (1 line, 2 paragraph)
         self.pending_space = ""  # " " or a cell separator owed before the next word
         self.line_empty = True
         self.prefix = ""  # "# " or "- ", written before the next text on an empty line
-        self.stack: list[tuple[str, bool]] = []  # open elements, and whether each hides text
+        # The open elements, as parallel arrays (a page can open millions): the names, whether
+        # each hides its content, and the depth of the innermost element at or below each
+        # that is not phrasing content (-1 for none). ``depths`` has where each name is open,
+        # so finding an element to close never walks the stack.
+        self.names: list[str] = []
+        self.hides = bytearray()
+        self.blocks = array("q")
+        self.depths: dict[str, Any] = {}  # name → array of depths
         self.hidden = 0  # open elements hiding their content
         self.pre = 0
         self.pre_fresh = False  # right after <pre>, whose first newline is not content
@@ -630,7 +823,7 @@ class _HtmlText(HTMLParser):
                 self._block(2)
             return
         hides = tag in _SKIPPED or _is_hidden(attrs)
-        self.stack.append((tag, hides))
+        self._push(tag, hides)
         if hides:
             self.hidden += 1
         if self.hidden:
@@ -647,11 +840,10 @@ class _HtmlText(HTMLParser):
             if not self.hidden:
                 self._line_break()
             return
-        for depth in range(len(self.stack) - 1, -1, -1):
-            if self.stack[depth][0] == tag:
-                while len(self.stack) > depth:
-                    self._pop()
-                return
+        depth = self._innermost((tag,))
+        if depth >= 0:
+            self._close_to(depth)
+            return
         # A stray end tag still ends a paragraph where a browser would (</p> makes one).
         if not self.hidden and (tag in _PARAGRAPHS or tag in _LINES):
             self._block(2 if tag in _PARAGRAPHS else 1)
@@ -676,25 +868,43 @@ class _HtmlText(HTMLParser):
         implied = _IMPLIED_END.get(tag)
         if implied is not None:
             targets, boundaries = implied
-            for depth in range(len(self.stack) - 1, -1, -1):
-                name = self.stack[depth][0]
-                if name in boundaries:
-                    return
-                if name in targets:
-                    while len(self.stack) > depth:
-                        self._pop()
-                    return
+            # The innermost open target closes, unless a boundary is open inside it.
+            target, boundary = self._innermost(targets), self._innermost(boundaries)
+            if target > boundary:
+                self._close_to(target)
+                return
+            if boundary >= 0:
+                return
         if tag in _PARAGRAPHS or tag in _LINES or tag in _HEADINGS:
-            # A block inside an open <p> (or a heading inside a heading) ends it.
-            closes = {"p"} | (set(_HEADINGS) if tag in _HEADINGS else set())
-            for depth in range(len(self.stack) - 1, -1, -1):
-                name = self.stack[depth][0]
-                if name in closes:
-                    while len(self.stack) > depth:
-                        self._pop()
-                    return
-                if name not in _PHRASING:
-                    return
+            # A block inside an open <p> (or a heading inside a heading) ends it: the innermost
+            # element that is not phrasing content, if it is one of those.
+            block = self.blocks[-1] if self.blocks else -1
+            if block >= 0 and (self.names[block] == "p" or (
+                    tag in _HEADINGS and self.names[block] in _HEADINGS)):
+                self._close_to(block)
+
+    def _push(self, tag: str, hides: bool) -> None:
+        from array import array
+
+        depth = len(self.names)
+        self.names.append(tag)
+        self.hides.append(hides)
+        below = self.blocks[-1] if self.blocks else -1
+        self.blocks.append(below if tag in _PHRASING else depth)
+        self.depths.setdefault(tag, array("q")).append(depth)
+
+    def _innermost(self, tags: Collection[str]) -> int:
+        """The depth of the innermost open element named in ``tags``, or -1."""
+        best = -1
+        for tag in tags:
+            at = self.depths.get(tag)
+            if at:
+                best = max(best, at[-1])
+        return best
+
+    def _close_to(self, depth: int) -> None:
+        while len(self.names) > depth:
+            self._pop()
 
     def _open_block(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _HEADINGS:
@@ -707,7 +917,9 @@ class _HtmlText(HTMLParser):
             self.lists.append([tag == "ol", 1 if start is None else start])
         elif tag == "li":
             self._block(1)
-            indent = "  " * max(len(self.lists) - 1, 0)
+            # Indented by nesting, up to a limit: a page of 20,000 nested lists would otherwise
+            # give each item a 40,000-space indent, gigabytes of text out of kilobytes.
+            indent = "  " * min(max(len(self.lists) - 1, 0), _MAX_LIST_INDENT)
             if self.lists and self.lists[-1][0]:
                 value = _int_attr(attrs, "value")
                 number = self.lists[-1][1] if value is None else value
@@ -732,7 +944,10 @@ class _HtmlText(HTMLParser):
             self._block(1)
 
     def _pop(self) -> None:
-        tag, hides = self.stack.pop()
+        tag = self.names.pop()
+        hides = self.hides.pop()
+        self.blocks.pop()
+        self.depths[tag].pop()
         if hides:
             self.hidden -= 1
             return

@@ -512,17 +512,6 @@ def test_html_title() -> None:
     assert html_to_text("<svg><title>not the page's</title></svg>")[1] is None
 
 
-def test_html_parser_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmkit import documents
-
-    def boom(self: object, data: str) -> None:
-        raise AssertionError("unknown status keyword")
-
-    monkeypatch.setattr(documents._HtmlText, "feed", boom)
-    html = "<title>T</title><script>x()</script><p>one &amp; <b>two</b></p><p>three</p>"
-    assert html_to_text(html) == ("one & two\nthree", "T")
-
-
 def test_html_file(tmp_path: Path) -> None:
     document = read_document(write(tmp_path, "page.html", PAGE))
     assert (document.format, document.text, document.title, document.encoding) == (
