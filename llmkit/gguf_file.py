@@ -395,6 +395,15 @@ NO_TOKENIZER = ("none", "no_vocab")
 SPECIAL_TOKENS = ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask",
                   "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep",
                   "prefix", "suffix", "middle")
+# The ids llama_vocab::load starts from for each tokenizer model (llama-vocab.cpp); a file's own
+# id replaces one only when it is inside the vocabulary, else llama.cpp warns and keeps this.
+DEFAULT_SPECIAL_IDS: dict[str, dict[str, int]] = {
+    "llama": {"bos": 1, "eos": 2, "unknown": 0},
+    "bert": {"bos": 101, "unknown": 100, "seperator": 102, "padding": 0, "mask": 103},
+    "gpt2": {"bos": 11, "eos": 11},
+    "t5": {"eos": 1, "unknown": 2, "padding": 0},
+    "plamo2": {"bos": 1, "eos": 2, "unknown": 0, "padding": 3},
+}
 # Architectures every layer of which has attention: a layer with no key/value heads would
 # divide by zero or trip a shape assert in the graph. (Hybrid recurrent models put 0 there on
 # purpose, so the rule is not applied to every architecture.)
@@ -658,10 +667,19 @@ def _check_vocab(c: _Checks) -> None:
         if merges is None or merges.item_type != STRING:
             raise c.fail(f"{tok}merges is missing or not a list of strings (a BPE vocabulary "
                          "needs its merges)")
+    defaults = DEFAULT_SPECIAL_IDS.get(model, {})
     for name in SPECIAL_TOKENS:
         key = f"{tok}{name}_token_id"
-        if c.has(key) and (token_id := c.u32(key)) >= n_vocab:
-            raise c.fail(f"{key} is {token_id}, but the vocabulary has {n_vocab} tokens")
+        token_id = c.u32(key) if c.has(key) else None
+        if token_id is not None and token_id < n_vocab:
+            continue
+        # An id past the vocabulary is ignored by llama.cpp (published files have such padding
+        # ids and run): what must be inside it is the id llama.cpp then uses, its default.
+        default = defaults.get(name)
+        if default is not None and default >= n_vocab:
+            given = f"is {token_id}" if token_id is not None else "is not set"
+            raise c.fail(f"{key} {given}, and llama.cpp's default for it ({default}) is past "
+                         f"the vocabulary of {n_vocab} tokens")
     words = c.p.tokens
     if words is None:
         return

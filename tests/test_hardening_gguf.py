@@ -114,11 +114,14 @@ MODEL_MUTATIONS: list[tuple[str, Edit, str]] = [
      "differ"),
     ("rope-dims-above-head", lambda e: e.set("llama.rope.dimension_count", 128),
      "llama.rope.dimension_count is 128; it must be even and at most the head size (64)"),
-    ("bos-beyond-vocab", lambda e: e.set("tokenizer.ggml.bos_token_id", 60000),
-     "tokenizer.ggml.bos_token_id is 60000, but the vocabulary has 49152 tokens"),
-    ("eos-beyond-short-vocab",
-     lambda e: (_shrink_vocab(e, 300), e.set("tokenizer.ggml.eos_token_id", 500)),
-     "tokenizer.ggml.eos_token_id is 500, but the vocabulary has 300 tokens"),
+    ("eos-beyond-a-vocab-shorter-than-the-default",
+     lambda e: (_shrink_vocab(e, 8), e.set("tokenizer.ggml.eos_token_id", 500)),
+     "tokenizer.ggml.eos_token_id is 500, and llama.cpp's default for it (11) is past the "
+     "vocabulary of 8 tokens"),
+    ("bos-unset-in-a-vocab-shorter-than-the-default",
+     lambda e: (_shrink_vocab(e, 8), e.remove("tokenizer.ggml.bos_token_id")),
+     "tokenizer.ggml.bos_token_id is not set, and llama.cpp's default for it (11) is past "
+     "the vocabulary of 8 tokens"),
     ("token-list-shorter-than-types",
      lambda e: e.set_array("tokenizer.ggml.tokens", e.get("tokenizer.ggml.tokens")[:1000]),
      "tokenizer.ggml.token_type has 49152 entries for 1000 tokens"),
@@ -180,8 +183,24 @@ def test_values_llama_cpp_tolerates_still_load(tmp_path: Path, model_bytes: byte
         lambda e: e.set("llama.rope.scaling.factor", 0.0, FLOAT32),
         lambda e: e.set("llama.rope.scaling.type", "linear", STRING),
         lambda e: e.set("tokenizer.ggml.add_bos_token", True, BOOL),
+        # An id past the vocabulary is ignored with a warning (llama.cpp keeps its default):
+        # published files carry such padding ids, and they run.
+        lambda e: e.set("tokenizer.ggml.bos_token_id", 60000),
+        lambda e: e.set("tokenizer.ggml.padding_token_id", 49152),
+        lambda e: (_shrink_vocab(e, 300), e.set("tokenizer.ggml.eos_token_id", 500)),
     ]):
         check_model_file(_mutant(tmp_path, model_bytes, edit, f"ok{i}.gguf"))
+
+
+@pytest.mark.slow
+def test_a_padding_id_past_the_vocabulary_runs_as_in_llama_cpp(tmp_path: Path,
+                                                               model_bytes: bytes) -> None:
+    path = _mutant(tmp_path, model_bytes,
+                   lambda e: e.set("tokenizer.ggml.padding_token_id", 49152 + 5))
+    proc = run_llmkit(["run", "-q", "-m", str(path), "--max-tokens", "3", "--temperature", "0",
+                       "Hi"])
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.strip()
 
 
 # -- architectures the real model cannot stand in for: small files written with gguf-py -------
