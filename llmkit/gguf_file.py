@@ -502,14 +502,17 @@ class _Checks:
                 if not math.isfinite(item):
                     raise self.fail(f"{key} is {item}; it must be a finite number")
 
-    def layer_indices(self, pattern: re.Pattern[str], n_layer: int, key: str) -> None:
-        """The ``blk.N`` tensors present are exactly those of layers 0 … n_layer-1."""
+    def layer_indices(self, pattern: re.Pattern[str], n_layer: int, key: str, *,
+                      extra_ok: bool = False) -> None:
+        """The ``blk.N`` tensors present are exactly those of layers 0 … n_layer-1 (or, with
+        ``extra_ok``, at least those: mtmd loads a projector's tensors by name and leaves
+        unused layers alone, and published converters keep the layer a model skips)."""
         present = set()
         for t in self.p.tensors:
             m = pattern.match(t.name)
             if m:
                 present.add(int(m.group(1)))
-        if present == set(range(n_layer)):
+        if present == set(range(n_layer)) or (extra_ok and present >= set(range(n_layer))):
             return
         if not present:
             raise self.fail(f"{key} is {n_layer}, but the file holds no layer tensors")
@@ -739,7 +742,7 @@ def _check_projector(parsed: _Parsed) -> None:
     if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
         raise c.fail(f"{v}block_count is {n_layer}, but an image encoder has 1 to "
                      f"{LLAMA_MAX_LAYERS} layers")
-    c.layer_indices(_V_BLK, n_layer, v + "block_count")
+    c.layer_indices(_V_BLK, n_layer, v + "block_count", extra_ok=True)
     eps = c.f32(v + "attention.layer_norm_epsilon")
     if eps is None:
         raise c.fail(f"{v}attention.layer_norm_epsilon is missing")

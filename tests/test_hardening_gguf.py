@@ -553,8 +553,8 @@ PROJECTOR_MUTATIONS: list[tuple[str, Edit, str]] = [
      "clip.vision.projector.scale_factor is 1000, which does not divide the 4 patches per side"),
     ("blocks-0", lambda e: e.set(V + "block_count", 0),
      "clip.vision.block_count is 0, but an image encoder has 1 to 512 layers"),
-    ("blocks-fewer-than-tensors", lambda e: e.set(V + "block_count", 1),
-     "clip.vision.block_count is 1, but the file holds tensors for 2 layers"),
+    ("blocks-more-than-tensors", lambda e: e.set(V + "block_count", 3),
+     "clip.vision.block_count is 3, but the file holds tensors for 2 layers"),
     ("std-zero", lambda e: e.set_array(V + "image_std", [0.0, 0.0, 0.0]),
      "clip.vision.image_std has a value of 0.0; pixels are divided by it"),
     ("no-vision-encoder", lambda e: e.set("clip.has_vision_encoder", False),
@@ -572,6 +572,14 @@ def test_projector_values_mtmd_aborts_on_are_refused(vlm: Path, tmp_path: Path, 
     path = _mutant(tmp_path, data, edit)
     assert _refusal(path, check_projector_file).startswith(problem)
     assert _refusal(path, lambda p: check_file(p, "projector")).startswith(problem)
+
+
+def test_a_projector_that_keeps_a_layer_its_model_skips_passes(vlm: Path,
+                                                               tmp_path: Path) -> None:
+    # LLaVA-style converters write block_count = layers - 1 and may keep the last layer's
+    # tensors; mtmd loads tensors by name and runs such files (checked with the real mtmd).
+    data = (vlm.parent / "mmproj-vlm.gguf").read_bytes()
+    check_projector_file(_mutant(tmp_path, data, lambda e: e.set(V + "block_count", 1)))
 
 
 def test_the_converted_projector_passes(vlm: Path) -> None:
