@@ -221,10 +221,10 @@ def grammar_from_json_schema(schema_text: str) -> str:
     Raises:
         SchemaError: the text is not JSON or uses something the converter cannot express.
     """
-    import json
+    from llmkit.io import parse_json
 
     try:
-        json.loads(schema_text)
+        parse_json(schema_text)  # also a schema nested too deeply for the decoder
     except ValueError as exc:
         raise SchemaError(f"the JSON schema is not valid JSON: {exc}") from None
     llama_module()
@@ -1096,7 +1096,12 @@ def _load_failure(path: Path) -> LlmkitError:
     from llmkit.gguf_file import read_info
 
     info = read_info(path)  # raises InvalidModelFileError for truncated or corrupt files
-    detail = _last_error_line(("error", "failed", "unknown")) or "llama.cpp could not load it"
+    # llama.cpp logs the reason as "llama_model_load: error loading model: …" and then a
+    # generic "failed to load model": the reason is the line worth showing.
+    reasons = [line.split("error loading model:", 1)[1].strip() for line in recent_log()
+               if "error loading model:" in line]
+    detail = (reasons[-1] if reasons and reasons[-1] else
+              _last_error_line(("error", "failed", "unknown")) or "llama.cpp could not load it")
     if "unknown model architecture" in detail or "unknown architecture" in detail:
         return InvalidModelFileError(
             str(path), f"architecture '{info.architecture}' is not supported by this llama.cpp",

@@ -203,6 +203,18 @@ def test_a_padding_id_past_the_vocabulary_runs_as_in_llama_cpp(tmp_path: Path,
     assert proc.stdout.strip()
 
 
+@pytest.mark.slow
+def test_a_refusal_llmkit_does_not_foresee_names_llama_cpp_s_reason(tmp_path: Path,
+                                                                   model_bytes: bytes) -> None:
+    path = _mutant(tmp_path, model_bytes, lambda e: e.set("tokenizer.ggml.pre", "no-such-pre"))
+    proc = run_llmkit(["run", "-m", str(path), "Hi"])
+    assert proc.returncode == 1
+    # llama.cpp's reason, not its closing "failed to load model".
+    assert proc.stderr == (f"llmkit: error: {path}: cannot be loaded: error loading model "
+                           "vocabulary: unknown pre-tokenizer type: 'no-such-pre' (run with -v "
+                           "to see llama.cpp's log)\n")
+
+
 # -- architectures the real model cannot stand in for: small files written with gguf-py -------
 
 
