@@ -160,7 +160,10 @@ def quantize(
             array[i].size = values.size
         keep.append(array)
         params.imatrix = ctypes.cast(array, ctypes.POINTER(lc.llama_model_imatrix_data))
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    from llmkit._fs import temp_path
+
+    # Named as this process's, so a rerun after a SIGKILL removes the file left behind.
+    tmp = temp_path(output)
     started = time.perf_counter()
     try:
         rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(),

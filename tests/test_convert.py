@@ -261,3 +261,37 @@ def test_importance_matrix_enables_the_smallest_types(converted: dict[str, Path]
     bad = run_llmkit(["quantize", str(converted["f16"]), str(tmp_path / "x.gguf"),
                       "--type", "IQ2_XXS", "--imatrix", str(converted["f16"])])
     assert bad.returncode == 1 and "holds no importance data" in bad.stderr
+
+
+def _dead_writers_temp(directory: Path, name: str) -> Path:
+    """A temporary file as a SIGKILLed llmkit leaves it: named for a pid that has exited."""
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = socket.gethostname()
+    left = directory / f".{name}.llmkit-{host}-{child.pid}-0badc0de.tmp"
+    left.write_bytes(b"half a model")
+    return left
+
+
+def test_convert_and_quantize_remove_what_killed_runs_left(smol_checkpoint: Path,
+                                                           converted: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    # Before, a killed run left ".NAME.PID.tmp" (gigabytes for a real model) that nothing
+    # ever removed; now the next write into the directory takes dead writers' files away.
+    quantized = tmp_path / "q" / "model-Q8_0.gguf"
+    quantized.parent.mkdir()
+    stale = _dead_writers_temp(quantized.parent, quantized.name)
+    proc = run_llmkit(["quantize", str(converted["f16"]), str(quantized), "--type", "Q8_0"])
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and [p.name for p in quantized.parent.iterdir()] == [
+        quantized.name]
+    out = tmp_path / "c" / "model-f16.gguf"
+    out.parent.mkdir()
+    stale = _dead_writers_temp(out.parent, out.name)
+    proc = run_llmkit(["convert", str(smol_checkpoint), "-o", str(out), "--outtype", "f16"])
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and [p.name for p in out.parent.iterdir()] == [out.name]

@@ -112,8 +112,11 @@ def stage_gguf(
     """
     import gguf
 
+    from llmkit._fs import temp_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Named as this process's, so a rerun after a SIGKILL removes the gigabytes left behind.
+    tmp = temp_path(path)
     writer = gguf.GGUFWriter(tmp, arch)
     done = False
     try:
