@@ -7,10 +7,20 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """Return llmkit's data directory (``LLMKIT_HOME`` or the platform's user data dir)."""
+    """Return llmkit's data directory (``LLMKIT_HOME`` or the platform's user data dir).
+
+    Raises:
+        StoreError: ``LLMKIT_HOME`` names something that is not a directory.
+    """
     override = os.environ.get("LLMKIT_HOME")
     if override:
-        return Path(override).expanduser()
+        path = Path(override).expanduser()
+        if path.exists() and not path.is_dir():
+            from llmkit.errors import StoreError
+
+            raise StoreError(f"LLMKIT_HOME={override} is not a directory",
+                             hint="point LLMKIT_HOME at a directory, or unset it")
+        return path
     import platformdirs
 
     return Path(platformdirs.user_data_dir("llmkit", appauthor=False))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmkit.engine import Engine, SamplingParams
-from llmkit.store import Resolution, resolve
+from llmkit.store import Resolution, resolve, resolve_setting
 
 if TYPE_CHECKING:
     from llmkit.tasks.safety import Guard
@@ -176,7 +176,8 @@ def open_vision_engine(model: str | None, options: EngineOptions, *,
         LlmkitError: unknown, unsupported or unpulled model; a model that cannot see images;
             a missing or mismatched projector; loading failures.
     """
-    resolution = resolve(model if model is not None else default_vision_model_name())
+    resolution = (resolve(model) if model is not None
+                  else resolve_setting("LLMKIT_VISION_MODEL", DEFAULT_VISION_MODEL))
     model_path, projector, note = vision_files(resolution, mmproj)
     engine = load_engine(model_path, options, resolution.model.name, projector)
     return engine, resolution, note or resolution.note
@@ -233,7 +234,9 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     custom = load_categories(categories_file) if categories_file is not None else None
     if exclude:
         drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
-    engine, resolution = open_engine(model or default_guard_model_name(), options)
+    resolution = (resolve(model) if model
+                  else resolve_setting("LLMKIT_GUARD_MODEL", DEFAULT_GUARD_MODEL))
+    engine = load_engine(resolution.model.path, options, resolution.model.name)
     try:
         policy = custom if custom is not None else default_categories(
             engine.chat_template, resolution.model.name)

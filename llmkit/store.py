@@ -361,6 +361,28 @@ def default_model_name() -> str:
     return os.environ.get("LLMKIT_MODEL") or DEFAULT_MODEL
 
 
+def resolve_setting(variable: str, fallback: str) -> Resolution:
+    """Resolve the model an environment variable names, or ``fallback`` when it is unset.
+
+    Raises:
+        ModelNotFoundError: saying that the unknown name came from ``variable``.
+        As :func:`resolve` otherwise.
+    """
+    value = os.environ.get(variable)
+    if not value:
+        return resolve(fallback)
+    try:
+        return resolve(value)
+    except ModelNotFoundError as exc:
+        raise _from_variable(exc, variable) from None
+
+
+def _from_variable(exc: ModelNotFoundError, variable: str) -> ModelNotFoundError:
+    # A name nobody typed on this command line: say where it came from.
+    return ModelNotFoundError(exc.name, hint=f"{variable} names it; "
+                              + (exc.hint or "unset it or set it to a name from `llmkit list`"))
+
+
 def resolve(ref: str | None) -> Resolution:
     """Turn a model reference into a file on disk.
 
@@ -378,6 +400,10 @@ def resolve(ref: str | None) -> Resolution:
         wanted = default_model_name()
         try:
             return resolve(wanted)
+        except ModelNotFoundError as exc:
+            if os.environ.get("LLMKIT_MODEL"):
+                raise _from_variable(exc, "LLMKIT_MODEL") from None
+            raise
         except ModelNotPulledError:
             spec = get_spec(EMBEDDED_MODEL)
             fallback = _from_spec(spec) if spec else None

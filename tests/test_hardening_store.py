@@ -360,3 +360,34 @@ def test_a_registered_projector_that_is_a_fifo_is_named(tmp_path: Path, smollm2_
     assert vision_files(store.resolve("v"), None)[1] == pipe
     with pytest.raises(InvalidModelFileError, match="is a FIFO"):
         check_projector_file(pipe)
+
+
+# -- names from the environment, and LLMKIT_HOME ------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "args", "suggestion"), [
+    ("LLMKIT_MODEL", ["run", "hi"], "did you mean llama3.2:1b"),
+    ("LLMKIT_VISION_MODEL", ["caption", "x.jpg"], "did you mean gemma3:4b"),
+    ("LLMKIT_GUARD_MODEL", ["check", "hi"], "did you mean llama-guard3:1b"),
+])
+def test_a_misspelt_model_variable_is_named(variable: str, args: list[str],
+                                           suggestion: str) -> None:
+    # Before, "model 'x' not found" without a word about where the name came from.
+    typo = {"LLMKIT_MODEL": "lama3.2:1b", "LLMKIT_VISION_MODEL": "gema3:4b",
+            "LLMKIT_GUARD_MODEL": "lama-guard3:1b"}[variable]
+    proc = run_llmkit(args, env={variable: typo})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"llmkit: error: model '{typo}' not found ({variable} names "
+                                  f"it; {suggestion}"), proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_llmkit_home_that_is_a_file_is_one_sentence(tmp_path: Path, smollm2_path: Path) -> None:
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    for args in (["import", str(smollm2_path), "--name", "x"], ["list"], ["rm", "x"]):
+        proc = run_llmkit(args, env={"LLMKIT_HOME": str(home)})
+        assert (proc.returncode, proc.stderr) == (
+            1, f"llmkit: error: LLMKIT_HOME={home} is not a directory (point LLMKIT_HOME at a "
+               "directory, or unset it)\n"), (args, proc.stderr)
+    assert home.read_text() == "not a directory"
