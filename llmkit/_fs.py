@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import stat
@@ -119,10 +120,26 @@ def json_dumps(obj: Any, *, indent: int | None = None) -> str:
 
     Python gives a name's undecodable bytes as lone surrogates (b"\\xff" → "\\udcff"); they
     are written as ``\\udcff`` escapes, which ``os.fsencode(json.loads(...))`` turns back into
-    the original bytes. Other characters stay as they are.
+    the original bytes. Other characters stay as they are. Numbers JSON cannot write (NaN and
+    infinities, which a damaged model's metadata or logits can hold) are written as null,
+    where Python's json would write NaN, which no JSON reader takes.
     """
-    text = json.dumps(obj, ensure_ascii=False, indent=indent)
+    try:
+        text = json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False)
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        text = json.dumps(_finite(obj), ensure_ascii=False, indent=indent)
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not finite replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 def try_lock(fd: int) -> bool:

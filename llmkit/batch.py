@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
-import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 
 from llmkit._fs import atomic_write_text, json_dumps, try_lock
 from llmkit.errors import InputError, LlmkitError, UsageError
+from llmkit.io import parse_json
 
 
 def item_key(path: str) -> str:
@@ -78,7 +78,7 @@ class RecordLog:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line, strict=False)  # too deep a nesting: a ValueError
             except ValueError:
                 raise InputError(f"{self.path} line {number} is not JSON",
                                  hint="--out appends to a JSONL file written by llmkit") from None

@@ -125,14 +125,14 @@ def _check_convertible(repo: str, name: str, *, quiet: bool) -> None:
         ConvertError: the architecture is not supported.
         HubError: the repository cannot be reached.
     """
-    import json
-
-    from llmkit.convert import CONVERTERS
+    from llmkit.convert import CONVERTERS, read_config
     from llmkit.errors import ConvertError
     from llmkit.hub import fetch_file
 
-    config = json.loads(fetch_file(repo, "config.json", quiet=quiet).read_text(encoding="utf-8"))
-    architectures = config.get("architectures") or []
+    # Read as a checkpoint's config is (not JSON, or not an object: a ConvertError naming it).
+    config = read_config(fetch_file(repo, "config.json", quiet=quiet).parent)
+    listed = config.get("architectures")
+    architectures = [a for a in listed if isinstance(a, str)] if isinstance(listed, list) else []
     if not any(a in CONVERTERS for a in architectures):
         raise ConvertError(
             f"{name} ({repo}) is a {', '.join(architectures) or 'model of unknown architecture'}"

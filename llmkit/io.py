@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import stat
@@ -134,6 +135,55 @@ def decode_text(data: bytes, source: str) -> str:
             f"{source} is not UTF-8 text (byte 0x{bad} at offset {exc.start})",
             hint="convert it first, e.g. `iconv -f latin1 -t utf-8`",
         ) from None
+
+
+def parse_json(text: str | bytes, *, strict: bool = True) -> Any:
+    """JSON as RFC 8259 defines it, which is less than Python's json module reads.
+
+    NaN, Infinity and numbers beyond a float's range (``1e999``) are refused: JSON has no such
+    numbers, so jq and JavaScript cannot read them, and llmkit would echo them into its own
+    output. ``strict=False`` lets them through, for files written by Python's json module
+    (Hugging Face configs). Either way, nesting deep enough to exhaust the decoder's recursion
+    is a ValueError, not a RecursionError.
+
+    Raises:
+        ValueError: not JSON; the message says why.
+    """
+    import json
+
+    try:
+        if not strict:
+            return json.loads(text)
+        return json.loads(text, parse_constant=_not_a_json_number, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("it nests arrays or objects too deeply") from None
+
+
+def _not_a_json_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_problem(text: str) -> str | None:
+    """Why ``text`` is not Unicode text, or None when it is.
+
+    A JSON escape such as ``"\\ud800"`` decodes to half of a UTF-16 surrogate pair, which no
+    encoder (and no tokenizer) takes; the sentence completes "the text …".
+    """
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    return (f"holds \\u{ord(match.group()):04x}, half of a UTF-16 surrogate pair, which is not "
+            "a character")
 
 
 def _why(exc: OSError) -> str:

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmkit._fs import json_dumps
+from llmkit.batch import RecordLog
+from llmkit.convert import read_config
 from llmkit.documents import html_to_text, read_document, tidy_text
+from llmkit.engine import grammar_from_json_schema
+from llmkit.errors import ConvertError, InputError, SchemaError
+from llmkit.tasks.chat import Conversation
+from llmkit.tasks.safety import (
+    LLAMA_GUARD_3_1B_CATEGORIES,
+    Guard,
+    VerdictError,
+    check_jsonl_line,
+)
+from tests.conftest import run_llmkit
+from tests.fuzz.fake_guard import FakeGuardEngine
 
 # --- documents: time and size linear in the input ----------------------------------------------
 
@@ -111,3 +129,175 @@ def test_a_self_closed_br_is_one_line_break() -> None:
 
 def test_an_unclosed_comment_hides_the_rest_as_in_a_browser() -> None:
     assert html_to_text("<p>shown</p><!-- never closed <p>hidden</p>")[0] == "shown"
+
+
+# --- check --batch: every line is one record ---------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def guard(**engine: Any) -> Guard:
+    return Guard(FakeGuardEngine(**engine), LLAMA_GUARD_3_1B_CATEGORIES)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ('{"text": "hi \\ud800 there"}',
+     'line 4: "text" holds \\ud800, half of a UTF-16 surrogate pair, which is not a character'),
+    ('{"prompt": "a\\udfff", "response": "b"}', 'line 4: "prompt" holds \\udfff'),
+    ('{"prompt": "a", "response": "\\udc80"}', 'line 4: "response" holds \\udc80'),
+    ('{"messages": [{"role": "user", "content": "\\ud83d"}]}', "line 4: message 1 holds \\ud83d"),
+])
+def test_a_lone_surrogate_escape_is_that_lines_error(line: str, error: str) -> None:
+    # The engine encodes text as UTF-8 for llama.cpp: this ended the whole batch with an
+    # unexpected UnicodeEncodeError.
+    record = check_jsonl_line(guard(), line, 4)
+    assert record["flagged"] is None and record["error"].startswith(error)
+    assert "surrogate pair (\\ud83d\\ude00) or as UTF-8" in record["error"]
+
+
+def test_a_surrogate_pair_escape_is_text() -> None:
+    record = check_jsonl_line(guard(), '{"text": "smile \\ud83d\\ude00"}', 1)
+    assert record["error"] is None and record["verdict"] == "safe"
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ('{"text": ' + DEEP + "}", "it nests arrays or objects too deeply"),
+    ('{"id": NaN, "text": "x"}', "NaN is not a JSON number"),
+    ('{"id": -Infinity, "text": "x"}', "-Infinity is not a JSON number"),
+    ('{"id": 1e999, "text": "x"}', "1e999 is too large a number"),
+])
+def test_lines_that_are_not_strict_json_are_their_own_errors(line: str, why: str) -> None:
+    # Deep nesting raised RecursionError out of the batch; NaN and 1e999 were taken, and the
+    # record echoed "id": NaN, which is not JSON.
+    record = check_jsonl_line(guard(), line, 2)
+    assert record == {"line": 2, "verdict": None, "flagged": None,
+                      "error": f"line 2 is not JSON: {why}"}
+    assert json.loads(json_dumps(record)) == record
+
+
+def test_nan_logits_give_no_score_and_fail_closed_under_a_threshold() -> None:
+    # A NaN score compared below any threshold, so a damaged guard passed everything as safe.
+    damaged = Guard(FakeGuardEngine(logits="nan", answer="!!!!"), LLAMA_GUARD_3_1B_CATEGORIES,
+                    threshold=0.5)
+    with pytest.raises(VerdictError):
+        damaged.check_text("anything")
+    answered = Guard(FakeGuardEngine(logits="nan", answer="unsafe\nS1"),
+                     LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.5).check_text("anything")
+    assert (answered.flagged, answered.decided_by, answered.score) == (True, "answer", None)
+    assert answered.p_safe is None and answered.p_unsafe is None
+
+
+# --- JSON written and read elsewhere -----------------------------------------------------------
+
+
+def strict(text: str) -> Any:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in {text!r}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_holds_no_nan() -> None:
+    value = {"score": math.nan, "list": [math.inf, -math.inf, 1.5], "name": "\udcff.jpg"}
+    assert strict(json_dumps(value)) == {"score": None, "list": [None, None, 1.5],
+                                         "name": "\udcff.jpg"}
+    assert strict(json_dumps(value, indent=2))["score"] is None
+
+
+def test_show_json_of_a_gguf_with_nan_metadata_is_json(tmp_path: Path) -> None:
+    from tests.gguf_edit import FLOAT32, GGUFEdit, tiny_header_gguf
+
+    data = tiny_header_gguf(tmp_path / "tiny.gguf", 3)
+    path = GGUFEdit(data).set("general.quality", math.nan, FLOAT32).set(
+        "general.size_label", -math.inf, FLOAT32).write(tmp_path / "nan.gguf")
+    result = run_llmkit(["show", str(path), "--format", "json"])
+    assert result.returncode == 0, result.stderr
+    metadata = strict(result.stdout)["metadata"]
+    assert metadata["general.quality"] is None and metadata["general.size_label"] is None
+
+
+def test_a_conversation_file_must_be_strict_json_and_text(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('[{"role": "user", "content": "a\\ud800"}]')
+    with pytest.raises(InputError, match=r"in .*c.json, message 1 holds \\ud800, half of a"):
+        Conversation.load(path)
+    path.write_text('{"system": "\\udfff", "messages": []}')
+    with pytest.raises(InputError, match=r"the system prompt holds \\udfff"):
+        Conversation.load(path)
+    path.write_text('{"messages": [], "x": NaN}')
+    with pytest.raises(InputError, match=r"is not JSON \(NaN is not a JSON number"):
+        Conversation.load(path)
+
+
+def test_a_json_schema_nested_too_deeply_is_a_schema_error() -> None:
+    with pytest.raises(SchemaError, match="not valid JSON: it nests arrays or objects too deep"):
+        grammar_from_json_schema(DEEP)
+
+
+def test_an_out_file_with_a_line_nested_too_deeply_is_refused_as_not_jsonl(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text(DEEP + "\n")
+    with pytest.raises(InputError, match="line 1 is not JSON"):
+        RecordLog(out)
+
+
+def test_a_checkpoint_config_nested_too_deeply_is_a_convert_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ' + DEEP + "}")
+    with pytest.raises(ConvertError, match="it nests arrays or objects too deeply"):
+        read_config(tmp_path)
+    result = run_llmkit(["convert", str(tmp_path), "-o", str(tmp_path / "out.gguf")])
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"llmkit: error: cannot read {tmp_path / 'config.json'}: "
+                                    "it nests arrays or objects too deeply")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("not json", "cannot read"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"architectures": "LlamaForCausalLM"}', "a model of unknown architecture checkpoint"),
+])
+def test_a_hub_config_that_is_not_a_checkpoints_is_a_convert_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, message: str) -> None:
+    # pull --from-source read the Hub's config.json with json.loads alone: an unexpected
+    # JSONDecodeError or AttributeError, or an architecture list of single letters.
+    from llmkit import build, hub
+
+    (tmp_path / "config.json").write_text(config)
+    monkeypatch.setattr(hub, "fetch_file", lambda repo, name, quiet: tmp_path / name)
+    with pytest.raises(ConvertError, match=message):
+        build._check_convertible("org/repo", "model", quiet=True)
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_check_batch_goes_on_past_lines_that_are_not_text_or_not_json(
+        smollm2_path: Path, tmp_path: Path) -> None:
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("\n".join([
+        '{"id": "a", "text": "hi \\ud800"}',
+        '{"id": "b", "text": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        '{"id": NaN, "text": "hello"}',
+        '{"id": "d", "text": "hello"}',
+    ]) + "\n")
+    result = run_llmkit(["check", "--batch", str(batch), "-m", str(smollm2_path)])
+    records = [strict(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["error"].startswith('line 1: "text" holds \\ud800, half of a UTF-16')
+    assert records[1]["error"] == "line 2 is not JSON: it nests arrays or objects too deeply"
+    assert records[2]["error"] == "line 3 is not JSON: NaN is not a JSON number"
+    # SmolLM2 is no Llama Guard: the last line reached the model, which did not answer a verdict.
+    assert records[3]["id"] == "d" and "not a verdict" in records[3]["error"]
+    assert "unexpected" not in result.stderr
+    assert result.returncode == 1 and "4 records: 0 safe, 0 flagged, 4 errors" in result.stderr
+
+
+@pytest.mark.slow
+def test_run_with_a_json_schema_nested_too_deeply(smollm2_path: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "deep.json"
+    schema.write_text(DEEP)
+    result = run_llmkit(["run", "-m", str(smollm2_path), "--json-schema", str(schema), "hi"])
+    assert result.returncode == 1
+    assert result.stderr.startswith("llmkit: error: the JSON schema is not valid JSON: it nests "
+                                    "arrays or objects too deeply")

@@ -136,7 +136,7 @@ def test_load_of_a_bad_file_keeps_the_conversation(spawn: Spawn, tmp_path: Path)
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
     expected = {
-        "deep.json": "nests its JSON too deeply",
+        "deep.json": "is not JSON (it nests arrays or objects too deeply)",
         "not-json.json": "is not JSON",
         "shape.json": "is not a conversation (expected role/content messages)",
         "system.json": 'is not a conversation (its "system" is not text)',

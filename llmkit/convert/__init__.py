@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from llmkit.convert.tokenizer import add_tokenizer
 from llmkit.convert.writer import OUTTYPES, discard, publish, stage_gguf
 from llmkit.errors import ConvertError, UsageError
 from llmkit.gguf_file import check_output, special_file
+from llmkit.io import parse_json
 
 # Hugging Face `architectures` names → converter of the language model. Llama Guard 3 and
 # SmolLM2 are Llama models; SmolVLM's text model is one too.
@@ -80,7 +80,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     """
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(path.read_text(encoding="utf-8"), strict=False)
     except FileNotFoundError:
         raise ConvertError(f"{directory} has no config.json",
                            hint="point at a Hugging Face checkpoint directory") from None

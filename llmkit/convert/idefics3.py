@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from llmkit.convert.llama import MAX_LAYERS, LlamaConverter
 from llmkit.convert.safetensors import MappedFiles, TensorRef
 from llmkit.convert.writer import PlannedTensor
 from llmkit.errors import ConvertError
+from llmkit.io import parse_json
 
 TEXT_PREFIX = "model.text_model."
 VISION_PREFIXES = ("model.vision_model.", "model.connector.")
@@ -98,7 +98,7 @@ def read_preprocessor(directory: Path) -> dict[str, Any]:
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"), strict=False)
         except (OSError, ValueError) as exc:
             raise ConvertError(f"cannot read {path}: {exc}") from None
         if not isinstance(data, dict):
@@ -139,7 +139,7 @@ def missing_image_tokens(directory: Path, grid: int) -> list[str]:
     """
     path = directory / "tokenizer.json"
     try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
+        tok = parse_json(path.read_text(encoding="utf-8"), strict=False)
     except (OSError, ValueError):
         return []  # the tokenizer step reports an unreadable or missing file itself
     model = tok.get("model") if isinstance(tok, dict) else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import struct
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import ConvertError
+from llmkit.io import parse_json
 
 # safetensors dtype names → (numpy dtype string, bytes per element). BF16 has no numpy
 # dtype; it is read as uint16 and widened by shifting into the high half of a float32.
@@ -46,7 +46,7 @@ def read_header(path: Path) -> list[TensorRef]:
             size = path.stat().st_size
             if n > min(size - 8, 100 << 20):
                 raise ConvertError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(fh.read(n))
+            header = parse_json(fh.read(n), strict=False)
     except (OSError, ValueError) as exc:
         raise ConvertError(f"cannot read {path}: {exc}") from None
     base = 8 + n

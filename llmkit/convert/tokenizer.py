@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llmkit.errors import ConvertError
+from llmkit.io import parse_json
 
 # Pre-tokenizer regexes as they appear in tokenizer.json files (the Split step).
 LLAMA3_REGEX = (
@@ -146,7 +146,7 @@ def add_tokenizer(writer: Any, directory: Path, n_vocab: int) -> str:
     tok_file = directory / "tokenizer.json"
     if tok_file.is_file():
         try:
-            tok = json.loads(tok_file.read_text(encoding="utf-8"))
+            tok = parse_json(tok_file.read_text(encoding="utf-8"), strict=False)
         except (OSError, ValueError) as exc:
             raise ConvertError(f"cannot read {tok_file}: {exc}") from None
         model = tok.get("model", {})

@@ -186,7 +186,7 @@ class Conversation:
         Raises:
             InputError: unreadable file or wrong shape.
         """
-        from llmkit.io import read_text_file
+        from llmkit.io import parse_json, read_text_file, surrogate_problem
 
         try:
             text = read_text_file(path)
@@ -197,12 +197,9 @@ class Conversation:
             raise InputError(f"cannot load a conversation from {str(path)!r}: the name holds "
                              "a NUL byte") from None
         try:
-            data = json.loads(text)
+            data = parse_json(text)  # strict: no NaN, and too deep a nesting is a ValueError
         except ValueError as exc:
             raise InputError(f"cannot load a conversation: {path} is not JSON ({exc})") from None
-        except RecursionError:  # json's decoder recurses once per nested array or object
-            raise InputError(f"cannot load a conversation: {path} nests its JSON too deeply"
-                             ) from None
         if isinstance(data, list):
             data = {"messages": data}
         messages = data.get("messages") if isinstance(data, dict) else None
@@ -214,6 +211,13 @@ class Conversation:
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise InputError(f"{path} is not a conversation (its \"system\" is not text)")
+        # JSON can escape half a character, which no tokenizer takes: say which message.
+        texts = [("the system prompt", system or "")] + [
+            (f"message {i}", m["content"]) for i, m in enumerate(messages, 1)]
+        for what, value in texts:
+            problem = surrogate_problem(value)
+            if problem is not None:
+                raise InputError(f"cannot load a conversation: in {path}, {what} {problem}")
         turns: list[dict[str, Any]] = []
         for m in messages:
             turn: dict[str, Any] = {"role": m["role"], "content": m["content"]}

@@ -421,6 +421,10 @@ class Guard:
         if safe_id >= 0 and unsafe_id >= 0:
             # P(unsafe) / (P(safe) + P(unsafe)), as a logistic of the log-odds.
             score = _logistic(float(log_probs[unsafe_id] - log_probs[safe_id]))
+        # Damaged weights give NaN logits: that is no score at all. A NaN score would compare
+        # as below any threshold, and so pass as safe.
+        p_safe, p_unsafe, score = (v if v is not None and math.isfinite(v) else None
+                                   for v in (p_safe, p_unsafe, score))
         t_scored = time.perf_counter()
         generation = self.engine.generate(
             tokens, SamplingParams(temperature=0.0, max_tokens=20))
@@ -568,22 +572,38 @@ def record_messages(item: Any, number: int) -> list[Message]:
     """
     if isinstance(item, dict):
         if isinstance(item.get("text"), str):
-            return [{"role": "user", "content": item["text"]}]
+            return [{"role": "user", "content": _text(item["text"], '"text"', number)}]
         if isinstance(item.get("prompt"), str):
-            messages: list[Message] = [{"role": "user", "content": item["prompt"]}]
+            messages: list[Message] = [
+                {"role": "user", "content": _text(item["prompt"], '"prompt"', number)}]
             if "response" in item:
                 # A response that is not text must not turn into a check of the prompt alone.
                 if not isinstance(item["response"], str):
                     raise InputError(f'line {number}: "response" must be a string')
-                messages.append({"role": "assistant", "content": item["response"]})
+                messages.append({"role": "assistant",
+                                 "content": _text(item["response"], '"response"', number)})
             return messages
         if isinstance(item.get("messages"), list):
             if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                        and isinstance(m.get("content"), str) for m in item["messages"]):
                 raise InputError(f'line {number}: "messages" must be a list of '
                                  '{"role": "…", "content": "…"} objects')
-            return [{"role": m["role"], "content": m["content"]} for m in item["messages"]]
+            return [{"role": m["role"],
+                     "content": _text(m["content"], f'message {i}', number)}
+                    for i, m in enumerate(item["messages"], 1)]
     raise InputError(f'line {number} has no "text", "prompt" or "messages"')
+
+
+def _text(value: str, what: str, number: int) -> str:
+    """``value``, which must be text a tokenizer can encode (JSON can escape half a character)."""
+    from llmkit.io import surrogate_problem
+
+    problem = surrogate_problem(value)
+    if problem is not None:
+        raise InputError(f"line {number}: {what} {problem}",
+                         hint="write characters beyond U+FFFF as a surrogate pair "
+                              "(\\ud83d\\ude00) or as UTF-8")
+    return value
 
 
 def check_jsonl_line(guard: Guard, line: str, number: int) -> dict[str, Any]:
@@ -593,11 +613,13 @@ def check_jsonl_line(guard: Guard, line: str, number: int) -> dict[str, Any]:
     has one); a failed record has ``flagged`` null and ``error`` set, with ``raw`` when the
     model answered something that is not a verdict.
     """
-    import json
+    from llmkit.io import parse_json
 
     head: dict[str, Any] = {"line": number}
     try:
-        item = json.loads(line)
+        # Strict JSON: an "id" of NaN would be written back out as NaN, which is not JSON, and
+        # a line of 100,000 nested arrays is this line's error, not the batch's end.
+        item = parse_json(line)
     except ValueError as exc:
         return {**head, "verdict": None, "flagged": None,
                 "error": f"line {number} is not JSON: {exc}"}

@@ -1,0 +1,1 @@
+"""Fuzz harness (atheris): GGUF headers, images, documents and `check --batch` lines."""
