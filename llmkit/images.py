@@ -197,11 +197,13 @@ def _prepare(stream: IO[bytes], label: str, limits: _Limits) -> PreparedImage:
 
     from PIL import Image, UnidentifiedImageError
 
-    # Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and twice that; our own limit
-    # decides instead. catch_warnings swaps process-wide filters, which is fine for a CLI but
-    # would race with another thread doing the same.
+    # Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and twice that, where our own
+    # limit decides instead, and about damage it reads past (corrupt EXIF, a TIFF tag larger
+    # than the file): a library prints nothing, and Python would show each as a source line of
+    # Pillow's on stderr. catch_warnings swaps process-wide filters, which is fine for a CLI
+    # but would race with another thread doing the same.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore")
         try:
             image = Image.open(stream)
         except Image.DecompressionBombError:

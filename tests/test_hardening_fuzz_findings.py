@@ -301,3 +301,48 @@ def test_run_with_a_json_schema_nested_too_deeply(smollm2_path: Path, tmp_path: 
     assert result.returncode == 1
     assert result.stderr.startswith("llmkit: error: the JSON schema is not valid JSON: it nests "
                                     "arrays or objects too deeply")
+
+
+# --- images: Pillow's warnings stay off stderr -------------------------------------------------
+
+
+def jpeg_with_corrupt_exif(path: Path) -> Path:
+    """A small JPEG whose EXIF block names a Make tag of 1000 bytes lying past its end, as a
+    camera or an editor that mangled it would leave it."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    tiff = (b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010F, 2, 1000, 100)
+            + struct.pack("<I", 0))
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_prepare_image_lets_no_pillow_warning_through(tmp_path: Path) -> None:
+    import warnings
+
+    from llmkit.images import prepare_image
+
+    path = jpeg_with_corrupt_exif(tmp_path / "exif.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = prepare_image(path)
+    assert (image.width, image.height) == (16, 16)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.slow
+def test_caption_of_a_photo_with_corrupt_exif_keeps_stderr_clean(tmp_path: Path) -> None:
+    from tests.hardening_models import convert_tiny_smolvlm
+
+    vlm = convert_tiny_smolvlm(tmp_path)
+    photo = jpeg_with_corrupt_exif(tmp_path / "exif.jpg")
+    result = run_llmkit(["caption", str(photo), "-m", str(vlm), "--max-tokens", "4", "-q"])
+    assert result.returncode == 0, result.stderr
+    # Was "…/PIL/TiffImagePlugin.py:946: UserWarning: Tag data larger than file. Skipping
+    # tag 271" and the source line after it.
+    assert result.stderr == ""
