@@ -1165,5 +1165,8 @@ def _pdf_title(reader: Any) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    from llmkit.io import printable
+
+    # pypdf's messages can quote the file's bytes: control characters are shown escaped.
+    text = printable(" ".join(str(exc).split())) or type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."

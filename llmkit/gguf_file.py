@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import InvalidModelFileError, UsageError
+from llmkit.io import printable
 
 GGUF_MAGIC = b"GGUF"
 HINT = "download or convert it again"
@@ -339,7 +340,9 @@ def _parse(path: Path) -> _Parsed:
                 str(path), f"is truncated (the header runs past the end at {size} bytes)",
                 hint=HINT) from None
         except _Corrupt as exc:
-            raise InvalidModelFileError(str(path), f"is corrupt ({exc})", hint=HINT) from None
+            # Tensor names and keys are the file's words: shown escaped (see _Checks.fail).
+            raise InvalidModelFileError(str(path), f"is corrupt ({printable(str(exc))})",
+                                        hint=HINT) from None
     alignment = values.get("general.alignment", 32)
     if "general.alignment" in values and (
             types["general.alignment"] != UINT32 or alignment <= 0
@@ -353,8 +356,9 @@ def _parse(path: Path) -> _Parsed:
     for t in tensors:
         if t.offset != expected:
             raise InvalidModelFileError(
-                str(path), f"is corrupt (tensor {t.name} starts at offset {t.offset} of the "
-                           f"data, not at {expected} where the tensor before it ends)", hint=HINT)
+                str(path), f"is corrupt (tensor {printable(t.name)} starts at offset "
+                           f"{t.offset} of the data, not at {expected} where the tensor before "
+                           "it ends)", hint=HINT)
         expected = t.offset + -(-t.nbytes // alignment) * alignment
     needed = data_start + (tensors[-1].offset + tensors[-1].nbytes if tensors else 0)
     if needed > size:
@@ -427,7 +431,9 @@ class _Checks:
         self.p = parsed
 
     def fail(self, problem: str, hint: str = HINT) -> InvalidModelFileError:
-        return InvalidModelFileError(str(self.p.path), problem, hint=hint)
+        # Problems name the file's own keys, architecture and tensor names, which may hold a
+        # newline (a forged second error line) or a terminal escape sequence: escaped here.
+        return InvalidModelFileError(str(self.p.path), printable(problem), hint=hint)
 
     def has(self, key: str) -> bool:
         return key in self.p.values

@@ -170,6 +170,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def printable(text: str) -> str:
+    """``text`` with its unprintable characters as escapes (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    For words a file supplies (a tensor name, a metadata key) that go into a one-line message:
+    a newline there would forge a second "llmkit: error" line, and an escape sequence would
+    reach the terminal as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

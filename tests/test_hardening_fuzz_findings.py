@@ -346,3 +346,46 @@ def test_caption_of_a_photo_with_corrupt_exif_keeps_stderr_clean(tmp_path: Path)
     # Was "…/PIL/TiffImagePlugin.py:946: UserWarning: Tag data larger than file. Skipping
     # tag 271" and the source line after it.
     assert result.stderr == ""
+
+
+# --- GGUF: the file's words in messages are escaped --------------------------------------------
+
+
+def gguf_with_a_tensor_name(path: Path, name: bytes) -> Path:
+    """The smallest GGUF that fails on its one tensor's name: five dimensions."""
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + struct.pack("<Q", len(name)) + name
+                     + struct.pack("<I", 5))
+    return path
+
+
+def test_a_tensor_name_with_control_characters_is_shown_escaped(tmp_path: Path) -> None:
+    from llmkit.errors import InvalidModelFileError
+    from llmkit.gguf_file import check_complete
+
+    path = gguf_with_a_tensor_name(tmp_path / "m.gguf", b"a\n\x1b[2J\xe2\x80\xae")
+    with pytest.raises(InvalidModelFileError) as caught:
+        check_complete(path)
+    assert caught.value.problem == ("is corrupt (tensor a\\n\\x1b[2J\\u202e has 5 dimensions "
+                                    "(GGUF allows 1 to 4))")
+
+
+def test_show_and_run_print_one_line_for_a_gguf_naming_itself_with_escapes(
+        tmp_path: Path) -> None:
+    from tests.gguf_edit import STRING, GGUFEdit, tiny_header_gguf
+
+    named = gguf_with_a_tensor_name(tmp_path / "named.gguf", b"evil\nllmkit: fake line\x1b[31m")
+    shown = run_llmkit(["show", str(named)])
+    # Was two lines, the second starting "llmkit: fake line" in red.
+    assert shown.returncode == 1
+    assert shown.stderr == (f"llmkit: error: {named}: is corrupt (tensor evil\\nllmkit: fake "
+                            "line\\x1b[31m has 5 dimensions (GGUF allows 1 to 4)) (download or "
+                            "convert it again)\n")
+    arch = GGUFEdit(tiny_header_gguf(tmp_path / "tiny.gguf", 4))
+    arch.kv["general.architecture"] = (STRING, "x\n\x1b[2J")  # the key names are built from it
+    path = arch.write(tmp_path / "arch.gguf")
+    ran = run_llmkit(["run", "-m", str(path), "hi"])
+    assert ran.returncode == 1
+    assert ran.stderr == (f"llmkit: error: {path}: x\\n\\x1b[2J.block_count is missing "
+                          "(download or convert it again)\n")

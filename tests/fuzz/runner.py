@@ -51,6 +51,7 @@ class FuzzRun:
 _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.MULTILINE)
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
+_SPECIFICS = re.compile(r"'[^']*(?:'|$)|\"[^\"]*(?:\"|$)|\(.*\)|\d+")
 
 
 def write_seeds(target: str, directory: Path) -> Path:
@@ -102,9 +103,11 @@ def fuzz(target: str, seconds: float, workdir: Path, *, keep_going: bool = False
             break
         for path in written:
             finding = Finding(_kind(Path(path).name), Path(path), _error(output))
-            # One finding per distinct error: a run that keeps going rediscovers the same bug.
-            if finding.error not in errors:
-                errors.add(finding.error)
+            # One finding per distinct error: a run that keeps going rediscovers the same bug,
+            # with other names and numbers in its message.
+            key = _SPECIFICS.sub("…", finding.error)[:100]
+            if key not in errors:
+                errors.add(key)
                 run.findings.append(finding)
         if not keep_going:
             break
