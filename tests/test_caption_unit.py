@@ -29,6 +29,10 @@ from llmkit.tasks.caption import (
     ("tags", "Keywords: beach; sunset; Sea.", "beach, sunset, sea"),
     ("detailed", "  Line one.\n\nLine two.  ", "Line one.\n\nLine two."),
     ("custom", "\nAnything goes\n", "Anything goes"),
+    # A model can emit NUL and other control bytes: a sidecar holding NUL reads as binary.
+    ("short", "A cat\x00 on\x1b[31m a sofa.\x07", "A cat on[31m a sofa."),
+    ("detailed", "Line one.\r\n\tLine\x00 two.\x7f", "Line one.\n\tLine two."),
+    ("tags", "cat,\x00dog", "cat, dog"),
 ])
 def test_tidy_caption(style: str, raw: str, expected: str) -> None:
     assert tidy_caption(raw, style) == expected

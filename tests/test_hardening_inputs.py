@@ -10,10 +10,12 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -39,6 +41,7 @@ from llmkit.io import (
     read_text_file,
 )
 from tests import images as samples
+from tests.measure import kill_group, measured, peak_kib
 
 MiB = 1024 * 1024
 IMAGES = frozenset({".jpg", ".png"})
@@ -55,7 +58,7 @@ class Child:
     returncode: int
     stdout: str
     stderr: str
-    peak_mb: float  # the child's own peak resident memory (wait4's ru_maxrss)
+    peak_mb: float  # the child's own peak resident memory (see tests/measure.py)
     seconds: float
 
 
@@ -77,9 +80,11 @@ def run_child(argv: list[str], *, feed: Iterable[bytes] | None = None, drop_dac:
               timeout: float = 120) -> Child:
     """Run a command with stdin fed from ``feed`` (until it ends or the child stops reading),
     and measure the child's own peak memory."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
+    report = Path(tempfile.mkdtemp(prefix="llmkit-peak-")) / "peak"
+    proc = subprocess.Popen(measured(argv, report),
+                            stdin=subprocess.PIPE if feed is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_child_setup(drop_dac))
+                            preexec_fn=_child_setup(drop_dac), start_new_session=True)
     outputs: dict[str, bytes] = {}
 
     def write() -> None:
@@ -103,18 +108,18 @@ def run_child(argv: list[str], *, feed: Iterable[bytes] | None = None, drop_dac:
     for thread in threads:
         thread.daemon = True
         thread.start()
-    timer = threading.Timer(timeout, proc.kill)
+    timer = threading.Timer(timeout, kill_group, args=(proc.pid,))
     timer.start()
     started = time.monotonic()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc.wait()
     seconds = time.monotonic() - started
     timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     for thread in threads:
         thread.join(timeout=10)
+    peak = peak_kib(report)
+    shutil.rmtree(report.parent, ignore_errors=True)
     return Child(proc.returncode, outputs.get("out", b"").decode("utf-8", "replace"),
-                 outputs.get("err", b"").decode("utf-8", "replace"), usage.ru_maxrss / 1024,
-                 seconds)
+                 outputs.get("err", b"").decode("utf-8", "replace"), peak / 1024, seconds)
 
 
 def llmkit_child(args: list[str], **kwargs: Any) -> Child:
@@ -500,7 +505,9 @@ PREPARE_IN_CHILD = """
         result = {"size": [image.width, image.height], "mode": image.mode}
     except Exception as exc:
         result = {"error": str(exc)}
-    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage: ru_maxrss carries the parent's peak across fork and exec.
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+    result["peak_mb"] = int(hwm[0].split()[1]) / 1024
     print(json.dumps(result))
     """
 

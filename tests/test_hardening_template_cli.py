@@ -5,9 +5,9 @@ typed parts (SmolVLM's, as published) get typed parts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from tests.hardening_models import (
     convert_tiny_smolvlm,
     with_chat_template,
 )
+from tests.measure import measured, peak_kib
 from tests.test_hardening_special_tokens import run_recorded
 
 pytestmark = pytest.mark.slow
@@ -34,13 +35,15 @@ def tiny3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_measured(args: list[str]) -> tuple[int, str, float, int]:
     """Run the CLI; its exit status, stderr, wall seconds and peak RSS in bytes (its own)."""
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "llmkit", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode("utf-8", "replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, time.monotonic() - started, usage.ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "peak"
+        proc = subprocess.Popen(measured([sys.executable, "-m", "llmkit", *args], report),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode("utf-8", "replace")
+        proc.wait()
+        return proc.returncode, err, time.monotonic() - started, peak_kib(report) * 1024
 
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}"

@@ -60,6 +60,7 @@ def instruction_for(style: str | None, prompt: str | None) -> tuple[str, str]:
 
 _PREAMBLE = re.compile(r"^(alt[- ]text|caption|description|keywords|tags)\s*:\s*", re.I)
 _TAG_JUNK = re.compile(r"^[\s\-*•#\d.)]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -79,9 +80,11 @@ def tidy_caption(text: str, style: str) -> str:
 
     short/alt-text: one line, no "Caption:" preamble or wrapping quotes; alt-text at most
     125 characters (cut at a sentence or word boundary). tags: lowercase, comma-separated,
-    each once. detailed/custom: only outer whitespace removed.
+    each once. detailed/custom: only outer whitespace removed. Every style: control characters
+    other than tab and newline are dropped (a model can emit a NUL byte token; a caption file
+    holding one would read as binary, and terminals act on the others).
     """
-    text = text.strip()
+    text = _CONTROL.sub("", text.replace("\r\n", "\n")).strip()
     if style in ("detailed", "custom"):
         return text
     if style == "tags":
