@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import run_llmkit
 from tests.small_disk import fill, small_disk
 
 pytestmark = pytest.mark.slow
@@ -221,3 +222,13 @@ def test_ctrl_c_prints_the_finished_records_as_json(smol: str, tmp_path: Path) -
     assert proc.wait(timeout=120) == 130
     assert rest.strip().endswith(b"llmkit: error: interrupted")
     assert [r["path"] for r in json.loads(printed)] == [str(done)]
+
+
+def test_every_message_is_one_line_whatever_it_quotes(tmp_path: Path) -> None:
+    # A file name (or model text, or a GGUF string) with a newline or an escape sequence must
+    # neither forge a second "llmkit: error" line nor reach the terminal as a control sequence.
+    name = tmp_path / "x\nllmkit: error: forged \x1b[2J.gguf"
+    proc = run_llmkit(["run", "-m", str(name), "hi"])
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "\x1b" not in proc.stderr, proc.stderr
+    assert "x\\nllmkit: error: forged \\x1b[2J.gguf" in proc.stderr

@@ -106,7 +106,15 @@ def stderr_console() -> Console:
     return console
 
 
+# C0 and C1 control characters and DEL: in a message they would end the line early (a forged
+# second "llmkit: error" line) or drive the terminal. Names that are not UTF-8 (lone surrogates)
+# are left alone: the stream's error handler writes their own bytes.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def _plain(message: str) -> None:
+    # Every message is one line, whatever text from a file, a model or a user it quotes.
+    message = message.translate(_CONTROLS)
     try:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
