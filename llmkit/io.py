@@ -515,10 +515,16 @@ def _walk(top: Path, suffixes: frozenset[str], recursive: bool, found: _Inputs) 
             found.add(str(path), (info.st_dev, info.st_ino))
 
 
-def split_path_list(text: str) -> list[str]:
-    """Paths from `find -print0` (NUL-separated) or one per line; blank lines are ignored."""
-    parts = text.split("\0") if "\0" in text else text.splitlines()
-    return [p.strip("\r\n") for p in parts if p.strip()]
+def split_path_list(data: bytes) -> list[str]:
+    """Paths from `find -print0` (NUL-separated) or one per line; blank lines are ignored.
+
+    File names are bytes: each is decoded as the file system's names are (``os.fsdecode``),
+    so a name that is not UTF-8 is taken like one found in a directory, not refused.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a BOM from an editor is not part of the first name
+    parts = data.split(b"\0") if b"\0" in data else data.split(b"\n")
+    return [os.fsdecode(p.strip(b"\r\n")) for p in parts if p.strip()]
 
 
 def _takes(path: str) -> bool:
@@ -562,7 +568,7 @@ def collect_paths(
                                      hint="pipe a list of paths, e.g. `find . -name '*.jpg' |`")
                 stdin = sys.stdin.buffer
             listing = read_capped(stdin, PATH_LIST_LIMIT, "stdin")
-            for listed in split_path_list(decode_text(listing, "stdin")):
+            for listed in split_path_list(listing):
                 found.add(listed)
             continue
         path = Path(arg).expanduser()

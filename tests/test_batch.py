@@ -160,7 +160,11 @@ def test_collect_paths_from_stdin(tmp_path: Path) -> None:
     assert collect_paths(["-"], suffixes=IMAGES, stdin=listing) == ["a.jpg", "b.jpg", "c d.jpg"]
     nul = io.BytesIO(b"a.jpg\0new\nline.jpg\0")
     assert collect_paths(["-"], suffixes=IMAGES, stdin=nul) == ["a.jpg", "new\nline.jpg"]
-    assert split_path_list("x\r\ny\r\n") == ["x", "y"]
+    assert split_path_list(b"x\r\ny\r\n") == ["x", "y"]
+    # Names are bytes: one that is not UTF-8 is listed like one found in a directory (before,
+    # the whole list was refused as "not UTF-8").
+    odd = io.BytesIO(b"a.jpg\n\xff.jpg\n")
+    assert collect_paths(["-"], suffixes=IMAGES, stdin=odd) == ["a.jpg", os.fsdecode(b"\xff.jpg")]
 
 
 def test_collect_paths_empty(tmp_path: Path) -> None:
