@@ -16,7 +16,7 @@ runs it again. This measures how much that costs and what avoids it, in scenario
 Variants, each in a fresh process (OpenMP reads its settings at start-up), interleaved in a
 rotating order over --rounds rounds:
 
-- auto: llmkit's default, Engine(threads=None): the physical cores other processes leave idle,
+- auto: llmkit's default, load_engine(threads=None): the physical cores other processes leave idle,
   measured over the model load and every 0.25 s while it works (llmkit.hardware);
 - auto-at-start: the same choice made once at load and never revisited;
 - auto-passive: auto with OMP_WAIT_POLICY=passive (the combination);
@@ -70,7 +70,7 @@ Sample = dict[str, Any]
 def worker(args: argparse.Namespace) -> Sample:
     """One variant in this (fresh) process: load, warm up, then --reps timed generations."""
     from llmkit import hardware
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import SamplingParams, load_engine
     from llmkit.hardware import physical_cores
 
     variant = args.worker
@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> Sample:
 
         hardware.ThreadGovernor.update = once  # type: ignore[method-assign]
     threads = {"one": 1}.get(variant, physical_cores())
-    engine = Engine(args.model, n_ctx=1024, n_batch=512, device="cpu",
+    engine = load_engine(args.model, n_ctx=1024, n_batch=512, device="cpu",
                     threads=None if variant.startswith("auto") else threads)
     tokens = engine.tokenize(counting_text(400))[:args.prompt_tokens]
     other = next(t for t in range(1, 100) if t != tokens[0])
@@ -108,9 +108,9 @@ def worker(args: argparse.Namespace) -> Sample:
 
 def competitor(model: str) -> None:
     """A second llmkit process that generates all the time with its default threads."""
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import SamplingParams, load_engine
 
-    engine = Engine(model, n_ctx=1024, device="cpu")
+    engine = load_engine(model, n_ctx=1024, device="cpu")
     tokens = engine.tokenize(counting_text(200))[:64]
     while True:
         engine.forget()

@@ -85,10 +85,10 @@ def timed(cmd: list[str], **kwargs: Any) -> tuple[float, int, subprocess.Complet
 
 def rendered_prompt(model: Path, mmproj: Path) -> str:
     """The exact text llmkit sends for a short caption (image marker included)."""
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
     from llmkit.tasks.caption import STYLES
 
-    with Engine(model, mmproj=mmproj, threads=1) as engine:
+    with load_engine(model, mmproj=mmproj, threads=1) as engine:
         text = engine.render_chat(
             [{"role": "user", "content": f"{engine.media_marker}\n{STYLES['short']}"}])
         # llmkit's own image marker is random per engine; raw mtmd looks for its default one.

@@ -83,10 +83,10 @@ def worker_guard(model: str, threads: int, text: str, reps: int, threshold: floa
     """llmkit's Guard (what `llmkit check` calls), the same check repeated in one process with
     the KV cache emptied first, so the whole guard prompt is evaluated every time. The first
     check is a warm-up (as in llama-bench) and is not returned."""
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
     from llmkit.tasks.safety import Guard, default_categories
 
-    engine = Engine(model, threads=threads)
+    engine = load_engine(model, threads=threads)
     guard = Guard(engine, default_categories(engine.chat_template, engine.model_name),
                   threshold=threshold)
     out = []
@@ -233,10 +233,10 @@ def main() -> None:
                              for i, t in enumerate(items)))
 
     # The guard prompt of the text of median length: its tokens feed the raw baselines.
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
     from llmkit.tasks.safety import Guard, default_categories
 
-    with Engine(args.model, threads=1) as engine:
+    with load_engine(args.model, threads=1) as engine:
         guard = Guard(engine, default_categories(engine.chat_template, engine.model_name))
         lengths = sorted((len(guard.prompt_tokens([{"role": "user", "content": t}])), t)
                          for t in items)

@@ -53,10 +53,10 @@ Sample = dict[str, Any]
 def build_prompt(model: str, target: int) -> tuple[str, list[int]]:
     """A user message whose chat prompt (system + user, as `llmkit run` renders it) is exactly
     ``target`` tokens, and those tokens. Falls back to the nearest longer one."""
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
 
     best: tuple[str, list[int]] | None = None
-    with Engine(model, n_ctx=max(N_CTX, 2 * target), threads=1) as engine:
+    with load_engine(model, n_ctx=max(N_CTX, 2 * target), threads=1) as engine:
         for n in range(2, 10 * target):
             numbers = ", ".join(str(i) for i in range(1, n)) + ","
             lengths = []
@@ -118,9 +118,9 @@ def worker_raw(model: str, threads: int, tokens: list[int], gen: int, reps: int
 def worker_llmkit(model: str, threads: int, tokens: list[int], gen: int, reps: int
                   ) -> list[Sample]:
     """llmkit's Engine.generate: our generation loop, streaming text to a callback."""
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import SamplingParams, load_engine
 
-    engine = Engine(model, n_ctx=N_CTX, threads=threads, n_batch=N_BATCH)
+    engine = load_engine(model, n_ctx=N_CTX, threads=threads, n_batch=N_BATCH)
     other = next(t for t in range(1, 100) if t != tokens[0])
     out = []
     for _ in range(reps):

@@ -137,9 +137,9 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="llmkit-bench-home-")
     os.environ.update(LLMKIT_HOME=home, HF_HUB_OFFLINE="1")
 
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
 
-    with Engine(model, n_ctx=N_CTX, threads=1) as engine:
+    with load_engine(model, n_ctx=N_CTX, threads=1) as engine:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
         rendered = engine.render_chat(messages)
         n_prompt = len(engine.chat_tokens(messages))

@@ -73,12 +73,12 @@ def llama_bench_pp(model: Path, threads: int, n: int) -> float | None:
 def prefix_reuse(doc: Path, model: Path, ctx: int, threads: int, rounds: int
                  ) -> dict[str, Any]:
     """Per chunk call, with the KV cache kept and with it emptied first."""
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import SamplingParams, load_engine
     from llmkit.tasks.summarize import Summarizer, SummaryOptions
 
     text = doc.read_text()
     results: dict[str, list[dict[str, float]]] = {"reuse": [], "no_reuse": []}
-    with Engine(model, n_ctx=ctx, threads=threads) as engine:
+    with load_engine(model, n_ctx=ctx, threads=threads) as engine:
         original = engine.generate
 
         for r in range(rounds):
@@ -123,10 +123,10 @@ def main() -> None:
     parser.add_argument("--reuse-rounds", type=int, default=6)
     parser.add_argument("--workdir", type=Path, default=HERE / ".build" / "summarize")
     args = parser.parse_args()
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    with Engine(args.model, n_ctx=args.ctx, threads=1) as engine:
+    with load_engine(args.model, n_ctx=args.ctx, threads=1) as engine:
         def count(text: str) -> int:
             return len(engine.tokenize(text, add_special=False))
 

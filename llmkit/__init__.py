@@ -16,15 +16,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import Engine, SamplingParams
     from llmkit.errors import LlmkitError
     from llmkit.session import open_engine
     from llmkit.store import resolve
     from llmkit.tasks.chat import Conversation, chat_turn, run_prompt
 
 _LAZY = {
-    "Engine": "llmkit.engine",
-    "SamplingParams": "llmkit.engine",
+    "Engine": "llmkit.engines",
+    "SamplingParams": "llmkit.engines",
     "LlmkitError": "llmkit.errors",
     "open_engine": "llmkit.session",
     "resolve": "llmkit.store",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal, Protocol
 
+from llmkit.engines.base import Engine
 from llmkit.errors import ChunkingError
 
 Boundary = Literal["end", "section", "paragraph", "line", "sentence", "word", "token", "char"]
@@ -47,26 +48,18 @@ class Tokenizer(Protocol):
         ...
 
 
-class TokenizingEngine(Protocol):
-    """An engine whose tokenizer the planner can use (llmkit's Engine is one)."""
-
-    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
-                 ) -> list[int]: ...
-
-
 class EngineTokenizer:
     """A model's tokenizer as the planner sees it: token counts without BOS or specials, and
-    each token's bytes when the engine can say (``token_pieces``)."""
+    each token's bytes."""
 
-    def __init__(self, engine: TokenizingEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def count(self, text: str) -> int:
         return len(self.engine.tokenize(text, add_special=False)) if text else 0
 
     def pieces(self, text: str) -> list[bytes] | None:
-        token_pieces = getattr(self.engine, "token_pieces", None)
-        return list(token_pieces(text)) if token_pieces is not None else None
+        return list(self.engine.token_pieces(text))
 
 
 @dataclass(frozen=True)

@@ -533,7 +533,7 @@ class _Checks:
                         "layers")
 
 
-def _check_model(parsed: _Parsed) -> None:
+def _check_model(parsed: _Parsed) -> str:
     """What llama.cpp's load_hparams, vocabulary loader and graphs assert on, checked first.
 
     Sources (the llama.cpp that llama-cpp-python 0.3.36 vendors): src/llama-model.cpp
@@ -599,6 +599,7 @@ def _check_model(parsed: _Parsed) -> None:
         if eps is not None:
             c.positive(key, eps, "a norm epsilon")
     _check_vocab(c)
+    return arch
 
 
 def _check_experts(c: _Checks, a: str, n_layer: int, arch: str) -> None:
@@ -775,14 +776,17 @@ def _check_projector(parsed: _Parsed) -> None:
 # -- public entry points ----------------------------------------------------------------------
 
 
-def check_model_file(path: Path) -> None:
+def check_model_file(path: Path) -> str:
     """Check a model file before llama.cpp loads it (llama.cpp aborts where llmkit must error).
+
+    Returns:
+        The model's architecture (``general.architecture``), which picks its engine.
 
     Raises:
         InvalidModelFileError: not a regular file, not a complete GGUF, a projector, or header
             values llama.cpp would abort on.
     """
-    _check_model(_parse(path))
+    return _check_model(_parse(path))
 
 
 def check_projector_file(path: Path) -> None:

@@ -122,7 +122,8 @@ def quantize(
         InvalidModelFileError: the input is not a complete GGUF.
         QuantizeError: llama.cpp failed, not enough disk, or the result does not load.
     """
-    from llmkit.engine import Engine, llama_module, recent_log
+    from llmkit.engines import load_engine
+    from llmkit.engines.llama_cpp import llama_module, recent_log
     from llmkit.gguf_file import check_file, check_header, check_output
     from llmkit.hardware import measure_threads
 
@@ -178,7 +179,7 @@ def quantize(
         seconds = time.perf_counter() - started
         if verify:
             try:
-                with Engine(tmp, n_ctx=64, threads=1, device="cpu") as engine:
+                with load_engine(tmp, n_ctx=64, threads=1, device="cpu") as engine:
                     engine.generate(engine.tokenize("Hello"), _one_token())
             except Exception as exc:
                 raise QuantizeError(f"the quantized model does not load: {exc}") from None
@@ -191,6 +192,6 @@ def quantize(
 
 
 def _one_token() -> Any:
-    from llmkit.engine import SamplingParams
+    from llmkit.engines import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=1)

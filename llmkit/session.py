@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmkit.engine import Engine, SamplingParams
+from llmkit.engines import Engine, SamplingParams, load_engine
 from llmkit.store import Resolution, resolve, resolve_setting
 
 if TYPE_CHECKING:
@@ -25,12 +25,12 @@ class EngineOptions:
     verbose: bool = False
 
 
-def load_engine(path: str | Path, options: EngineOptions, name: str,
-                mmproj: Path | None = None) -> Engine:
+def load_with_options(path: str | Path, options: EngineOptions, name: str,
+                      mmproj: Path | None = None) -> Engine:
     """Load a GGUF (and its projector) with the user's hardware and context settings."""
-    return Engine(path, n_ctx=options.ctx, threads=options.threads, device=options.device,
-                  gpu_layers=options.gpu_layers, verbose=options.verbose, name=name,
-                  mmproj=mmproj)
+    return load_engine(path, n_ctx=options.ctx, threads=options.threads, device=options.device,
+                       gpu_layers=options.gpu_layers, verbose=options.verbose, name=name,
+                       mmproj=mmproj)
 
 
 def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Resolution]:
@@ -43,7 +43,7 @@ def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Reso
         LlmkitError: any resolution or loading failure.
     """
     resolution = resolve(model)
-    return load_engine(resolution.model.path, options, resolution.model.name), resolution
+    return load_with_options(resolution.model.path, options, resolution.model.name), resolution
 
 
 DEFAULT_TEMPERATURE = 0.8
@@ -121,7 +121,7 @@ def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Pat
         ProjectorMissingError: a vision model whose projector is not on this machine.
         InvalidModelFileError: the file given as the model is itself a projector.
     """
-    from llmkit.engine import image_tokens_in_vocab
+    from llmkit.engines.llama_cpp import image_tokens_in_vocab
     from llmkit.errors import (
         InvalidModelFileError,
         NotAVisionModelError,
@@ -179,7 +179,7 @@ def open_vision_engine(model: str | None, options: EngineOptions, *,
     resolution = (resolve(model) if model is not None
                   else resolve_setting("LLMKIT_VISION_MODEL", DEFAULT_VISION_MODEL))
     model_path, projector, note = vision_files(resolution, mmproj)
-    engine = load_engine(model_path, options, resolution.model.name, projector)
+    engine = load_with_options(model_path, options, resolution.model.name, projector)
     return engine, resolution, note or resolution.note
 
 
@@ -197,7 +197,7 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
         return open_vision_engine(model, options, mmproj=mmproj)
     resolution = resolve(model)
     projector = Path(resolution.model.mmproj) if resolution.model.mmproj else None
-    engine = load_engine(resolution.model.path, options, resolution.model.name,
+    engine = load_with_options(resolution.model.path, options, resolution.model.name,
                          projector if projector is not None and projector.is_file() else None)
     return engine, resolution, resolution.note
 
@@ -236,7 +236,7 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
         drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
     resolution = (resolve(model) if model
                   else resolve_setting("LLMKIT_GUARD_MODEL", DEFAULT_GUARD_MODEL))
-    engine = load_engine(resolution.model.path, options, resolution.model.name)
+    engine = load_with_options(resolution.model.path, options, resolution.model.name)
     try:
         policy = custom if custom is not None else default_categories(
             engine.chat_template, resolution.model.name)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmkit.engine import Generation, Message, RGBImage, SamplingParams
+from llmkit.engines import Generation, Message, RGBImage, SamplingParams
 from llmkit.errors import InputError
 from llmkit.tasks.caption import (
     ALT_TEXT_LIMIT,

@@ -97,7 +97,7 @@ class VocabTokenizer:
     """SmolLM2's real tokenizer: only the GGUF's vocabulary loaded through llama.cpp."""
 
     def __init__(self, path: Path) -> None:
-        from llmkit.engine import llama_module
+        from llmkit.engines.llama_cpp import llama_module
 
         lc = llama_module()  # routes llama.cpp's log away from the test output
         params = lc.llama_model_default_params()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmkit.engine import Engine, SamplingParams
+from llmkit.engines import SamplingParams, load_engine
 from tests.checkpoints import build_tiny_llama3, gguf_to_hf
 from tests.conftest import run_llmkit
 
@@ -51,7 +51,7 @@ def converted(smol_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_tokenizer_round_trips_exactly(smollm2_path: Path, converted: dict[str, Path]) -> None:
-    with Engine(smollm2_path) as original, Engine(converted["f32"]) as ours:
+    with load_engine(smollm2_path) as original, load_engine(converted["f32"]) as ours:
         for text in CORPUS:
             assert ours.tokenize(text, parse_special=True) == original.tokenize(
                 text, parse_special=True), text
@@ -65,7 +65,7 @@ def test_tokenizer_round_trips_exactly(smollm2_path: Path, converted: dict[str, 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_greedy_generation_matches_the_original(smollm2_path: Path, converted: dict[str, Path],
                                                 outtype: str) -> None:
-    with Engine(smollm2_path) as original, Engine(converted[outtype]) as ours:
+    with load_engine(smollm2_path) as original, load_engine(converted[outtype]) as ours:
         for prompt in PROMPTS:
             messages = [SYSTEM, {"role": "user", "content": prompt}]
             expected = original.generate(original.chat_tokens(messages), GREEDY).text
@@ -143,7 +143,7 @@ def test_logits_match_transformers(tmp_path: Path) -> None:
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 3
             + "Unseen words: zebra quartz jukebox 98765 ñandú Ελληνικά 🎉")
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
-    with Engine(out, n_ctx=512) as engine:
+    with load_engine(out, n_ctx=512) as engine:
         ids = engine.tokenize(text, add_special=False)
         assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
         assert engine.metadata("tokenizer.ggml.pre") == "llama-bpe"
@@ -225,7 +225,7 @@ def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
     proc = run_llmkit(["convert", str(ckpt), "-o", str(out), "--outtype", "f32"])
     assert proc.returncode == 0, proc.stderr
     processor = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
-    with Engine(out, n_ctx=256) as engine:
+    with load_engine(out, n_ctx=256) as engine:
         assert engine.metadata("tokenizer.ggml.model") == "llama"
         for text in ["The quick brown fox.", "Paris is the capital of France", "def add(a, b):"]:
             assert engine.tokenize(text) == [1, *processor.encode(text)], text

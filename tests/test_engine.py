@@ -9,7 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from llmkit.engine import Engine, SamplingParams, grammar_from_json_schema
+from llmkit.engines import LlamaCppEngine, SamplingParams, load_engine
+from llmkit.engines.llama_cpp import grammar_from_json_schema
 from llmkit.errors import ContextOverflowError, InputError, InvalidModelFileError, SchemaError
 from llmkit.tasks.chat import (
     Conversation,
@@ -30,25 +31,25 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40)
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_path: Path) -> Iterator[Engine]:
-    with Engine(smollm2_path, n_ctx=2048, threads=THREADS) as e:
+def engine(smollm2_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(smollm2_path, n_ctx=2048, threads=THREADS) as e:
         yield e
 
 
 @pytest.fixture(scope="module")
-def small(smollm2_path: Path) -> Iterator[Engine]:
-    with Engine(smollm2_path, n_ctx=256, threads=THREADS) as e:
+def small(smollm2_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(smollm2_path, n_ctx=256, threads=THREADS) as e:
         yield e
 
 
-def _fresh(path: Path, n_ctx: int = 2048) -> Engine:
-    return Engine(path, n_ctx=n_ctx, threads=THREADS)
+def _fresh(path: Path, n_ctx: int = 2048) -> LlamaCppEngine:
+    return load_engine(path, n_ctx=n_ctx, threads=THREADS)
 
 
 # -- loading ----------------------------------------------------------------------------------
 
 
-def test_engine_facts(engine: Engine, smollm2_path: Path) -> None:
+def test_engine_facts(engine: LlamaCppEngine, smollm2_path: Path) -> None:
     assert engine.n_ctx == 2048
     assert engine.n_ctx_train == 8192
     assert engine.model_name == smollm2_path.name
@@ -62,14 +63,14 @@ def test_engine_facts(engine: Engine, smollm2_path: Path) -> None:
 
 
 def test_default_context_is_capped_at_4096(smollm2_path: Path) -> None:
-    with Engine(smollm2_path, threads=THREADS, name="smol") as e:
+    with load_engine(smollm2_path, threads=THREADS, name="smol") as e:
         assert e.n_ctx == 4096
         assert e.model_name == "smol"
 
 
 def test_small_context_is_what_was_asked(smollm2_path: Path) -> None:
     # llama.cpp pads the context to 256 tokens; the engine must keep to the requested size.
-    with Engine(smollm2_path, n_ctx=64, threads=THREADS) as tiny:
+    with load_engine(smollm2_path, n_ctx=64, threads=THREADS) as tiny:
         assert tiny.n_ctx == 64
         prompt = tiny.tokenize("word " * 100)
         assert 64 < len(prompt) < 256
@@ -80,7 +81,7 @@ def test_small_context_is_what_was_asked(smollm2_path: Path) -> None:
 
 def test_context_smaller_than_16_is_refused(smollm2_path: Path) -> None:
     with pytest.raises(InputError, match="--ctx 8 is too small"):
-        Engine(smollm2_path, n_ctx=8, threads=THREADS)
+        load_engine(smollm2_path, n_ctx=8, threads=THREADS)
 
 
 def test_loading_a_truncated_file_names_the_damage(smollm2_path: Path, tmp_path: Path) -> None:
@@ -88,14 +89,14 @@ def test_loading_a_truncated_file_names_the_damage(smollm2_path: Path, tmp_path:
     data = smollm2_path.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(InvalidModelFileError, match="is truncated"):
-        Engine(cut, threads=THREADS)
+        load_engine(cut, threads=THREADS)
 
 
 def test_loading_a_text_file_is_refused(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_text("hello")
     with pytest.raises(InvalidModelFileError, match="is not a GGUF model file"):
-        Engine(fake, threads=THREADS)
+        load_engine(fake, threads=THREADS)
 
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -108,18 +109,18 @@ def test_loading_a_text_file_is_refused(tmp_path: Path) -> None:
     "def f(x):\n\treturn x ** 2\n",
     "a",
 ])
-def test_tokenize_detokenize_round_trip(engine: Engine, text: str) -> None:
+def test_tokenize_detokenize_round_trip(engine: LlamaCppEngine, text: str) -> None:
     tokens = engine.tokenize(text, add_special=False)
     assert tokens
     assert engine.detokenize(tokens) == text
 
 
-def test_long_text_round_trip(engine: Engine) -> None:
+def test_long_text_round_trip(engine: LlamaCppEngine) -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 200
     assert engine.detokenize(engine.tokenize(text, add_special=False)) == text
 
 
-def test_special_tokens_are_parsed_only_when_asked(engine: Engine) -> None:
+def test_special_tokens_are_parsed_only_when_asked(engine: LlamaCppEngine) -> None:
     marker = "<|im_start|>"
     assert len(engine.tokenize(marker, add_special=False, parse_special=True)) == 1
     assert len(engine.tokenize(marker, add_special=False)) > 1
@@ -128,7 +129,7 @@ def test_special_tokens_are_parsed_only_when_asked(engine: Engine) -> None:
     assert engine.detokenize(special) == ""
 
 
-def test_chat_tokens_render_the_template(engine: Engine) -> None:
+def test_chat_tokens_render_the_template(engine: LlamaCppEngine) -> None:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": FRANCE}]
     rendered = engine.render_chat(messages)
     assert rendered == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
@@ -140,7 +141,7 @@ def test_chat_tokens_render_the_template(engine: Engine) -> None:
 # -- generation -------------------------------------------------------------------------------
 
 
-def test_greedy_answer(engine: Engine) -> None:
+def test_greedy_answer(engine: LlamaCppEngine) -> None:
     reply = run_prompt(engine, FRANCE, system=SYSTEM, params=GREEDY)
     assert reply.text == "The capital of France is Paris."
     g = reply.generation
@@ -153,7 +154,7 @@ def test_greedy_answer(engine: Engine) -> None:
     assert data["model"] == engine.model_name
 
 
-def test_max_tokens_stops_with_length(engine: Engine) -> None:
+def test_max_tokens_stops_with_length(engine: LlamaCppEngine) -> None:
     tokens = engine.chat_tokens([{"role": "user", "content": "Write a long story about a cat."}])
     g = engine.generate(tokens, SamplingParams(temperature=0, max_tokens=5))
     assert g.completion_tokens == 5
@@ -161,7 +162,7 @@ def test_max_tokens_stops_with_length(engine: Engine) -> None:
 
 
 def test_full_context_stops_with_context(smollm2_path: Path) -> None:
-    with Engine(smollm2_path, n_ctx=64, threads=THREADS) as tiny:
+    with load_engine(smollm2_path, n_ctx=64, threads=THREADS) as tiny:
         tokens = tiny.chat_tokens([{"role": "user",
                                     "content": "Count from 1 to 100, separated by commas."}])
         g = tiny.generate(tokens, SamplingParams(temperature=0))
@@ -169,7 +170,7 @@ def test_full_context_stops_with_context(smollm2_path: Path) -> None:
         assert g.prompt_tokens + g.completion_tokens == tiny.n_ctx
 
 
-def test_seed_makes_sampling_repeatable(engine: Engine) -> None:
+def test_seed_makes_sampling_repeatable(engine: LlamaCppEngine) -> None:
     tokens = engine.chat_tokens([{"role": "user", "content": "Tell me a fact about cats."}])
     params = SamplingParams(temperature=0.9, seed=1234, max_tokens=20)
     first = engine.generate(tokens, params)
@@ -177,28 +178,28 @@ def test_seed_makes_sampling_repeatable(engine: Engine) -> None:
     assert first.text and first.text == second.text
 
 
-def test_same_prompt_twice_evaluates_one_token(engine: Engine) -> None:
+def test_same_prompt_twice_evaluates_one_token(engine: LlamaCppEngine) -> None:
     tokens = engine.chat_tokens([{"role": "user", "content": "Say hello."}])
     engine.generate(tokens, GREEDY)
     again = engine.generate(tokens, GREEDY)
     assert again.prompt_tokens_evaluated == 1
 
 
-def test_empty_prompts_are_refused(engine: Engine) -> None:
+def test_empty_prompts_are_refused(engine: LlamaCppEngine) -> None:
     with pytest.raises(InputError, match="the prompt is empty"):
         engine.generate([], GREEDY)
     with pytest.raises(InputError, match="the prompt is empty"):
         run_prompt(engine, " \n\t")
 
 
-def test_prompt_that_leaves_no_room_for_an_answer(small: Engine) -> None:
+def test_prompt_that_leaves_no_room_for_an_answer(small: LlamaCppEngine) -> None:
     with pytest.raises(ContextOverflowError) as info:
         run_prompt(small, "Tell me about bread. " * 60)
     assert "tokens but the context holds 240 (256 minus 16 reserved for the answer)" in str(
         info.value)
 
 
-def test_interrupted_generation_keeps_the_engine_usable(engine: Engine) -> None:
+def test_interrupted_generation_keeps_the_engine_usable(engine: LlamaCppEngine) -> None:
     before = run_prompt(engine, FRANCE, system=SYSTEM, params=GREEDY)
     seen: list[str] = []
 
@@ -219,7 +220,7 @@ def test_interrupted_generation_keeps_the_engine_usable(engine: Engine) -> None:
     assert whole.text.startswith(g.text)
 
 
-def test_grammar_constrained_output_is_valid_json(engine: Engine) -> None:
+def test_grammar_constrained_output_is_valid_json(engine: LlamaCppEngine) -> None:
     schema = {
         "type": "object",
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
@@ -240,7 +241,8 @@ def test_bad_schemas_are_refused() -> None:
 # -- chat: KV-cache reuse and context fitting -------------------------------------------------
 
 
-def test_second_turn_evaluates_only_the_new_turn(engine: Engine, smollm2_path: Path) -> None:
+def test_second_turn_evaluates_only_the_new_turn(engine: LlamaCppEngine,
+        smollm2_path: Path) -> None:
     convo = Conversation(system=SYSTEM)
     first = chat_turn(engine, convo, FRANCE, params=GREEDY)
     f = first.generation
@@ -280,7 +282,8 @@ def _long_turns(n_pairs: int) -> list[dict[str, str]]:
     return messages
 
 
-def test_fit_conversation_drops_oldest_turns_but_keeps_the_system_prompt(small: Engine) -> None:
+def test_fit_conversation_drops_oldest_turns_but_keeps_the_system_prompt(
+        small: LlamaCppEngine) -> None:
     messages = _long_turns(4)
     messages.append({"role": "user", "content": "Last question: what about rye?"})
     convo = Conversation(system="You are terse.", messages=list(messages))
@@ -301,7 +304,7 @@ def test_fit_conversation_drops_oldest_turns_but_keeps_the_system_prompt(small: 
     assert rendered.startswith("<|im_start|>system\nYou are terse.<|im_end|>")
 
 
-def test_fit_conversation_keeps_everything_that_fits(small: Engine) -> None:
+def test_fit_conversation_keeps_everything_that_fits(small: LlamaCppEngine) -> None:
     convo = Conversation(system="S", messages=[{"role": "user", "content": "hi"}])
     tokens, dropped = fit_conversation(small, convo, 16)
     assert dropped == 0 and len(convo.messages) == 1
@@ -309,14 +312,14 @@ def test_fit_conversation_keeps_everything_that_fits(small: Engine) -> None:
 
 
 def test_fit_conversation_refuses_when_the_last_message_alone_is_too_long(
-        small: Engine) -> None:
+        small: LlamaCppEngine) -> None:
     convo = Conversation(system="S", messages=[{"role": "user", "content": "bread " * 400}])
     with pytest.raises(ContextOverflowError):
         fit_conversation(small, convo, 16)
     assert convo.system == "S" and len(convo.messages) == 1
 
 
-def test_chat_turn_reports_dropped_messages(small: Engine) -> None:
+def test_chat_turn_reports_dropped_messages(small: LlamaCppEngine) -> None:
     convo = Conversation(system="You are terse.", messages=_long_turns(3))
     reply = chat_turn(small, convo, "And rye?", params=SamplingParams(temperature=0,
                                                                       max_tokens=8))
@@ -327,7 +330,7 @@ def test_chat_turn_reports_dropped_messages(small: Engine) -> None:
     assert len(convo.messages) == 6 + 2 - reply.dropped_messages
 
 
-def test_chat_turn_that_does_not_fit_leaves_the_history_alone(small: Engine) -> None:
+def test_chat_turn_that_does_not_fit_leaves_the_history_alone(small: LlamaCppEngine) -> None:
     convo = Conversation(system="S", messages=[{"role": "user", "content": "hi"},
                                                {"role": "assistant", "content": "hello"}])
     with pytest.raises(ContextOverflowError):
@@ -336,7 +339,7 @@ def test_chat_turn_that_does_not_fit_leaves_the_history_alone(small: Engine) -> 
                               {"role": "assistant", "content": "hello"}]
 
 
-def test_chat_turn_strips_the_piped_newline_and_refuses_empty(engine: Engine) -> None:
+def test_chat_turn_strips_the_piped_newline_and_refuses_empty(engine: LlamaCppEngine) -> None:
     convo = Conversation()
     with pytest.raises(InputError, match="the message is empty"):
         chat_turn(engine, convo, "  \n")

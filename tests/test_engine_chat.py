@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.engine import Engine, SamplingParams, grammar_from_json_schema
+from llmkit.engines import LlamaCppEngine, SamplingParams, load_engine
+from llmkit.engines.llama_cpp import grammar_from_json_schema
 from llmkit.errors import ContextOverflowError, InputError
 from llmkit.tasks.chat import Conversation, chat_turn, fit_conversation, run_prompt
 
@@ -16,12 +17,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40)
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_path: Path) -> Iterator[Engine]:
-    with Engine(smollm2_path, n_ctx=2048) as e:
+def engine(smollm2_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(smollm2_path, n_ctx=2048) as e:
         yield e
 
 
-def test_second_turn_evaluates_only_the_new_tokens(smollm2_path: Path, engine: Engine) -> None:
+def test_second_turn_evaluates_only_the_new_tokens(smollm2_path: Path,
+        engine: LlamaCppEngine) -> None:
     convo = Conversation(system="You are a helpful assistant.")
     first = chat_turn(engine, convo, "What is the capital of France?", params=GREEDY)
     assert first.generation.prompt_tokens_evaluated == first.generation.prompt_tokens
@@ -30,7 +32,7 @@ def test_second_turn_evaluates_only_the_new_tokens(smollm2_path: Path, engine: E
     assert g.prompt_tokens > first.generation.prompt_tokens + first.generation.completion_tokens
     # Only the new user turn (and the template's turn markers) is evaluated again.
     assert g.prompt_tokens_evaluated < 20 < g.prompt_tokens
-    with Engine(smollm2_path, n_ctx=2048) as fresh:
+    with load_engine(smollm2_path, n_ctx=2048) as fresh:
         replay = Conversation(system=convo.system, messages=convo.messages[:3])
         tokens, _ = fit_conversation(fresh, replay, 16)
         again = fresh.generate(tokens, GREEDY)
@@ -38,7 +40,7 @@ def test_second_turn_evaluates_only_the_new_tokens(smollm2_path: Path, engine: E
     assert again.text == second.text
 
 
-def test_same_prompt_twice_reuses_all_but_one_token(engine: Engine) -> None:
+def test_same_prompt_twice_reuses_all_but_one_token(engine: LlamaCppEngine) -> None:
     tokens = engine.chat_tokens([{"role": "user", "content": "Say hi."}])
     engine.generate(tokens, GREEDY)
     again = engine.generate(tokens, GREEDY)
@@ -46,7 +48,7 @@ def test_same_prompt_twice_reuses_all_but_one_token(engine: Engine) -> None:
 
 
 def test_oldest_turns_are_dropped_but_never_the_system_prompt(smollm2_path: Path) -> None:
-    with Engine(smollm2_path, n_ctx=256) as small:
+    with load_engine(smollm2_path, n_ctx=256) as small:
         convo = Conversation(system="You are terse.")
         filler = "Tell me about the history of bread in great detail. " * 3
         dropped_total = 0
@@ -63,14 +65,14 @@ def test_oldest_turns_are_dropped_but_never_the_system_prompt(smollm2_path: Path
 
 
 def test_a_message_too_long_for_the_context_is_refused(smollm2_path: Path) -> None:
-    with Engine(smollm2_path, n_ctx=64) as tiny:
+    with load_engine(smollm2_path, n_ctx=64) as tiny:
         convo = Conversation()
         with pytest.raises(ContextOverflowError):
             chat_turn(tiny, convo, "word " * 200)
         assert convo.messages == []  # the refused message is not left in the history
 
 
-def test_interrupted_generation_keeps_the_engine_usable(engine: Engine) -> None:
+def test_interrupted_generation_keeps_the_engine_usable(engine: LlamaCppEngine) -> None:
     seen: list[str] = []
 
     def stop_after_three(piece: str) -> None:
@@ -86,19 +88,19 @@ def test_interrupted_generation_keeps_the_engine_usable(engine: Engine) -> None:
     assert "Paris" in after.text
 
 
-def test_tokenize_detokenize_round_trip(engine: Engine) -> None:
+def test_tokenize_detokenize_round_trip(engine: LlamaCppEngine) -> None:
     text = "Hello, world! Ünïcödé 你好 🎉 def f(x):\n    return x  "
     assert engine.detokenize(engine.tokenize(text, add_special=False)) == text
 
 
-def test_grammar_constrains_output_to_json(engine: Engine) -> None:
+def test_grammar_constrains_output_to_json(engine: LlamaCppEngine) -> None:
     schema = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}'
     params = SamplingParams(temperature=0, max_tokens=50, grammar=grammar_from_json_schema(schema))
     reply = run_prompt(engine, "Is the sky blue? Answer in JSON.", params=params)
     assert isinstance(json.loads(reply.text)["ok"], bool)
 
 
-def test_empty_inputs_are_refused(engine: Engine) -> None:
+def test_empty_inputs_are_refused(engine: LlamaCppEngine) -> None:
     with pytest.raises(InputError):
         run_prompt(engine, "  \n")
     with pytest.raises(InputError):
@@ -119,7 +121,7 @@ def test_conversation_save_and_load(tmp_path: Path) -> None:
         Conversation.load(path)
 
 
-def test_any_failure_in_a_turn_leaves_the_history_as_it_was(engine: Engine,
+def test_any_failure_in_a_turn_leaves_the_history_as_it_was(engine: LlamaCppEngine,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     # Not only llmkit's own errors: a bug or a native failure surfacing as another exception

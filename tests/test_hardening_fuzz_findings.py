@@ -14,7 +14,7 @@ from llmkit._fs import json_dumps
 from llmkit.batch import RecordLog
 from llmkit.convert import read_config
 from llmkit.documents import html_to_text, read_document, tidy_text
-from llmkit.engine import grammar_from_json_schema
+from llmkit.engines.llama_cpp import grammar_from_json_schema
 from llmkit.errors import ConvertError, InputError, SchemaError
 from llmkit.tasks.chat import Conversation
 from llmkit.tasks.safety import (

@@ -245,7 +245,7 @@ class FailingEngine:
 def test_an_unforeseen_failure_in_a_turn_is_one_error_and_the_conversation_stays(
         capsys: pytest.CaptureFixture[str]) -> None:
     from llmkit.cli.chat import _Repl
-    from llmkit.engine import SamplingParams
+    from llmkit.engines import SamplingParams
     from llmkit.session import EngineOptions
     from llmkit.tasks.chat import Conversation
 

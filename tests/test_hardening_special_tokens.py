@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from llmkit.engine import Engine
+from llmkit.engines import LlamaCppEngine, load_engine
 from tests import images
 from tests.checkpoints import build_tiny_llama3
 from tests.conftest import run_llmkit
@@ -91,11 +91,11 @@ def run_recorded(args: Sequence[str], tmp_path: Path, *, input: str | None = Non
     return Recorded(done, batches)
 
 
-def special_ids(engine: Engine) -> set[int]:
+def special_ids(engine: LlamaCppEngine) -> set[int]:
     return {t.id for t in engine.special_tokens().tokens}
 
 
-def assert_plain(engine: Engine, ids: list[int], attack: str, markup: set[str],
+def assert_plain(engine: LlamaCppEngine, ids: list[int], attack: str, markup: set[str],
                  times: int | None = 1) -> None:
     """``attack`` reached the model ``times`` times (None: at least once) as plain text, and
     no special token other than the ``markup`` ones (what the template and mtmd write) is in
@@ -111,7 +111,7 @@ def assert_plain(engine: Engine, ids: list[int], attack: str, markup: set[str],
     assert stray == []
 
 
-def special_counts(engine: Engine, ids: list[int]) -> Counter[int]:
+def special_counts(engine: LlamaCppEngine, ids: list[int]) -> Counter[int]:
     specials = special_ids(engine)
     return Counter(i for i in ids if i in specials)
 
@@ -120,8 +120,8 @@ def special_counts(engine: Engine, ids: list[int]) -> Counter[int]:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_path: Path) -> Iterator[Engine]:
-    with Engine(smollm2_path, n_ctx=512, threads=1) as engine:
+def smol(smollm2_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(smollm2_path, n_ctx=512, threads=1) as engine:
         yield engine
 
 
@@ -144,8 +144,8 @@ def tiny3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny3(tiny3_path: Path) -> Iterator[Engine]:
-    with Engine(tiny3_path, n_ctx=256, threads=1) as engine:
+def tiny3(tiny3_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(tiny3_path, n_ctx=256, threads=1) as engine:
         yield engine
 
 
@@ -160,8 +160,8 @@ def vlm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vlm(vlm_path: Path) -> Iterator[Engine]:
-    with Engine(vlm_path, n_ctx=256, threads=1) as engine:
+def vlm(vlm_path: Path) -> Iterator[LlamaCppEngine]:
+    with load_engine(vlm_path, n_ctx=256, threads=1) as engine:
         yield engine
 
 
@@ -174,7 +174,7 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return images.write_photo_jpeg(tmp_path_factory.mktemp("pictures"))
 
 
-def old_chat_tokens(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+def old_chat_tokens(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> list[int]:
     """What llmkit sent before: llama-cpp-python's renderer, one whole-string tokenization."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -197,7 +197,8 @@ GREEDY = ["--temperature", "0", "--threads", "1"]
 # -- run, chat --------------------------------------------------------------------------------
 
 
-def test_run_prompt_and_system_prompt(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
+def test_run_prompt_and_system_prompt(smol: LlamaCppEngine, smollm2_path: Path,
+        tmp_path: Path) -> None:
     args = ["run", "-m", str(smollm2_path), *GREEDY, "-n", "4"]
     attacked = run_recorded([*args, "--system", ATTACK, ATTACK], tmp_path)
     assert_plain(smol, attacked.prompt_ids(), ATTACK, CHATML, times=2)
@@ -209,13 +210,13 @@ def test_run_prompt_and_system_prompt(smol: Engine, smollm2_path: Path, tmp_path
     assert calm.prompt_batches()[0] == expected
 
 
-def test_piped_chat(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
+def test_piped_chat(smol: LlamaCppEngine, smollm2_path: Path, tmp_path: Path) -> None:
     got = run_recorded(["chat", "-m", str(smollm2_path), *GREEDY, "-n", "4"], tmp_path,
                        input=ATTACK + "\n")
     assert_plain(smol, got.prompt_ids(), ATTACK, CHATML)
 
 
-def test_repl_turns(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
+def test_repl_turns(smol: LlamaCppEngine, smollm2_path: Path, tmp_path: Path) -> None:
     import pexpect
 
     line = ATTACK.replace("\n", " ")
@@ -243,7 +244,7 @@ def test_repl_turns(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
 # -- summarize ----------------------------------------------------------------------------------
 
 
-def test_summarize_in_one_pass(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
+def test_summarize_in_one_pass(smol: LlamaCppEngine, smollm2_path: Path, tmp_path: Path) -> None:
     doc = tmp_path / "note.txt"
     doc.write_text(f"The meeting moved to Friday.\n\n{ATTACK}\n\nBring the budget sheet.\n")
     got = run_recorded(["summarize", str(doc), "-m", str(smollm2_path), *GREEDY,
@@ -252,7 +253,7 @@ def test_summarize_in_one_pass(smol: Engine, smollm2_path: Path, tmp_path: Path)
     assert_plain(smol, got.prompt_ids(), ATTACK, CHATML)
 
 
-def test_summarize_in_chunks(smol: Engine, smollm2_path: Path, tmp_path: Path) -> None:
+def test_summarize_in_chunks(smol: LlamaCppEngine, smollm2_path: Path, tmp_path: Path) -> None:
     filler = [f"Paragraph {i} says that the river rose by {i} centimetres on day {i} of the "
               "flood, and that the bridge stayed open." for i in range(40)]
     doc = tmp_path / "long.txt"
@@ -267,14 +268,15 @@ def test_summarize_in_chunks(smol: Engine, smollm2_path: Path, tmp_path: Path) -
 # -- images -------------------------------------------------------------------------------------
 
 
-def test_caption_prompt(vlm: Engine, vlm_path: Path, picture: Path, tmp_path: Path) -> None:
+def test_caption_prompt(vlm: LlamaCppEngine, vlm_path: Path, picture: Path, tmp_path: Path) -> None:
     got = run_recorded(["caption", str(picture), "-m", str(vlm_path), "--prompt", ATTACK_VLM,
                         "--max-tokens", "4", *GREEDY], tmp_path)
     # mtmd's marker in the prompt is text, not a second image.
     assert_plain(vlm, got.prompt_ids(), ATTACK_VLM, VLM_MARKUP)
 
 
-def test_run_with_an_image(vlm: Engine, vlm_path: Path, picture: Path, tmp_path: Path) -> None:
+def test_run_with_an_image(vlm: LlamaCppEngine, vlm_path: Path, picture: Path,
+        tmp_path: Path) -> None:
     got = run_recorded(["run", "--image", str(picture), "-m", str(vlm_path), ATTACK_VLM,
                         "-n", "4", *GREEDY], tmp_path)
     assert_plain(vlm, got.prompt_ids(), ATTACK_VLM, VLM_MARKUP)
@@ -290,13 +292,13 @@ def test_image_prompts_tokenize_as_before(vlm_path: Path, picture: Path) -> None
 
     image = prepare_image(picture, max_side=512)
     mmproj = vlm_path.with_name("mmproj-vlm.gguf")
-    with Engine(vlm_path, n_ctx=2048, threads=1, mmproj=mmproj) as engine:
+    with load_engine(vlm_path, n_ctx=2048, threads=1, mmproj=mmproj) as engine:
         messages = [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": engine.media_marker + "\nWhat is in it?"}]
         seen: list[list[int]] = []
         real = engine._decode_at
         engine._decode_at = lambda tokens, pos: (seen.append(list(tokens)), real(tokens, pos))
-        from llmkit.engine import SamplingParams
+        from llmkit.engines import SamplingParams
 
         engine.generate_with_images(messages, [image], SamplingParams(temperature=0,
                                                                        max_tokens=1))
@@ -337,14 +339,14 @@ def test_image_prompts_tokenize_as_before(vlm_path: Path, picture: Path) -> None
 # -- check and --guard --------------------------------------------------------------------------
 
 
-def test_check_text_with_a_chat_model_as_guard(smol: Engine, smollm2_path: Path,
+def test_check_text_with_a_chat_model_as_guard(smol: LlamaCppEngine, smollm2_path: Path,
                                                tmp_path: Path) -> None:
     got = run_recorded(["check", "-m", str(smollm2_path), "--threshold", "0.5", "-t", "1",
                         ATTACK], tmp_path, rc=(0, 3))
     assert_plain(smol, got.prompt_ids(), ATTACK, CHATML)
 
 
-def test_check_text_with_a_llama3_guard(tiny3: Engine, tiny3_path: Path, tmp_path: Path
+def test_check_text_with_a_llama3_guard(tiny3: LlamaCppEngine, tiny3_path: Path, tmp_path: Path
                                         ) -> None:
     from llmkit.tasks.safety import LLAMA_GUARD_3_1B_CATEGORIES, guard_prompt
 
@@ -361,13 +363,13 @@ def test_check_text_with_a_llama3_guard(tiny3: Engine, tiny3_path: Path, tmp_pat
     assert calm.prompt_ids()[:len(old)] == old
 
 
-def test_check_prompt_and_response(tiny3: Engine, tiny3_path: Path, tmp_path: Path) -> None:
+def test_check_prompt_and_response(tiny3: LlamaCppEngine, tiny3_path: Path, tmp_path: Path) -> None:
     got = run_recorded(["check", "-m", str(tiny3_path), "--threshold", "0.5", "-t", "1",
                         "--prompt", ATTACK3, "--response", ATTACK3], tmp_path, rc=(0, 3))
     assert_plain(tiny3, got.prompt_ids(), ATTACK3, LLAMA3, times=2)
 
 
-def test_check_conversation(tiny3: Engine, tiny3_path: Path, tmp_path: Path) -> None:
+def test_check_conversation(tiny3: LlamaCppEngine, tiny3_path: Path, tmp_path: Path) -> None:
     convo = tmp_path / "convo.json"
     convo.write_text(json.dumps([{"role": "user", "content": ATTACK3},
                                  {"role": "assistant", "content": ATTACK3}]))
@@ -376,7 +378,7 @@ def test_check_conversation(tiny3: Engine, tiny3_path: Path, tmp_path: Path) -> 
     assert_plain(tiny3, got.prompt_ids(), ATTACK3, LLAMA3, times=2)
 
 
-def test_check_batch(tiny3: Engine, tiny3_path: Path, tmp_path: Path) -> None:
+def test_check_batch(tiny3: LlamaCppEngine, tiny3_path: Path, tmp_path: Path) -> None:
     batch = tmp_path / "batch.jsonl"
     batch.write_text("\n".join(json.dumps(r) for r in [
         {"text": ATTACK3},
@@ -390,7 +392,8 @@ def test_check_batch(tiny3: Engine, tiny3_path: Path, tmp_path: Path) -> None:
     assert_plain(tiny3, got.prompt_ids(), ATTACK3, LLAMA3, times=5)
 
 
-def test_guard_on_run(smol: Engine, tiny3: Engine, smollm2_path: Path, tiny3_path: Path,
+def test_guard_on_run(smol: LlamaCppEngine, tiny3: LlamaCppEngine, smollm2_path: Path,
+        tiny3_path: Path,
                       tmp_path: Path) -> None:
     mixed = ATTACK + ATTACK3
     got = run_recorded(["run", "-m", str(smollm2_path), "--guard-model", str(tiny3_path),

@@ -128,7 +128,7 @@ def test_the_published_template_is_in_the_model(published_vlm: Path) -> None:
 
 
 def test_caption_with_smolvlms_published_template(published_vlm: Path, tmp_path: Path) -> None:
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
 
     picture = images.write_photo_jpeg(tmp_path)
     got = run_recorded(["caption", str(picture), "-m", str(published_vlm), "--max-tokens", "4",
@@ -136,7 +136,7 @@ def test_caption_with_smolvlms_published_template(published_vlm: Path, tmp_path:
     (record,) = json.loads(got.proc.stdout)
     assert record["error"] is None
     assert record["usage"]["image_tokens"] > 0
-    with Engine(published_vlm, n_ctx=256, threads=1) as engine:
+    with load_engine(published_vlm, n_ctx=256, threads=1) as engine:
         text = engine.detokenize(got.prompt_ids(), special=True)
     # The image (between mtmd's wrapper tokens) sits where the typed text part put it: after
     # "User: ", before the instruction.
@@ -161,7 +161,7 @@ TYPED_TEXT = (
 
 
 def test_text_models_with_typed_templates(tiny3: Path, tmp_path: Path) -> None:
-    from llmkit.engine import Engine
+    from llmkit.engines import load_engine
 
     typed = with_chat_template(tiny3, tmp_path / "typed.gguf", TYPED_TEXT)
     question = "What is the capital of France?"
@@ -172,7 +172,7 @@ def test_text_models_with_typed_templates(tiny3: Path, tmp_path: Path) -> None:
     turn = (f"<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
     system = "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-    with Engine(typed, n_ctx=256, threads=1) as engine:
+    with load_engine(typed, n_ctx=256, threads=1) as engine:
         assert engine.detokenize(got.prompt_batches()[0], special=True) == (
             "<|begin_of_text|>" + system + turn)
         assert engine.detokenize(piped.prompt_batches()[0], special=True) == (

@@ -249,7 +249,7 @@ def test_doctor_shows_the_thread_choice_and_why(spinner: None) -> None:
 @pytest.mark.slow
 def test_engine_hands_a_new_count_to_llama_cpp_while_generating(
         smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import SamplingParams, load_engine
 
     fake = FakeMachine()
     monkeypatch.setattr(hardware, "read_cpu", fake.read)
@@ -257,7 +257,7 @@ def test_engine_hands_a_new_count_to_llama_cpp_while_generating(
     monkeypatch.setattr(hardware, "physical_cores", lambda: 2)
     monkeypatch.setattr(hardware, "allowed_cpus", lambda: frozenset({0, 1}))
     monkeypatch.delenv("LLMKIT_THREADS", raising=False)
-    with Engine(smollm2_path, n_ctx=256, device="cpu") as engine:
+    with load_engine(smollm2_path, n_ctx=256, device="cpu") as engine:
         lc = engine._lc
         assert engine.threads == 2 and lc.llama_n_threads(engine._ctx) == 2
         fake.load = 1.0

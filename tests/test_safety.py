@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmkit.chat_template import Piece
-from llmkit.engine import Generation, Message, SamplingParams
+from llmkit.engines import Generation, Message, SamplingParams
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
 from llmkit.tasks.chat import Conversation
 from llmkit.tasks.safety import (

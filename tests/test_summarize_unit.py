@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from llmkit.engine import Generation, Message, SamplingParams
+from llmkit.engines import Generation, Message, SamplingParams
 from llmkit.errors import ContextTooSmallError, InputError
 from llmkit.tasks.summarize import (
     Summarizer,

@@ -35,7 +35,7 @@ from llmkit.cli._options import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from llmkit.engine import Engine, SamplingParams
+    from llmkit.engines import Engine, SamplingParams
     from llmkit.session import EngineOptions
     from llmkit.store import Resolution
     from llmkit.tasks.chat import Conversation

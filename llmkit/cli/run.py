@@ -68,7 +68,7 @@ def run(
     With --guard the prompt is checked first and the answer before it is shown (exit 3 when
     flagged).
     """
-    from llmkit.engine import grammar_from_json_schema
+    from llmkit.engines.llama_cpp import grammar_from_json_schema
     from llmkit.errors import Interrupted
     from llmkit.images import prepare_image
     from llmkit.io import MiB, ReadLimit, prompt_limit, read_stdin, read_text_file

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from llmkit.engine import Generation, Message, RGBImage, SamplingParams
+from llmkit.engines.base import Engine, Generation, Message, RGBImage, SamplingParams
 from llmkit.errors import InputError, LlmkitError
 
 # What each --style asks the model. Kept short: small vision models follow short, concrete
@@ -27,19 +27,6 @@ DEFAULT_STYLE = "short"
 # Enough room for what each style asks; a caption that hits the limit is reported as "length".
 DEFAULT_MAX_TOKENS = {"short": 96, "detailed": 512, "alt-text": 64, "tags": 96, "custom": 512}
 ALT_TEXT_LIMIT = 125
-
-
-class VisionEngine(Protocol):
-    """What captioning needs from an engine."""
-
-    model_name: str
-
-    @property
-    def media_marker(self) -> str: ...
-
-    def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
-                             params: SamplingParams,
-                             on_text: Callable[[str], None] | None = ...) -> Generation: ...
 
 
 def instruction_for(style: str | None, prompt: str | None) -> tuple[str, str]:
@@ -103,7 +90,7 @@ def tidy_caption(text: str, style: str) -> str:
 
 
 def caption_image(
-    engine: VisionEngine,
+    engine: Engine,
     image: RGBImage,
     instruction: str,
     params: SamplingParams,
@@ -130,7 +117,7 @@ class CaptionJob:
     system: str | None = None
 
 
-def caption_file(engine: VisionEngine, path: str, job: CaptionJob,
+def caption_file(engine: Engine, path: str, job: CaptionJob,
                  on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Caption one file and return its record; a bad file gives a record with ``error`` set.
 

@@ -1,4 +1,4 @@
-"""One-shot prompts and multi-turn chat on top of any TextEngine."""
+"""One-shot prompts and multi-turn chat on top of any Engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit._fs import atomic_write_bytes
-from llmkit.engine import Generation, Message, RGBImage, SamplingParams, TextEngine
+from llmkit.engines.base import Engine, Generation, Message, RGBImage, SamplingParams
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError, NotAVisionModelError
 
 # Room kept free for the reply when fitting a conversation into the context.
@@ -64,7 +64,7 @@ def build_user_message(instruction: str | None, context: str | None) -> str:
 
 
 def run_prompt(
-    engine: TextEngine,
+    engine: Engine,
     prompt: str,
     *,
     system: str | None = None,
@@ -230,7 +230,7 @@ class Conversation:
 
 
 def fit_conversation(
-    engine: TextEngine, convo: Conversation, reserve: int
+    engine: Engine, convo: Conversation, reserve: int
 ) -> tuple[list[int], int]:
     """Tokenize a conversation, dropping its oldest turns until it fits with ``reserve`` spare.
 
@@ -264,7 +264,7 @@ def _drop_oldest_turn(convo: Conversation) -> int:
 
 
 def chat_turn(
-    engine: TextEngine,
+    engine: Engine,
     convo: Conversation,
     user_text: str,
     *,
@@ -317,11 +317,11 @@ def chat_turn(
     return Reply(engine.model_name, generation.text, generation, dropped_messages=dropped)
 
 
-def _answer_with_images(engine: TextEngine, convo: Conversation, params: SamplingParams,
+def _answer_with_images(engine: Engine, convo: Conversation, params: SamplingParams,
                         reserve: int, on_text: Callable[[str], None] | None
                         ) -> tuple[Generation, int]:
     """Answer a conversation that shows images, dropping its oldest turns until it fits."""
-    if not getattr(engine, "vision", False):
+    if not engine.vision:
         from llmkit.session import default_vision_model_name
 
         raise NotAVisionModelError(engine.model_name, default_vision_model_name())
@@ -340,7 +340,7 @@ def _answer_with_images(engine: TextEngine, convo: Conversation, params: Samplin
 
 
 def run_prompt_with_images(
-    engine: TextEngine,
+    engine: Engine,
     prompt: str,
     images: Sequence[RGBImage],
     *,
@@ -357,7 +357,7 @@ def run_prompt_with_images(
     """
     if not prompt.strip():
         raise InputError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
-    if not getattr(engine, "vision", False):
+    if not engine.vision:
         from llmkit.session import default_vision_model_name
 
         raise NotAVisionModelError(engine.model_name, default_vision_model_name())

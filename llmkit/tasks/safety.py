@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from llmkit.chat_template import Piece
-from llmkit.engine import Message, SamplingParams
+from llmkit.engines.base import Engine, Message, SamplingParams
 from llmkit.errors import InputError, LlmkitError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -312,31 +312,10 @@ def name_categories(codes: Sequence[str], categories: Sequence[Category]) -> lis
 
 # -- running the model --------------------------------------------------------------------
 
-class GuardEngine(Protocol):
-    """What a guard needs from an engine."""
-
-    model_name: str
-    n_ctx: int
-
-    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
-                 ) -> list[int]: ...
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
-
-    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]: ...
-
-    def next_token_logits(self, prompt: Sequence[int]) -> Any: ...
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = ...) -> str: ...
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Any = ...) -> Any: ...
-
-
 class Guard:
     """A guard model with its policy: checks messages and conversations, one at a time."""
 
-    def __init__(self, engine: GuardEngine, categories: Sequence[Category], *,
+    def __init__(self, engine: Engine, categories: Sequence[Category], *,
                  threshold: float | None = None) -> None:
         """Args:
             engine: the loaded guard model (Llama Guard, or any model standing in for one).
@@ -356,9 +335,7 @@ class Guard:
 
     def close(self) -> None:
         """Free the guard model."""
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()
 
     def __enter__(self) -> Guard:
         return self
@@ -397,8 +374,7 @@ class Guard:
         # The answer's first word decides: step over the blank line the model writes after
         # its header, then compare the two words' probabilities there.
         probe = list(tokens)
-        cached = getattr(self.engine, "cached_prefix_length", None)
-        kept = min(cached(tokens), len(tokens) - 1) if cached is not None else 0
+        kept = min(self.engine.cached_prefix_length(tokens), len(tokens) - 1)
         logits = self.engine.next_token_logits(probe)
         for _ in range(3):
             best = int(np.argmax(logits))

@@ -6,10 +6,10 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from llmkit.chunking import EngineTokenizer
-from llmkit.engine import Generation, Message, SamplingParams
+from llmkit.engines.base import Engine, Generation, Message, SamplingParams
 from llmkit.errors import InputError, LlmkitError
 
 LENGTHS = {"short": 50, "medium": 120, "long": 300}  # target words of the final summary
@@ -28,23 +28,6 @@ MARGIN = 8
 MIN_CHUNK_TOKENS = 48
 MIN_PARTIAL_TOKENS = 32
 MAX_PARTIAL_TOKENS = 256
-
-
-class SummaryEngine(Protocol):
-    """What summarizing needs from an engine (a real Engine, or a scripted fake in tests)."""
-
-    model_name: str
-    n_ctx: int
-
-    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
-                 ) -> list[int]: ...
-
-    def token_pieces(self, text: str) -> list[bytes]: ...
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = ...) -> Generation: ...
 
 
 @dataclass(frozen=True)
@@ -145,7 +128,7 @@ ProgressFn = Callable[[str, int, int], None]
 class Summarizer:
     """Summarizes texts with one engine; plans chunks with the engine's own tokenizer."""
 
-    def __init__(self, engine: SummaryEngine, options: SummaryOptions,
+    def __init__(self, engine: Engine, options: SummaryOptions,
                  on_progress: ProgressFn | None = None,
                  on_plan: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         check_options(options)
@@ -177,9 +160,7 @@ class Summarizer:
 
     def _call(self, instruction: str, body: str, max_tokens: int) -> Generation:
         if not self.options.reuse_prefix:
-            forget = getattr(self.engine, "forget", None)
-            if forget is not None:
-                forget()
+            self.engine.forget()
         tokens = self.engine.chat_tokens(self._messages(instruction, body))
         if len(tokens) + max_tokens > self.engine.n_ctx:
             # The plan keeps every prompt within budget; this guards the arithmetic.

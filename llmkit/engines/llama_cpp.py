@@ -1,4 +1,4 @@
-"""The only module that drives llama.cpp at inference time: load a GGUF, tokenize, generate."""
+"""The llama.cpp engine: the only module that drives llama.cpp at inference time."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 from llmkit.chat_template import (
     ChatTemplate,
@@ -24,6 +24,13 @@ from llmkit.chat_template import (
     SpecialTokens,
     defuse_value,
     new_media_marker,
+)
+from llmkit.engines.base import (
+    DEFAULT_CTX,
+    Generation,
+    Message,
+    RGBImage,
+    SamplingParams,
 )
 from llmkit.errors import (
     ContextOverflowError,
@@ -35,15 +42,12 @@ from llmkit.errors import (
 from llmkit.gguf_file import check_model_file, check_projector_file
 from llmkit.hardware import ThreadGovernor, resolve_device
 
-DEFAULT_CTX = 4096
 DEFAULT_BATCH = 512
 # Used when a GGUF carries no chat template: ChatML is what most small instruct models speak.
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-Message = Mapping[str, str]
 
 # llama_token_attr bits (llama.h): what llama.cpp matches as a whole in prompt text.
 _ATTR_UNKNOWN, _ATTR_CONTROL, _ATTR_USER_DEFINED = 1 << 0, 1 << 3, 1 << 4
@@ -118,67 +122,6 @@ def backends() -> list[str]:
     return sorted(names) or ["cpu"]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. ``temperature`` 0 means greedy."""
-
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None
-    grammar: str | None = None
-
-
-@dataclass
-class Generation:
-    """The result of one generation, with counts and timings."""
-
-    text: str
-    prompt_tokens: int
-    prompt_tokens_evaluated: int
-    completion_tokens: int
-    finish_reason: str  # "stop", "length", "context" or "interrupted"
-    prompt_ms: float
-    generation_ms: float
-    first_token_ms: float
-    tokens: list[int] = field(default_factory=list, repr=False)
-    image_tokens: int = 0
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        """Prompt tokens evaluated per second (0 when nothing was evaluated)."""
-        if self.prompt_ms <= 0:
-            return 0.0
-        return self.prompt_tokens_evaluated / (self.prompt_ms / 1000)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens per second."""
-        if self.generation_ms <= 0:
-            return 0.0
-        return self.completion_tokens / (self.generation_ms / 1000)
-
-
-class TextEngine(Protocol):
-    """What tasks need from an engine; llama.cpp types never cross it."""
-
-    model_name: str
-    n_ctx: int
-
-    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...
-                 ) -> list[int]: ...
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]: ...
-
-    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]: ...
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = ...) -> Generation: ...
-
-
 # Special tokens that only the vocabularies of image-reading models carry: a GGUF that has one
 # of them but no projector is a vision model missing its mmproj, not a text model.
 IMAGE_TOKENS = ("<start_of_image>", "<|vision_start|>", "<fake_token_around_image>",
@@ -236,7 +179,7 @@ def grammar_from_json_schema(schema_text: str) -> str:
         raise SchemaError(f"cannot build a grammar from the JSON schema: {exc}") from None
 
 
-class Engine:
+class LlamaCppEngine:
     """A GGUF model loaded in llama.cpp with one context whose KV cache is reused across calls."""
 
     def __init__(
@@ -251,6 +194,7 @@ class Engine:
         verbose: bool = False,
         name: str | None = None,
         mmproj: str | Path | None = None,
+        checked: bool = False,
     ) -> None:
         """Load a model and create its context.
 
@@ -265,6 +209,8 @@ class Engine:
             verbose: pass llama.cpp's log through to stderr.
             name: the model's name for reports (default: the file name).
             mmproj: the vision projector GGUF that lets the model see images.
+            checked: the model file has just passed :func:`check_model_file` (engine
+                selection reads it), so it is not parsed a second time.
 
         Raises:
             InvalidModelFileError: not a GGUF, truncated, corrupt, or an unsupported architecture;
@@ -273,7 +219,8 @@ class Engine:
             LlmkitError: the context could not be created (usually not enough memory).
         """
         path = Path(model_path)
-        check_model_file(path)
+        if not checked:
+            check_model_file(path)
         projector = Path(mmproj) if mmproj is not None else None
         if projector is not None:
             check_projector_file(projector)
@@ -377,7 +324,7 @@ class Engine:
                 lc.llama_model_free(self._model)
                 self._model = None
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> LlamaCppEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1030,19 +977,6 @@ class _Sampled:
             first_token_ms=(t_first - t0) * 1000,
             tokens=self.tokens,
         )
-
-
-class RGBImage(Protocol):
-    """Pixels ready for a vision projector: ``width`` × ``height`` × 3 bytes, row by row."""
-
-    @property
-    def rgb(self) -> bytes: ...
-
-    @property
-    def width(self) -> int: ...
-
-    @property
-    def height(self) -> int: ...
 
 
 @dataclass
