@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llmkit.engines import Generation, Message, RGBImage, SamplingParams
+from llmkit.engines import SamplingParams
 from llmkit.errors import InputError
 from llmkit.tasks.caption import (
     ALT_TEXT_LIMIT,
@@ -18,6 +18,7 @@ from llmkit.tasks.caption import (
     instruction_for,
     tidy_caption,
 )
+from tests.fake_engine import Call, FakeEngine
 
 
 @pytest.mark.parametrize(("style", "raw", "expected"), [
@@ -61,24 +62,13 @@ def test_instruction_for() -> None:
         instruction_for(None, "  ")
 
 
-class ScriptedVision:
-    """Answers every image with a fixed text and records what it was asked."""
+def scripted_vision(answer: str | Callable[[Call], str]) -> FakeEngine:
+    """A vision model that answers every image with ``answer`` (images marked as mtmd does)."""
+    return FakeEngine(answer, vision=True, media_marker="<__media__>", model_name="scripted")
 
-    model_name = "scripted"
-    media_marker = "<__media__>"
 
-    def __init__(self, answer: str, finish: str = "stop") -> None:
-        self.answer = answer
-        self.finish = finish
-        self.calls: list[tuple[list[Message], list[RGBImage]]] = []
-
-    def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
-                             params: SamplingParams,
-                             on_text: Callable[[str], None] | None = None) -> Generation:
-        self.calls.append((list(messages), list(images)))
-        return Generation(text=self.answer, prompt_tokens=30, prompt_tokens_evaluated=30,
-                          completion_tokens=5, finish_reason=self.finish, prompt_ms=10.0,
-                          generation_ms=5.0, first_token_ms=11.0, image_tokens=16)
+def interrupted(call: Call) -> str:
+    raise KeyboardInterrupt  # Ctrl-C while the caption is generated
 
 
 def _png(path: Path, size: tuple[int, int] = (40, 30)) -> Path:
@@ -92,7 +82,7 @@ JOB = CaptionJob(instruction=STYLES["tags"], style="tags", params=SamplingParams
 
 
 def test_caption_file_record(tmp_path: Path) -> None:
-    engine = ScriptedVision("Red, Square, red")
+    engine = scripted_vision("Red, Square, red")
     record: dict[str, Any] = caption_file(engine, str(_png(tmp_path / "a.png")), JOB)
     assert record["caption"] == "red, square"
     assert record["error"] is None
@@ -100,16 +90,20 @@ def test_caption_file_record(tmp_path: Path) -> None:
     assert record["model"] == "scripted"
     assert record["image"] == {"width": 32, "height": 24, "original_width": 40,
                                "original_height": 30, "format": "PNG"}
-    assert record["usage"] == {"prompt_tokens": 30, "image_tokens": 16, "completion_tokens": 5}
+    # The prompt is its text tokens and the image's 16 cells; one token per character.
+    text_tokens = len(engine.chat_tokens([{"role": "user", "content": "\n" + STYLES["tags"]}]))
+    assert record["usage"] == {"prompt_tokens": text_tokens + 16, "image_tokens": 16,
+                               "completion_tokens": len("Red, Square, red")}
     assert set(record["timings"]) == {"prepare_ms", "prompt_ms", "generation_ms", "total_ms"}
-    (messages, images), = engine.calls
+    call, = engine.calls
+    messages, images = call.messages, call.images
     assert messages == [{"role": "user", "content": "<__media__>\n" + STYLES["tags"]}]
     assert (images[0].width, images[0].height) == (32, 24)
     assert len(images[0].rgb) == 32 * 24 * 3
 
 
 def test_caption_file_bad_image_is_a_record_not_an_exception(tmp_path: Path) -> None:
-    engine = ScriptedVision("unused")
+    engine = scripted_vision("unused")
     bad = tmp_path / "notes.jpg"
     bad.write_text("just text\n")
     record = caption_file(engine, str(bad), JOB)
@@ -123,11 +117,11 @@ def test_caption_file_bad_image_is_a_record_not_an_exception(tmp_path: Path) -> 
 
 
 def test_caption_file_empty_answer_is_an_error(tmp_path: Path) -> None:
-    record = caption_file(ScriptedVision("  \n"), str(_png(tmp_path / "a.png")), JOB)
+    record = caption_file(scripted_vision("  \n"), str(_png(tmp_path / "a.png")), JOB)
     assert record["error"] == f"{tmp_path / 'a.png'}: the model gave an empty caption"
 
 
 def test_caption_file_interrupted_stops_the_batch(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
-        caption_file(ScriptedVision("a cat", finish="interrupted"),
+        caption_file(scripted_vision(interrupted),
                      str(_png(tmp_path / "a.png")), JOB)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pexpect  # in the dev extra
 import pytest
 
+from llmkit.chat_template import Piece
+from tests.fake_engine import FakeEngine
 from tests.test_repl import (  # the REPL tests' pty helpers and fixture
     EXPECT_TIMEOUT,
     PROMPT,
@@ -223,23 +225,9 @@ def test_chat_with_a_model_whose_template_fails_stops_before_the_first_message(
     assert PROMPT not in output and "Traceback" not in output and "unexpected" not in output
 
 
-class FailingEngine:
-    """A model stand-in whose prompt rendering fails in a way nobody planned for."""
-
-    model_name = "failing"
-    n_ctx = 512
-
-    def __init__(self) -> None:
-        self.forgotten = 0
-
-    def chat_tokens(self, messages: object) -> list[int]:
-        raise RuntimeError("the native library had a bad day")
-
-    def forget(self) -> None:
-        self.forgotten += 1
-
-    def close(self) -> None:
-        pass
+def failing_template(messages: object) -> list[Piece]:
+    """A prompt rendering that fails in a way nobody planned for."""
+    raise RuntimeError("the native library had a bad day")
 
 
 def test_an_unforeseen_failure_in_a_turn_is_one_error_and_the_conversation_stays(
@@ -252,8 +240,8 @@ def test_an_unforeseen_failure_in_a_turn_is_one_error_and_the_conversation_stays
     convo = Conversation(system="be brief", messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     before = [dict(m) for m in convo.messages]
-    engine = FailingEngine()
-    repl = _Repl(engine, convo, SamplingParams(), EngineOptions(),  # type: ignore[arg-type]
+    engine = FakeEngine(template=failing_template, n_ctx=512, model_name="failing")
+    repl = _Repl(engine, convo, SamplingParams(), EngineOptions(),
                  lambda _res: SamplingParams())
     repl._answer("and now?")
     assert convo.messages == before  # not left holding an unanswered message

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from llmkit.chat_template import Piece
-from llmkit.engines import Generation, Message, SamplingParams
+from llmkit.engines import Message
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
 from llmkit.tasks.chat import Conversation
 from llmkit.tasks.safety import (
@@ -41,6 +38,7 @@ from llmkit.tasks.safety import (
     parse_verdict,
     verdict_for_parts,
 )
+from tests.fake_engine import FakeEngine, ScriptedGuardEngine
 
 GOLDEN = Path(__file__).parent / "golden"
 QUESTION = "  How do I bake sourdough bread at home?\n"  # stripped in the prompt
@@ -274,136 +272,9 @@ def test_default_categories(template: str, name: str, count: int) -> None:
 # -- a Guard on a scripted engine ----------------------------------------------------------------
 
 
-SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|im_start|>", "<|im_end|>", "<|endoftext|>")
-VOCAB = 256 + len(SPECIALS)
-
-
-def tid(piece: str) -> int:
-    return SPECIALS.index(piece) + 256 if piece in SPECIALS else ord(piece)
-
-
-class ScriptedGuardEngine:
-    """One token per character (Latin-1), plus special tokens; scripted logits and answers.
-
-    At the answer position (right after the assistant header) the model first "writes" the
-    characters of ``lead`` (logit 10 each, e.g. a blank line), then gives the logits of
-    ``score_logits(conversation)``; ``answer(conversation)`` is what generate returns.
-    ``conversation`` is the text between <BEGIN CONVERSATION> and <END CONVERSATION>.
-    """
-
-    model_name = "scripted-guard"
-
-    def __init__(self, *, llama3: bool = True, n_ctx: int = 8192, lead: str = "\n\n",
-                 answer: str | Callable[[str], str] = "unsafe\nS1",
-                 score_logits: dict[str, float] | Callable[[str], dict[str, float]] | None = None
-                 ) -> None:
-        self.llama3 = llama3
-        self.n_ctx = n_ctx
-        self.lead = lead
-        self.answer = answer
-        self.score_logits = score_logits if score_logits is not None else {
-            "s": 0.0, "u": math.log(3.0), "I": 2.0}
-        self.cached: list[int] = []
-        self.logit_calls: list[list[int]] = []
-        self.generated: list[str] = []  # the conversation part of each prompt answered
-        self.chat_messages: list[list[Message]] = []
-        self.closed = False
-
-    # -- tokenizer
-    def _specials(self) -> tuple[str, ...]:
-        return SPECIALS if self.llama3 else SPECIALS[4:]
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
-        if parse_special:
-            pattern = "(" + "|".join(re.escape(s) for s in self._specials()) + ")"
-            parts = re.split(pattern, text)
-        else:
-            parts = [text]
-        out: list[int] = []
-        for part in parts:
-            if parse_special and part in self._specials():
-                out.append(tid(part))
-            else:
-                out.extend(min(ord(c), 255) for c in part)
-        return out
-
-    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:
-        return [t for p in pieces
-                for t in self.tokenize(p.text, add_special=False, parse_special=p.trusted)]
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return "".join(SPECIALS[t - 256] if t >= 256 and special else "" if t >= 256
-                       else chr(t) for t in tokens)
-
-    def token_pieces(self, text: str) -> list[bytes]:
-        return [chr(t).encode("latin-1") for t in self.tokenize(text, add_special=False)]
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        self.chat_messages.append(list(messages))
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return self.tokenize(text + "<|im_start|>assistant\n", parse_special=True)
-
-    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
-        n = 0
-        for a, b in zip(self.cached, tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
-
-    # -- the model
-    def _conversation(self, tokens: Sequence[int]) -> str:
-        text = self.detokenize(tokens, special=True)
-        match = re.search(r"<BEGIN CONVERSATION>\n\n(.*)\n\n<END CONVERSATION>", text, re.S)
-        assert match, text
-        return match.group(1)
-
-    def _answer_start(self, tokens: Sequence[int]) -> int:
-        header = ([tid("<|end_header_id|>")] if self.llama3 else
-                  [tid("<|im_start|>"), *(ord(c) for c in "assistant\n")])
-        for i in range(len(tokens) - len(header), -1, -1):
-            if list(tokens[i:i + len(header)]) == header:
-                return i + len(header)
-        raise AssertionError("no assistant header")
-
-    def next_token_logits(self, prompt: Sequence[int]) -> Any:
-        assert len(prompt) < self.n_ctx
-        self.logit_calls.append(list(prompt))
-        self.cached = list(prompt)
-        written = len(prompt) - self._answer_start(prompt)
-        logits = np.zeros(VOCAB, dtype=np.float32)
-        if written < len(self.lead):
-            logits[ord(self.lead[written])] = 10.0
-            return logits
-        script = self.score_logits
-        values = script(self._conversation(prompt)) if callable(script) else script
-        for piece, value in values.items():
-            logits[tid(piece)] = value
-        return logits
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        assert params.temperature == 0.0
-        assert len(prompt) < self.n_ctx
-        conversation = self._conversation(prompt)
-        self.generated.append(conversation)
-        text = self.answer(conversation) if callable(self.answer) else self.answer
-        evaluated = len(prompt) - min(self.cached_prefix_length(prompt), len(prompt) - 1)
-        self.cached = list(prompt) + self.tokenize(text, add_special=False)
-        return Generation(text=text, prompt_tokens=len(prompt),
-                          prompt_tokens_evaluated=evaluated, completion_tokens=len(text),
-                          finish_reason="stop", prompt_ms=1.0, generation_ms=1.0,
-                          first_token_ms=1.0)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def softmax_p(values: dict[str, float], piece: str) -> float:
+def softmax_p(values: dict[str, float], piece: str, vocab_size: int) -> float:
     """P(piece) under a softmax over the whole vocabulary (zeros elsewhere)."""
-    total = (VOCAB - len(values)) + sum(math.exp(v) for v in values.values())
+    total = (vocab_size - len(values)) + sum(math.exp(v) for v in values.values())
     return math.exp(values.get(piece, 0.0)) / total
 
 
@@ -430,7 +301,8 @@ def test_score_is_p_unsafe_over_p_safe_plus_p_unsafe_after_the_blank_line() -> N
     engine = ScriptedGuardEngine(answer="safe", score_logits=scores)
     guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
     verdict = guard.check_text("hello")
-    p_safe, p_unsafe = softmax_p(scores, "s"), softmax_p(scores, "u")
+    p_safe = softmax_p(scores, "s", engine.vocab_size)
+    p_unsafe = softmax_p(scores, "u", engine.vocab_size)
     assert verdict.p_safe == pytest.approx(p_safe, rel=1e-5)
     assert verdict.p_unsafe == pytest.approx(p_unsafe, rel=1e-5)
     assert verdict.score == pytest.approx(p_unsafe / (p_safe + p_unsafe), rel=1e-6)
@@ -490,19 +362,19 @@ def test_threshold_decides_over_the_answer() -> None:
 
 
 def test_threshold_decides_when_the_answer_is_no_verdict() -> None:
-    engine = ScriptedGuardEngine(answer="I cannot help with that")
+    engine = ScriptedGuardEngine(answer="I cannot do that")
     verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=0.0).check_text("hello")
     assert verdict.flagged and verdict.categories == [] and verdict.label == "unsafe"
-    assert verdict.raw == "I cannot help with that"
+    assert verdict.raw == "I cannot do that"
     one = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=1.0).check_text("hello")
     assert not one.flagged
 
 
 def test_no_verdict_and_no_threshold_fails_closed() -> None:
-    engine = ScriptedGuardEngine(answer="I cannot help with that")
+    engine = ScriptedGuardEngine(answer="I cannot do that")
     with pytest.raises(VerdictError) as info:
         Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("hello")
-    assert info.value.raw == "I cannot help with that"
+    assert info.value.raw == "I cannot do that"
 
 
 def test_threshold_out_of_range() -> None:
@@ -671,34 +543,6 @@ def test_verdict_for_parts_merges() -> None:
 # -- guarded chat turns --------------------------------------------------------------------------
 
 
-class ChatEngine:
-    """A chat model that always answers ``reply``."""
-
-    model_name = "chat"
-    n_ctx = 4096
-
-    def __init__(self, reply: str) -> None:
-        self.reply = reply
-        self.calls = 0
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
-        return [ord(c) % 256 for c in text]
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        return self.tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages))
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        self.calls += 1
-        if on_text is not None:
-            on_text(self.reply)
-        return Generation(text=self.reply, prompt_tokens=len(prompt),
-                          prompt_tokens_evaluated=len(prompt), completion_tokens=3,
-                          finish_reason="stop", prompt_ms=1.0, generation_ms=1.0,
-                          first_token_ms=1.0)
-
-
 def history() -> Conversation:
     return Conversation(system="sys", messages=[{"role": "user", "content": "earlier"},
                                                 {"role": "assistant", "content": "reply"}])
@@ -707,7 +551,7 @@ def history() -> Conversation:
 def test_guarded_turn_passes_safe_turns_through() -> None:
     guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
     convo, shown = history(), []
-    reply = guarded_chat_turn(ChatEngine("Bread needs flour."), convo, "How is bread made?",
+    reply = guarded_chat_turn(FakeEngine("Bread needs flour."), convo, "How is bread made?",
                               guard, on_text=shown.append)
     assert reply.text == "Bread needs flour." and shown == ["Bread needs flour."]
     assert convo.messages[2:] == [{"role": "user", "content": "How is bread made?"},
@@ -719,24 +563,24 @@ def test_guarded_turn_passes_safe_turns_through() -> None:
 
 def test_guarded_turn_refuses_a_flagged_message_before_generating() -> None:
     guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    chat, convo, shown = ChatEngine("ok"), history(), []
+    chat, convo, shown = FakeEngine("ok"), history(), []
     with pytest.raises(FlaggedError) as info:
         guarded_chat_turn(chat, convo, "Which poison?", guard, on_text=shown.append)
     assert info.value.stage == "input" and info.value.exit_code == 3
     assert str(info.value) == ("the input was flagged by scripted-guard (S1 Violent Crimes); "
                                "nothing was generated")
-    assert chat.calls == 0 and shown == [] and convo.messages == history().messages
+    assert chat.calls == [] and shown == [] and convo.messages == history().messages
 
 
 def test_guarded_turn_withholds_a_flagged_reply_and_forgets_the_turn() -> None:
     guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    chat, convo, shown = ChatEngine("Use poison."), history(), []
+    chat, convo, shown = FakeEngine("Use poison."), history(), []
     with pytest.raises(FlaggedError) as info:
         guarded_chat_turn(chat, convo, "How do I get rid of rats?", guard, on_text=shown.append)
     assert info.value.stage == "output"
     assert str(info.value) == ("the answer was flagged by scripted-guard (S1 Violent Crimes); "
                                "it was withheld")
-    assert chat.calls == 1 and shown == [] and convo.messages == history().messages
+    assert len(chat.calls) == 1 and shown == [] and convo.messages == history().messages
 
 
 def test_guarded_turn_restores_the_conversation_when_the_guard_fails() -> None:
@@ -745,15 +589,17 @@ def test_guarded_turn_restores_the_conversation_when_the_guard_fails() -> None:
                   LLAMA_GUARD_3_1B_CATEGORIES)
     convo, shown = history(), []
     with pytest.raises(VerdictError):
-        guarded_chat_turn(ChatEngine("fine"), convo, "hello", guard, on_text=shown.append)
+        guarded_chat_turn(FakeEngine("fine"), convo, "hello", guard, on_text=shown.append)
     assert convo.messages == history().messages and shown == []
 
 
 def test_unguarded_turn_is_a_plain_chat_turn() -> None:
     convo, shown = history(), []
-    reply = guarded_chat_turn(ChatEngine("Use poison."), convo, "rats?", None,
+    reply = guarded_chat_turn(FakeEngine("Use poison."), convo, "rats?", None,
                               on_text=shown.append)
-    assert reply.text == "Use poison." and shown == ["Use poison."] and len(convo.messages) == 4
+    # Streamed as it is generated (one token per character), not held back for a check.
+    assert reply.text == "Use poison." and shown == list("Use poison.")
+    assert len(convo.messages) == 4
 
 
 # -- guarded commands and batch records --------------------------------------------------------

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
 
-from llmkit.engines import Generation, Message, SamplingParams
+from llmkit.engines import SamplingParams
 from llmkit.errors import ContextTooSmallError, InputError
 from llmkit.tasks.summarize import (
     Summarizer,
@@ -19,45 +18,29 @@ from llmkit.tasks.summarize import (
     part_instruction,
     summary_record,
 )
+from tests.fake_engine import Call, FakeEngine
 
 
-class WordEngine:
-    """One token per whitespace-separated word; answers with a fixed number of words."""
-
-    model_name = "words"
+class WordEngine(FakeEngine):
+    """One token per word (with the whitespace before it); answers with a fixed number of
+    words, ending in a sentence, within the token limit it is given."""
 
     def __init__(self, n_ctx: int, answer_words: int = 30) -> None:
-        self.n_ctx = n_ctx
-        self.answer_words = answer_words
-        self.prompts: list[str] = []
-        self.max_tokens: list[int] = []
-        self._last_body = ""
+        def answer(call: Call) -> str:
+            assert call.params is not None
+            n = min(answer_words, call.params.max_tokens or answer_words)
+            return " ".join(f"w{i}" for i in range(n - 1)) + " end."
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
-        return [hash(w) & 0xFFFF for w in text.split()] + ([1] if add_special else [])
+        super().__init__(answer, tokens="words", n_ctx=n_ctx, model_name="words")
 
-    def token_pieces(self, text: str) -> list[bytes]:
-        return []  # the planner falls back to counting
-
-    def render(self, messages: Sequence[Message]) -> str:
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        self._last_body = messages[-1]["content"]
-        return self.tokenize(self.render(messages))
-
-    def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        assert len(prompt) + (params.max_tokens or 0) <= self.n_ctx
-        self.max_tokens.append(params.max_tokens or 0)
-        n = min(self.answer_words, params.max_tokens or self.answer_words)
-        self.prompts.append(self._last_body)
-        text = " ".join(f"w{i}" for i in range(n - 1)) + " end."
-        return Generation(text=text, prompt_tokens=len(prompt),
-                          prompt_tokens_evaluated=len(prompt), completion_tokens=n,
-                          finish_reason="stop", prompt_ms=1.0, generation_ms=1.0,
-                          first_token_ms=1.0)
+    @property
+    def prompts(self) -> list[str]:
+        """The last message (the instruction and the text) of every prompt answered."""
+        bodies = []
+        for call in self.calls:
+            assert call.messages is not None, "a prompt that chat_tokens did not make"
+            bodies.append(call.messages[-1]["content"])
+        return bodies
 
 
 def _document(paragraphs: int, words: int = 40) -> str:

@@ -143,6 +143,11 @@ class Engine(Protocol):
         where the assistant's answer starts; message text never becomes special tokens."""
         ...
 
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """The conversation through the model's chat template as text, ending where the
+        answer starts: for showing or timing a prompt; :meth:`chat_tokens` is what to run."""
+        ...
+
     def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:
         """Token ids of text pieces, special tokens parsed only in trusted ones."""
         ...
