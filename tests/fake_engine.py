@@ -153,7 +153,10 @@ class FakeEngine:
         self._special_split = re.compile(  # "((?!))" never matches: no specials, no split
             "(" + ("|".join(re.escape(s) for s in longest_first) or "(?!)") + ")")
         self._ids: dict[str, int] = {}  # pieces beyond Latin-1 / the bytes, with their ids
-        self._texts: dict[int, str] = {}
+        # Each token's bytes by id, without and with special tokens written out.
+        low = [bytes([i]) if tokens == "bytes" else chr(i).encode("utf-8") for i in range(256)]
+        self._plain_bytes = [*low, *(b"" for _ in vocabulary.specials)]
+        self._special_bytes = [*low, *(s.encode("utf-8") for s in vocabulary.specials)]
         self._cache: list[int] = []
         self._rendered: OrderedDict[tuple[int, ...], list[Message]] = OrderedDict()
         self.calls: list[Call] = []
@@ -214,7 +217,8 @@ class FakeEngine:
         if found is None:
             found = self.vocab_size
             self._ids[piece] = found
-            self._texts[found] = piece
+            self._plain_bytes.append(piece.encode("utf-8"))
+            self._special_bytes.append(self._plain_bytes[-1])
         return found
 
     def _plain(self, text: str) -> list[int]:
@@ -223,7 +227,7 @@ class FakeEngine:
         if self.mode == "bytes":
             return list(data)
         if self.mode == "chars":
-            return [self._piece_id(c) for c in text]
+            return [o if (o := ord(c)) < 256 else self._piece_id(c) for c in text]
         return [self._piece_id(w) for w in _WORD.findall(text)]
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
@@ -267,13 +271,10 @@ class FakeEngine:
         return tokens
 
     def _token_bytes(self, token: int, special: bool) -> bytes:
-        if 0 <= token < 256:
-            return bytes([token]) if self.mode == "bytes" else chr(token).encode("utf-8")
-        if token in self._texts:
-            return self._texts[token].encode("utf-8")
-        if 256 <= token < 256 + len(self.vocabulary.specials):
-            return self.vocabulary.specials[token - 256].encode("utf-8") if special else b""
-        raise ValueError(f"token {token} is not in the vocabulary of {self.model_name}")
+        table = self._special_bytes if special else self._plain_bytes
+        if not 0 <= token < len(table):
+            raise ValueError(f"token {token} is not in the vocabulary of {self.model_name}")
+        return table[token]
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         """The text of ``tokens``; special tokens are written out only when ``special``.
@@ -282,8 +283,11 @@ class FakeEngine:
             ValueError: a token outside the vocabulary.
         """
         self._check_open()
-        data = b"".join(self._token_bytes(t, special) for t in tokens)
-        return data.decode("utf-8", "replace")
+        table = self._special_bytes if special else self._plain_bytes
+        if tokens and not 0 <= min(tokens) <= max(tokens) < len(table):
+            bad = next(t for t in tokens if not 0 <= t < len(table))
+            raise ValueError(f"token {bad} is not in the vocabulary of {self.model_name}")
+        return b"".join([table[t] for t in tokens]).decode("utf-8", "replace")
 
     def token_pieces(self, text: str) -> list[bytes]:
         """Each token's bytes (they join back to ``text`` in UTF-8)."""
