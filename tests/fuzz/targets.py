@@ -157,6 +157,8 @@ class GGUFTarget(Target):
         except InvalidModelFileError as exc:
             _check_message(exc)
             return
+        if isinstance(result, str):
+            return  # check_model_file's answer: the architecture, which picks the engine
         if result is not None:
             # What `show --format json` prints: valid JSON, whatever the metadata held.
             _strict_json(json_dumps(result.to_dict(), indent=2))
@@ -604,6 +606,7 @@ class CheckBatchTarget(Target):
     def run(self, data: bytes) -> None:
         from llmkit._fs import json_dumps
         from llmkit.errors import InputError
+        from llmkit.tasks.policy import LLAMA_GUARD_3_1B_CATEGORIES
 
         safety, llmkit_io = self._safety, self._io
         fdp = atheris.FuzzedDataProvider(data)
@@ -619,7 +622,7 @@ class CheckBatchTarget(Target):
         else:
             content = fdp.ConsumeBytes(fdp.remaining_bytes())
         self._path.write_bytes(content)
-        guard = safety.Guard(engine, safety.LLAMA_GUARD_3_1B_CATEGORIES, threshold=threshold)
+        guard = safety.Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES, threshold=threshold)
         last = 0
         for number, line in llmkit_io.numbered_lines(str(self._path), limit=limit):
             _require(number > last, f"line {number} after line {last}")
