@@ -28,3 +28,12 @@ def test_ruff_clean() -> None:
 def test_mypy_strict_clean() -> None:
     proc = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_engines_and_the_fake_implement_the_engine_interface() -> None:
+    # The Engine Protocol is structural: only a type checker sees an implementation that
+    # drifted from it (a renamed keyword, a changed return type), so the shared fake and the
+    # file that assigns each engine to an Engine are checked as strictly as llmkit/.
+    proc = subprocess.run([_tool("mypy"), "tests/fake_engine.py", "tests/test_engine_interface.py"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
