@@ -56,7 +56,6 @@ def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
     what is already in ``--out`` and the sidecars stays.
     """
     from llmkit.batch import run_batch
-    from llmkit.errors import Interrupted
 
     records: list[dict[str, Any]] = []
 
@@ -78,14 +77,11 @@ def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
         summary: BatchSummary = run_batch(
             items, work, output, text_field=text_field, on_record=emit,
             before_save=lambda r: r.pop("flagged_note", None), error_record=error_record)
-    except KeyboardInterrupt:
+    except BaseException as exc:
         clear()
-        if fmt == BatchFormat.json:
+        if isinstance(exc, KeyboardInterrupt) and fmt == BatchFormat.json:
             out.write_json(records)  # what finished is saved: stdout must not lose it either
-        raise Interrupted() from None
-    except BaseException:
-        clear()
-        raise
+        raise  # Ctrl-C ends the command in app.py, as everywhere
     if fmt == BatchFormat.json:
         out.write_json(records)
     if not single or summary.skipped:

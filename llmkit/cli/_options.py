@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmkit.hardware import MAX_THREADS
+
+if TYPE_CHECKING:
+    from llmkit.session import EngineOptions
 
 # llama.cpp keeps context sizes and layer counts in 32-bit fields, where a bigger value would
 # silently wrap around (2**32 + 16 tokens would become 16).
@@ -69,6 +72,8 @@ MODEL_HELP = "Catalog name (llama3.2:1b), local name, or path to a .gguf file."
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP,
                                               show_default=False)]
+# Every model command declares these five (ctx, device, gpu_layers, threads, verbose) with
+# these defaults, and hands them to engine_options().
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: GPU when llama.cpp has one.")]
 GpuLayersOpt = Annotated[int | None, typer.Option(
     "--gpu-layers", min=0, max=INT32_MAX, show_default=False,
@@ -109,3 +114,23 @@ GuardModelOpt = Annotated[str | None, typer.Option(
 GuardThresholdOpt = Annotated[float | None, typer.Option(
     "--guard-threshold", min=0.0, max=1.0, callback=finite, show_default=False,
     help="Flag when the safety model's P(unsafe) reaches this, instead of taking its answer.")]
+
+
+def engine_options(ctx: int | None, threads: int | None, device: Device, gpu_layers: int | None,
+                   verbose: bool) -> EngineOptions:
+    """The hardware and context settings of a model command, from its options.
+
+    Args:
+        ctx: ``--ctx`` (None: the engine's default).
+        threads: ``--threads`` (None: the idle physical cores).
+        device: ``--device``.
+        gpu_layers: ``--gpu-layers`` (None: all when offloading).
+        verbose: ``--verbose`` (llama.cpp's log on stderr).
+
+    Returns:
+        The options every model is opened with (session.open_engine and friends).
+    """
+    from llmkit.session import EngineOptions
+
+    return EngineOptions(ctx=ctx, threads=threads, device=device.value, gpu_layers=gpu_layers,
+                         verbose=verbose)

@@ -14,6 +14,7 @@ from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
 _state: dict[str, Any] = {"quiet": False, "console": None}
 
@@ -112,14 +113,63 @@ def stderr_console() -> Console:
 _CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-def _plain(message: str) -> None:
-    # Every message is one line, whatever text from a file, a model or a user it quotes.
-    message = message.translate(_CONTROLS)
+def _stderr(text: str) -> None:
     try:
-        sys.stderr.write(message + "\n")
+        sys.stderr.write(text)
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # stderr is closed or full: the exit code is all that is left to say it
+
+
+def _plain(message: str) -> None:
+    # Every message is one line, whatever text from a file, a model or a user it quotes.
+    _stderr(message.translate(_CONTROLS) + "\n")
+
+
+def debugging() -> bool:
+    """True when ``LLMKIT_DEBUG`` asks for tracebacks instead of one-line errors."""
+    return os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+
+
+def stdout_is_tty() -> bool:
+    """True when stdout is a terminal (a person reads it, not a program)."""
+    return sys.stdout.isatty()
+
+
+def progress_enabled() -> bool:
+    """True when progress lines are shown: stderr is a terminal and -q was not given."""
+    if _state["quiet"]:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (ValueError, AttributeError):  # closed, or no stderr at all
+        return False
+
+
+def progress(line: str, *, keep: bool = False) -> None:
+    """Show ``line`` in place of the previous progress line on stderr; with ``keep``, end it so
+    it stays. Nothing off a terminal or with -q (see :func:`progress_enabled`)."""
+    if progress_enabled():
+        _stderr(f"\r\033[K{line.translate(_CONTROLS)}" + ("\n" if keep else ""))
+
+
+def progress_clear() -> None:
+    """Erase the progress line, so the next message starts on a clean line (terminal only)."""
+    if progress_enabled():
+        _stderr("\r\033[K")
+
+
+def info(text: str) -> None:
+    """Text that was asked for on stderr as it is, several lines allowed, shown even with -q
+    (the chat's /help, /system, /model: replies to the user, not data for a pipe)."""
+    _stderr(text + "\n")
+
+
+def traceback(exc: BaseException) -> None:
+    """The full traceback of ``exc`` on stderr (``LLMKIT_DEBUG``)."""
+    import traceback as tb
+
+    _stderr("".join(tb.format_exception(exc)))
 
 
 def note(message: str) -> None:
@@ -166,3 +216,13 @@ def write_json(obj: Any) -> None:
 def write_jsonl(obj: Any) -> None:
     """One JSON line on stdout, flushed."""
     write(json_dumps(obj) + "\n")
+
+
+def write_table(table: Table) -> None:
+    """A Rich table on stdout, its cells as they are (no highlighting of numbers or paths).
+
+    A failing stdout is answered by app.py (see :func:`stdout_error`), as for Typer's help.
+    """
+    from rich.console import Console
+
+    Console(highlight=False).print(table)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from collections.abc import Sequence
 
@@ -81,16 +80,26 @@ def _stdout_closed_in_typer(exc: SystemExit) -> bool:
     return isinstance(context, OSError) and context.errno == errno.EPIPE
 
 
+def _interrupted() -> int:
+    """The one answer to Ctrl-C: one line, exit 130.
+
+    Commands let KeyboardInterrupt rise (after saving what finished); it arrives here as
+    Typer's silent exit code 130 when raised inside a command, as KeyboardInterrupt or Abort
+    when raised around one.
+    """
+    out.error(Interrupted().message)
+    return Interrupted.exit_code
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting (used by tests and main)."""
-    debug = os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+    debug = out.debugging()
     out.prepare_streams()
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name="llmkit",
                      standalone_mode=False)
         if result == Interrupted.exit_code:
-            # Typer turns a bare Ctrl-C into exit code 130 without a word; say what happened.
-            out.error(Interrupted().message)
+            return _interrupted()
         return result if isinstance(result, int) else 0
     except LlmkitError as exc:
         if debug:
@@ -101,8 +110,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             out.error(str(exc))
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        out.error(Interrupted().message)
-        return Interrupted.exit_code
+        return _interrupted()
     except (out.StdoutClosed, BrokenPipeError):
         # The reader went away (`| head`): stop quietly, as other Unix tools do, and keep
         # Python's flush at exit from failing on the closed pipe.
@@ -115,8 +123,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         raise
     except Exception as exc:
         if type(exc).__name__ == "Abort":
-            out.error(Interrupted().message)
-            return Interrupted.exit_code
+            return _interrupted()
         if _click_exception(exc):
             # One line, like every other error, naming where the full usage is.
             message = exc.format_message()  # type: ignore[attr-defined]

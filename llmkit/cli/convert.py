@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,15 +12,13 @@ from llmkit.cli import _output as out
 from llmkit.cli._options import QuietOpt, TextFormat, ThreadsOpt
 
 
-def _progress(quiet: bool):  # type: ignore[no-untyped-def]
-    """A per-tensor progress callback on stderr when it is a terminal, else None."""
-    if quiet or not sys.stderr.isatty():
+def _progress() -> Callable[[int, int, str], None] | None:
+    """A per-tensor progress callback when progress is shown (a terminal, no -q), else None."""
+    if not out.progress_enabled():
         return None
 
     def show(i: int, total: int, name: str) -> None:
-        end = "\n" if i + 1 == total else ""
-        sys.stderr.write(f"\r\033[Kconverting {i + 1}/{total} {name}{end}")
-        sys.stderr.flush()
+        out.progress(f"converting {i + 1}/{total} {name}", keep=i + 1 == total)
 
     return show
 
@@ -56,7 +54,7 @@ def convert(
             check_output(path, force=force)
     directory = checkpoint_dir(source, quiet=quiet)
     result = run_convert(directory, output, outtype=outtype.lower(), mmproj=mmproj, force=force,
-                         on_tensor=_progress(quiet))
+                         on_tensor=_progress())
     if format == TextFormat.json:
         out.write_json(result.__dict__)
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,11 +27,10 @@ def list_models(
     from llmkit.store import list_models as rows_of
 
     rows = [r for r in rows_of() if r.present or not present]
-    fmt = format or (ListFormat.table if sys.stdout.isatty() else ListFormat.json)
+    fmt = format or (ListFormat.table if out.stdout_is_tty() else ListFormat.json)
     if fmt == ListFormat.json:
         out.write_json([r.to_dict() for r in rows])
         return
-    from rich.console import Console
     from rich.table import Table
 
     cells = []
@@ -53,7 +51,7 @@ def list_models(
     for row in cells:
         desc = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
         table.add_row(*row[:-1], desc)
-    Console(highlight=False).print(table)
+    out.write_table(table)
 
 
 def show(

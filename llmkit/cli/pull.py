@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from llmkit.cli import _output as out
 from llmkit.cli._options import QuietOpt, TextFormat, ThreadsOpt
-from llmkit.errors import Interrupted
 
 
 def pull(
@@ -41,10 +39,7 @@ def pull(
     if from_source:
         from llmkit.build import build_from_source
 
-        try:
-            built = build_from_source(model, quant, keep=keep, threads=threads, quiet=quiet)
-        except KeyboardInterrupt:
-            raise Interrupted() from None
+        built = build_from_source(model, quant, keep=keep, threads=threads, quiet=quiet)
         out.note(f"built {built.model.name} ({built.model.quant}, "
                  f"{human_size(built.model.size_bytes)}) from {built.source_repo} → "
                  f"{built.model.path}")
@@ -55,12 +50,7 @@ def pull(
         from llmkit.errors import UsageError
 
         raise UsageError("--keep only applies with --from-source")
-    try:
-        result = pull_model(model, quant, progress=not quiet and sys.stderr.isatty(),
-                            quiet=quiet)
-    except KeyboardInterrupt:
-        # Typer turns a bare KeyboardInterrupt into a silent 130; say what happened.
-        raise Interrupted() from None
+    result = pull_model(model, quant, progress=out.progress_enabled(), quiet=quiet)
     m = result.model
     verb = "pulled" if result.downloaded else "already here:"
     out.note(f"{verb} {m.name} ({m.quant}, {human_size(m.size_bytes)}) → {m.path}")
