@@ -14,7 +14,9 @@ from typing import Annotated
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
+from llmkit.cli.app import app as llmkit_app
 from llmkit.cli.completions import SHELLS, completion_script
 from llmkit.errors import UsageError
 from tests.conftest import run_llmkit
@@ -27,13 +29,33 @@ def _checked_in(shell: str) -> Path:
     return ROOT / "completions" / FILES[shell]
 
 
+def _llmkit_script(shell: str) -> str:
+    """What `llmkit completions SHELL` prints, run in this process."""
+    result = CliRunner().invoke(llmkit_app, ["completions", shell])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _context(app: typer.Typer) -> typer.Context:
+    """A context of ``app`` as its commands receive one, from a hidden command run once."""
+    seen: list[typer.Context] = []
+
+    @app.command("context", hidden=True)
+    def context(ctx: typer.Context) -> None:
+        seen.append(ctx)
+
+    result = CliRunner().invoke(app, ["context"])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
 # --- the checked-in scripts and the command -------------------------------------------
 
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_checked_in_script_is_fresh(shell: str) -> None:
     on_disk = _checked_in(shell).read_text(encoding="utf-8")
-    assert on_disk == completion_script(shell), (
+    assert on_disk == _llmkit_script(shell), (
         f"completions/{FILES[shell]} differs from `llmkit completions {shell}`: "
         "run scripts/gen-completions and commit the result")
 
@@ -41,18 +63,20 @@ def test_checked_in_script_is_fresh(shell: str) -> None:
 def test_command_prints_the_script_and_rejects_other_shells() -> None:
     proc = run_llmkit(["completions", "bash"])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == completion_script("bash")
+    assert proc.stdout == _llmkit_script("bash")
     bad = run_llmkit(["completions", "tcsh"])
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert "Invalid value" in bad.stderr and "tcsh" in bad.stderr
     with pytest.raises(UsageError):
-        completion_script("tcsh")
+        completion_script("tcsh", _context(_toy_app()))
 
 
 def test_generating_does_not_load_llama_cpp() -> None:
-    code = ("import sys; from llmkit.cli.completions import completion_script as c; "
-            "[c(s) for s in ('bash', 'zsh', 'fish')]; "
+    code = ("import sys; from typer.testing import CliRunner; from llmkit.cli.app import app; "
+            "results = [CliRunner().invoke(app, ['completions', s]) "
+            "for s in ('bash', 'zsh', 'fish')]; "
+            "assert all(r.exit_code == 0 and r.stdout for r in results), results; "
             "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
@@ -217,7 +241,8 @@ def toy_dir(tmp_path: Path) -> Path:
     """A directory holding cat.jpg and subdir/, with the toy app's scripts in scripts/."""
     (tmp_path / "scripts").mkdir()
     for shell in SHELLS:
-        (tmp_path / "scripts" / FILES[shell]).write_text(completion_script(shell, _toy_app()))
+        (tmp_path / "scripts" / FILES[shell]).write_text(
+            completion_script(shell, _context(_toy_app())))
     (tmp_path / "cat.jpg").write_bytes(b"")
     (tmp_path / "subdir").mkdir()
     return tmp_path

@@ -1,4 +1,22 @@
-"""Static shell completion scripts for bash, zsh and fish, generated from the Typer app."""
+"""Static shell completion scripts for bash, zsh and fish, generated from the running app.
+
+Why not Typer's own completion (``--install-completion``)? Its scripts call back into the
+program at every TAB, which for llmkit means starting Python and importing the app: about
+0.2 s a keystroke here, where these scripts answer in milliseconds without Python. It also
+leaves every Path value to the shell's default (files, even where only a directory fits), and
+completes a free-text argument (a prompt) with file names.
+
+Why not ``typer.main.get_command(app)``, as before? Since 0.26 Typer bundles its own Click
+and says that reaching the Click command behind an app is no longer supported, and that its
+``typer._click`` may change at any time. The one door it documents is ``typer.Context``,
+which a command receives and which Typer describes as Click's Context: the ``completions``
+command passes its own, and the generator walks the app from its root with members Click's
+Context, Command, Group and Parameter document (``find_root``, ``command``, ``get_params``,
+``list_commands``, ``get_command``, ``opts``, ``secondary_opts``, ``nargs``, ``is_flag``,
+``hidden``, ``type.name``, ``choices``). It takes the app as what calls it hands over, so this
+module does not import the app that imports it. The toy app in tests/test_completions.py
+exercises these members, so a Typer release that changes one fails there first.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +29,6 @@ import typer
 
 SHELLS = ("bash", "zsh", "fish")
 HEADER = "llmkit {shell} completion, generated from the app by `llmkit completions {shell}`"
-HELP_TEXT = "Show this message and exit"
 
 
 @dataclass(frozen=True)
@@ -61,51 +78,52 @@ def _first_line(text: str | None) -> str:
 
 
 def _value_of(param: Any) -> _Value:
-    ptype: Any = getattr(param, "type", None)
-    choices = getattr(ptype, "choices", None)
-    if choices:
-        return _Value("choices", tuple(str(getattr(c, "value", c)) for c in choices))
+    # A parameter type's name says what it takes: "choice", "file", "directory", "path"
+    # (either), "filename" (an open file), or a scalar such as "integer".
+    ptype: Any = param.type
+    kind = ptype.name
+    if kind == "choice":
+        return _Value("choices", tuple(str(c.value) if isinstance(c, enum.Enum) else str(c)
+                                       for c in ptype.choices))
     if param.name == "model":
         return _Value("models")
-    if hasattr(ptype, "dir_okay") and hasattr(ptype, "file_okay"):  # Click's Path
-        return _Value("dirs" if ptype.dir_okay and not ptype.file_okay else "files")
-    if type(ptype).__name__ == "File":
+    if kind == "directory":
+        return _Value("dirs")
+    if kind in ("file", "path", "filename"):
         return _Value("files")
     return _Value()
 
 
-def _describe(command: Any, path: tuple[str, ...] = (),
-              help_names: tuple[str, ...] = ("--help",)) -> _Node:
-    """The completion-relevant shape of a Click command (read by duck typing: no `click`)."""
-    settings = getattr(command, "context_settings", None) or {}
-    help_names = tuple(settings.get("help_option_names", help_names))
+def _describe(ctx: Any, path: tuple[str, ...] = ()) -> _Node:
+    """The completion-relevant shape of the command of ``ctx`` and of its subcommands."""
+    command = ctx.command
     options: list[_Opt] = []
     args: list[_Arg] = []
-    for p in command.params:
-        if getattr(p, "hidden", False):
+    # With the help option, under the names this context gives it (as --help shows them).
+    for p in command.get_params(ctx):
+        if p.hidden:
             continue
         if p.param_type_name == "argument":
             args.append(_Arg(p.human_readable_name.lower(), p.nargs < 0, _value_of(p)))
         elif p.param_type_name == "option":
-            flag = bool(getattr(p, "is_flag", False) or getattr(p, "count", False))
+            flag = bool(p.is_flag or p.count)
             options.append(_Opt(
                 names=tuple(sorted([*p.opts, *p.secondary_opts], key=lambda n: (len(n), n))),
                 help=_first_line(p.help),
                 nargs=0 if flag else max(p.nargs, 1),
                 value=_Value() if flag else _value_of(p),
             ))
-    if getattr(command, "add_help_option", True) and help_names:
-        taken = {n for o in options for n in o.names}
-        names = tuple(sorted((n for n in help_names if n not in taken),
-                             key=lambda n: (len(n), n)))
-        if names:
-            options.append(_Opt(names, HELP_TEXT, 0, _Value()))
-    children = tuple(
-        _describe(sub, (*path, name), help_names)
-        for name, sub in getattr(command, "commands", {}).items()
-        if not getattr(sub, "hidden", False)
-    )
-    return _Node(path, _first_line(command.help), tuple(options), tuple(args), children)
+    children = []
+    # A group lists its subcommands (list_commands, get_command); a plain command has none.
+    if hasattr(command, "list_commands"):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is None or sub.hidden:
+                continue
+            # Made as Click makes a subcommand's context, without parsing anything.
+            sub_ctx = typer.Context(sub, parent=ctx, info_name=name, **sub.context_settings)
+            children.append(_describe(sub_ctx, (*path, name)))
+    return _Node(path, _first_line(command.help), tuple(options), tuple(args), tuple(children))
 
 
 def _model_names() -> list[str]:
@@ -546,12 +564,12 @@ def _fish(root: _Node, models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def completion_script(shell: str, app: typer.Typer | None = None) -> str:
-    """The static completion script for ``shell``, from the app's commands and options.
+def completion_script(shell: str, ctx: typer.Context) -> str:
+    """The static completion script for ``shell``, from the commands and options of an app.
 
     Args:
         shell: "bash", "zsh" or "fish".
-        app: the Typer app to describe (default: llmkit's own).
+        ctx: a context of the running app to describe, any command's (its root is found).
 
     Returns:
         The script's text; it completes the command ``llmkit``.
@@ -559,17 +577,11 @@ def completion_script(shell: str, app: typer.Typer | None = None) -> str:
     Raises:
         UsageError: an unknown shell.
     """
-    import typer.main
-
     from llmkit.errors import UsageError
 
     if shell not in SHELLS:
         raise UsageError(f"unknown shell '{shell}'", hint=f"use one of {', '.join(SHELLS)}")
-    if app is None:
-        from llmkit.cli.app import app as llmkit_app
-
-        app = llmkit_app
-    root = _describe(typer.main.get_command(app))
+    root = _describe(ctx.find_root())
     render = {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell]
     return render(root, _model_names())
 
@@ -583,6 +595,7 @@ class Shell(str, enum.Enum):
 
 
 def completions(
+    ctx: typer.Context,
     shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print a static completion script for your shell.
@@ -591,4 +604,4 @@ def completions(
     """
     from llmkit.cli import _output as out
 
-    out.write(completion_script(shell.value))
+    out.write(completion_script(shell.value, ctx))
