@@ -37,8 +37,6 @@ _SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _QUANT_RE = re.compile(r"(?:^|[-._])((?:ud-)?(?:i?q\d[a-z0-9_]*|bf16|f16|f32))$", re.IGNORECASE)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken"]
-_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError",
-                   "ConnectionError", "Timeout", "ReadTimeout", "ProxyError"}
 
 
 @dataclass(frozen=True)
@@ -270,7 +268,24 @@ def _endpoint() -> str:
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    return any(cls.__name__ in _NETWORK_ERRORS for cls in type(exc).__mro__)
+    """Whether ``exc`` says the Hub could not be reached (no connection, a timeout, a proxy).
+
+    huggingface_hub exports no class for these: its HTTP client's transport errors come
+    through unwrapped (now and then from the client's transport library below it), and the
+    client has changed: requests before 1.0, httpx in 1.x, httpx2 from 2.0. A library is
+    consulted only if already imported: an error of one never imported cannot be this one.
+    """
+    if isinstance(exc, ConnectionError):  # the builtin: refused, reset; OfflineModeIsEnabled
+        return True
+    classes: list[type[BaseException]] = []
+    for name in ("httpx2", "httpcore2", "httpx", "httpcore"):
+        client = sys.modules.get(name)
+        if client is not None:
+            classes += [client.TimeoutException, client.NetworkError, client.ProxyError]
+    requests = sys.modules.get("requests")
+    if requests is not None:
+        classes += [requests.ConnectionError, requests.Timeout]
+    return isinstance(exc, tuple(classes))
 
 
 def _hub_error(exc: BaseException, repo: str, filename: str = "") -> HubError:
@@ -348,16 +363,21 @@ def _remote_listing(repo: str) -> tuple[dict[str, RemoteFile], str]:
     return files, info.sha or "main"
 
 
-def _repo_cache_dir(repo: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
+def repo_cache_dir(repo: str) -> Path:
+    """The repository's folder in the Hugging Face cache: ``$HF_HUB_CACHE/models--OWNER--NAME``.
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    The one place llmkit names it; the layout (refs/, snapshots/, blobs/ inside) is the one
+    the Hub documents for every tool that shares the cache (huggingface.co/docs/hub/local-cache).
+    """
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / constants.REPO_ID_SEPARATOR.join(
+        ["models", *repo.split("/")])
 
 
 def _cached_listing(target: PullTarget) -> tuple[dict[str, RemoteFile], str]:
     """The files of the repository's cached ``main`` snapshot (the Hub is not consulted)."""
-    root = _repo_cache_dir(target.repo)
+    root = repo_cache_dir(target.repo)
     ref = root / "refs" / "main"
     snapshot: Path | None = None
     if ref.is_file():
@@ -479,9 +499,12 @@ def _fetch(target: PullTarget, remote: RemoteFile, revision: str,
         except KeyboardInterrupt:
             raise
         except OSError as exc:
-            if "Consistency check failed" in str(exc) and attempt == 0:
-                continue  # the body was shorter or longer than announced: fetch it again
-            if "Consistency check failed" in str(exc):
+            # huggingface_hub reports a body shorter or longer than announced as a plain
+            # OSError (no class of its own), so its message is what tells the case apart.
+            wrong_size = "Consistency check failed" in str(exc)
+            if wrong_size and attempt == 0:
+                continue  # fetch it again
+            if wrong_size:
                 raise DownloadIntegrityError(
                     f"{remote.name} from {target.repo} arrived with the wrong size twice",
                     hint="try again later; nothing was registered") from None
@@ -513,12 +536,6 @@ PARTIAL_SUFFIX = ".llmkit-partial"
 _RESUME_TRIES = 4
 
 
-def _blob_dir(repo: str) -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "blobs"
-
-
 def _resumable_blob(repo: str, remote: RemoteFile) -> bool:
     """Fetch an LFS file into the cache's blob store, continuing any earlier partial download.
 
@@ -537,7 +554,7 @@ def _resumable_blob(repo: str, remote: RemoteFile) -> bool:
         get_session,
     )
 
-    blobs = _blob_dir(repo)
+    blobs = repo_cache_dir(repo) / "blobs"
     blob = blobs / remote.sha256.lower()
     if blob.exists():
         return True

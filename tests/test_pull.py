@@ -410,3 +410,34 @@ def test_free_space_check(tmp_path: Path) -> None:
     check_free_space(tmp_path / "not" / "yet", 1, "x")
     with pytest.raises(DiskSpaceError, match="needed in"):
         check_free_space(tmp_path, 2**62, "x")
+
+
+def test_network_errors_are_recognised_by_class() -> None:
+    """Unreachable, timed out or refused: the cache answers instead (see test_offline)."""
+    import httpx2
+    from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
+
+    from llmkit.hub import _is_network_error
+
+    reachable_failures = [ValueError("x"), httpx2.RemoteProtocolError("x"), OSError(28, "full"),
+                          EntryNotFoundError("x")]
+    unreachable = [httpx2.ConnectError("x"), httpx2.ReadTimeout("x"), httpx2.ProxyError("x"),
+                   ConnectionRefusedError(), OfflineModeIsEnabled("x")]
+    assert [_is_network_error(e) for e in unreachable] == [True] * len(unreachable)
+    assert [_is_network_error(e) for e in reachable_failures] == [False] * len(reachable_failures)
+
+
+def test_repo_cache_dir_is_where_huggingface_hub_caches(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from llmkit.hub import repo_cache_dir
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    folder = repo_cache_dir(REPO)
+    snapshot = folder / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("a" * 40)
+    (snapshot / "Tiny-Q8_0.gguf").write_bytes(b"x")
+    assert try_to_load_from_cache(REPO, "Tiny-Q8_0.gguf") == str(snapshot / "Tiny-Q8_0.gguf")
