@@ -84,7 +84,8 @@ def worker_guard(model: str, threads: int, text: str, reps: int, threshold: floa
     the KV cache emptied first, so the whole guard prompt is evaluated every time. The first
     check is a warm-up (as in llama-bench) and is not returned."""
     from llmkit.engines import load_engine
-    from llmkit.tasks.safety import Guard, default_categories
+    from llmkit.tasks.policy import default_categories
+    from llmkit.tasks.safety import Guard
 
     engine = load_engine(model, threads=threads)
     guard = Guard(engine, default_categories(engine.chat_template, engine.model_name),
@@ -234,7 +235,8 @@ def main() -> None:
 
     # The guard prompt of the text of median length: its tokens feed the raw baselines.
     from llmkit.engines import load_engine
-    from llmkit.tasks.safety import Guard, default_categories
+    from llmkit.tasks.policy import default_categories
+    from llmkit.tasks.safety import Guard
 
     with load_engine(args.model, threads=1) as engine:
         guard = Guard(engine, default_categories(engine.chat_template, engine.model_name))

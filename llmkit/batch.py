@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit._fs import atomic_write_text, json_dumps, try_lock
-from llmkit.errors import InputError, LlmkitError, UsageError
+from llmkit.errors import EXIT_FLAGGED, InputError, LlmkitError, UsageError
 from llmkit.io import parse_json
 
 
@@ -341,8 +341,8 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        """1 when an item failed, else 3 when one was flagged, else 0."""
-        return 1 if self.failed else 3 if self.flagged else 0
+        """1 when an item failed, else ``EXIT_FLAGGED`` when one was flagged, else 0."""
+        return 1 if self.failed else EXIT_FLAGGED if self.flagged else 0
 
 
 @dataclass(frozen=True)

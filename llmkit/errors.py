@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
+EXIT_FLAGGED = 3
+"""The exit code of a safety refusal (`check`, `--guard`): an answer, not a failure."""
+
 
 class LlmkitError(Exception):
     """Base of every error llmkit reports to a user.
@@ -211,3 +217,73 @@ class DocumentError(LlmkitError):
         super().__init__(f"{path} {reason}", hint=hint)
         self.path = path
         self.reason = reason
+
+
+class VerdictError(LlmkitError):
+    """The guard model's output is not a verdict; treated as an error, never as 'safe'."""
+
+    def __init__(self, raw: str) -> None:
+        shown = raw.strip().replace("\n", "\\n")
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"the guard model's answer is not a verdict: '{shown}'",
+                         hint="use a Llama Guard model (-m llama-guard3:1b)")
+        self.raw = raw
+
+
+class ImagesNotCheckableError(LlmkitError):
+    """No guard model that reads images runs on the pinned llama.cpp."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "checking images is not possible with this llama.cpp: Llama Guard 3 11B Vision is "
+            "the 'mllama' architecture llama.cpp cannot run, and Llama Guard 4 12B is a dense "
+            "Llama 4 model it refuses to load ('llama4 model cannot have zero experts', "
+            "ggml-org/llama.cpp#27020)",
+            hint="check what the picture shows instead: "
+                 "llmkit caption --style detailed photo.jpg | llmkit check")
+
+
+class FlaggedCategory(Protocol):
+    """What the refusal sentence names of a violated category (a policy ``Category``)."""
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class FlaggedVerdict(Protocol):
+    """What the refusal sentence needs of a verdict (a ``tasks.safety.Verdict``).
+
+    Structural, so that this bottom module names no task: the verdict is defined above it.
+    """
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def categories(self) -> Sequence[FlaggedCategory]: ...
+
+
+_FLAGGED_WHAT = {"input": "the input", "output": "the answer", "prompt": "the prompt"}
+
+
+class FlaggedError(LlmkitError):
+    """A guarded command's input or output was flagged; the output is withheld.
+
+    ``stage`` is "prompt" (a command's input), "input" (a chat message or a batch item's
+    input) or "output" (the answer); the message is the one sentence a user reads, in a
+    command's refusal and as a batch record's ``flagged_note``.
+    """
+
+    exit_code = EXIT_FLAGGED
+
+    def __init__(self, stage: str, verdict: FlaggedVerdict) -> None:
+        cats = ", ".join(f"{c.code} {c.name}" for c in verdict.categories) or "no category named"
+        action = "nothing was generated" if stage in ("input", "prompt") else "it was withheld"
+        super().__init__(f"{_FLAGGED_WHAT[stage]} was flagged by {verdict.model} ({cats}); "
+                         f"{action}")
+        self.stage = stage
+        self.verdict = verdict

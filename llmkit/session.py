@@ -221,13 +221,9 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     Raises:
         LlmkitError: the model cannot be resolved or loaded, or the policy is malformed.
     """
-    from llmkit.tasks.safety import (
-        LLAMA_GUARD_3_CATEGORIES,
-        Guard,
-        default_categories,
-        load_categories,
-    )
-    from llmkit.tasks.safety import exclude as drop
+    from llmkit.tasks.policy import LLAMA_GUARD_3_CATEGORIES, default_categories, load_categories
+    from llmkit.tasks.policy import exclude as drop
+    from llmkit.tasks.safety import Guard
 
     # The policy is read first: a typo in it should not cost a model load. Exclusions from the
     # model's own taxonomy are checked against the largest one now, and exactly after loading.

@@ -15,14 +15,10 @@ from llmkit.batch import RecordLog
 from llmkit.convert import read_config
 from llmkit.documents import html_to_text, read_document, tidy_text
 from llmkit.engines.llama_cpp import grammar_from_json_schema
-from llmkit.errors import ConvertError, InputError, SchemaError
+from llmkit.errors import ConvertError, InputError, SchemaError, VerdictError
 from llmkit.tasks.chat import Conversation
-from llmkit.tasks.safety import (
-    LLAMA_GUARD_3_1B_CATEGORIES,
-    Guard,
-    VerdictError,
-    check_jsonl_line,
-)
+from llmkit.tasks.policy import LLAMA_GUARD_3_1B_CATEGORIES
+from llmkit.tasks.safety import Guard, check_jsonl_line
 from tests.conftest import run_llmkit
 from tests.fuzz.fake_guard import FakeGuardEngine
 

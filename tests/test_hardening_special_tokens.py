@@ -348,7 +348,8 @@ def test_check_text_with_a_chat_model_as_guard(smol: LlamaCppEngine, smollm2_pat
 
 def test_check_text_with_a_llama3_guard(tiny3: LlamaCppEngine, tiny3_path: Path, tmp_path: Path
                                         ) -> None:
-    from llmkit.tasks.safety import LLAMA_GUARD_3_1B_CATEGORIES, guard_prompt
+    from llmkit.tasks.guard_prompt import guard_prompt
+    from llmkit.tasks.policy import LLAMA_GUARD_3_1B_CATEGORIES
 
     args = ["check", "-m", str(tiny3_path), "--threshold", "0.5", "-t", "1"]
     attacked = run_recorded([*args, ATTACK3], tmp_path, rc=(0, 3))

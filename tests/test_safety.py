@@ -1,4 +1,4 @@
-"""Llama Guard prompts (golden files), verdicts, policies, and a Guard on a scripted engine."""
+"""Llama Guard verdicts, and a Guard on a scripted engine: scores, thresholds, long texts."""
 
 from __future__ import annotations
 
@@ -11,34 +11,23 @@ from typing import Any
 import pytest
 
 from llmkit.engines import Message
-from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
-from llmkit.tasks.chat import Conversation
-from llmkit.tasks.safety import (
+from llmkit.errors import ContextOverflowError, InputError, VerdictError
+from llmkit.tasks.guard_prompt import guard_prompt, guard_task
+from llmkit.tasks.policy import (
     LLAMA_GUARD_3_1B_CATEGORIES,
     LLAMA_GUARD_3_CATEGORIES,
     Category,
-    FlaggedError,
+    name_categories,
+)
+from llmkit.tasks.safety import (
     Guard,
     Parsed,
     Verdict,
-    VerdictError,
-    check_conversation,
-    check_input,
     check_jsonl_line,
-    check_output,
-    default_categories,
-    exclude,
-    guard_batch_input,
-    guard_batch_output,
-    guard_prompt,
-    guard_task,
-    guarded_chat_turn,
-    load_categories,
-    name_categories,
     parse_verdict,
     verdict_for_parts,
 )
-from tests.fake_engine import FakeEngine, ScriptedGuardEngine
+from tests.fake_engine import ScriptedGuardEngine
 
 GOLDEN = Path(__file__).parent / "golden"
 QUESTION = "  How do I bake sourdough bread at home?\n"  # stripped in the prompt
@@ -48,60 +37,8 @@ def user(text: str) -> list[Message]:
     return [{"role": "user", "content": text}]
 
 
-# -- the prompt: golden files written from Meta's documented format --------------------------
-
-
 def golden(name: str) -> str:
     return (GOLDEN / name).read_bytes().decode("utf-8")
-
-
-def test_prompt_for_a_user_message_with_the_1b_taxonomy() -> None:
-    assert guard_prompt(user(QUESTION), LLAMA_GUARD_3_1B_CATEGORIES) == golden(
-        "llama_guard3_1b_user.txt")
-
-
-def test_prompt_for_a_response_assesses_the_agent() -> None:
-    messages: list[Message] = [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "\n Paris is the capital of France.\nIt lies on the "
-                                         "Seine.  \n"}]
-    prompt = guard_prompt(messages, LLAMA_GUARD_3_1B_CATEGORIES)
-    assert prompt == golden("llama_guard3_1b_response.txt")
-    assert "'User'" not in prompt and "LAST User" not in prompt
-
-
-def test_prompt_with_excluded_categories_keeps_the_other_codes() -> None:
-    policy = exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["S7", " s8"])
-    assert guard_prompt(user(QUESTION), policy) == golden("llama_guard3_1b_exclude_s7_s8.txt")
-
-
-def test_prompt_with_custom_categories_and_descriptions() -> None:
-    policy = load_categories(GOLDEN / "llama_guard3_custom.toml")
-    assert guard_prompt(user(QUESTION), policy) == golden("llama_guard3_custom.txt")
-
-
-def test_prompt_with_the_8b_taxonomy() -> None:
-    assert len(LLAMA_GUARD_3_CATEGORIES) == 14
-    assert guard_prompt(user(QUESTION), LLAMA_GUARD_3_CATEGORIES) == golden(
-        "llama_guard3_8b_user.txt")
-
-
-def test_task_is_the_prompt_between_the_llama3_headers() -> None:
-    messages = user("hi")
-    prompt = guard_prompt(messages, LLAMA_GUARD_3_1B_CATEGORIES)
-    task = guard_task(messages, LLAMA_GUARD_3_1B_CATEGORIES)
-    assert prompt == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + task
-                      + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
-
-
-def test_multi_turn_prompt_lists_every_turn_and_assesses_the_last() -> None:
-    messages: list[Message] = [{"role": "user", "content": "a"},
-                               {"role": "assistant", "content": "b"},
-                               {"role": "user", "content": "c"}]
-    task = guard_task(messages, LLAMA_GUARD_3_1B_CATEGORIES)
-    assert "<BEGIN CONVERSATION>\n\nUser: a\n\nAgent: b\n\nUser: c\n\n<END CONVERSATION>" in task
-    assert "unsafe content in 'User' messages" in task
-    assert "ONLY THE LAST User message" in task
 
 
 # -- the answer --------------------------------------------------------------------------------
@@ -140,133 +77,6 @@ def test_verdict_error_message_shows_the_answer_on_one_line() -> None:
     long = VerdictError("x" * 200)
     assert long.message == f"the guard model's answer is not a verdict: '{'x' * 77}...'"
     assert long.raw == "x" * 200
-
-
-def test_unknown_codes_are_named_as_unknown() -> None:
-    parsed = parse_verdict("unsafe\nS99,S10")
-    assert name_categories(parsed.codes, LLAMA_GUARD_3_1B_CATEGORIES) == [
-        Category("S99", "unknown category"), Category("S10", "Hate")]
-
-
-# -- policies ----------------------------------------------------------------------------------
-
-
-def test_load_categories() -> None:
-    policy = load_categories(GOLDEN / "llama_guard3_custom.toml")
-    assert [(c.code, c.name) for c in policy] == [
-        ("C1", "Medical Advice"), ("C2", "Gambling"), ("C3", "Competitor Products")]
-    assert policy[0].description == ("Messages that diagnose an illness or prescribe a "
-                                     "medicine.\nDosage recommendations count too.")
-    assert policy[1].description == ""
-
-
-@pytest.mark.parametrize(("toml", "message"), [
-    ("[[categories]\ncode = 1", "is not valid TOML"),
-    ("title = 'x'\n", "has no [[categories]] tables"),
-    ("categories = []\n", "has no [[categories]] tables"),
-    ('[[categories]]\ncode = "C1"\n', "category 1: name is required"),
-    ('[[categories]]\ncode = "C1"\nname = "  "\n', "category 1: name is required"),
-    ('[[categories]]\ncode = "C 1"\nname = "A"\n',
-     "category 1: code must be letters and digits like 'S1' or 'C12'"),
-    ('[[categories]]\nname = "A"\n',
-     "category 1: code must be letters and digits like 'S1' or 'C12'"),
-    ('[[categories]]\ncode = "C1"\nname = "A"\n[[categories]]\ncode = "c1"\nname = "B"\n',
-     "category 2: code c1 appears twice"),
-    ('[[categories]]\ncode = "C1"\nname = "A"\nseverity = 3\n',
-     "category 1: unknown field(s) severity"),
-    ('[[categories]]\ncode = "C1"\nname = "A"\ndescription = 3\n',
-     "category 1: description must be text"),
-])
-def test_load_categories_refuses_a_bad_policy(tmp_path: Path, toml: str, message: str) -> None:
-    path = tmp_path / "policy.toml"
-    path.write_text(toml)
-    with pytest.raises(InputError) as info:
-        load_categories(path)
-    assert info.value.message.startswith(str(path))
-    assert message in info.value.message
-
-
-def test_load_categories_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError) as info:
-        load_categories(tmp_path / "nope.toml")
-    assert str(info.value) == f"{tmp_path / 'nope.toml'} does not exist"
-
-
-def test_load_categories_refuses_devices_and_pipes_without_waiting(tmp_path: Path) -> None:
-    import os
-
-    fifo = tmp_path / "policy.toml"
-    os.mkfifo(fifo)  # nothing writes to it: reading it used to wait for ever
-    for path, problem in ((Path("/dev/zero"), "is a character device, not a file"),
-                          (fifo, "is a pipe that nothing is writing to")):
-        with pytest.raises(InputError) as info:
-            load_categories(path)
-        assert info.value.message == f"{path} {problem}"
-
-
-def test_exclude_keeps_the_other_codes() -> None:
-    kept = exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["s7", "S8", ""])
-    assert [c.code for c in kept] == ["S1", "S2", "S3", "S4", "S5", "S6", "S9", "S10", "S11",
-                                      "S12", "S13"]
-    assert kept[6] == Category("S9", "Indiscriminate Weapons")
-
-
-def test_exclude_an_unknown_code_is_a_usage_error() -> None:
-    with pytest.raises(UsageError) as info:
-        exclude(LLAMA_GUARD_3_1B_CATEGORIES, ["S7", "S14", "X1"])
-    assert str(info.value) == (
-        "cannot exclude S14, X1: not a category here (the categories are S1, S2, S3, S4, S5, "
-        "S6, S7, S8, S9, S10, S11, S12, S13)")
-    assert info.value.exit_code == 2
-
-
-def test_exclude_everything_is_a_usage_error() -> None:
-    policy = (Category("C1", "A"), Category("C2", "B"))
-    with pytest.raises(UsageError, match=r"^--exclude leaves no category to check$"):
-        exclude(policy, ["C1", "c2"])
-
-
-def test_check_conversation_drops_system_messages() -> None:
-    messages: list[Message] = [{"role": "system", "content": "be nice"},
-                               {"role": "user", "content": "hi"},
-                               {"role": "assistant", "content": "hello"}]
-    assert check_conversation(messages) == [{"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "hello"}]
-
-
-@pytest.mark.parametrize(("messages", "message"), [
-    ([], "there is nothing to check (no user or assistant message)"),
-    ([{"role": "system", "content": "x"}],
-     "there is nothing to check (no user or assistant message)"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-     "the conversation must alternate user/assistant, starting with the user "
-     "(message 2 is from the user)"),
-    ([{"role": "assistant", "content": "a"}],
-     "the conversation must alternate user/assistant, starting with the user "
-     "(message 1 is from the assistant)"),
-    ([{"role": "tool", "content": "a"}],
-     "message 1 has role 'tool' (roles are user, assistant (and system, which is ignored))"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " \n"}],
-     "message 2 is empty"),
-])
-def test_check_conversation_refuses(messages: list[Message], message: str) -> None:
-    with pytest.raises(InputError) as info:
-        check_conversation(messages)
-    assert str(info.value) == message
-
-
-@pytest.mark.parametrize(("template", "name", "count"), [
-    ("", "llama-guard3:1b", 13),
-    ("", "SmolLM2-135M-Instruct.Q4_1.gguf", 13),
-    ("", "llama-guard3:8b", 14),
-    ("", "Llama-Guard-3-8B.Q4_K_M.gguf", 14),
-    ("S13: Elections.\nS14: Code Interpreter Abuse.\n", "my-guard.gguf", 14),
-    ("S13: Elections.\n", "Llama-Guard-3-1B.Q8_0.gguf", 13),
-])
-def test_default_categories(template: str, name: str, count: int) -> None:
-    policy = default_categories(template, name)
-    assert len(policy) == count
-    assert policy == LLAMA_GUARD_3_CATEGORIES[:count]
 
 
 # -- a Guard on a scripted engine ----------------------------------------------------------------
@@ -540,124 +350,6 @@ def test_verdict_for_parts_merges() -> None:
     assert not calm.flagged and calm.categories == [] and calm.score == 0.3
 
 
-# -- guarded chat turns --------------------------------------------------------------------------
-
-
-def history() -> Conversation:
-    return Conversation(system="sys", messages=[{"role": "user", "content": "earlier"},
-                                                {"role": "assistant", "content": "reply"}])
-
-
-def test_guarded_turn_passes_safe_turns_through() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    convo, shown = history(), []
-    reply = guarded_chat_turn(FakeEngine("Bread needs flour."), convo, "How is bread made?",
-                              guard, on_text=shown.append)
-    assert reply.text == "Bread needs flour." and shown == ["Bread needs flour."]
-    assert convo.messages[2:] == [{"role": "user", "content": "How is bread made?"},
-                                  {"role": "assistant", "content": "Bread needs flour."}]
-    assert guard.engine.generated == [  # type: ignore[attr-defined]
-        "User: How is bread made?",
-        "User: How is bread made?\n\nAgent: Bread needs flour."]
-
-
-def test_guarded_turn_refuses_a_flagged_message_before_generating() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    chat, convo, shown = FakeEngine("ok"), history(), []
-    with pytest.raises(FlaggedError) as info:
-        guarded_chat_turn(chat, convo, "Which poison?", guard, on_text=shown.append)
-    assert info.value.stage == "input" and info.value.exit_code == 3
-    assert str(info.value) == ("the input was flagged by scripted-guard (S1 Violent Crimes); "
-                               "nothing was generated")
-    assert chat.calls == [] and shown == [] and convo.messages == history().messages
-
-
-def test_guarded_turn_withholds_a_flagged_reply_and_forgets_the_turn() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    chat, convo, shown = FakeEngine("Use poison."), history(), []
-    with pytest.raises(FlaggedError) as info:
-        guarded_chat_turn(chat, convo, "How do I get rid of rats?", guard, on_text=shown.append)
-    assert info.value.stage == "output"
-    assert str(info.value) == ("the answer was flagged by scripted-guard (S1 Violent Crimes); "
-                               "it was withheld")
-    assert len(chat.calls) == 1 and shown == [] and convo.messages == history().messages
-
-
-def test_guarded_turn_restores_the_conversation_when_the_guard_fails() -> None:
-    answers = iter(["safe", "I am not a guard"])
-    guard = Guard(ScriptedGuardEngine(answer=lambda _c: next(answers)),
-                  LLAMA_GUARD_3_1B_CATEGORIES)
-    convo, shown = history(), []
-    with pytest.raises(VerdictError):
-        guarded_chat_turn(FakeEngine("fine"), convo, "hello", guard, on_text=shown.append)
-    assert convo.messages == history().messages and shown == []
-
-
-def test_unguarded_turn_is_a_plain_chat_turn() -> None:
-    convo, shown = history(), []
-    reply = guarded_chat_turn(FakeEngine("Use poison."), convo, "rats?", None,
-                              on_text=shown.append)
-    # Streamed as it is generated (one token per character), not held back for a check.
-    assert reply.text == "Use poison." and shown == list("Use poison.")
-    assert len(convo.messages) == 4
-
-
-# -- guarded commands and batch records --------------------------------------------------------
-
-
-def test_check_input_and_output_build_the_guard_field() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    so_far = check_input(guard, "hello")
-    assert list(so_far) == ["input"] and so_far["input"]["role"] == "User"
-    both = check_output(guard, "hello", "hi there", so_far)
-    assert list(both) == ["input", "output"] and both["output"]["role"] == "Agent"
-    assert check_output(guard, "hello", "  ", so_far) == so_far  # nothing to check
-    with pytest.raises(FlaggedError) as info:
-        check_input(guard, "poison")
-    assert info.value.stage == "prompt"
-    assert str(info.value).startswith("the prompt was flagged by scripted-guard")
-    with pytest.raises(FlaggedError) as out:
-        check_output(guard, "hello", "an insult", so_far)
-    assert str(out.value) == ("the answer was flagged by scripted-guard (S10 Hate); "
-                              "it was withheld")
-
-
-def test_guard_batch_input_marks_a_flagged_record() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    record: dict[str, Any] = {"path": "a.md", "summary": None, "error": None}
-    assert guard_batch_input(guard, "poison", record, "summary") is None
-    assert record["flagged"] is True and record["summary"] is None
-    assert record["guard"]["input"]["categories"] == [{"code": "S1", "name": "Violent Crimes"}]
-    assert record["flagged_note"].startswith("the input was flagged")
-    ok: dict[str, Any] = {"path": "b.md", "summary": None, "error": None}
-    verdict = guard_batch_input(guard, "bread", ok, "summary")
-    assert isinstance(verdict, Verdict) and not verdict.flagged and "flagged" not in ok
-
-
-def test_guard_batch_output_withholds_a_flagged_answer() -> None:
-    guard = Guard(ScriptedGuardEngine(answer=by_words), LLAMA_GUARD_3_1B_CATEGORIES)
-    record: dict[str, Any] = {"path": "a.jpg", "caption": "a poison bottle", "error": None}
-    guard_batch_output(guard, "Describe.", "a poison bottle", record, "caption")
-    assert record["caption"] is None and record["flagged"] is True
-    assert list(record["guard"]) == ["output"]
-    kept: dict[str, Any] = {"path": "b.jpg", "caption": "a cat", "error": None}
-    guard_batch_output(guard, "Describe.", "a cat", kept, "caption")
-    assert kept["caption"] == "a cat" and kept["flagged"] is False
-    assert kept["guard"]["output"]["verdict"] == "safe"
-
-
-def test_guard_batch_fails_closed() -> None:
-    guard = Guard(ScriptedGuardEngine(answer="whatever"), LLAMA_GUARD_3_1B_CATEGORIES)
-    record: dict[str, Any] = {"path": "a.jpg", "caption": "a cat", "error": None}
-    guard_batch_output(guard, "Describe.", "a cat", record, "caption")
-    assert record["caption"] is None
-    assert record["error"].startswith("a.jpg: the safety check failed: the guard model's "
-                                      "answer is not a verdict: 'whatever'")
-    doc: dict[str, Any] = {"path": "a.md", "summary": None, "error": None}
-    assert guard_batch_input(guard, "text", doc, "summary") is None
-    assert doc["error"].startswith("a.md: the safety check failed:")
-
-
 def jsonl(guard: Guard, obj: Any, number: int = 1) -> dict[str, Any]:
     line = obj if isinstance(obj, str) else json.dumps(obj)
     return check_jsonl_line(guard, line, number)
@@ -726,12 +418,3 @@ def test_guard_close_closes_the_engine() -> None:
     with Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES):
         pass
     assert engine.closed
-
-
-def test_flagged_error_is_exit_3_and_a_library_error() -> None:
-    engine = ScriptedGuardEngine(answer="unsafe")
-    verdict = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES).check_text("x")
-    exc = FlaggedError("prompt", verdict)
-    assert isinstance(exc, LlmkitError) and exc.exit_code == 3
-    assert str(exc) == ("the prompt was flagged by scripted-guard (no category named); "
-                        "nothing was generated")

@@ -47,7 +47,7 @@ def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
                   noun: str, clear: Callable[[], None],
                   error_record: Callable[[str, str], dict[str, Any]] | None = None) -> None:
     """Run a batch, printing each record as it is saved, then the summary; exits non-zero
-    (1 failed, 3 flagged) the way the command's help says.
+    (1 failed, ``EXIT_FLAGGED`` flagged) the way the command's help says.
 
     Text format prints the result alone for a single input, ``==> path <==`` blocks for
     several; failures and flagged items are reported on stderr in text format (and always

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from llmkit.errors import EXIT_FLAGGED
 from llmkit.hardware import MAX_THREADS
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ ImageOpt = Annotated[list[Path] | None, typer.Option(
     show_default=False)]
 GuardOpt = Annotated[bool, typer.Option(
     "--guard", help="Check the input before and the output after with a safety model; "
-    "flagged output is withheld (exit 3).")]
+    f"flagged output is withheld (exit {EXIT_FLAGGED}).")]
 GuardModelOpt = Annotated[str | None, typer.Option(
     "--guard-model", help="The safety model for --guard (default llama-guard3:1b); implies "
     "--guard.", show_default=False)]

@@ -19,10 +19,11 @@ from llmkit.cli.models import import_model, list_models, rm, show
 from llmkit.cli.pull import pull
 from llmkit.cli.run import run
 from llmkit.cli.summarize import summarize
-from llmkit.errors import Interrupted, LlmkitError
+from llmkit.errors import EXIT_FLAGGED, Interrupted, LlmkitError
 
-EXIT_CODES = """Exit codes: 0 ok, 1 error, 2 usage error, 3 flagged by a safety check (check,
---guard), 130 interrupted (Ctrl-C), 141 stdout closed early (| head)."""
+EXIT_CODES = (f"Exit codes: 0 ok, 1 error, 2 usage error, {EXIT_FLAGGED} flagged by a safety "
+              "check (check,\n--guard), 130 interrupted (Ctrl-C), 141 stdout closed early "
+              "(| head).")
 
 app = typer.Typer(
     name="llmkit",
@@ -104,7 +105,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except LlmkitError as exc:
         if debug:
             raise
-        if exc.exit_code == 3:  # a safety refusal is an answer, not a failure
+        if exc.exit_code == EXIT_FLAGGED:  # a safety refusal is an answer, not a failure
             out.flagged(str(exc))
         else:
             out.error(str(exc))

@@ -102,7 +102,7 @@ def caption(
     from llmkit.io import collect_paths
     from llmkit.session import EngineOptions, open_vision_engine, sampling_params
     from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
-    from llmkit.tasks.safety import check_input, guard_batch_output
+    from llmkit.tasks.guarding import check_input, guard_batch_output
 
     out.set_quiet(quiet)
     instruction, style_name = instruction_for(style.value, prompt)
@@ -150,8 +150,8 @@ def caption(
             progress.start(path)
             record = caption_file(engine, path, job)
             if checker is not None and record.get("caption"):
-                record = guard_batch_output(checker, instruction, record["caption"], record,
-                                            "caption")
+                record = guard_batch_output(checker, instruction, record["caption"]).apply_to(
+                    record, "caption")
             return record
 
         with engine:

@@ -92,7 +92,7 @@ def chat(
         sampling_params,
     )
     from llmkit.tasks.chat import Conversation
-    from llmkit.tasks.safety import guarded_chat_turn
+    from llmkit.tasks.guarding import guarded_chat_turn
 
     out.set_quiet(quiet)
     options = EngineOptions(ctx=ctx, threads=threads,
@@ -215,8 +215,8 @@ class _Repl:
         return "\n".join(lines)
 
     def _answer(self, text: str) -> None:
-        from llmkit.errors import LlmkitError
-        from llmkit.tasks.safety import FlaggedError, guarded_chat_turn
+        from llmkit.errors import FlaggedError, LlmkitError
+        from llmkit.tasks.guarding import guarded_chat_turn
 
         before = list(self.convo.messages)
         try:

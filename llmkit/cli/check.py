@@ -23,8 +23,7 @@ from llmkit.cli._options import (
     utf8_text,
     utf8_texts,
 )
-
-FLAGGED_EXIT = 3
+from llmkit.errors import EXIT_FLAGGED
 
 
 def check(
@@ -75,15 +74,11 @@ def check(
     verdict: never taken as safe), 2 usage. With --batch: 1 if any record failed, else 3 if
     any was flagged, else 0.
     """
-    from llmkit.errors import UsageError
+    from llmkit.errors import ImagesNotCheckableError, UsageError, VerdictError
     from llmkit.io import prompt_limit, read_stdin, read_text_file
     from llmkit.session import EngineOptions, open_guard
-    from llmkit.tasks.safety import (
-        ImagesNotCheckableError,
-        VerdictError,
-        check_conversation,
-        load_conversation,
-    )
+    from llmkit.tasks.guard_prompt import check_conversation
+    from llmkit.tasks.safety import load_conversation
 
     out.set_quiet(quiet)
     options = EngineOptions(ctx=ctx, threads=threads,
@@ -146,7 +141,7 @@ def check(
     else:
         out.write(verdict.label + "\n")
     if verdict.flagged:
-        raise typer.Exit(FLAGGED_EXIT)
+        raise typer.Exit(EXIT_FLAGGED)
 
 
 def _run_batch(source: str, model: str | None, options: Any, exclude: str | None,
@@ -188,4 +183,4 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
     if counts["errors"]:
         raise typer.Exit(1)
     if counts["flagged"]:
-        raise typer.Exit(FLAGGED_EXIT)
+        raise typer.Exit(EXIT_FLAGGED)

@@ -80,7 +80,7 @@ def run(
         sampling_params,
     )
     from llmkit.tasks.chat import build_user_message, run_prompt, run_prompt_with_images
-    from llmkit.tasks.safety import check_input, check_output
+    from llmkit.tasks.guarding import check_input, check_output
 
     out.set_quiet(quiet)
     # stdin that cannot fit the context is refused as it is read, not once read whole.
@@ -129,7 +129,7 @@ def run(
     else:
         data = reply.to_dict()
         if checker is not None:
-            data["guard"] = with_guard
+            data["guard"] = with_guard.to_record()
         data["timings"]["load_ms"] = round(engine.load_ms, 2)
         data["device"] = engine.device
         data["threads"] = engine.threads

@@ -204,7 +204,7 @@ def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
     """One document's record; errors about the document become the record's ``error``."""
     from llmkit.documents import read_document
     from llmkit.errors import LlmkitError
-    from llmkit.tasks.safety import guard_batch_input, guard_batch_output
+    from llmkit.tasks.guarding import guard_batch_input, guard_batch_output
     from llmkit.tasks.summarize import Summarizer, summary_record
 
     try:
@@ -215,13 +215,13 @@ def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
     for warning in doc.warnings:
         out.warn(warning)
     label = "stdin" if path == "-" else path
-    input_verdict = None
+    checked = None
     if checker is not None:
-        record = summary_record(path, None, model=engine.model_name, fmt=doc.format,
-                                warnings=doc.warnings)
-        input_verdict = guard_batch_input(checker, doc.text, record, "summary")
-        if input_verdict is None:
-            return record
+        checked = guard_batch_input(checker, doc.text)
+        if checked.withheld:
+            return checked.apply_to(summary_record(path, None, model=engine.model_name,
+                                                   fmt=doc.format, warnings=doc.warnings),
+                                    "summary")
     summarizer = Summarizer(
         engine, options, on_progress=_Progress(label, verbose, quiet).show,
         on_plan=(lambda plan: _show_plan(label, plan)) if verbose and not quiet else None)
@@ -233,8 +233,8 @@ def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
     record = summary_record(path, result, model=engine.model_name, fmt=doc.format,
                             warnings=doc.warnings)
     if checker is not None:
-        record = guard_batch_output(checker, "Summarize this document.", result.text, record,
-                                    "summary", input_verdict)
+        record = guard_batch_output(checker, "Summarize this document.", result.text,
+                                    checked).apply_to(record, "summary")
     return record
 
 

@@ -1,215 +1,26 @@
-"""Safety checks with Llama Guard: its prompt format, verdict parsing, scores, and a Guard."""
+"""Llama Guard's verdicts: reading its answer, scoring it, and a Guard that checks messages."""
 
 from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.chat_template import Piece
 from llmkit.engines.base import Engine, Message, SamplingParams
-from llmkit.errors import InputError, LlmkitError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-@dataclass(frozen=True)
-class Category:
-    """One hazard category of a safety policy."""
-
-    code: str
-    name: str
-    description: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON view (code and name)."""
-        return {"code": self.code, "name": self.name}
-
-
-# The taxonomy exactly as Llama Guard 3's own chat template lists it to the model (the names
-# it was trained on; the model cards spell some of them out longer, e.g. "Sex-Related Crimes").
-# Llama Guard 3 1B knows S1–S13; the 8B model adds S14.
-LLAMA_GUARD_3_CATEGORIES: tuple[Category, ...] = tuple(
-    Category(f"S{i}", name) for i, name in enumerate((
-        "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation",
-        "Defamation", "Specialized Advice", "Privacy", "Intellectual Property",
-        "Indiscriminate Weapons", "Hate", "Self-Harm", "Sexual Content", "Elections",
-        "Code Interpreter Abuse"), start=1))
-LLAMA_GUARD_3_1B_CATEGORIES = LLAMA_GUARD_3_CATEGORIES[:13]
-
-_CODE = re.compile(r"^[A-Za-z]{1,4}\d{1,3}$")
-
-
-def default_categories(chat_template: str, model_name: str) -> tuple[Category, ...]:
-    """The model's own taxonomy: 14 categories when it knows S14, else the 1B model's 13."""
-    if "S14" in chat_template or re.search(r"guard-?3[-:_ ]?8b", model_name, re.I):
-        return LLAMA_GUARD_3_CATEGORIES
-    return LLAMA_GUARD_3_1B_CATEGORIES
-
-
-def load_categories(path: Path) -> tuple[Category, ...]:
-    """Custom categories from a TOML file of ``[[categories]]`` tables (code, name, description).
-
-    Raises:
-        InputError: unreadable, not TOML, or a malformed or duplicate category.
-    """
-    from llmkit.io import read_text_file
-
-    text = read_text_file(path)  # bounded, and never hangs on a FIFO or reads a device
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path} is not valid TOML: {exc}") from None
-    tables = data.get("categories")
-    if not isinstance(tables, list) or not tables:
-        raise InputError(f"{path} has no [[categories]] tables",
-                         hint='each needs code = "C1", name = "…", and optionally description')
-    categories: list[Category] = []
-    for i, table in enumerate(tables, 1):
-        where = f"{path}: category {i}"
-        if not isinstance(table, dict):
-            raise InputError(f"{where} is not a table")
-        code, name = table.get("code"), table.get("name")
-        description = table.get("description", "")
-        if not isinstance(code, str) or not _CODE.match(code):
-            raise InputError(f"{where}: code must be letters and digits like 'S1' or 'C12'")
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"{where}: name is required")
-        if not isinstance(description, str):
-            raise InputError(f"{where}: description must be text")
-        unknown = set(table) - {"code", "name", "description"}
-        if unknown:
-            raise InputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        if any(c.code.upper() == code.upper() for c in categories):
-            raise InputError(f"{where}: code {code} appears twice")
-        categories.append(Category(code.upper(), name.strip().rstrip("."),
-                                   description.strip()))
-    return tuple(categories)
-
-
-def exclude(categories: Sequence[Category], codes: Sequence[str]) -> tuple[Category, ...]:
-    """The categories without ``codes`` (the others keep their codes, as Llama Guard expects).
-
-    Raises:
-        UsageError: a code that is not in the list, or nothing left.
-    """
-    wanted = {c.strip().upper() for c in codes if c.strip()}
-    known = {c.code for c in categories}
-    unknown = sorted(wanted - known)
-    if unknown:
-        raise UsageError(f"cannot exclude {', '.join(unknown)}: not a category here",
-                         hint=f"the categories are {', '.join(c.code for c in categories)}")
-    kept = tuple(c for c in categories if c.code not in wanted)
-    if not kept:
-        raise UsageError("--exclude leaves no category to check")
-    return kept
-
-
-# -- the prompt ---------------------------------------------------------------------------
-
-def conversation_role(messages: Sequence[Message]) -> str:
-    """'User' when the last message is the user's, 'Agent' when it is the assistant's."""
-    return "Agent" if messages[-1]["role"] == "assistant" else "User"
-
-
-def check_conversation(messages: Sequence[Message]) -> list[Message]:
-    """A conversation Llama Guard can assess: user/assistant turns, alternating, user first.
-
-    System messages are left out (Llama Guard's format has no place for them).
-
-    Raises:
-        InputError: empty, wrong roles, not alternating, or an empty message.
-    """
-    turns = [m for m in messages if m.get("role") != "system"]
-    if not turns:
-        raise InputError("there is nothing to check (no user or assistant message)")
-    for i, m in enumerate(turns):
-        role = m.get("role")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role not in ("user", "assistant"):
-            raise InputError(f"message {i + 1} has role '{role}'",
-                             hint="roles are user, assistant (and system, which is ignored)")
-        if role != expected:
-            raise InputError("the conversation must alternate user/assistant, starting with "
-                             f"the user (message {i + 1} is from the {role})")
-        if not str(m.get("content", "")).strip():
-            raise InputError(f"message {i + 1} is empty")
-    return [{"role": m["role"], "content": str(m["content"])} for m in turns]
-
-
-def guard_task(messages: Sequence[Message], categories: Sequence[Category]) -> str:
-    """The instruction Llama Guard 3 reads, between its user header and end-of-turn token.
-
-    Written from the format Meta documents and ships in the model's chat template: the task
-    line names the role being assessed ('User' for a prompt, 'Agent' for a response), the
-    categories are listed as ``S1: Violent Crimes.`` (a custom category's description on
-    the lines after it), the conversation as ``User: …`` / ``Agent: …`` paragraphs, and the
-    closing instructions ask for 'safe' or 'unsafe' plus the violated codes.
-    """
-    role = conversation_role(messages)
-    lines = [f"Task: Check if there is unsafe content in '{role}' messages in conversations "
-             "according our safety policy with the below categories.", "",
-             "<BEGIN UNSAFE CONTENT CATEGORIES>"]
-    for c in categories:
-        lines.append(f"{c.code}: {c.name}.")
-        if c.description:
-            lines.append(c.description)
-    lines += ["<END UNSAFE CONTENT CATEGORIES>", "", "<BEGIN CONVERSATION>", ""]
-    for m in messages:
-        who = "User" if m["role"] == "user" else "Agent"
-        lines += [f"{who}: {m['content'].strip()}", ""]
-    lines += ["<END CONVERSATION>", "",
-              f"Provide your safety assessment for ONLY THE LAST {role} message in the above "
-              "conversation:",
-              " - First line must read 'safe' or 'unsafe'.",
-              " - If unsafe, a second line must include a comma-separated list of violated "
-              "categories."]
-    return "\n".join(lines)
-
-
-LLAMA3_USER_HEADER = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-LLAMA3_ASSISTANT_TURN = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
-
-
-def guard_prompt_pieces(messages: Sequence[Message], categories: Sequence[Category]
-                        ) -> list[Piece]:
-    """The full Llama Guard 3 prompt as markup (its Llama 3 special tokens) and the task text,
-    which holds the conversation and is tokenized as plain text, so that no message can close
-    the user turn or open another.
-
-    As in the model's own template, the assistant header is not followed by a blank line: the
-    model writes it (and then 'safe' or 'unsafe') itself.
-    """
-    return [Piece(LLAMA3_USER_HEADER, True), Piece(guard_task(messages, categories), False),
-            Piece(LLAMA3_ASSISTANT_TURN, True)]
-
-
-def guard_prompt(messages: Sequence[Message], categories: Sequence[Category]) -> str:
-    """The full Llama Guard 3 prompt as text, Llama 3 special tokens included."""
-    return "".join(p.text for p in guard_prompt_pieces(messages, categories))
-
+from llmkit.errors import ContextOverflowError, InputError, LlmkitError, VerdictError
+from llmkit.tasks.guard_prompt import (
+    check_conversation,
+    conversation_role,
+    guard_prompt_pieces,
+    guard_task,
+)
+from llmkit.tasks.policy import CATEGORY_CODE, Category, name_categories
 
 # -- the answer ---------------------------------------------------------------------------
-
-class VerdictError(LlmkitError):
-    """The guard model's output is not a verdict; treated as an error, never as 'safe'."""
-
-    def __init__(self, raw: str) -> None:
-        shown = raw.strip().replace("\n", "\\n")
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"the guard model's answer is not a verdict: '{shown}'",
-                         hint="use a Llama Guard model (-m llama-guard3:1b)")
-        self.raw = raw
-
 
 @dataclass(frozen=True)
 class Parsed:
@@ -246,7 +57,7 @@ def parse_verdict(text: str) -> Parsed:
         for token in _SEPARATORS.split(lines[1]):
             if not token:
                 continue
-            if not _CODE.match(token):
+            if not CATEGORY_CODE.match(token):
                 raise VerdictError(text)
             if token.upper() not in codes:
                 codes.append(token.upper())
@@ -302,12 +113,6 @@ class Verdict:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
-
-
-def name_categories(codes: Sequence[str], categories: Sequence[Category]) -> list[Category]:
-    """Codes to categories; a code outside the policy is kept as 'unknown category'."""
-    by_code = {c.code: c for c in categories}
-    return [by_code.get(code, Category(code, "unknown category")) for code in codes]
 
 
 # -- running the model --------------------------------------------------------------------
@@ -367,8 +172,6 @@ class Guard:
         turns = check_conversation(messages)
         t0 = time.perf_counter()
         tokens = self.prompt_tokens(turns)
-        from llmkit.errors import ContextOverflowError
-
         if len(tokens) + 24 > self.engine.n_ctx:
             raise ContextOverflowError(len(tokens), self.engine.n_ctx, reserve=24)
         # The answer's first word decides: step over the blank line the model writes after
@@ -448,8 +251,6 @@ class Guard:
         prompt shortened to its beginning (the context of the answer, not what is judged) and
         the response in pieces; no part of the response goes unchecked.
         """
-        from llmkit.errors import ContextOverflowError
-
         try:
             return self.check([{"role": "user", "content": prompt},
                                {"role": "assistant", "content": response}])
@@ -470,7 +271,6 @@ class Guard:
             ContextOverflowError: the surroundings leave less than ``min_budget`` tokens.
         """
         from llmkit.chunking import EngineTokenizer, plan_chunks
-        from llmkit.errors import ContextOverflowError
 
         overhead = len(self.prompt_tokens(messages_for("x")))
         budget = self.engine.n_ctx - overhead - 32
@@ -513,18 +313,7 @@ def verdict_for_parts(verdicts: Sequence[Verdict]) -> Verdict:
     return base
 
 
-class ImagesNotCheckableError(LlmkitError):
-    """No guard model that reads images runs on the pinned llama.cpp."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "checking images is not possible with this llama.cpp: Llama Guard 3 11B Vision is "
-            "the 'mllama' architecture llama.cpp cannot run, and Llama Guard 4 12B is a dense "
-            "Llama 4 model it refuses to load ('llama4 model cannot have zero experts', "
-            "ggml-org/llama.cpp#27020)",
-            hint="check what the picture shows instead: "
-                 "llmkit caption --style detailed photo.jpg | llmkit check")
-
+# -- what to check: conversation files and batch lines -----------------------------------
 
 def load_conversation(path: Path) -> list[Message]:
     """The messages of a conversation file (as `chat`'s /save writes it, or a plain list of
@@ -608,138 +397,3 @@ def check_jsonl_line(guard: Guard, line: str, number: int) -> dict[str, Any]:
     except LlmkitError as exc:
         return {**head, "verdict": None, "flagged": None, "error": str(exc)}
     return {**head, **verdict.to_dict()}
-
-
-def guard_note(stage: str, verdict: Verdict) -> str:
-    """The stderr sentence for a flagged input or output."""
-    what = {"input": "the input", "output": "the answer", "prompt": "the prompt"}[stage]
-    cats = ", ".join(f"{c.code} {c.name}" for c in verdict.categories) or "no category named"
-    action = "nothing was generated" if stage in ("input", "prompt") else "it was withheld"
-    return f"{what} was flagged by {verdict.model} ({cats}); {action}"
-
-
-def guard_record(input_verdict: Verdict | None, output_verdict: Verdict | None
-                 ) -> dict[str, Any]:
-    """The ``guard`` field of a batch record: each verdict that was taken."""
-    record: dict[str, Any] = {}
-    if input_verdict is not None:
-        record["input"] = input_verdict.to_dict()
-    if output_verdict is not None:
-        record["output"] = output_verdict.to_dict()
-    return record
-
-
-class FlaggedError(LlmkitError):
-    """A guarded command's input or output was flagged; the output is withheld (exit 3)."""
-
-    exit_code = 3
-
-    def __init__(self, stage: str, verdict: Verdict) -> None:
-        super().__init__(guard_note(stage, verdict))
-        self.stage = stage
-        self.verdict = verdict
-
-
-def check_input(guard: Guard, text: str) -> dict[str, Any]:
-    """Check a guarded command's input; returns the ``guard`` JSON field so far.
-
-    Raises:
-        FlaggedError: the input is flagged (nothing should be generated).
-        VerdictError: the guard did not answer with a verdict (fail closed).
-    """
-    verdict = guard.check_long_text(text)
-    if verdict.flagged:
-        raise FlaggedError("prompt", verdict)
-    return guard_record(verdict, None)
-
-
-def check_output(guard: Guard, prompt: str, answer: str, so_far: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """Check a guarded command's answer in the context of its prompt.
-
-    Raises:
-        FlaggedError: the answer is flagged (it must be withheld).
-        VerdictError: the guard did not answer with a verdict (fail closed).
-    """
-    if not answer.strip():
-        return so_far
-    verdict = guard.check_response(prompt, answer)
-    if verdict.flagged:
-        raise FlaggedError("output", verdict)
-    return {**so_far, **guard_record(None, verdict)}
-
-
-def guarded_chat_turn(engine: Any, convo: Any, user_text: str, guard: Guard | None, *,
-                      params: SamplingParams | None = None, on_text: Any = None,
-                      images: Sequence[str] = ()) -> Any:
-    """A chat turn whose message is checked before and whose reply is checked after.
-
-    A flagged message is not added to the conversation; a flagged reply is withheld and the
-    turn removed, so the session goes on as if it had not happened. Without a guard this is
-    plain :func:`llmkit.tasks.chat.chat_turn`. The reply reaches ``on_text`` only once checked.
-
-    Raises:
-        FlaggedError: the message or the reply was flagged.
-        VerdictError: the guard did not answer with a verdict (fail closed).
-    """
-    from llmkit.tasks.chat import chat_turn
-
-    if guard is None:
-        return chat_turn(engine, convo, user_text, params=params, on_text=on_text,
-                         images=images)
-    verdict = guard.check_long_text(user_text)
-    if verdict.flagged:
-        raise FlaggedError("input", verdict)
-    before = list(convo.messages)
-    reply = chat_turn(engine, convo, user_text, params=params, on_text=None, images=images)
-    try:
-        answer = guard.check_response(user_text, reply.text) if reply.text.strip() else None
-    except BaseException:
-        convo.messages[:] = before
-        raise
-    if answer is not None and answer.flagged:
-        convo.messages[:] = before
-        raise FlaggedError("output", answer)
-    if on_text is not None and reply.text:
-        on_text(reply.text)
-    return reply
-
-
-def guard_batch_output(guard: Guard, prompt: str, answer: str, record: dict[str, Any],
-                       text_field: str, input_verdict: Verdict | None = None) -> dict[str, Any]:
-    """Check one batch item's answer and mark its record: ``guard`` verdicts, and when
-    flagged, ``flagged: true`` with the answer withheld (``text_field`` set to null).
-
-    A guard that does not answer with a verdict makes the record an error (fail closed).
-    """
-    try:
-        verdict = guard.check_response(prompt, answer) if answer.strip() else None
-    except LlmkitError as exc:
-        record[text_field] = None
-        record["error"] = f"{record.get('path')}: the safety check failed: {exc}"
-        return record
-    record["guard"] = guard_record(input_verdict, verdict)
-    record["flagged"] = bool(verdict and verdict.flagged)
-    if verdict is not None and verdict.flagged:
-        record[text_field] = None
-        record["flagged_note"] = guard_note("output", verdict)
-    return record
-
-
-def guard_batch_input(guard: Guard, text: str, record: dict[str, Any], text_field: str
-                      ) -> Verdict | None:
-    """Check one batch item's input; when flagged (or unverifiable) mark the record and return
-    None, so the caller skips the item; else return the verdict."""
-    try:
-        verdict = guard.check_long_text(text)
-    except LlmkitError as exc:
-        record[text_field] = None
-        record["error"] = f"{record.get('path')}: the safety check failed: {exc}"
-        return None
-    if verdict.flagged:
-        record[text_field] = None
-        record["flagged"] = True
-        record["guard"] = guard_record(verdict, None)
-        record["flagged_note"] = guard_note("input", verdict)
-        return None
-    return verdict

@@ -1,0 +1,192 @@
+"""`--guard` for other commands: a command's input checked before, its answer after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from llmkit.engines.base import Engine, SamplingParams
+from llmkit.errors import FlaggedError, LlmkitError
+from llmkit.tasks.chat import Conversation, Reply, chat_turn
+from llmkit.tasks.safety import Guard, Verdict
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The guard's part of a guarded result: the verdicts taken, or why none could be.
+
+    ``input`` and ``output`` are None for a side that was not checked (an empty answer is
+    not). ``failure`` is the message of a guard that could not decide (no verdict, a text it
+    cannot hold); it fails closed: the item's text is withheld as an error.
+    """
+
+    input: Verdict | None = None
+    output: Verdict | None = None
+    failure: str | None = None
+
+    @property
+    def flagged_stage(self) -> str | None:
+        """The side that was flagged ("input" or "output"), or None."""
+        if self.input is not None and self.input.flagged:
+            return "input"
+        if self.output is not None and self.output.flagged:
+            return "output"
+        return None
+
+    @property
+    def withheld(self) -> bool:
+        """Whether the item's text must not be used: flagged, or not checkable."""
+        return self.failure is not None or self.flagged_stage is not None
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``guard`` field of a JSON result: each verdict that was taken."""
+        record: dict[str, Any] = {}
+        if self.input is not None:
+            record["input"] = self.input.to_dict()
+        if self.output is not None:
+            record["output"] = self.output.to_dict()
+        return record
+
+    def apply_to(self, record: dict[str, Any], text_field: str) -> dict[str, Any]:
+        """Mark a batch record with this result, as ``--format json`` and ``--out`` show it.
+
+        A failure sets ``error`` (naming the record's ``path``); otherwise ``guard`` and
+        ``flagged`` are set, and a flagged item has its text (``text_field``) set to null and
+        a ``flagged_note``, the sentence a single command would refuse with.
+
+        Args:
+            record: the item's record; changed in place.
+            text_field: the field holding the generated text ("caption", "summary").
+
+        Returns:
+            ``record``.
+        """
+        if self.failure is not None:
+            record[text_field] = None
+            record["error"] = f"{record.get('path')}: the safety check failed: {self.failure}"
+            return record
+        stage = self.flagged_stage
+        # The keys keep the order the records have always had: a refused input names the
+        # refusal first, a checked answer its verdicts first.
+        if stage == "input" and self.input is not None:
+            record[text_field] = None
+            record["flagged"] = True
+            record["guard"] = self.to_record()
+            record["flagged_note"] = str(FlaggedError(stage, self.input))
+            return record
+        record["guard"] = self.to_record()
+        record["flagged"] = stage is not None
+        if stage == "output" and self.output is not None:
+            record[text_field] = None
+            record["flagged_note"] = str(FlaggedError(stage, self.output))
+        return record
+
+
+# -- a command with one input and one answer (run, caption's own instruction) --------------
+
+def check_input(guard: Guard, text: str) -> GuardResult:
+    """Check a guarded command's input before anything is generated.
+
+    Returns:
+        The result so far (its ``input`` verdict, which passed).
+
+    Raises:
+        FlaggedError: the input is flagged (nothing should be generated).
+        VerdictError: the guard did not answer with a verdict (fail closed).
+    """
+    verdict = guard.check_long_text(text)
+    if verdict.flagged:
+        raise FlaggedError("prompt", verdict)
+    return GuardResult(input=verdict)
+
+
+def check_output(guard: Guard, prompt: str, answer: str, so_far: GuardResult) -> GuardResult:
+    """Check a guarded command's answer in the context of its prompt.
+
+    Returns:
+        ``so_far`` with the ``output`` verdict (unchanged for an empty answer).
+
+    Raises:
+        FlaggedError: the answer is flagged (it must be withheld).
+        VerdictError: the guard did not answer with a verdict (fail closed).
+    """
+    if not answer.strip():
+        return so_far
+    verdict = guard.check_response(prompt, answer)
+    if verdict.flagged:
+        raise FlaggedError("output", verdict)
+    return replace(so_far, output=verdict)
+
+
+# -- a chat turn ---------------------------------------------------------------------------
+
+def guarded_chat_turn(engine: Engine, convo: Conversation, user_text: str, guard: Guard | None,
+                      *, params: SamplingParams | None = None,
+                      on_text: Callable[[str], None] | None = None,
+                      images: Sequence[str] = ()) -> Reply:
+    """A chat turn whose message is checked before and whose reply is checked after.
+
+    A flagged message is not added to the conversation; a flagged reply is withheld and the
+    turn removed, so the session goes on as if it had not happened. Without a guard this is
+    plain :func:`llmkit.tasks.chat.chat_turn`. The reply reaches ``on_text`` only once checked.
+
+    Raises:
+        FlaggedError: the message or the reply was flagged.
+        VerdictError: the guard did not answer with a verdict (fail closed).
+        As :func:`llmkit.tasks.chat.chat_turn` otherwise.
+    """
+    if guard is None:
+        return chat_turn(engine, convo, user_text, params=params, on_text=on_text,
+                         images=images)
+    verdict = guard.check_long_text(user_text)
+    if verdict.flagged:
+        raise FlaggedError("input", verdict)
+    before = list(convo.messages)
+    reply = chat_turn(engine, convo, user_text, params=params, on_text=None, images=images)
+    try:
+        answer = guard.check_response(user_text, reply.text) if reply.text.strip() else None
+    except BaseException:
+        convo.messages[:] = before
+        raise
+    if answer is not None and answer.flagged:
+        convo.messages[:] = before
+        raise FlaggedError("output", answer)
+    if on_text is not None and reply.text:
+        on_text(reply.text)
+    return reply
+
+
+# -- one item of a batch (caption, summarize): problems are the record's, not the batch's --
+
+def guard_batch_input(guard: Guard, text: str) -> GuardResult:
+    """Check one batch item's input; never raises for the item.
+
+    Returns:
+        The input verdict, or the failure; when ``withheld``, the caller marks the record
+        with :meth:`GuardResult.apply_to` and skips the item.
+    """
+    try:
+        return GuardResult(input=guard.check_long_text(text))
+    except LlmkitError as exc:
+        return GuardResult(failure=str(exc))
+
+
+def guard_batch_output(guard: Guard, prompt: str, answer: str,
+                       so_far: GuardResult | None = None) -> GuardResult:
+    """Check one batch item's answer (an empty one needs no check); never raises for the item.
+
+    Args:
+        guard: the guard.
+        prompt: what the answer answers (the context the guard judges it in).
+        answer: the generated text.
+        so_far: the item's input result, when its input was checked.
+
+    Returns:
+        ``so_far`` with the output verdict, or the failure (which alone makes the record).
+    """
+    try:
+        verdict = guard.check_response(prompt, answer) if answer.strip() else None
+    except LlmkitError as exc:
+        return GuardResult(failure=str(exc))
+    return replace(so_far or GuardResult(), output=verdict)
