@@ -44,6 +44,7 @@ class ModelSpec:
     reason: str = ""
     alternatives: tuple[str, ...] = ()
     embedded: str = ""
+    default: bool = False
     system: str = ""
     temperature: float | None = None
     top_p: float | None = None
@@ -72,7 +73,7 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise CatalogError(f"{where}: {key} must be a list of strings")
             values[key] = tuple(value)
-        elif key in ("gated", "supported"):
+        elif key in ("gated", "supported", "default"):
             if not isinstance(value, bool):
                 raise CatalogError(f"{where}: {key} must be true or false")
             values[key] = value
@@ -110,6 +111,8 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
             raise CatalogError(f"{where}: a vision model needs its mmproj file")
     elif not spec.reason:
         raise CatalogError(f"{where}: an unsupported model needs a reason")
+    if spec.default and not spec.supported:
+        raise CatalogError(f"{where}: a model llama.cpp cannot run cannot be a default")
     return spec
 
 
@@ -153,18 +156,34 @@ def shipped_catalog_text() -> str:
     return (Path(__file__).resolve().parent.parent / "models.toml").read_text(encoding="utf-8")
 
 
+@lru_cache(maxsize=1)
+def shipped_catalog() -> dict[str, ModelSpec]:
+    """The catalog that ships with llmkit, parsed (once: it cannot change while llmkit runs).
+
+    Raises:
+        CatalogError: it is malformed.
+    """
+    return parse_catalog(shipped_catalog_text())
+
+
 @lru_cache(maxsize=4)
 def _load(user_path: str) -> dict[str, ModelSpec]:
-    specs = parse_catalog(shipped_catalog_text())
+    specs = shipped_catalog()
     user = Path(user_path)
     if user.is_file():
         try:
             text = user.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CatalogError(f"cannot read {user}: {exc}") from None
-        combined = dict(specs)
-        combined.update(parse_catalog(text, origin=str(user)))
-        specs = combined
+        added = parse_catalog(text, origin=str(user))
+        for spec in added.values():
+            if spec.default:
+                # The defaults are the shipped catalog's; two for one kind would be ambiguous.
+                raise CatalogError(
+                    f'{user}: [models."{spec.name}"]: only the shipped catalog marks defaults',
+                    hint="choose yours with LLMKIT_MODEL, LLMKIT_VISION_MODEL or "
+                         "LLMKIT_GUARD_MODEL")
+        specs = {**specs, **added}
     return specs
 
 

@@ -57,7 +57,7 @@ class ReadLimit:
 def prompt_limit(ctx: int | None) -> ReadLimit:
     """The most bytes of text that could fit a ``ctx``-token context (the default one for None)."""
     if ctx is None:
-        from llmkit.engines.base import DEFAULT_CTX
+        from llmkit.defaults import DEFAULT_CTX
 
         ctx = DEFAULT_CTX  # the default context is never larger than this
     return ReadLimit(ctx * MAX_TOKEN_BYTES, f"more than a {ctx}-token context can hold",

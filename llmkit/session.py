@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmkit.defaults import default_model_name
 from llmkit.engines import Engine, SamplingParams, load_engine
-from llmkit.store import Resolution, resolve, resolve_setting
+from llmkit.store import Resolution, resolve, resolve_default
 
 if TYPE_CHECKING:
     from llmkit.tasks.safety import Guard
@@ -77,14 +77,6 @@ def default_system_prompt(resolution: Resolution) -> str | None:
     return None
 
 
-DEFAULT_VISION_MODEL = "gemma3:4b"
-
-
-def default_vision_model_name() -> str:
-    """``LLMKIT_VISION_MODEL`` if set, else the catalog's default captioning model."""
-    return os.environ.get("LLMKIT_VISION_MODEL") or DEFAULT_VISION_MODEL
-
-
 def find_projector(model_path: Path) -> Path | None:
     """The one ``mmproj*.gguf`` beside a model file, as vision models are published, if any.
 
@@ -132,7 +124,7 @@ def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Pat
     model = resolution.model
     spec = resolution.spec
     path = Path(model.path)
-    suggestion = default_vision_model_name()
+    suggestion = default_model_name("vision")
     if spec is not None and spec.kind in ("text", "guard") and mmproj is None:
         raise NotAVisionModelError(model.name, suggestion)
     info = read_info(path)
@@ -176,8 +168,7 @@ def open_vision_engine(model: str | None, options: EngineOptions, *,
         LlmkitError: unknown, unsupported or unpulled model; a model that cannot see images;
             a missing or mismatched projector; loading failures.
     """
-    resolution = (resolve(model) if model is not None
-                  else resolve_setting("LLMKIT_VISION_MODEL", DEFAULT_VISION_MODEL))
+    resolution = resolve(model) if model is not None else resolve_default("vision")
     model_path, projector, note = vision_files(resolution, mmproj)
     engine = load_with_options(model_path, options, resolution.model.name, projector)
     return engine, resolution, note or resolution.note
@@ -202,14 +193,6 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
     return engine, resolution, resolution.note
 
 
-DEFAULT_GUARD_MODEL = "llama-guard3:1b"
-
-
-def default_guard_model_name() -> str:
-    """``LLMKIT_GUARD_MODEL`` if set, else Llama Guard 3 1B."""
-    return os.environ.get("LLMKIT_GUARD_MODEL") or DEFAULT_GUARD_MODEL
-
-
 def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None = None,
                categories_file: Path | None = None, threshold: float | None = None
                ) -> tuple[Guard, str | None]:
@@ -230,8 +213,7 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     custom = load_categories(categories_file) if categories_file is not None else None
     if exclude:
         drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
-    resolution = (resolve(model) if model
-                  else resolve_setting("LLMKIT_GUARD_MODEL", DEFAULT_GUARD_MODEL))
+    resolution = resolve(model) if model else resolve_default("guard")
     engine = load_with_options(resolution.model.path, options, resolution.model.name)
     try:
         policy = custom if custom is not None else default_categories(

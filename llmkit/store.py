@@ -19,6 +19,7 @@ from typing import Any
 from llmkit import paths
 from llmkit._fs import atomic_write_text, locked
 from llmkit.catalog import ModelSpec, get_spec, load_catalog
+from llmkit.defaults import Role, catalog_defaults, default_choice
 from llmkit.errors import (
     InvalidModelFileError,
     ModelNotFoundError,
@@ -28,8 +29,6 @@ from llmkit.errors import (
     UsageError,
 )
 
-DEFAULT_MODEL = "llama3.2:1b"
-EMBEDDED_MODEL = "smollm2:135m"
 MANIFEST_VERSION = 1
 
 
@@ -356,25 +355,35 @@ def _from_spec(spec: ModelSpec) -> LocalModel | None:
     return None
 
 
-def default_model_name() -> str:
-    """``LLMKIT_MODEL`` if set, else the catalog default."""
-    return os.environ.get("LLMKIT_MODEL") or DEFAULT_MODEL
+def resolve_default(role: Role = "text") -> Resolution:
+    """Resolve the model llmkit uses for ``role`` when none is named (see ``defaults``).
 
-
-def resolve_setting(variable: str, fallback: str) -> Resolution:
-    """Resolve the model an environment variable names, or ``fallback`` when it is unset.
+    The text default falls back to the embedded model until it is pulled, with a note.
 
     Raises:
-        ModelNotFoundError: saying that the unknown name came from ``variable``.
+        ModelNotFoundError: saying so when the unknown name came from the environment.
         As :func:`resolve` otherwise.
     """
-    value = os.environ.get(variable)
-    if not value:
-        return resolve(fallback)
+    choice = default_choice(role)
     try:
-        return resolve(value)
+        return resolve(choice.name)
     except ModelNotFoundError as exc:
-        raise _from_variable(exc, variable) from None
+        if choice.variable is not None:
+            raise _from_variable(exc, choice.variable) from None
+        raise
+    except ModelNotPulledError:
+        if role != "text":
+            raise
+        embedded = catalog_defaults().embedded
+        spec = get_spec(embedded)
+        fallback = _from_spec(spec) if spec else None
+        if fallback is None:
+            raise
+        return Resolution(
+            fallback, spec,
+            note=f"{choice.name} is not pulled yet; using the embedded {embedded} "
+                 f"(run `llmkit pull {choice.name}` for the default)",
+        )
 
 
 def _from_variable(exc: ModelNotFoundError, variable: str) -> ModelNotFoundError:
@@ -397,23 +406,7 @@ def resolve(ref: str | None) -> Resolution:
         ModelNotFoundError, ModelNotPulledError, UnsupportedModelError, InvalidModelFileError.
     """
     if ref is None:
-        wanted = default_model_name()
-        try:
-            return resolve(wanted)
-        except ModelNotFoundError as exc:
-            if os.environ.get("LLMKIT_MODEL"):
-                raise _from_variable(exc, "LLMKIT_MODEL") from None
-            raise
-        except ModelNotPulledError:
-            spec = get_spec(EMBEDDED_MODEL)
-            fallback = _from_spec(spec) if spec else None
-            if fallback is None:
-                raise
-            return Resolution(
-                fallback, spec,
-                note=f"{wanted} is not pulled yet; using the embedded {EMBEDDED_MODEL} "
-                     f"(run `llmkit pull {wanted}` for the default)",
-            )
+        return resolve_default("text")
     try:
         local = get_local(ref)
     except StoreError:

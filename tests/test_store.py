@@ -11,6 +11,7 @@ import pytest
 
 from llmkit import paths, store
 from llmkit.catalog import load_catalog
+from llmkit.defaults import default_model_name
 from llmkit.errors import (
     InvalidModelFileError,
     ModelNotFoundError,
@@ -273,7 +274,7 @@ def test_default_is_the_pulled_default_when_present(copy: Path) -> None:
 def test_llmkit_model_env_picks_the_default(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store.import_gguf(copy, "chosen")
     monkeypatch.setenv("LLMKIT_MODEL", "chosen")
-    assert store.default_model_name() == "chosen"
+    assert default_model_name() == "chosen"
     res = store.resolve(None)
     assert res.model.name == "chosen" and res.note is None
 

@@ -300,12 +300,12 @@ class _Repl:
         return True
 
     def _attach(self, path: Path) -> None:
+        from llmkit.defaults import default_model_name
         from llmkit.errors import NotAVisionModelError
         from llmkit.images import prepare_image
-        from llmkit.session import default_vision_model_name
 
         if not self.engine.vision:
-            raise NotAVisionModelError(self.engine.model_name, default_vision_model_name())
+            raise NotAVisionModelError(self.engine.model_name, default_model_name("vision"))
         image = prepare_image(path)  # read it now, so a bad file is reported at once
         self.pending_images.append(str(path))
         self.convo.image_cache[str(path)] = image

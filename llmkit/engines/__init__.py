@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engines.base import (
-    DEFAULT_CTX,
     Engine,
     Generation,
     Message,
@@ -18,8 +17,8 @@ from llmkit.engines.base import (
 if TYPE_CHECKING:
     from llmkit.engines.llama_cpp import LlamaCppEngine
 
-__all__ = ["DEFAULT_CTX", "Engine", "Generation", "LlamaCppEngine", "Message", "Piece",
-           "RGBImage", "SamplingParams", "load_engine"]
+__all__ = ["Engine", "Generation", "LlamaCppEngine", "Message", "Piece", "RGBImage",
+           "SamplingParams", "load_engine"]
 
 # Architectures llama.cpp has no runtime for and llmkit has no engine of its own for yet: a
 # file of one is refused here in one sentence, before llama.cpp would fail with "unknown model

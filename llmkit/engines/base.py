@@ -12,12 +12,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["DEFAULT_CTX", "Engine", "Generation", "Message", "Piece", "RGBImage",
-           "SamplingParams"]
-
-# Context length when neither the user nor the model asks for another: enough for a chat or a
-# chunk of a document, small enough that the KV cache of a 1B model stays well under 1 GiB.
-DEFAULT_CTX = 4096
+__all__ = ["Engine", "Generation", "Message", "Piece", "RGBImage", "SamplingParams"]
 
 Message = Mapping[str, str]
 

@@ -25,8 +25,8 @@ from llmkit.chat_template import (
     defuse_value,
     new_media_marker,
 )
+from llmkit.defaults import DEFAULT_CTX
 from llmkit.engines.base import (
-    DEFAULT_CTX,
     Generation,
     Message,
     RGBImage,

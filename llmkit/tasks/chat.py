@@ -322,9 +322,9 @@ def _answer_with_images(engine: Engine, convo: Conversation, params: SamplingPar
                         ) -> tuple[Generation, int]:
     """Answer a conversation that shows images, dropping its oldest turns until it fits."""
     if not engine.vision:
-        from llmkit.session import default_vision_model_name
+        from llmkit.defaults import default_model_name
 
-        raise NotAVisionModelError(engine.model_name, default_vision_model_name())
+        raise NotAVisionModelError(engine.model_name, default_model_name("vision"))
     vision: Any = engine
     dropped = 0
     while True:
@@ -358,9 +358,9 @@ def run_prompt_with_images(
     if not prompt.strip():
         raise InputError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
     if not engine.vision:
-        from llmkit.session import default_vision_model_name
+        from llmkit.defaults import default_model_name
 
-        raise NotAVisionModelError(engine.model_name, default_vision_model_name())
+        raise NotAVisionModelError(engine.model_name, default_model_name("vision"))
     vision: Any = engine
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user",
