@@ -14,12 +14,7 @@ from typing import Any
 
 from llmkit._fs import atomic_write_text, json_dumps, try_lock
 from llmkit.errors import EXIT_FLAGGED, InputError, LlmkitError, UsageError
-from llmkit.io import parse_json
-
-
-def item_key(path: str) -> str:
-    """How two mentions of the same input are recognised: the absolute, normalised path."""
-    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+from llmkit.io import item_key, parse_json
 
 
 class RecordLog:

@@ -427,6 +427,11 @@ def read_text_file(path: Path, limit: ReadLimit = TEXT_FILE_LIMIT) -> str:
     return decode_text(read_input(path, limit), str(path))
 
 
+def item_key(path: str) -> str:
+    """How two mentions of the same input are recognised: the absolute, normalised path."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -446,8 +451,6 @@ class _Inputs:
             except OSError:
                 pass
         if identity is None:
-            from llmkit.batch import item_key
-
             key: object = item_key(path)  # missing (the batch will say so): known by name
         else:
             key = identity

@@ -14,13 +14,12 @@ from llmkit.batch import (
     BatchOutput,
     RecordLog,
     SidecarPlan,
-    item_key,
     run_batch,
     should_skip,
     sidecar_path,
 )
 from llmkit.errors import InputError, LlmkitError
-from llmkit.io import collect_paths, split_path_list
+from llmkit.io import collect_paths, item_key, split_path_list
 
 IMAGES = frozenset({".jpg", ".png"})
 
