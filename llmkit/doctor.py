@@ -21,12 +21,12 @@ def _version(dist: str) -> str:
 
 def report() -> dict[str, Any]:
     """Gather the facts; loads llama.cpp's library but no model."""
-    from llmkit import engine
+    from llmkit.engines import llama_cpp
     from llmkit.errors import StoreError
     from llmkit.store import list_models
 
     threads = measure_threads()  # before llama.cpp's library loads: this process is idle
-    lc = engine.llama_module()
+    lc = llama_cpp.llama_module()
     gpu = bool(lc.llama_supports_gpu_offload())
     info = lc.llama_print_system_info().decode("utf-8", "replace").strip()
     hf_home = os.environ.get("HF_HOME") or os.path.join(
@@ -41,7 +41,7 @@ def report() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "llama_cpp_python": _version("llama-cpp-python"),
-        "backends": engine.backends(),
+        "backends": llama_cpp.backends(),
         "gpu_offload": gpu,
         "system_info": info,
         "physical_cores": physical_cores(),
