@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import mmap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from llmkit.convert import writer
 from llmkit.convert.safetensors import MappedFiles, read_header
-from llmkit.convert.writer import PlannedTensor, _BackgroundWriter, stage_gguf
+from llmkit.convert.writer import PlannedTensor, _BackgroundWriter, _encode, stage_gguf
 from llmkit.errors import ConvertError
 from tests.checkpoints import write_safetensors
 
@@ -36,6 +38,52 @@ def test_background_writer_keeps_order() -> None:
     data = out.getvalue()
     assert len(data) == 200_000
     assert all(data[i * 1000] == i % 256 for i in range(200))
+
+
+def test_background_writer_drains_before_the_caller_writes() -> None:
+    out = io.BytesIO()
+    with _BackgroundWriter(out) as sink:
+        for i in range(50):
+            sink.put(bytes([i]) * 1000)
+            if i % 7 == 0:
+                sink.drain()
+                assert len(out.getvalue()) == (i + 1) * 1000  # nothing left in flight
+    assert len(out.getvalue()) == 50_000
+
+
+def test_streamed_tensors_are_written_as_gguf_writes_them(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block by block through the writer's lazy-tensor path, the bytes are those of gguf's
+    own eager path: same offsets, same padding, same data."""
+    import gguf
+
+    kinds = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    planned = []
+    for name, shape, qtype in [("a.weight", (7,), kinds.F32), ("b.weight", (3, 5), kinds.F16),
+                               ("c.weight", (5, 64), kinds.Q8_0), ("d.weight", (9, 3), kinds.F32),
+                               ("e.weight", (4, 96), kinds.BF16)]:
+        values = rng.standard_normal(shape).astype(np.float32)
+        planned.append(PlannedTensor(name, shape, qtype, lambda a, b, v=values: v[a:b]))
+    monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 64)  # several blocks in most tensors
+    monkeypatch.setattr("llmkit.gguf_file.check_file",
+                        lambda path: SimpleNamespace(tensor_count=len(planned)))
+    seen: list[tuple[int, int, str]] = []
+    staged = stage_gguf(tmp_path / "out.gguf", "llama", lambda w: w.add_uint32("x.n", 1),
+                        planned, lambda i, n, name: seen.append((i, n, name)))
+    assert seen == [(i, 5, t.name) for i, t in enumerate(planned)]
+
+    eager = gguf.GGUFWriter(tmp_path / "eager.gguf", "llama")
+    eager.add_uint32("x.n", 1)
+    for t in planned:
+        data = np.frombuffer(_encode(t.rows(0, t.shape[0]), t.qtype), dtype=np.uint8)
+        eager.add_tensor(t.name, data.reshape(t.shape[0], -1) if len(t.shape) > 1 else data,
+                         raw_dtype=t.qtype)
+    eager.write_header_to_file()
+    eager.write_kv_data_to_file()
+    eager.write_tensors_to_file()
+    eager.close()
+    assert staged.read_bytes() == (tmp_path / "eager.gguf").read_bytes()
 
 
 def test_background_writer_reports_a_full_disk() -> None:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from llmkit.errors import ConvertError, InvalidModelFileError
 
@@ -121,35 +121,18 @@ def stage_gguf(
     done = False
     try:
         add_metadata(writer)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, _float32(), t.nbytes, raw_dtype=t.qtype)
+        stream = _TensorStream(tensors, on_tensor, writer.data_alignment)
+        for streamed in stream.tensors:
+            # Annotated as an ndarray, but the writer reads only dtype, nbytes and tofile, as
+            # for its lazy tensors. The bytes are little-endian, as the file: none are swapped.
+            writer.add_tensor(streamed.name, cast(Any, streamed), raw_shape=streamed.shape,
+                              raw_dtype=streamed.qtype, tensor_endianess=gguf.GGUFEndian.LITTLE)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        align = writer.data_alignment
-        with _BackgroundWriter(fout) as sink:
-            position = fout.tell()
-            for i, t in enumerate(tensors):
-                if on_tensor is not None:
-                    on_tensor(i, len(tensors), t.name)
-                pad = -position % align
-                sink.put(b"\0" * pad)
-                position += pad
-                written = 0
-                for a, b in _blocks(t):
-                    data = _encode(t.rows(a, b), t.qtype)
-                    sink.put(data)
-                    written += len(data)
-                if written != t.nbytes:
-                    raise ConvertError(
-                        f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
-                sink.put(b"\0" * (-written % align))
-                position += written + (-written % align)
-        fout.flush()
-        os.fsync(fout.fileno())
-        fout.close()
+        with stream:
+            writer.write_tensors_to_file()
+        writer.close()
+        _fsync(tmp)
         from llmkit.gguf_file import check_file
 
         # The whole header parses, every tensor's data is present, and llama.cpp can load it.
@@ -167,13 +150,91 @@ def stage_gguf(
         raise ConvertError(f"cannot write {path}: {exc.strerror or exc}",
                            hint="check free disk space and permissions") from None
     finally:
-        if writer.fout:
-            for fh in writer.fout:
-                with contextlib.suppress(OSError):
-                    fh.close()
+        with contextlib.suppress(OSError):
+            writer.close()
         if not done:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Make a closed file durable (fsync applies to the file, whichever descriptor asks)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _StreamedTensor:
+    """A planned tensor in the shape gguf's writer takes: its bytes are made as it writes them.
+
+    ``GGUFWriter.write_tensors_to_file`` writes each tensor with ``tofile(fout)`` once it has
+    checked ``nbytes``, and pads it itself; gguf's own lazy tensors
+    (``gguf.lazy.LazyNumpyTensor``) are computed at that moment through the same two members.
+    Those materialise a whole tensor; this one hands the file block after block, so memory
+    stays near one block (a 128k-token embedding is 0.5 GB in f16) while the writer keeps its
+    state machine, offsets and padding.
+    """
+
+    def __init__(self, stream: _TensorStream, index: int, planned: PlannedTensor) -> None:
+        self._stream = stream
+        self._index = index
+        self._planned = planned
+        self.name = planned.name
+        self.shape = planned.shape
+        self.qtype = planned.qtype
+        self.nbytes = planned.nbytes
+        self.dtype = _float32()  # what add_tensor_info is told; raw_dtype gives the real type
+
+    def tofile(self, fout: Any) -> None:
+        """Hand the tensor's bytes for ``fout`` (the writer's file) to the writing thread.
+
+        They are all in the file before the writer itself next writes to it.
+
+        Raises:
+            ConvertError: the rows gave more or fewer bytes than the tensor's size.
+            OSError: the file could not be written.
+        """
+        self._stream.write(fout, self._index, self._planned)
+
+
+class _TensorStream:
+    """The tensors of one output, and the thread that writes their blocks (started lazily,
+    on the file the writer hands to the first ``tofile``, and joined on exit)."""
+
+    def __init__(self, tensors: list[PlannedTensor],
+                 on_tensor: Callable[[int, int, str], None] | None, alignment: int) -> None:
+        self.tensors = [_StreamedTensor(self, i, t) for i, t in enumerate(tensors)]
+        self._on_tensor = on_tensor
+        self._alignment = alignment
+        self._sink: _BackgroundWriter | None = None
+
+    def write(self, fout: Any, index: int, t: PlannedTensor) -> None:
+        if self._on_tensor is not None:
+            self._on_tensor(index, len(self.tensors), t.name)
+        if self._sink is None:
+            self._sink = _BackgroundWriter(fout).__enter__()
+        written = 0
+        for a, b in _blocks(t):
+            data = _encode(t.rows(a, b), t.qtype)
+            self._sink.put(data)
+            written += len(data)
+        if written != t.nbytes:
+            raise ConvertError(f"tensor {t.name}: wrote {written} bytes, expected {t.nbytes}")
+        # A tensor whose size is not a multiple of the alignment is padded by the writer,
+        # straight into the file, once this returns: the thread must be done by then. The
+        # others (nearly all) it leaves alone, so their writes overlap the next conversion.
+        if t.nbytes % self._alignment:
+            self._sink.drain()
+
+    def __enter__(self) -> _TensorStream:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.__exit__(exc_type, exc, tb)
 
 
 class _BackgroundWriter:
@@ -209,13 +270,23 @@ class _BackgroundWriter:
         if data:
             self._queue.put(data)
 
+    def drain(self) -> None:
+        """Return once every block put so far is in the file (the caller writes to it next).
+
+        Raises:
+            OSError: a write failed.
+        """
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
     def _run(self) -> None:
         fout = self._fout
         start = fout.tell()
         unflushed = 0
-        try:
-            while True:
-                data = self._queue.get()
+        while True:
+            data = self._queue.get()
+            try:
                 if data is None:
                     return
                 if self._error is not None:
@@ -227,10 +298,10 @@ class _BackgroundWriter:
                     end = fout.tell()
                     self._kick(fout.fileno(), start, end - start)
                     start, unflushed = end, 0
-        except BaseException as exc:  # reported to the producer on its next put or exit
-            self._error = exc
-            while self._queue.get() is not None:
-                pass
+            except BaseException as exc:  # reported to the producer on its next put or exit
+                self._error = exc
+            finally:
+                self._queue.task_done()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._queue.put(None)
