@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +12,7 @@ from llmkit.cli import _output as out
 from llmkit.cli._batch import BatchFormat, note_all_skipped, open_cli_guard, run_cli_batch
 from llmkit.cli._options import (
     CtxOpt,
+    Device,
     DeviceOpt,
     GpuLayersOpt,
     GuardModelOpt,
@@ -26,6 +26,7 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    engine_options,
     utf8_text,
 )
 
@@ -37,12 +38,6 @@ class Style(str, Enum):
     detailed = "detailed"
     alt_text = "alt-text"
     tags = "tags"
-
-
-IMAGE_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-    ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm", ".tga", ".ico",
-})
 
 
 def caption(
@@ -85,7 +80,7 @@ def caption(
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -100,9 +95,16 @@ def caption(
     """
     from llmkit.batch import BatchOutput, RecordLog, SidecarPlan, should_skip
     from llmkit.io import collect_paths
-    from llmkit.session import EngineOptions, open_vision_engine, sampling_params
-    from llmkit.tasks.caption import DEFAULT_MAX_TOKENS, CaptionJob, caption_file, instruction_for
-    from llmkit.tasks.guarding import check_input, guard_batch_output
+    from llmkit.session import open_vision_engine, sampling_params
+    from llmkit.tasks.caption import (
+        DEFAULT_MAX_TOKENS,
+        IMAGE_SUFFIXES,
+        CaptionJob,
+        caption_file,
+        caption_record,
+        instruction_for,
+    )
+    from llmkit.tasks.guarding import check_input
 
     out.set_quiet(quiet)
     instruction, style_name = instruction_for(style.value, prompt)
@@ -122,8 +124,7 @@ def caption(
             return
 
         def refused(path: str, reason: str) -> dict[str, Any]:
-            return {"path": path, "caption": None, "model": None, "style": style_name,
-                    "error": reason}
+            return caption_record(path, style_name, model=None, error=reason)
 
         if plan is not None and all(plan.refusal(p) for p in todo):
             # Every image left would be refused its sidecar: no model is needed to say so.
@@ -131,28 +132,22 @@ def caption(
                           single=single, text_field="caption", noun="image",
                           clear=lambda: None, error_record=refused)
             return
-        engine_options = EngineOptions(ctx=ctx, threads=threads,
-                                       device=str(getattr(device, "value", device)),
-                                       gpu_layers=gpu_layers, verbose=verbose)
-        checker = open_cli_guard(guard, guard_model, guard_threshold, engine_options)
+        options = engine_options(ctx, threads, device, gpu_layers, verbose)
+        checker = open_cli_guard(guard, guard_model, guard_threshold, options)
         if checker is not None and prompt is not None:
             check_input(checker, instruction)  # your own instruction is input too
-        engine, resolution, note = open_vision_engine(model, engine_options, mmproj=mmproj)
+        engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)
         if note:
             out.note(note)
         params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
                                  max_tokens=max_tokens or DEFAULT_MAX_TOKENS[style_name])
         job = CaptionJob(instruction=instruction, style=style_name, params=params,
                          max_side=max_side)
-        progress = _Progress(len(todo), quiet)
+        progress = _Progress(len(todo))
 
         def work(path: str) -> dict[str, Any]:
             progress.start(path)
-            record = caption_file(engine, path, job)
-            if checker is not None and record.get("caption"):
-                record = guard_batch_output(checker, instruction, record["caption"]).apply_to(
-                    record, "caption")
-            return record
+            return caption_file(engine, path, job, guard=checker)
 
         with engine:
             run_cli_batch(paths, work, output, fmt=format or BatchFormat.text, single=single,
@@ -172,18 +167,16 @@ def _no_work(path: str) -> dict[str, Any]:
 class _Progress:
     """``[3/50] photo.jpg`` on stderr while an image is worked on, only on a terminal."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
         self.count = 0
-        self.enabled = not quiet and total > 1 and sys.stderr.isatty()
+        self.enabled = total > 1 and out.progress_enabled()
 
     def start(self, path: str) -> None:
         self.count += 1
         if self.enabled:
-            sys.stderr.write(f"\r\033[K[{self.count}/{self.total}] {path}")
-            sys.stderr.flush()
+            out.progress(f"[{self.count}/{self.total}] {path}")
 
     def done(self) -> None:
         if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+            out.progress_clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +13,7 @@ from llmkit.cli import _output as out
 from llmkit.cli._batch import open_cli_guard
 from llmkit.cli._options import (
     CtxOpt,
+    Device,
     DeviceOpt,
     GpuLayersOpt,
     GuardModelOpt,
@@ -30,6 +30,7 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    engine_options,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def chat(
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -83,21 +84,13 @@ def chat(
     With --guard every message and reply is checked; a flagged turn is refused and the chat
     goes on (piped: exit 3).
     """
-    from llmkit.errors import Interrupted
     from llmkit.io import prompt_limit, read_stdin, stdin_is_tty
-    from llmkit.session import (
-        EngineOptions,
-        default_system_prompt,
-        open_chat_engine,
-        sampling_params,
-    )
+    from llmkit.session import default_system_prompt, open_chat_engine, sampling_params
     from llmkit.tasks.chat import Conversation
     from llmkit.tasks.guarding import guarded_chat_turn
 
     out.set_quiet(quiet)
-    options = EngineOptions(ctx=ctx, threads=threads,
-                            device=str(getattr(device, "value", device)),
-                            gpu_layers=gpu_layers, verbose=verbose)
+    options = engine_options(ctx, threads, device, gpu_layers, verbose)
     convo = Conversation.load(load) if load else Conversation()
     piped = None if stdin_is_tty() else read_stdin(limit=prompt_limit(ctx))
     if piped is not None and not piped.strip():
@@ -128,7 +121,7 @@ def chat(
         if reply.dropped_messages:
             out.note(f"dropped {reply.dropped_messages} oldest message(s) to fit the context")
         if reply.generation.finish_reason == "interrupted":
-            raise Interrupted()
+            raise KeyboardInterrupt  # caught by the engine for the partial reply; app.py says it
         return
     try:
         _check_chat_template(engine, convo)
@@ -263,13 +256,13 @@ class _Repl:
             if name in ("/exit", "/bye", "/quit"):
                 return False
             if name in ("/help", "/?"):
-                sys.stderr.write(HELP + "\n")
+                out.info(HELP)
             elif name == "/system":
                 if arg:
                     self.convo.system = arg
                     out.note("system prompt set")
                 else:
-                    sys.stderr.write((self.convo.system or "(no system prompt)") + "\n")
+                    out.info(self.convo.system or "(no system prompt)")
             elif name == "/clear":
                 self.convo.messages.clear()
                 out.note("conversation cleared")
@@ -286,7 +279,7 @@ class _Repl:
                 self._attach(_path_arg(arg, "/image FILE"))
             elif name == "/model":
                 if not arg:
-                    sys.stderr.write(self.engine.model_name + "\n")
+                    out.info(self.engine.model_name)
                 else:
                     self._switch_model(arg)
             else:
@@ -385,12 +378,8 @@ def _is_utf8(text: str) -> bool:
 
 
 def _report_unexpected(exc: Exception) -> None:
-    import os
-
-    if os.environ.get("LLMKIT_DEBUG", "") not in ("", "0"):
-        import traceback
-
-        traceback.print_exception(exc, file=sys.stderr)
+    if out.debugging():
+        out.traceback(exc)
     out.error(f"unexpected {type(exc).__name__}: {exc} (the chat goes on; LLMKIT_DEBUG=1 shows "
               "the traceback)")
 

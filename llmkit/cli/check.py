@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from llmkit.cli import _output as out
 from llmkit.cli._options import (
     CtxOpt,
+    Device,
     DeviceOpt,
     GpuLayersOpt,
     ImageOpt,
@@ -19,11 +20,15 @@ from llmkit.cli._options import (
     TextFormat,
     ThreadsOpt,
     VerboseOpt,
+    engine_options,
     finite,
     utf8_text,
     utf8_texts,
 )
 from llmkit.errors import EXIT_FLAGGED
+
+if TYPE_CHECKING:
+    from llmkit.session import EngineOptions
 
 
 def check(
@@ -60,7 +65,7 @@ def check(
         "--format", "-f", help="text: safe / unsafe: S1 Violent Crimes; json: verdict, "
         "categories, score, timings.")] = TextFormat.text,
     ctx: CtxOpt = None,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -76,14 +81,12 @@ def check(
     """
     from llmkit.errors import ImagesNotCheckableError, UsageError, VerdictError
     from llmkit.io import prompt_limit, read_stdin, read_text_file
-    from llmkit.session import EngineOptions, open_guard
+    from llmkit.session import open_guard
     from llmkit.tasks.guard_prompt import check_conversation
     from llmkit.tasks.safety import load_conversation
 
     out.set_quiet(quiet)
-    options = EngineOptions(ctx=ctx, threads=threads,
-                            device=str(getattr(device, "value", device)),
-                            gpu_layers=gpu_layers, verbose=verbose)
+    options = engine_options(ctx, threads, device, gpu_layers, verbose)
     sources = [name for name, given in (("TEXT", text), ("--file", file),
                                         ("--prompt/--response", prompt or response),
                                         ("--conversation", conversation), ("--batch", batch))
@@ -144,11 +147,11 @@ def check(
         raise typer.Exit(EXIT_FLAGGED)
 
 
-def _run_batch(source: str, model: str | None, options: Any, exclude: str | None,
+def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: str | None,
                categories: Path | None, threshold: float | None, ctx: int | None) -> None:
     import itertools
 
-    from llmkit.errors import InputError, Interrupted
+    from llmkit.errors import InputError
     from llmkit.io import batch_line_limit, numbered_lines
     from llmkit.session import open_guard
     from llmkit.tasks.safety import check_jsonl_line
@@ -165,18 +168,15 @@ def _run_batch(source: str, model: str | None, options: Any, exclude: str | None
         out.note(note)
     counts = {"safe": 0, "flagged": 0, "errors": 0}
     with guard:
-        try:
-            for number, line in itertools.chain([first], lines):
-                if isinstance(line, Exception):
-                    record: dict[str, Any] = {"line": number, "verdict": None,
-                                              "flagged": None, "error": str(line)}
-                else:
-                    record = check_jsonl_line(guard, line, number)
-                counts["errors" if record["error"] else
-                       "flagged" if record["flagged"] else "safe"] += 1
-                out.write_jsonl(record)
-        except KeyboardInterrupt:
-            raise Interrupted() from None
+        for number, line in itertools.chain([first], lines):
+            if isinstance(line, Exception):
+                record: dict[str, Any] = {"line": number, "verdict": None,
+                                          "flagged": None, "error": str(line)}
+            else:
+                record = check_jsonl_line(guard, line, number)
+            counts["errors" if record["error"] else
+                   "flagged" if record["flagged"] else "safe"] += 1
+            out.write_jsonl(record)
     total = sum(counts.values())
     out.note(f"{total} record{'s' * (total != 1)}: {counts['safe']} safe, "
              f"{counts['flagged']} flagged, {counts['errors']} errors")

@@ -11,6 +11,7 @@ from llmkit.cli import _output as out
 from llmkit.cli._batch import open_cli_guard
 from llmkit.cli._options import (
     CtxOpt,
+    Device,
     DeviceOpt,
     GpuLayersOpt,
     GuardModelOpt,
@@ -28,6 +29,7 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    engine_options,
     utf8_texts,
 )
 
@@ -54,7 +56,7 @@ def run(
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -69,11 +71,9 @@ def run(
     flagged).
     """
     from llmkit.engines.llama_cpp import grammar_from_json_schema
-    from llmkit.errors import Interrupted
     from llmkit.images import prepare_image
     from llmkit.io import MiB, ReadLimit, prompt_limit, read_stdin, read_text_file
     from llmkit.session import (
-        EngineOptions,
         default_system_prompt,
         open_engine,
         open_vision_engine,
@@ -89,9 +89,7 @@ def run(
     schema_limit = ReadLimit(MiB, "the most llmkit reads of a JSON schema")
     grammar = (grammar_from_json_schema(read_text_file(json_schema, schema_limit))
                if json_schema else None)
-    options = EngineOptions(ctx=ctx, threads=threads,
-                            device=str(getattr(device, "value", device)),
-                            gpu_layers=gpu_layers, verbose=verbose)
+    options = engine_options(ctx, threads, device, gpu_layers, verbose)
     prepared = [prepare_image(p) for p in image or []]  # before loading: fail fast
     # The guard is loaded and the prompt checked before the model loads: a refused prompt
     # costs no generation model at all.
@@ -136,7 +134,9 @@ def run(
         data["threads_reason"] = engine.threads_reason
         out.write_json(data)
     if finish == "interrupted":
-        raise Interrupted()
+        # The engine caught Ctrl-C to hand back the partial answer (printed above); the command
+        # still ends as an interrupted one, which app.py reports.
+        raise KeyboardInterrupt
     if finish == "context":
         out.warn("the answer stopped because the context is full (raise --ctx)")
 

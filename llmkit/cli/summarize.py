@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,7 @@ from llmkit.cli import _output as out
 from llmkit.cli._batch import BatchFormat, note_all_skipped, open_cli_guard, run_cli_batch
 from llmkit.cli._options import (
     CtxOpt,
+    Device,
     DeviceOpt,
     GpuLayersOpt,
     GuardModelOpt,
@@ -26,11 +27,12 @@ from llmkit.cli._options import (
     ThreadsOpt,
     TopPOpt,
     VerboseOpt,
+    engine_options,
     utf8_text,
 )
 
-# Summaries should stick to the text: sample cooler than chat unless told otherwise.
-SUMMARY_TEMPERATURE = 0.2
+if TYPE_CHECKING:
+    from llmkit.documents import Document
 
 
 class Length(str, Enum):
@@ -107,7 +109,7 @@ def summarize(
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
@@ -124,8 +126,15 @@ def summarize(
     from llmkit.documents import DOCUMENT_SUFFIXES
     from llmkit.errors import UsageError
     from llmkit.io import collect_paths, parse_size, stdin_is_tty
-    from llmkit.session import EngineOptions, default_system_prompt, open_engine, sampling_params
-    from llmkit.tasks.summarize import SummaryOptions, check_options
+    from llmkit.session import default_system_prompt, open_engine, sampling_params
+    from llmkit.tasks.summarize import (
+        SummaryJob,
+        SummaryOptions,
+        check_options,
+        document_label,
+        summarize_file,
+        summary_temperature,
+    )
 
     out.set_quiet(quiet)
     checker = None
@@ -153,16 +162,13 @@ def summarize(
         if not todo:
             note_all_skipped(len(items), "document")
             return
-        engine_options = EngineOptions(ctx=ctx, threads=threads,
-                                       device=str(getattr(device, "value", device)),
-                                       gpu_layers=gpu_layers, verbose=verbose)
-        checker = open_cli_guard(guard, guard_model, guard_threshold, engine_options)
-        engine, resolution = open_engine(model, engine_options)
+        settings = engine_options(ctx, threads, device, gpu_layers, verbose)
+        checker = open_cli_guard(guard, guard_model, guard_threshold, settings)
+        engine, resolution = open_engine(model, settings)
         if resolution.note:
             out.note(resolution.note)
         spec = resolution.spec
-        if temperature is None and (spec is None or spec.temperature is None):
-            temperature = SUMMARY_TEMPERATURE
+        temperature = summary_temperature(temperature, spec.temperature if spec else None)
         options = SummaryOptions(
             length=length.value, words=words, style=style.value, focus=focus,
             language=language,
@@ -170,15 +176,20 @@ def summarize(
             params=sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
                                    max_tokens=max_tokens))
         check_options(options)
+        job = SummaryJob(options=options, format=as_format.value if as_format else None,
+                         max_bytes=limit)
+        show_plan = verbose and not quiet
 
         def work(path: str) -> dict[str, Any]:
-            return _summarize_one(engine, options, path, stdin_doc, as_format, limit, verbose,
-                                  quiet, checker)
+            label = document_label(path)
+            return summarize_file(
+                engine, path, job, document=stdin_doc if path == "-" else None, guard=checker,
+                on_warning=out.warn, on_progress=_Progress(label).show,
+                on_plan=(lambda plan: _show_plan(label, plan)) if show_plan else None)
 
         with engine:
             run_cli_batch(items, work, output, fmt=format or BatchFormat.text, single=single,
-                          text_field="summary", noun="document",
-                          clear=lambda: _clear_progress(quiet))
+                          text_field="summary", noun="document", clear=out.progress_clear)
     finally:
         if log is not None:
             log.close()
@@ -186,7 +197,7 @@ def summarize(
             checker.close()
 
 
-def _read_stdin_document(as_format: InputFormat | None, max_bytes: int) -> Any:
+def _read_stdin_document(as_format: InputFormat | None, max_bytes: int) -> Document:
     """stdin as a Document (read before the model loads, so a bad pipe fails fast); reading
     stops past ``max_bytes``, so an endless stream is an error, not memory without end."""
     from llmkit.documents import document_limit, read_document
@@ -198,59 +209,14 @@ def _read_stdin_document(as_format: InputFormat | None, max_bytes: int) -> Any:
                          max_bytes=max_bytes)
 
 
-def _summarize_one(engine: Any, options: Any, path: str, stdin_doc: Any,
-                   as_format: InputFormat | None, max_bytes: int, verbose: bool, quiet: bool,
-                   checker: Any = None) -> dict[str, Any]:
-    """One document's record; errors about the document become the record's ``error``."""
-    from llmkit.documents import read_document
-    from llmkit.errors import LlmkitError
-    from llmkit.tasks.guarding import guard_batch_input, guard_batch_output
-    from llmkit.tasks.summarize import Summarizer, summary_record
-
-    try:
-        doc = stdin_doc if path == "-" else read_document(
-            Path(path), format=as_format.value if as_format else None, max_bytes=max_bytes)
-    except LlmkitError as exc:
-        return summary_record(path, None, model=engine.model_name, error=str(exc))
-    for warning in doc.warnings:
-        out.warn(warning)
-    label = "stdin" if path == "-" else path
-    checked = None
-    if checker is not None:
-        checked = guard_batch_input(checker, doc.text)
-        if checked.withheld:
-            return checked.apply_to(summary_record(path, None, model=engine.model_name,
-                                                   fmt=doc.format, warnings=doc.warnings),
-                                    "summary")
-    summarizer = Summarizer(
-        engine, options, on_progress=_Progress(label, verbose, quiet).show,
-        on_plan=(lambda plan: _show_plan(label, plan)) if verbose and not quiet else None)
-    try:
-        result = summarizer.summarize(doc.text)
-    except LlmkitError as exc:
-        return summary_record(path, None, model=engine.model_name, fmt=doc.format,
-                              error=f"{label}: {exc}", warnings=doc.warnings)
-    record = summary_record(path, result, model=engine.model_name, fmt=doc.format,
-                            warnings=doc.warnings)
-    if checker is not None:
-        record = guard_batch_output(checker, "Summarize this document.", result.text,
-                                    checked).apply_to(record, "summary")
-    return record
-
-
 class _Progress:
     """``report.md: chunk 3/12`` on stderr: in place on a terminal, a line each otherwise."""
 
-    def __init__(self, label: str, verbose: bool, quiet: bool) -> None:
+    def __init__(self, label: str) -> None:
         self.label = label
-        self.verbose = verbose
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
         self.chunked = False
 
     def show(self, stage: str, i: int, n: int) -> None:
-        if self.quiet:
-            return
         if stage == "plan":
             self.chunked = True
             out.note(f"{self.label}: longer than the context; {i} chunks of at most {n} "
@@ -259,17 +225,10 @@ class _Progress:
         if not self.chunked:
             return  # a one-pass summary needs no progress
         line = f"{self.label}: {stage} {i}/{n}"
-        if self.tty:
-            sys.stderr.write(f"\r\033[K{line}")
-            sys.stderr.flush()
+        if out.progress_enabled():
+            out.progress(line)
         else:
             out.note(line)
-
-
-def _clear_progress(quiet: bool) -> None:
-    if not quiet and sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
 
 
 def _show_plan(label: str, plan: list[dict[str, Any]]) -> None:

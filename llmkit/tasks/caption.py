@@ -7,10 +7,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.engines.base import Engine, Generation, Message, RGBImage, SamplingParams
 from llmkit.errors import InputError, LlmkitError
+
+if TYPE_CHECKING:
+    from llmkit.images import PreparedImage
+    from llmkit.tasks.safety import Guard
+
+# What a directory or glob of images is searched for (the suffixes Pillow and its plugins
+# read); also the siblings that make a sidecar name ambiguous (photo.jpg and photo.png).
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
+    ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm", ".tga", ".ico",
+})
 
 # What each --style asks the model. Kept short: small vision models follow short, concrete
 # instructions better than long ones.
@@ -117,22 +128,66 @@ class CaptionJob:
     system: str | None = None
 
 
+def caption_record(path: str, style: str, *, model: str | None,
+                   error: str | None = None) -> dict[str, Any]:
+    """The first fields of an image's record, in their stable order; ``caption`` still null.
+
+    Args:
+        path: the image as given.
+        style: the style name (``custom`` for an own instruction).
+        model: the captioning model's name (None: refused before any model was asked).
+        error: why the image has no caption, naming it.
+
+    Returns:
+        ``path``, ``caption``, ``model``, ``style`` and ``error``.
+    """
+    return {"path": path, "caption": None, "model": model, "style": style, "error": error}
+
+
 def caption_file(engine: Engine, path: str, job: CaptionJob,
-                 on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 on_text: Callable[[str], None] | None = None, *,
+                 image: PreparedImage | None = None, guard: Guard | None = None
+                 ) -> dict[str, Any]:
     """Caption one file and return its record; a bad file gives a record with ``error`` set.
 
     The record shape is stable (JSON/JSONL output and ``--out``): ``path``, ``caption``,
     ``model``, ``style``, ``error``, ``finish_reason``, ``image`` (sizes), ``usage`` and
-    ``timings``. ``error`` is one sentence that names the file. KeyboardInterrupt is not
-    caught: the batch stops and the record is not written.
+    ``timings``, then with a ``guard`` its verdicts (``guard``, ``flagged``; a flagged
+    caption is withheld: null, with a ``flagged_note`` for the screen). ``error`` is one
+    sentence that names the file. KeyboardInterrupt is not caught: the batch stops and the
+    record is not written.
+
+    Args:
+        engine: a vision engine.
+        path: the image file, or what to call ``image`` in the record and its messages.
+        job: what is the same for every image.
+        on_text: receives the raw caption as it is generated (not with a ``guard``).
+        image: the image, already prepared (from bytes or a Pillow image); None: read
+            ``path`` with ``job.max_side``.
+        guard: checks the caption in the context of the instruction (``--guard``).
+
+    Returns:
+        The image's record.
     """
+    record = _caption_file(engine, path, job, None if guard is not None else on_text, image)
+    if guard is not None and record.get("caption"):
+        from llmkit.tasks.guarding import guard_batch_output
+
+        record = guard_batch_output(guard, job.instruction, record["caption"]).apply_to(
+            record, "caption")
+    return record
+
+
+def _caption_file(engine: Engine, path: str, job: CaptionJob,
+                  on_text: Callable[[str], None] | None,
+                  image: PreparedImage | None) -> dict[str, Any]:
     from llmkit.images import prepare_image
 
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"path": path, "caption": None, "model": engine.model_name,
-                              "style": job.style, "error": None}
+    record = caption_record(path, job.style, model=engine.model_name)
     try:
-        image = prepare_image(Path(path), max_side=job.max_side)
+        if image is None:
+            image = prepare_image(Path(path), max_side=job.max_side)
     except LlmkitError as exc:
         record["error"] = str(exc)  # with its hint: e.g. which extra reads HEIC
         record["timings"] = {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}

@@ -6,11 +6,17 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llmkit.chunking import EngineTokenizer
+from llmkit.documents import DEFAULT_MAX_BYTES
 from llmkit.engines.base import Engine, Generation, Message, SamplingParams
 from llmkit.errors import InputError, LlmkitError
+
+if TYPE_CHECKING:
+    from llmkit.documents import Document
+    from llmkit.tasks.safety import Guard
 
 LENGTHS = {"short": 50, "medium": 120, "long": 300}  # target words of the final summary
 STYLES = {
@@ -22,6 +28,11 @@ STYLES = {
 }
 DEFAULT_LENGTH = "medium"
 DEFAULT_STYLE = "paragraph"
+# Summaries should stick to the text: sampled cooler than chat, unless the user or the
+# model's catalog entry says otherwise.
+SUMMARY_TEMPERATURE = 0.2
+# What a guard judges a summary as the answer to.
+GUARD_PROMPT = "Summarize this document."
 # Tokens kept free beyond the prompt and the answer (chat-template rounding, BOS).
 MARGIN = 8
 # A chunk smaller than this is not worth a model call: the context is too small to summarize.
@@ -59,6 +70,22 @@ class SummaryOptions:
         if self.params.max_tokens:
             return self.params.max_tokens
         return int(self.target_words() * 2) + 32
+
+
+def summary_temperature(temperature: float | None, model_default: float | None) -> float:
+    """The temperature a summary is sampled at.
+
+    Args:
+        temperature: the caller's (``--temperature``), if any.
+        model_default: the model's own from its catalog entry, if any.
+
+    Returns:
+        The caller's, else the model's, else :data:`SUMMARY_TEMPERATURE` (cooler than chat's
+        default: a summary should stick to the text).
+    """
+    if temperature is not None:
+        return temperature
+    return model_default if model_default is not None else SUMMARY_TEMPERATURE
 
 
 def check_options(options: SummaryOptions) -> None:
@@ -311,4 +338,86 @@ def summary_record(path: str, summary: Summary | None, *, model: str, fmt: str |
         })
     if warnings:
         record["warnings"] = list(warnings)
+    return record
+
+
+@dataclass(frozen=True)
+class SummaryJob:
+    """Everything that is the same for every document in a batch."""
+
+    options: SummaryOptions = field(default_factory=SummaryOptions)
+    format: str | None = None  # read every document as this format; None: by name or content
+    max_bytes: int = DEFAULT_MAX_BYTES  # refuse documents larger than this
+
+
+def document_label(path: str) -> str:
+    """How messages name a document: its path as given, or "stdin" for "-"."""
+    return "stdin" if path == "-" else path
+
+
+def summarize_file(
+    engine: Engine,
+    path: str,
+    job: SummaryJob,
+    *,
+    document: Document | None = None,
+    guard: Guard | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    on_progress: ProgressFn | None = None,
+    on_plan: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Summarize one document and return its record; a bad document gives a record with
+    ``error`` set, naming it.
+
+    The record is :func:`summary_record`'s shape, then with a ``guard`` its verdicts
+    (``guard``, ``flagged``); a flagged document is not summarized and a flagged summary is
+    withheld (null, with a ``flagged_note`` for the screen). KeyboardInterrupt is not caught:
+    the batch stops and the record is not written.
+
+    Args:
+        engine: the text engine.
+        path: the document file, or "-" for ``document`` read from stdin.
+        job: what is the same for every document.
+        document: the document, already read (stdin is read before the model loads, so a bad
+            pipe fails fast); None: read ``path`` with ``job.format`` and ``job.max_bytes``.
+        guard: checks the document before and the summary after (``--guard``).
+        on_warning: each warning about the document (a guessed encoding, …), once read.
+        on_progress: as :class:`Summarizer`'s, for this document.
+        on_plan: as :class:`Summarizer`'s, for this document.
+
+    Returns:
+        The document's record.
+    """
+    from llmkit.documents import read_document
+
+    try:
+        doc = document if document is not None else read_document(
+            Path(path), format=job.format, max_bytes=job.max_bytes)
+    except LlmkitError as exc:
+        return summary_record(path, None, model=engine.model_name, error=str(exc))
+    if on_warning is not None:
+        for warning in doc.warnings:
+            on_warning(warning)
+    checked = None
+    if guard is not None:
+        from llmkit.tasks.guarding import guard_batch_input
+
+        checked = guard_batch_input(guard, doc.text)
+        if checked.withheld:
+            return checked.apply_to(summary_record(path, None, model=engine.model_name,
+                                                   fmt=doc.format, warnings=doc.warnings),
+                                    "summary")
+    summarizer = Summarizer(engine, job.options, on_progress=on_progress, on_plan=on_plan)
+    try:
+        result = summarizer.summarize(doc.text)
+    except LlmkitError as exc:
+        return summary_record(path, None, model=engine.model_name, fmt=doc.format,
+                              error=f"{document_label(path)}: {exc}", warnings=doc.warnings)
+    record = summary_record(path, result, model=engine.model_name, fmt=doc.format,
+                            warnings=doc.warnings)
+    if guard is not None:
+        from llmkit.tasks.guarding import guard_batch_output
+
+        record = guard_batch_output(guard, GUARD_PROMPT, result.text, checked).apply_to(
+            record, "summary")
     return record
