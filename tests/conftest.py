@@ -14,6 +14,18 @@ import pytest
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a shell without job control (`cmd &` in a script,
+    # nohup) inherits SIGINT ignored, and every command it starts would inherit that too: the
+    # Ctrl-C tests would then test nothing but the launcher. The commands get the default
+    # disposition back (an ignored signal survives exec, a handler does not), which is what a
+    # terminal or cron gives them; llmkit itself keeps an ignored SIGINT ignored, as it should.
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own store and Hugging Face cache, and no network."""
