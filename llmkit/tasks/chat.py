@@ -122,7 +122,7 @@ class Conversation:
         return any(m.get("images") for m in self.messages)
 
     def rendered_with_images(self, marker: str, max_side: int = 2048
-                             ) -> tuple[list[Message], list[Any]]:
+                             ) -> tuple[list[Message], list[RGBImage]]:
         """The turns with each image's ``marker`` before its message's text, and the images.
 
         Images are prepared once and kept for later turns.
@@ -134,7 +134,7 @@ class Conversation:
 
         messages: list[Message] = [{"role": "system", "content": self.system}] if (
             self.system) else []
-        images: list[Any] = []
+        images: list[RGBImage] = []
         for m in self.messages:
             paths = m.get("images") or []
             for path in paths:
@@ -325,12 +325,11 @@ def _answer_with_images(engine: Engine, convo: Conversation, params: SamplingPar
         from llmkit.defaults import default_model_name
 
         raise NotAVisionModelError(engine.model_name, default_model_name("vision"))
-    vision: Any = engine
     dropped = 0
     while True:
-        messages, images = convo.rendered_with_images(vision.media_marker)
+        messages, images = convo.rendered_with_images(engine.media_marker)
         try:
-            generation: Generation = vision.generate_with_images(
+            generation = engine.generate_with_images(
                 messages, images, params, on_text, reserve=reserve)
             return generation, dropped
         except ContextOverflowError:
@@ -361,10 +360,9 @@ def run_prompt_with_images(
         from llmkit.defaults import default_model_name
 
         raise NotAVisionModelError(engine.model_name, default_model_name("vision"))
-    vision: Any = engine
     messages: list[Message] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user",
-                     "content": vision.media_marker * len(images) + "\n" + prompt.rstrip()})
-    generation: Generation = vision.generate_with_images(
+                     "content": engine.media_marker * len(images) + "\n" + prompt.rstrip()})
+    generation = engine.generate_with_images(
         messages, images, params or SamplingParams(), on_text, reserve=MIN_REPLY_TOKENS)
     return Reply(engine.model_name, generation.text, generation)
