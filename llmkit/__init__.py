@@ -8,29 +8,50 @@ __all__ = [
     "Conversation",
     "Engine",
     "LlmkitError",
+    "Reply",
     "SamplingParams",
+    "Summary",
+    "Verdict",
+    "caption",
+    "chat",
     "chat_turn",
+    "check",
+    "load",
     "open_engine",
     "resolve",
+    "run",
     "run_prompt",
+    "summarize",
 ]
 
 if TYPE_CHECKING:
+    from llmkit.api import caption, chat, check, load, run, summarize
     from llmkit.engines import Engine, SamplingParams
     from llmkit.errors import LlmkitError
     from llmkit.session import open_engine
     from llmkit.store import resolve
-    from llmkit.tasks.chat import Conversation, chat_turn, run_prompt
+    from llmkit.tasks.chat import Conversation, Reply, chat_turn, run_prompt
+    from llmkit.tasks.safety import Verdict
+    from llmkit.tasks.summarize import Summary
 
 _LAZY = {
+    "caption": "llmkit.api",
+    "chat": "llmkit.api",
+    "check": "llmkit.api",
+    "load": "llmkit.api",
+    "run": "llmkit.api",
+    "summarize": "llmkit.api",
     "Engine": "llmkit.engines",
     "SamplingParams": "llmkit.engines",
     "LlmkitError": "llmkit.errors",
     "open_engine": "llmkit.session",
     "resolve": "llmkit.store",
     "Conversation": "llmkit.tasks.chat",
+    "Reply": "llmkit.tasks.chat",
     "chat_turn": "llmkit.tasks.chat",
     "run_prompt": "llmkit.tasks.chat",
+    "Verdict": "llmkit.tasks.safety",
+    "Summary": "llmkit.tasks.summarize",
 }
 
 
@@ -41,3 +62,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llmkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -87,6 +87,19 @@ def test_import_llmkit_is_light() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_the_python_api_is_light() -> None:
+    # Every public name, the Python API's functions included, is there without llama.cpp,
+    # numpy or the Jinja sandbox: they load when a model does.
+    code = ("import sys, llmkit\n"
+            "names = [getattr(llmkit, name) for name in llmkit.__all__]\n"
+            "print(sorted({'llama_cpp', 'numpy', 'gguf', 'PIL', 'huggingface_hub', 'jinja2', "
+            "'typer'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_help_exits_0() -> None:
     proc = run_llmkit(["--help"])
     assert proc.returncode == 0, proc.stderr
