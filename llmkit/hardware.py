@@ -25,6 +25,10 @@ class DeviceChoice:
     label: str
 
 
+INT32_MAX = 2**31 - 1
+"""The largest count llama.cpp's int32 parameters (context, layers) hold."""
+
+
 def resolve_device(device: str, gpu_layers: int | None, gpu_available: bool) -> DeviceChoice:
     """Decide GPU offload from the user's request and what the llama.cpp build can do.
 
@@ -42,8 +46,9 @@ def resolve_device(device: str, gpu_layers: int | None, gpu_available: bool) -> 
     """
     if device not in DEVICES:
         raise UsageError(f"unknown device '{device}'", hint="use auto, cpu or gpu")
-    if gpu_layers is not None and gpu_layers < 0:
-        raise UsageError("--gpu-layers must be 0 or more")
+    if gpu_layers is not None and not 0 <= gpu_layers <= INT32_MAX:
+        # llama.cpp keeps the count in an int32: a larger one would wrap around silently.
+        raise UsageError(f"--gpu-layers must be between 0 and {INT32_MAX}")
     if device == "cpu":
         if gpu_layers:
             raise UsageError("--gpu-layers needs --device gpu or auto, not cpu")

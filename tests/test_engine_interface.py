@@ -351,3 +351,14 @@ def test_run_refuses_mllama_in_one_line_without_asking_llama_cpp(mllama_gguf: Pa
     assert proc.returncode == 1
     assert proc.stderr == f"llmkit: error: {mllama_gguf}: {MLLAMA_PROBLEM}\n"
     assert proc.stdout == ""
+
+
+def test_a_library_caller_cannot_wrap_llama_cpp_s_32_bit_counts(smollm2_path: Path) -> None:
+    # The CLI's option ranges stop these; a library caller reaches the engine directly, where
+    # 2**32 + 16 tokens would have become a 16-token context.
+    from llmkit.errors import InputError, UsageError
+
+    with pytest.raises(InputError, match=r"larger than llama\.cpp can hold"):
+        load_engine(smollm2_path, n_ctx=2**32 + 16)
+    with pytest.raises(UsageError, match="--gpu-layers must be between 0 and 2147483647"):
+        load_engine(smollm2_path, gpu_layers=2**32)

@@ -10,14 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmkit.errors import EXIT_FLAGGED
-from llmkit.hardware import MAX_THREADS
+from llmkit.hardware import INT32_MAX, MAX_THREADS
 
 if TYPE_CHECKING:
     from llmkit.session import EngineOptions
-
-# llama.cpp keeps context sizes and layer counts in 32-bit fields, where a bigger value would
-# silently wrap around (2**32 + 16 tokens would become 16).
-INT32_MAX = 2**31 - 1
 
 
 def finite(value: float | None) -> float | None:

@@ -40,7 +40,7 @@ from llmkit.errors import (
     SchemaError,
 )
 from llmkit.gguf_file import check_model_file, check_projector_file
-from llmkit.hardware import ThreadGovernor, resolve_device
+from llmkit.hardware import INT32_MAX, ThreadGovernor, resolve_device
 
 DEFAULT_BATCH = 512
 # Used when a GGUF carries no chat template: ChatML is what most small instruct models speak.
@@ -226,6 +226,10 @@ class LlamaCppEngine:
             check_projector_file(projector)
         if n_ctx is not None and n_ctx < 16:
             raise InputError(f"--ctx {n_ctx} is too small", hint="use at least 16 tokens")
+        if n_ctx is not None and n_ctx > INT32_MAX:
+            # llama.cpp's context size is a uint32 that it adds to: larger would wrap around.
+            raise InputError(f"--ctx {n_ctx} is larger than llama.cpp can hold",
+                             hint=f"use at most {INT32_MAX} tokens")
         lc = llama_module(verbose)
         self._lc = lc
         self.path = path
