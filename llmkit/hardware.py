@@ -46,9 +46,11 @@ def resolve_device(device: str, gpu_layers: int | None, gpu_available: bool) -> 
     """
     if device not in DEVICES:
         raise UsageError(f"unknown device '{device}'", hint="use auto, cpu or gpu")
-    if gpu_layers is not None and not 0 <= gpu_layers <= INT32_MAX:
+    if gpu_layers is not None and gpu_layers < 0:
+        raise UsageError("--gpu-layers must be 0 or more")
+    if gpu_layers is not None and gpu_layers > INT32_MAX:
         # llama.cpp keeps the count in an int32: a larger one would wrap around silently.
-        raise UsageError(f"--gpu-layers must be between 0 and {INT32_MAX}")
+        raise UsageError(f"--gpu-layers must be at most {INT32_MAX}")
     if device == "cpu":
         if gpu_layers:
             raise UsageError("--gpu-layers needs --device gpu or auto, not cpu")

@@ -360,5 +360,5 @@ def test_a_library_caller_cannot_wrap_llama_cpp_s_32_bit_counts(smollm2_path: Pa
 
     with pytest.raises(InputError, match=r"larger than llama\.cpp can hold"):
         load_engine(smollm2_path, n_ctx=2**32 + 16)
-    with pytest.raises(UsageError, match="--gpu-layers must be between 0 and 2147483647"):
+    with pytest.raises(UsageError, match="--gpu-layers must be at most 2147483647"):
         load_engine(smollm2_path, gpu_layers=2**32)
