@@ -1,5 +1,4 @@
-"""What llmkit uses when none is asked for: the context length, and the models (the catalog's
-defaults, or the environment's)."""
+"""What llmkit uses when none is asked for: the context length and the catalog's default models."""
 
 from __future__ import annotations
 
