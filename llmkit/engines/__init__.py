@@ -33,7 +33,7 @@ _NO_ENGINE = {
 def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
                 threads: int | None = None, device: str = "auto",
                 gpu_layers: int | None = None, verbose: bool = False, name: str | None = None,
-                mmproj: str | Path | None = None) -> Engine:
+                mmproj: str | Path | None = None, n_batch: int | None = None) -> Engine:
     """Load a GGUF model (and its projector) in the engine its architecture needs.
 
     Args:
@@ -45,6 +45,7 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
         verbose: pass the native library's log through to stderr.
         name: the model's name for reports (default: the file name).
         mmproj: the vision projector GGUF, for models that read images through one.
+        n_batch: tokens per prompt-evaluation batch (None: the engine's default).
 
     Returns:
         The loaded engine; close it (or use it as a context manager) to free the memory.
@@ -63,9 +64,10 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
     if architecture in _NO_ENGINE:
         problem, hint = _NO_ENGINE[architecture]
         raise InvalidModelFileError(str(path), problem, hint=hint)
+    batch = {} if n_batch is None else {"n_batch": n_batch}
     return LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, device=device,
                           gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
-                          checked=True)
+                          checked=True, **batch)
 
 
 def __getattr__(name: str) -> Any:
