@@ -86,7 +86,7 @@ def chat(
     """
     from llmkit.io import prompt_limit, read_stdin, stdin_is_tty
     from llmkit.session import default_system_prompt, open_chat_engine, sampling_params
-    from llmkit.tasks.chat import Conversation
+    from llmkit.tasks.chat import Conversation, check_chat_template
     from llmkit.tasks.guarding import guarded_chat_turn
 
     out.set_quiet(quiet)
@@ -124,7 +124,7 @@ def chat(
             raise KeyboardInterrupt  # caught by the engine for the partial reply; app.py says it
         return
     try:
-        _check_chat_template(engine, convo)
+        check_chat_template(engine, convo)
     except BaseException:
         engine.close()
         raise
@@ -311,13 +311,14 @@ class _Repl:
         current model stays."""
         from llmkit.errors import LlmkitError
         from llmkit.session import open_chat_engine
+        from llmkit.tasks.chat import check_chat_template
 
         current = self.engine.model_name
         try:
             engine, resolution, note = open_chat_engine(name, self.options,
                                                         images=self.convo.has_images)
             try:
-                _check_chat_template(engine, self.convo)
+                check_chat_template(engine, self.convo)
             except BaseException:
                 engine.close()
                 raise
@@ -345,27 +346,6 @@ def _path_arg(arg: str, usage: str) -> Path:
     if len(parts) != 1:
         raise UsageError(f"usage: {usage}")
     return Path(parts[0]).expanduser()
-
-
-def _check_chat_template(engine: Engine, convo: Conversation) -> None:
-    """Render ``convo`` with one more user message, as its next turn will be rendered.
-
-    Raises:
-        LlmkitError: the model's chat template fails on it (whatever the template raised).
-    """
-    from llmkit.errors import LlmkitError
-
-    messages = convo.rendered()
-    if not messages or messages[-1]["role"] != "user":
-        messages.append({"role": "user", "content": "Hello."})
-    try:
-        engine.chat_tokens(messages)
-    except LlmkitError:
-        raise
-    except Exception as exc:
-        raise LlmkitError(
-            f"the chat template of {engine.model_name} fails: {type(exc).__name__}: {exc}",
-            hint="use another model, or fix its template") from None
 
 
 def _is_utf8(text: str) -> bool:

@@ -366,3 +366,24 @@ def run_prompt_with_images(
     generation = engine.generate_with_images(
         messages, images, params or SamplingParams(), on_text, reserve=MIN_REPLY_TOKENS)
     return Reply(engine.model_name, generation.text, generation)
+
+
+def check_chat_template(engine: Engine, convo: Conversation) -> None:
+    """Render ``convo`` with one more user message, as its next turn will be rendered: a
+    model whose template fails is refused before the first message is typed (``chat``, and
+    ``/model`` beside the model in use).
+
+    Raises:
+        LlmkitError: the model's chat template fails on it (whatever the template raised).
+    """
+    messages = convo.rendered()
+    if not messages or messages[-1]["role"] != "user":
+        messages.append({"role": "user", "content": "Hello."})
+    try:
+        engine.chat_tokens(messages)
+    except LlmkitError:
+        raise
+    except Exception as exc:
+        raise LlmkitError(
+            f"the chat template of {engine.model_name} fails: {type(exc).__name__}: {exc}",
+            hint="use another model, or fix its template") from None
