@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -154,7 +154,7 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
     from llmkit.errors import InputError
     from llmkit.io import batch_line_limit, numbered_lines
     from llmkit.session import open_guard
-    from llmkit.tasks.safety import check_jsonl_line
+    from llmkit.tasks.safety import CheckTally, check_jsonl_line
 
     # A file is streamed as stdin is: one bad or over-long line is that line's error record.
     lines = numbered_lines(source, limit=batch_line_limit(ctx))
@@ -166,21 +166,12 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
                              threshold=threshold)
     if note:
         out.note(note)
-    counts = {"safe": 0, "flagged": 0, "errors": 0}
+    tally = CheckTally()
     with guard:
         for number, line in itertools.chain([first], lines):
-            if isinstance(line, Exception):
-                record: dict[str, Any] = {"line": number, "verdict": None,
-                                          "flagged": None, "error": str(line)}
-            else:
-                record = check_jsonl_line(guard, line, number)
-            counts["errors" if record["error"] else
-                   "flagged" if record["flagged"] else "safe"] += 1
+            record = check_jsonl_line(guard, line, number)
+            tally.add(record)
             out.write_jsonl(record)
-    total = sum(counts.values())
-    out.note(f"{total} record{'s' * (total != 1)}: {counts['safe']} safe, "
-             f"{counts['flagged']} flagged, {counts['errors']} errors")
-    if counts["errors"]:
-        raise typer.Exit(1)
-    if counts["flagged"]:
-        raise typer.Exit(EXIT_FLAGGED)
+    out.note(tally.summary())
+    if tally.exit_code:
+        raise typer.Exit(tally.exit_code)

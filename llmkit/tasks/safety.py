@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmkit.engines.base import Engine, Message, SamplingParams
-from llmkit.errors import ContextOverflowError, InputError, LlmkitError, VerdictError
+from llmkit.errors import (
+    EXIT_FLAGGED,
+    ContextOverflowError,
+    InputError,
+    LlmkitError,
+    VerdictError,
+)
 from llmkit.tasks.guard_prompt import (
     check_conversation,
     conversation_role,
@@ -371,16 +377,20 @@ def _text(value: str, what: str, number: int) -> str:
     return value
 
 
-def check_jsonl_line(guard: Guard, line: str, number: int) -> dict[str, Any]:
+def check_jsonl_line(guard: Guard, line: str | LlmkitError, number: int) -> dict[str, Any]:
     """One JSONL input line → one verdict record; problems become the record's ``error``.
 
     The record is the JSON shape of a single check plus ``line`` (and ``id`` when the input
     has one); a failed record has ``flagged`` null and ``error`` set, with ``raw`` when the
-    model answered something that is not a verdict.
+    model answered something that is not a verdict. ``line`` may be the error that reading
+    it gave (not UTF-8, too long: see :func:`llmkit.io.numbered_lines`), which is that
+    line's record too.
     """
     from llmkit.io import parse_json
 
     head: dict[str, Any] = {"line": number}
+    if isinstance(line, LlmkitError):
+        return {**head, "verdict": None, "flagged": None, "error": str(line)}
     try:
         # Strict JSON: an "id" of NaN would be written back out as NaN, which is not JSON, and
         # a line of 100,000 nested arrays is this line's error, not the batch's end.
@@ -397,3 +407,32 @@ def check_jsonl_line(guard: Guard, line: str, number: int) -> dict[str, Any]:
     except LlmkitError as exc:
         return {**head, "verdict": None, "flagged": None, "error": str(exc)}
     return {**head, **verdict.to_dict()}
+
+
+@dataclass
+class CheckTally:
+    """What a ``check --batch`` run found so far: its summary line and exit code."""
+
+    safe: int = 0
+    flagged: int = 0
+    errors: int = 0
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Count one record of :func:`check_jsonl_line`."""
+        if record["error"]:
+            self.errors += 1
+        elif record["flagged"]:
+            self.flagged += 1
+        else:
+            self.safe += 1
+
+    def summary(self) -> str:
+        """The sentence ``check --batch`` ends with on stderr."""
+        total = self.safe + self.flagged + self.errors
+        return (f"{total} record{'s' * (total != 1)}: {self.safe} safe, {self.flagged} "
+                f"flagged, {self.errors} errors")
+
+    @property
+    def exit_code(self) -> int:
+        """1 when any record failed, else EXIT_FLAGGED when any was flagged, else 0."""
+        return 1 if self.errors else EXIT_FLAGGED if self.flagged else 0
