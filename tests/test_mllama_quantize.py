@@ -1,0 +1,133 @@
+"""The Vision quantizer's per-tensor types: llama.cpp's own choices, checked against llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmkit.engines.mllama.quantize import BASE_TYPES, TypePlan, use_more_bits
+from llmkit.errors import UsageError
+from tests.checkpoints import build_llama3_tokenizer, write_safetensors
+
+
+def _llama_checkpoint(out: Path, *, hidden: int, ff: int, layers: int) -> None:
+    """A random Llama with an untied output matrix, so every rule of llama.cpp's is reached."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_llama3_tokenizer(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    n_vocab = len(vocab["model"]["vocab"]) + sum(
+        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
+    heads, kv_heads = 4, 2
+    head_dim = hidden // heads
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden),
+               "lm_head.weight": w(n_vocab, hidden), "model.norm.weight": 1 + w(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": 1 + w(hidden),
+            p + "post_attention_layernorm.weight": 1 + w(hidden),
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(ff, hidden),
+            p + "mlp.up_proj.weight": w(ff, hidden),
+            p + "mlp.down_proj.weight": w(hidden, ff),
+        }
+    write_safetensors(out / "model.safetensors", tensors)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "vocab_size": n_vocab, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 0, "eos_token_id": 4, "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def _types(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+            for t in reader.tensors}
+
+
+@pytest.fixture(scope="module", params=[(256, 512), (160, 288)], ids=["k-blocks", "fallbacks"])
+def f16_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmkit.convert import convert
+
+    hidden, ff = request.param
+    root = tmp_path_factory.mktemp(f"llama{hidden}")
+    _llama_checkpoint(root / "ckpt", hidden=hidden, ff=ff, layers=17)
+    out = root / "f16.gguf"
+    convert(root / "ckpt", out, outtype="f16")
+    return out
+
+
+@pytest.mark.parametrize("ftype", sorted(BASE_TYPES))
+def test_types_equal_llama_cpp_for_every_llama_tensor(f16_llama: Path, ftype: str,
+                                                       tmp_path: Path) -> None:
+    # llama.cpp's quantizer runs on a plain Llama; the plan must choose what it chose for
+    # every tensor (the mllama file's text tensors have the same names and roles).
+    from llmkit.quantize import quantize
+
+    out = tmp_path / f"{ftype}.gguf"
+    quantize(f16_llama, ftype, out, threads=1, verify=False)
+    theirs = _types(out)
+    source = _types(f16_llama)
+    plan = TypePlan.for_tensors(ftype, list(source))
+    ours = {name: plan.type_of(name, shape, current) for name, (shape, current) in source.items()}
+    assert ours == {name: t for name, (_, t) in theirs.items()}
+
+
+def test_vision_projector_and_small_tensors_keep_their_type() -> None:
+    names = ["v.blk.0.attn_q.weight", "mm.0.weight", "blk.0.attn_norm.weight",
+             "blk.3.cross_attn_attn_gate", "rope_freqs.weight", "blk.3.cross_attn_q_norm.weight",
+             "v.patch_embd.weight"]
+    plan = TypePlan.for_tensors("Q4_K_M", names)
+    assert plan.type_of("v.blk.0.attn_q.weight", (1280, 1280), "F16") == "F16"
+    assert plan.type_of("mm.0.weight", (4096, 7680), "F32") == "F32"
+    assert plan.type_of("v.patch_embd.weight", (1280, 3, 14, 14), "F16") == "F16"
+    assert plan.type_of("blk.0.attn_norm.weight", (4096,), "F32") == "F32"
+    assert plan.type_of("blk.3.cross_attn_attn_gate", (1,), "F32") == "F32"
+    assert plan.type_of("rope_freqs.weight", (64,), "F32") == "F32"
+    assert plan.type_of("blk.3.cross_attn_q_norm.weight", (128,), "F32") == "F32"
+
+
+def test_cross_attention_matrices_take_the_base_type() -> None:
+    # Cross-attention V is not llama.cpp's attn_v (it is computed once per image), and its
+    # layers are not counted among the self-attention layers that get more bits.
+    names = [f"blk.{i}.attn_v.weight" for i in (0, 1, 2, 4)] + ["blk.3.cross_attn_v.weight"]
+    plan = TypePlan.for_tensors("Q4_K_M", names)
+    assert plan.n_attn_v == 4
+    assert plan.type_of("blk.3.cross_attn_v.weight", (1024, 4096), "F16") == "Q4_K"
+    assert plan.type_of("blk.3.cross_attn_q.weight", (4096, 4096), "F16") == "Q4_K"
+
+
+def test_layers_are_counted_in_layer_order_not_file_order() -> None:
+    names = [f"blk.{i}.ffn_down.weight" for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9, 11, 12,
+                                                    13, 14, 15)]
+    plan = TypePlan.for_tensors("Q4_K_M", names)
+    got = [plan.type_of(f"blk.{i}.ffn_down.weight", (4096, 14336), "F16") for i in range(16)]
+    assert got == ["Q6_K" if use_more_bits(i, 16) else "Q4_K" for i in range(16)]
+
+
+def test_unknown_type_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"IQ2_XS is not available for Llama 3\.2 Vision"):
+        TypePlan.for_tensors("IQ2_XS", [])
+
+
+def test_use_more_bits_matches_llama_cpp_for_32_layers() -> None:
+    # llama.cpp (llama-quant.cpp): i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [
+        0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
