@@ -905,3 +905,129 @@ def human_params(n: int) -> str:
     if n >= 1_000_000:
         return f"{n / 1e6:.0f}M"
     return f"{n / 1e3:.0f}K"
+
+
+# -- a checked header for llmkit's own engines -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a GGUF as its header describes it, bounds already checked."""
+
+    name: str
+    ne: tuple[int, ...]
+    """Dimensions in ggml's order (``ne[0]`` the innermost)."""
+    type_id: int
+    """The ggml type (``gguf.GGMLQuantizationType`` value)."""
+    offset: int
+    """Where its data starts, from the start of the file."""
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dimensions in numpy's order (the outermost first)."""
+        return self.ne[::-1]
+
+
+class Header(_Checks):
+    """A GGUF header read with the checks every load gets: typed metadata and tensor table.
+
+    For engines of llmkit's own (Llama 3.2 Vision), which take their hyperparameters from the
+    file: every value they trust comes through these accessors, so a wrong type, a missing key
+    or an array of the wrong length is one InvalidModelFileError naming the key.
+    """
+
+    def _type_error(self, key: str, wanted: str) -> InvalidModelFileError:
+        value = self.p.values[key]
+        got = (f"an array of {_TYPE_NAMES.get(value.item_type, '?')}"
+               if isinstance(value, _Array) else _TYPE_NAMES.get(self.p.types[key], "?"))
+        return self.fail(f"{key} is {got}; it must be {wanted}")
+
+    @property
+    def path(self) -> Path:
+        """The file."""
+        return self.p.path
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return self.p.size
+
+    @property
+    def data_start(self) -> int:
+        """Where the tensor data section starts (aligned)."""
+        return self.p.data_start
+
+    @property
+    def alignment(self) -> int:
+        """The data section's alignment in bytes."""
+        return int(self.p.alignment)
+
+    def tensors(self) -> dict[str, TensorEntry]:
+        """Every tensor by name, in file order."""
+        start = self.p.data_start
+        return {t.name: TensorEntry(t.name, t.dims, t.type_id, start + t.offset, t.nbytes)
+                for t in self.p.tensors}
+
+    def ints(self, key: str, *, required: bool = True, max_len: int = _READ_ITEMS
+             ) -> list[int]:
+        """An array of integers (any integer type).
+
+        Raises:
+            InvalidModelFileError: missing (when required), not an integer array, or longer
+                than ``max_len``.
+        """
+        value = self.array(key)
+        if value is None:
+            if required:
+                raise self.fail(f"{key} is missing")
+            return []
+        if value.item_type not in _INTS:
+            raise self._type_error(key, "an array of integers")
+        if value.count > max_len or value.items is None:
+            raise self.fail(f"{key} has {value.count} entries; at most {max_len} are expected")
+        return [int(v) for v in value.items]
+
+    def floats(self, key: str, *, required: bool = True, max_len: int = _READ_ITEMS
+               ) -> list[float]:
+        """An array of finite floats.
+
+        Raises:
+            InvalidModelFileError: missing (when required), not a float array, longer than
+                ``max_len``, or holding NaN or infinity.
+        """
+        value = self.array(key)
+        if value is None:
+            if required:
+                raise self.fail(f"{key} is missing")
+            return []
+        if value.item_type not in _FLOATS:
+            raise self._type_error(key, "an array of floats")
+        if value.count > max_len or value.items is None:
+            raise self.fail(f"{key} has {value.count} entries; at most {max_len} are expected")
+        items = [float(v) for v in value.items]
+        if not all(math.isfinite(v) for v in items):
+            raise self.fail(f"{key} holds a value that is not a finite number")
+        return items
+
+    def require_f32(self, key: str) -> float:
+        """A float32 key that must be present and finite.
+
+        Raises:
+            InvalidModelFileError: missing, not float32, or not finite.
+        """
+        value = self.f32(key)
+        if value is None:
+            raise self.fail(f"{key} is missing")
+        if not math.isfinite(value):
+            raise self.fail(f"{key} is {value}; it must be a finite number")
+        return value
+
+
+def read_header(path: Path) -> Header:
+    """Parse and check a GGUF's layout (as every load does) and give typed access to it.
+
+    Raises:
+        InvalidModelFileError: not a regular file, not a complete GGUF, or corrupt.
+    """
+    return Header(_parse(path))
