@@ -6,7 +6,8 @@ import copy
 import importlib.util
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,9 +283,18 @@ def tiny_config(**overrides: Any) -> MllamaConfig:
         vision["hidden_size"] * (len(vision["intermediate_layers_indices"]) + 1))
     config = MllamaConfig(vision_config=vision, text_config=text, **top)
     config._attn_implementation = "eager"
-    config.text_config._attn_implementation = "eager"
-    config.vision_config._attn_implementation = "eager"
+    _text(config)._attn_implementation = "eager"
+    _vision(config)._attn_implementation = "eager"
     return config
+
+
+def _text(config: MllamaConfig) -> Any:
+    # Typed `Any`: transformers annotates the sub-configs as dict | PreTrainedConfig | None.
+    return config.text_config
+
+
+def _vision(config: MllamaConfig) -> Any:
+    return config.vision_config
 
 
 def _gate_value(generator: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
@@ -363,7 +373,10 @@ def build_model(
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
     _rerandomize(model, seed)
-    return model.float().eval()
+    for param in model.parameters():
+        assert param.dtype == torch.float32
+    model.train(False)  # eval mode (no dropout)
+    return model
 
 
 def v4_name(v5_name: str) -> str:
@@ -445,7 +458,7 @@ def published_config_json(config: MllamaConfig, dtype: str = "bfloat16") -> dict
     Returns:
         The JSON object.
     """
-    text, vision = config.text_config, config.vision_config
+    text, vision = _text(config), _vision(config)
     rope = dict(text.rope_parameters)
     rope_theta = rope.pop("rope_theta")
     rope_scaling = {"factor": rope["factor"], "high_freq_factor": rope["high_freq_factor"],
@@ -509,7 +522,7 @@ def published_config_json(config: MllamaConfig, dtype: str = "bfloat16") -> dict
 
 
 def transformers5_config_json(config: MllamaConfig, dtype: str = "float32") -> dict[str, Any]:
-    """config.json as transformers 5 `save_pretrained` writes it (rope_parameters, `dtype`).
+    """config.json as transformers 5.24 `save_pretrained` writes it (rope_parameters, `dtype`).
 
     Args:
         config: the model's config.
@@ -521,9 +534,7 @@ def transformers5_config_json(config: MllamaConfig, dtype: str = "float32") -> d
     import torch
 
     saved = copy.deepcopy(config)
-    saved.dtype = getattr(torch, dtype)
-    saved.text_config.dtype = getattr(torch, dtype)
-    saved.vision_config.dtype = getattr(torch, dtype)
+    saved.dtype = getattr(torch, dtype)  # only the top level carries it (save_pretrained)
     saved.architectures = ["MllamaForConditionalGeneration"]
     result: dict[str, Any] = json.loads(saved.to_json_string(use_diff=True))
     return result
@@ -538,12 +549,12 @@ def preprocessor_config_json(config: MllamaConfig) -> dict[str, Any]:
     Returns:
         The JSON object.
     """
-    size = config.vision_config.image_size
+    size = _vision(config).image_size
     return {
         "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
         "do_resize": True, "image_mean": list(IMAGE_MEAN),
         "image_processor_type": "MllamaImageProcessor", "image_std": list(IMAGE_STD),
-        "max_image_tiles": config.vision_config.max_num_tiles, "resample": 2,
+        "max_image_tiles": _vision(config).max_num_tiles, "resample": 2,
         "rescale_factor": RESCALE_FACTOR, "size": {"height": size, "width": size},
     }
 
@@ -578,7 +589,7 @@ def _write_tokenizer(directory: Path, chat_template: str | None) -> None:
 
 def _generation_config_json(config: MllamaConfig) -> dict[str, Any]:
     # generation_config.json of meta-llama/Llama-3.2-11B-Vision-Instruct.
-    return {"bos_token_id": config.text_config.bos_token_id, "do_sample": True,
+    return {"bos_token_id": _text(config).bos_token_id, "do_sample": True,
             "eos_token_id": list(EOS_TOKEN_IDS), "pad_token_id": PAD_TOKEN_ID,
             "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.45.0.dev0"}
 
@@ -605,8 +616,11 @@ def save_checkpoint(
         model: from build_model.
         directory: created if missing.
         layout: "v4", the published names (`language_model.model.layers.N.*`,
-            `language_model.lm_head.weight`, `vision_model.*`, `multi_modal_projector.*`), or
-            "v5", transformers 5's (`model.language_model.*`, …, `lm_head.weight`).
+            `language_model.lm_head.weight`, `vision_model.*`, `multi_modal_projector.*`;
+            transformers 5.24's own save_pretrained writes these too, reversing its
+            conversion mapping), or "v5", transformers 5's state-dict names
+            (`model.language_model.*`, `model.vision_model.*`, `model.multi_modal_projector.*`,
+            `lm_head.weight`), as checkpoints written from a 5.x state dict carry them.
         dtype: "float32", "bfloat16" or "float16" for every tensor (the published files are
             bfloat16 throughout).
         config_style: "rope_scaling" (the published 4.45 config.json: `rope_scaling` +
@@ -736,3 +750,234 @@ def image_inputs(image: Image.Image, config: MllamaConfig | None = None) -> Imag
         aspect_ratio_mask=np.asarray(out["aspect_ratio_mask"], dtype=np.int64),
         num_tiles=int(np.asarray(out["num_tiles"]).reshape(-1)[0]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: the oracle, with Meta's semantics
+
+
+@contextmanager
+def meta_semantics(
+    model: MllamaForConditionalGeneration,
+    *,
+    vision_inputs: bool = True,
+    pre_image_rows: bool = True,
+) -> Iterator[MllamaForConditionalGeneration]:
+    """Patch this model object (hooks, removed on exit) to compute what Meta's reference does.
+
+    Where transformers 5.24 and Meta's llama-models (models/llama3/multimodal/model.py)
+    disagree, llmkit follows Meta; the oracle is bent to Meta here, in the tests only:
+
+    (a) Intermediate vision states. Meta's `ImageTransformer.forward` appends `x` to its
+        intermediate list *before* running block `idx` (the input of the layers in
+        `return_intermediate` = "3,7,15,23,30"), as transformers 4.x did. transformers 5.24's
+        `MllamaVisionEncoder.forward` collects each layer's *output* and
+        `MllamaVisionModel.forward` picks `output.hidden_states[i]` for i in
+        `intermediate_layers_indices`: one layer late. Pre-hooks record each local layer's
+        input and the encoder's output gets that tuple as `hidden_states`, so index i is the
+        input of layer i.
+    (b) Text rows before the first `<|image|>`. Meta's `CrossAttention.forward` multiplies the
+        attention output by `full_text_row_masked_out_mask` and
+        `CrossAttentionTransformerBlock.forward` the MLP branch too. transformers 5.24's
+        `MllamaCrossAttentionDecoderLayer.forward` masks only the MLP branch; its
+        `_prepare_cross_attention_mask` leaves such rows attending, unmasked, to every vision
+        token (padding tiles included). A forward hook on each layer's `cross_attn` multiplies
+        its output by the same mask (o_proj has no bias, so after o_proj equals Meta's before).
+
+    Without an image nothing changes: transformers skips the cross-attention layers when it has
+    no vision states and none cached, as Meta's `text_only_inference` does.
+
+    Args:
+        model: from build_model (or from_pretrained), eager attention.
+        vision_inputs: apply (a).
+        pre_image_rows: apply (b).
+
+    Yields:
+        The same model, patched until the block ends.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+    from transformers.models.mllama import modeling_mllama as mm
+
+    handles: list[Any] = []
+    try:
+        if vision_inputs:
+            encoder = model.model.vision_model.transformer
+            recorded: list[torch.Tensor] = []
+
+            def record_input(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                recorded.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+            def start(_module: Any, _args: tuple[Any, ...]) -> None:
+                recorded.clear()
+
+            def layer_inputs(_module: Any, _args: tuple[Any, ...], output: Any) -> Any:
+                assert len(recorded) == len(encoder.layers), "a vision layer ran unseen"
+                inputs = tuple(recorded)
+                recorded.clear()
+                return BaseModelOutput(last_hidden_state=output.last_hidden_state,
+                                       hidden_states=inputs)
+
+            handles.append(encoder.register_forward_pre_hook(start))
+            handles.extend(layer.register_forward_pre_hook(record_input, with_kwargs=True)
+                           for layer in encoder.layers)
+            handles.append(encoder.register_forward_hook(layer_inputs))
+        if pre_image_rows:
+            for layer in model.model.language_model.layers:
+                if not isinstance(layer, mm.MllamaCrossAttentionDecoderLayer):
+                    continue
+                row_mask: list[torch.Tensor | None] = [None]
+
+                def grab_mask(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any],
+                              row_mask: list[torch.Tensor | None] = row_mask) -> None:
+                    row_mask[0] = kwargs.get("full_text_row_masked_out_mask")
+
+                def zero_rows(_module: Any, _args: tuple[Any, ...], output: Any,
+                              row_mask: list[torch.Tensor | None] = row_mask) -> Any:
+                    mask = row_mask[0]
+                    if mask is None:
+                        return output
+                    attn_output, weights = output
+                    # mask is [batch, 1, rows, 1]; the attention output [batch, rows, hidden].
+                    return attn_output * mask[:, 0], weights
+
+                handles.append(layer.register_forward_pre_hook(grab_mask, with_kwargs=True))
+                handles.append(layer.cross_attn.register_forward_hook(zero_rows))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def cross_attention_mask(input_ids: Sequence[int], num_tiles: int, max_num_tiles: int = 4,
+                         ) -> np.ndarray:
+    """The cross-attention mask MllamaProcessor builds for one image.
+
+    Rows from the first `<|image|>` on attend to the image's real tiles; earlier rows to none
+    (transformers 5.24 processing_mllama.py, get_cross_attention_token_mask and
+    convert_sparse_cross_attention_mask_to_dense).
+
+    Args:
+        input_ids: the prompt's tokens.
+        num_tiles: the image's tiles (ImageInputs.num_tiles).
+        max_num_tiles: the model's max_num_tiles.
+
+    Returns:
+        int64 [1, len(input_ids), 1, max_num_tiles]; all zero when there is no `<|image|>`.
+    """
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    ids = [int(t) for t in input_ids]
+    spans = get_cross_attention_token_mask(ids, IMAGE_TOKEN_ID)
+    if not spans:
+        return np.zeros((1, len(ids), 1, max_num_tiles), dtype=np.int64)
+    return convert_sparse_cross_attention_mask_to_dense(
+        [spans], [[num_tiles] * len(spans)], max_num_tiles, len(ids))
+
+
+def _image_kwargs(model: MllamaForConditionalGeneration, input_ids: Sequence[int],
+                  image: Image.Image | ImageInputs | None) -> dict[str, Any]:
+    import torch
+
+    if image is None:
+        return {}
+    inputs = image if isinstance(image, ImageInputs) else image_inputs(image, model.config)
+    kwargs = inputs.torch_kwargs()
+    mask = cross_attention_mask(input_ids, inputs.num_tiles,
+                                _vision(model.config).max_num_tiles)
+    kwargs["cross_attention_mask"] = torch.from_numpy(mask)
+    return kwargs
+
+
+def reference_logits(
+    model: MllamaForConditionalGeneration,
+    input_ids: Sequence[int],
+    image: Image.Image | ImageInputs | None = None,
+    *,
+    meta: bool = True,
+) -> np.ndarray:
+    """Logits of every prompt position in one uncached forward, with Meta's semantics.
+
+    Args:
+        model: from build_model (or from_pretrained).
+        input_ids: the prompt's tokens (with `<|image|>` where the picture goes).
+        image: a PIL image (tiled by transformers' MllamaImageProcessor) or ready ImageInputs;
+            None for text only (the cross-attention layers are then skipped).
+        meta: False gives transformers 5.24 unpatched (for tests of the patches).
+
+    Returns:
+        float32 [len(input_ids), vocab_size].
+    """
+    import torch
+
+    kwargs = _image_kwargs(model, input_ids, image)
+    ids = torch.tensor([[int(t) for t in input_ids]], dtype=torch.long)
+    with torch.no_grad(), meta_semantics(model, vision_inputs=meta, pre_image_rows=meta):
+        out = model(input_ids=ids, use_cache=False, **kwargs)
+    logits: np.ndarray = out.logits[0].float().numpy().copy()
+    return logits
+
+
+def decode_tokens(steps: int, seed: int = 12) -> list[int]:
+    """A fixed, ordinary-text token sequence to feed in cached decode comparisons.
+
+    Args:
+        steps: how many tokens.
+        seed: numpy seed (the default gives the sequence the engine tests use).
+
+    Returns:
+        Token ids in [1000, 120000): no special tokens, no `<|image|>`.
+    """
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(1000, 120000, size=steps)]
+
+
+def reference_decode(
+    model: MllamaForConditionalGeneration,
+    input_ids: Sequence[int],
+    image: Image.Image | ImageInputs | None = None,
+    *,
+    steps: int = 20,
+    tokens: Sequence[int] | None = None,
+) -> tuple[list[int], np.ndarray]:
+    """Cached decode as an engine runs it, fed a fixed sequence instead of sampling.
+
+    The prompt is prefilled in one forward with `use_cache=True` (the vision states are
+    computed once and kept in the cross-attention layers' cache); then each token of `tokens`
+    is fed alone with the cache, the picture not given again, and each new row attends to the
+    image as the prompt's last row does (transformers' generate extends the mask so).
+
+    Args:
+        model: from build_model (or from_pretrained).
+        input_ids: the prompt.
+        image: as for reference_logits.
+        steps: how many tokens to feed when `tokens` is None (decode_tokens(steps)).
+        tokens: the tokens to feed.
+
+    Returns:
+        (the fed tokens, float32 [len(tokens) + 1, vocab_size]): row 0 is the logits of the
+        prompt's last position, row k those after feeding tokens[k-1]. Row k equals
+        reference_logits(model, input_ids + tokens[:k])[-1] up to rounding.
+    """
+    import torch
+
+    fed = [int(t) for t in (tokens if tokens is not None else decode_tokens(steps))]
+    kwargs = _image_kwargs(model, input_ids, image)
+    last_row = kwargs["cross_attention_mask"][:, -1:] if kwargs else None
+    rows: list[np.ndarray] = []
+    with torch.no_grad(), meta_semantics(model):
+        ids = torch.tensor([[int(t) for t in input_ids]], dtype=torch.long)
+        out = model(input_ids=ids, use_cache=True, **kwargs)
+        rows.append(out.logits[0, -1].float().numpy().copy())
+        cache = out.cache
+        for token in fed:
+            step: dict[str, Any] = {}
+            if last_row is not None:
+                step["cross_attention_mask"] = last_row
+            out = model(input_ids=torch.tensor([[token]], dtype=torch.long), cache=cache,
+                        use_cache=True, **step)
+            cache = out.cache
+            rows.append(out.logits[0, -1].float().numpy().copy())
+    return fed, np.stack(rows)
