@@ -1,0 +1,556 @@
+"""ggml devices, GGUF weights bound zero-copy from a memory map, persistent state, graph compute."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit.engines.mllama._ggml import (
+    BUFFER_USAGE_WEIGHTS,
+    DEV_TYPE_ACCEL,
+    DEV_TYPE_CPU,
+    DEV_TYPE_GPU,
+    DEV_TYPE_IGPU,
+    STATUS_SUCCESS,
+    Ctx,
+    GgmlType,
+    GgufInitParams,
+    T,
+    lib,
+    numpy_dtype,
+)
+from llmkit.errors import DeviceError, InvalidModelFileError, LlmkitError
+from llmkit.hardware import resolve_device
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+_KINDS = {DEV_TYPE_CPU: "cpu", DEV_TYPE_GPU: "gpu", DEV_TYPE_IGPU: "igpu",
+          DEV_TYPE_ACCEL: "accel"}
+
+
+class ComputeError(LlmkitError):
+    """ggml could not allocate or compute a graph."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device in ggml's backend registry."""
+
+    index: int
+    name: str
+    description: str
+    kind: str  # "cpu", "gpu", "igpu", "accel" (or "other")
+    memory_free: int
+    memory_total: int
+    handle: int
+
+
+def devices() -> list[Device]:
+    """Every device ggml's registry knows (the CPU always; GPUs when the build has them).
+
+    Returns:
+        The devices in registry order.
+
+    Raises:
+        GgmlAbiError: the ggml library failed its self-test.
+    """
+    loaded = lib()
+    f = loaded.f
+    if not any(f.ggml_backend_dev_type(f.ggml_backend_dev_get(i)) == DEV_TYPE_CPU
+               for i in range(f.ggml_backend_dev_count())):
+        # A build with dynamically loaded backends (GGML_BACKEND_DL) registers none until
+        # they are loaded from the library folder; llama-cpp-python's wheels link them in.
+        f.ggml_backend_load_all_from_path(str(loaded.directory).encode())
+    found = []
+    for i in range(int(f.ggml_backend_dev_count())):
+        dev = f.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        f.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(Device(
+            i, (f.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace"),
+            (f.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+            _KINDS.get(int(f.ggml_backend_dev_type(dev)), "other"), int(free.value),
+            int(total.value), int(dev)))
+    return found
+
+
+def gpu_devices() -> list[Device]:
+    """The GPU devices (discrete first, then integrated) ggml can run graphs on."""
+    found = devices()
+    return [d for d in found if d.kind == "gpu"] + [d for d in found if d.kind == "igpu"]
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+class Backend:
+    """Where graphs run: the CPU, or one GPU with the CPU beside it for what the GPU lacks."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None) -> None:
+        """Args:
+            device: "auto" (a GPU when the build has one, else the CPU), "cpu" or "gpu".
+            threads: CPU threads for graph compute (None: every core of this process).
+
+        Raises:
+            UsageError: an unknown device name.
+            DeviceError: "gpu" asked of a build without a GPU backend, or a GPU that fails.
+        """
+        f = lib().f
+        self._f = f
+        gpus = gpu_devices()
+        choice = resolve_device(device, None, bool(gpus))
+        self.cpu: int = f.ggml_backend_cpu_init()
+        if not self.cpu:
+            raise DeviceError("ggml could not start its CPU backend")
+        self.gpu: int | None = None
+        self.device: Device | None = None
+        if choice.label != "cpu":
+            self.device = gpus[0]
+            self.gpu = f.ggml_backend_dev_init(self.device.handle, None)
+            if not self.gpu:
+                f.ggml_backend_free(self.cpu)
+                raise DeviceError(f"ggml could not start the GPU {self.device.description}",
+                                  hint="use --device cpu")
+        self.kind = "gpu" if self.gpu else "cpu"
+        self.primary: int = self.gpu or self.cpu
+        self.name = (f.ggml_backend_name(self.primary) or b"").decode("utf-8", "replace")
+        self.threads = 0
+        self.set_threads(threads or _usable_cpus())
+
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` CPU threads for the CPU's share of every later compute.
+
+        Raises:
+            ValueError: n below 1.
+        """
+        if n < 1:
+            raise ValueError(f"threads must be 1 or more, not {n}")
+        self._f.ggml_backend_cpu_set_n_threads(self.cpu, n)
+        self.threads = n
+
+    def buffer_type(self) -> int:
+        """The primary device's default buffer type (where its tensors live)."""
+        return int(self._f.ggml_backend_get_default_buffer_type(self.primary))
+
+    def close(self) -> None:
+        """Free the backends (after every Runner, Weights and State made with them)."""
+        if self.gpu:
+            self._f.ggml_backend_free(self.gpu)
+            self.gpu = None
+        if self.cpu:
+            self._f.ggml_backend_free(self.cpu)
+            self.cpu = 0
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing tensor data
+
+
+def upload(t: T, array: npt.NDArray[Any]) -> None:
+    """Copy ``array`` into ``t``'s (allocated, contiguous) data, any backend.
+
+    Raises:
+        ValueError: the array's dtype or size does not match the tensor.
+    """
+    import numpy as np
+
+    data = np.ascontiguousarray(array)
+    if str(data.dtype) != numpy_dtype(t.type) or data.size != t.nelements():
+        raise ValueError(f"upload: {data.dtype} {data.shape} into {t!r}")
+    if not t.is_contiguous():
+        raise ValueError(f"upload: {t!r} is not contiguous")
+    lib().f.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
+
+
+def download(t: T) -> npt.NDArray[Any]:
+    """A numpy copy of ``t``'s data in numpy order (``t.shape``), from any backend.
+
+    Raises:
+        ValueError: a quantized or non-contiguous tensor (cont() it in the graph first).
+    """
+    import numpy as np
+
+    if not t.is_contiguous():
+        raise ValueError(f"download: {t!r} is not contiguous (cont() it first)")
+    out = np.empty(t.shape, dtype=numpy_dtype(t.type))
+    lib().f.ggml_backend_tensor_get(t.ptr, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the caller expects of one tensor: its numpy-order shape, and the types it takes."""
+
+    shape: tuple[int, ...]
+    types: frozenset[int] | None = None
+
+
+def _ne_of(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    padded = [*reversed(shape), 1, 1, 1, 1]
+    return (padded[0], padded[1], padded[2], padded[3])
+
+
+class Weights:
+    """Every tensor of a GGUF as a ggml tensor, its data bound where it lies in the file.
+
+    On the CPU, tensors point into a read-only memory map of the file (no copy; the kernel
+    pages data in as graphs touch it). Tensors that ``offload`` selects are copied once into
+    a buffer of the backend's primary device (a GPU), then the map is only kept for the rest.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], backend: Backend,
+                 expected: Mapping[str, Expected | tuple[int, ...]] | None = None,
+                 offload: Callable[[str], bool] | None = None) -> None:
+        """Args:
+            path: the GGUF file.
+            backend: where the graphs using these weights run.
+            expected: name → shape (numpy order, as the Hugging Face checkpoint's) or
+                :class:`Expected`; every name must exist with that shape (and type).
+            offload: which tensors go to the primary device's own buffer (default: all of
+                them on a GPU backend, none on the CPU).
+
+        Raises:
+            InvalidModelFileError: not a readable GGUF, a tensor outside the file, a missing
+                tensor or one of another shape or type than expected.
+        """
+        import numpy as np
+
+        f = lib().f
+        self._f = f
+        self.path = str(path)
+        self.tensors: dict[str, T] = {}
+        self._ctxs: list[Ctx] = []
+        self._buffers: list[int] = []
+        self._map: Any = None
+        try:
+            self.file_size = Path(path).stat().st_size
+        except OSError as exc:
+            raise InvalidModelFileError(self.path, f"cannot be read ({exc.strerror})") from exc
+        if offload is None:
+            offload = (lambda _name: True) if backend.gpu else (lambda _name: False)
+        self.offloaded_bytes = 0
+        self.mapped_bytes = 0
+        try:
+            entries, data_offset = self._read_index(f)
+            self._check(entries, data_offset, expected or {})
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r") \
+                if self.file_size else None
+            self._bind(entries, data_offset, backend, offload)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_index(self, f: Any) -> tuple[list[tuple[str, int, tuple[int, ...], int, int]],
+                                           int]:
+        gguf = f.gguf_init_from_file(self.path.encode(), GgufInitParams(True, None))
+        if not gguf:
+            raise InvalidModelFileError(self.path, "is not a GGUF file ggml can read",
+                                        hint="convert the model again with llmkit convert")
+        try:
+            data_offset = int(f.gguf_get_data_offset(gguf))
+            entries = []
+            for i in range(int(f.gguf_get_n_tensors(gguf))):
+                name = (f.gguf_get_tensor_name(gguf, i) or b"").decode("utf-8", "replace")
+                ne_ptr = f.gguf_get_tensor_ne(gguf, i)
+                ne = tuple(int(ne_ptr[d]) for d in range(4))
+                entries.append((name, int(f.gguf_get_tensor_type(gguf, i)), ne,
+                                int(f.gguf_get_tensor_offset(gguf, i)),
+                                int(f.gguf_get_tensor_size(gguf, i))))
+            return entries, data_offset
+        finally:
+            f.gguf_free(gguf)
+
+    def _check(self, entries: list[tuple[str, int, tuple[int, ...], int, int]],
+               data_offset: int, expected: Mapping[str, Expected | tuple[int, ...]]) -> None:
+        by_name = {e[0]: e for e in entries}
+        for name, want in expected.items():
+            spec = want if isinstance(want, Expected) else Expected(tuple(want))
+            entry = by_name.get(name)
+            if entry is None:
+                raise InvalidModelFileError(self.path, f"has no tensor {name}",
+                                            hint="convert the model again with llmkit convert")
+            _, gtype, ne, _, _ = entry
+            if ne != _ne_of(spec.shape):
+                shape = tuple(reversed([n for n in ne]))
+                while len(shape) > len(spec.shape) and shape[0] == 1:
+                    shape = shape[1:]
+                raise InvalidModelFileError(
+                    self.path, f"tensor {name} has shape {list(shape)}, expected "
+                    f"{list(spec.shape)}", hint="convert the model again with llmkit convert")
+            if spec.types is not None and gtype not in spec.types:
+                raise InvalidModelFileError(
+                    self.path, f"tensor {name} has ggml type {_type_name(gtype)}, expected "
+                    f"{' or '.join(_type_name(t) for t in sorted(spec.types))}",
+                    hint="convert the model again with llmkit convert")
+        for name, _, _, offset, size in entries:
+            if data_offset + offset + size > self.file_size:
+                raise InvalidModelFileError(
+                    self.path, f"tensor {name} lies past the end of the file (truncated?)",
+                    hint="download or convert the model again")
+
+    def _bind(self, entries: list[tuple[str, int, tuple[int, ...], int, int]],
+              data_offset: int, backend: Backend, offload: Callable[[str], bool]) -> None:
+        f = self._f
+        mapped = [e for e in entries if not offload(e[0])]
+        copied = [e for e in entries if offload(e[0])]
+        base = int(self._map.ctypes.data) if self._map is not None else 0
+        for group, to_device in ((mapped, False), (copied, True)):
+            if not group:
+                continue
+            ctx = Ctx(max_tensors=len(group) + 1, graph_size=0)
+            self._ctxs.append(ctx)
+            made = []
+            for name, gtype, ne, offset, size in group:
+                t = ctx.new(gtype, *ne, name=name)
+                if t.nbytes() != size:
+                    raise InvalidModelFileError(self.path, f"tensor {name} has an odd size")
+                self.tensors[name] = t
+                made.append((t, data_offset + offset, size))
+            if to_device:
+                buf = f.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, backend.buffer_type())
+                if not buf:
+                    raise DeviceError(f"{backend.name} has no room for the model's weights",
+                                      hint="offload fewer layers (--gpu-layers) or use the CPU")
+                self._buffers.append(buf)
+                f.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
+                for t, start, size in made:
+                    f.ggml_backend_tensor_set(t.ptr, base + start, 0, size)
+                    self.offloaded_bytes += size
+            else:
+                # One CPU buffer over the whole map; each tensor's data is its place in it.
+                buf = f.ggml_backend_cpu_buffer_from_ptr(base, self.file_size)
+                if not buf:
+                    raise DeviceError("ggml could not wrap the model file's memory map")
+                self._buffers.append(buf)
+                f.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
+                for t, start, size in made:
+                    status = f.ggml_backend_tensor_alloc(buf, t.ptr, base + start)
+                    if status != STATUS_SUCCESS:
+                        raise InvalidModelFileError(self.path, f"tensor {t.name} cannot be "
+                                                    f"mapped (ggml status {status})")
+                    self.mapped_bytes += size
+
+    def __getitem__(self, name: str) -> T:
+        return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def close(self) -> None:
+        """Free the tensors, their buffers and the map."""
+        for buf in self._buffers:
+            self._f.ggml_backend_buffer_free(buf)
+        self._buffers = []
+        for ctx in self._ctxs:
+            ctx.close()
+        self._ctxs = []
+        self.tensors = {}
+        self._map = None
+
+    def __enter__(self) -> Weights:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _type_name(gtype: int) -> str:
+    try:
+        return GgmlType(gtype).name
+    except ValueError:
+        return str(gtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent state
+
+
+class State:
+    """Tensors that outlive graphs (KV caches, cross-attention K/V) in their own buffer.
+
+    Graphs write into them (``Ctx.cpy`` into a view, ``Ctx.set_rows``) and read views of
+    them; a runner's allocator never places or reuses them, so they survive every later graph.
+    """
+
+    def __init__(self, backend: Backend, specs: Mapping[str, tuple[int, Sequence[int]]]) -> None:
+        """Args:
+            backend: whose primary device holds the tensors.
+            specs: name → (ggml type, ne in ggml order, innermost first).
+
+        Raises:
+            DeviceError: the device has no room for them.
+        """
+        f = lib().f
+        self._f = f
+        self._ctx = Ctx(max_tensors=len(specs) + 1, graph_size=0)
+        self.tensors: dict[str, T] = {}
+        self._buffer = 0
+        try:
+            for name, (gtype, ne) in specs.items():
+                self.tensors[name] = self._ctx.new(gtype, *ne, name=name)
+            if specs:
+                self._buffer = f.ggml_backend_alloc_ctx_tensors_from_buft(
+                    self._ctx.ptr, backend.buffer_type())
+                if not self._buffer:
+                    raise DeviceError(f"{backend.name} has no room for the caches")
+                f.ggml_backend_buffer_clear(self._buffer, 0)
+        except BaseException:
+            self.close()
+            raise
+        self.nbytes = int(f.ggml_backend_buffer_get_size(self._buffer)) if self._buffer else 0
+
+    def __getitem__(self, name: str) -> T:
+        return self.tensors[name]
+
+    def clear(self) -> None:
+        """Zero every tensor."""
+        if self._buffer:
+            self._f.ggml_backend_buffer_clear(self._buffer, 0)
+
+    def close(self) -> None:
+        """Free the buffer and the tensors."""
+        if self._buffer:
+            self._f.ggml_backend_buffer_free(self._buffer)
+            self._buffer = 0
+        self._ctx.close()
+        self.tensors = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute
+
+
+@dataclass
+class Timings:
+    """Where the last run's time went, in microseconds."""
+
+    build_us: float = 0.0
+    alloc_us: float = 0.0
+    upload_us: float = 0.0
+    compute_us: float = 0.0
+    download_us: float = 0.0
+    n_nodes: int = 0
+
+
+class Runner:
+    """Builds, allocates and computes graphs on one backend, reusing its compute buffers.
+
+    Each run makes a fresh metadata context, calls the caller's build function, allocates
+    the graph with ggml's scheduler (the buffers of the previous graph are reused, so tensors
+    of earlier graphs are invalid afterwards: persistent data belongs in a :class:`State`),
+    copies the inputs in, computes and reads the outputs back.
+    """
+
+    def __init__(self, backend: Backend, graph_size: int = 8192,
+                 max_tensors: int | None = None) -> None:
+        """Args:
+            backend: where to compute.
+            graph_size: most nodes one graph may have.
+            max_tensors: most tensors one build may make (default: twice ``graph_size``).
+
+        Raises:
+            ComputeError: ggml could not create its scheduler.
+        """
+        f = lib().f
+        self._f = f
+        self.backend = backend
+        self.graph_size = graph_size
+        self.max_tensors = max_tensors or 2 * graph_size
+        # The scheduler takes the backends by priority, the CPU last (ggml requires it there).
+        chain = [b for b in (backend.gpu, backend.cpu) if b]
+        self._backends = (ctypes.c_void_p * len(chain))(*chain)
+        self.sched: int = f.ggml_backend_sched_new(self._backends, None, len(chain), graph_size,
+                                                   False, True)
+        if not self.sched:
+            raise ComputeError("ggml could not create a graph scheduler")
+        self.timings = Timings()
+
+    def run(self, build: Callable[[Ctx], Sequence[T]]) -> list[npt.NDArray[Any]]:
+        """Build a graph with ``build``, compute it, and return its outputs as numpy arrays.
+
+        Args:
+            build: called with a fresh :class:`Ctx`; makes inputs with ``ctx.input(array)``,
+                expands side effects (cache writes) with ``ctx.expand``, and returns the
+                tensors to read back (each contiguous, F32/F16/I32/I64).
+
+        Returns:
+            One array per returned tensor, in numpy order (``T.shape``).
+
+        Raises:
+            ComputeError: the graph could not be allocated or computed.
+        """
+        f = self._f
+        timings = Timings()
+        t0 = time.perf_counter()
+        ctx = Ctx(self.max_tensors, self.graph_size)
+        try:
+            outputs = list(build(ctx))
+            for t in outputs:
+                f.ggml_set_output(t.ptr)
+                ctx.expand(t)
+            timings.n_nodes = ctx.n_nodes()
+            t1 = time.perf_counter()
+            f.ggml_backend_sched_reset(self.sched)
+            if not f.ggml_backend_sched_alloc_graph(self.sched, ctx.graph):
+                raise ComputeError(f"ggml could not allocate a {timings.n_nodes}-node graph on "
+                                   f"{self.backend.name}", hint="use a smaller context or image")
+            t2 = time.perf_counter()
+            for t, data in ctx.inputs:
+                f.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
+            t3 = time.perf_counter()
+            status = f.ggml_backend_sched_graph_compute(self.sched, ctx.graph)
+            if status != STATUS_SUCCESS:
+                raise ComputeError(f"ggml failed to compute a graph (status {status})")
+            t4 = time.perf_counter()
+            results = [download(t) for t in outputs]
+            t5 = time.perf_counter()
+        finally:
+            ctx.close()
+        timings.build_us = (t1 - t0) * 1e6
+        timings.alloc_us = (t2 - t1) * 1e6
+        timings.upload_us = (t3 - t2) * 1e6
+        timings.compute_us = (t4 - t3) * 1e6
+        timings.download_us = (t5 - t4) * 1e6
+        self.timings = timings
+        return results
+
+    def compute_buffer_bytes(self) -> int:
+        """Bytes of compute buffer the scheduler holds on the primary device."""
+        return int(self._f.ggml_backend_sched_get_buffer_size(self.sched, self.backend.primary))
+
+    def close(self) -> None:
+        """Free the scheduler and its compute buffers."""
+        if self.sched:
+            self._f.ggml_backend_sched_free(self.sched)
+            self.sched = 0
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
