@@ -694,6 +694,31 @@ def save_checkpoint(
     return directory
 
 
+# One picture size (width, height) per aspect-ratio id at the tiny 28-pixel tile: id = index + 1
+# of SUPPORTED_ASPECT_RATIOS, whose pairs are (rows, columns).
+ASPECT_PICTURE_SIZES: dict[int, tuple[int, int]] = {
+    1: (28, 28), 2: (56, 28), 3: (84, 28), 4: (112, 28),
+    5: (28, 56), 6: (56, 56), 7: (28, 84), 8: (28, 112),
+}
+
+
+def random_picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A picture of uniform random RGB noise.
+
+    Args:
+        width: pixels.
+        height: pixels.
+        seed: numpy seed.
+
+    Returns:
+        An RGB PIL image.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 @dataclass(frozen=True)
 class ImageInputs:
     """What MllamaImageProcessor gives the model for one image (numpy, batch and image axes 1)."""
@@ -785,7 +810,10 @@ def meta_semantics(
         its output by the same mask (o_proj has no bias, so after o_proj equals Meta's before).
 
     Without an image nothing changes: transformers skips the cross-attention layers when it has
-    no vision states and none cached, as Meta's `text_only_inference` does.
+    no vision states and none cached, as Meta's `text_only_inference` does. The vision
+    attention mask needs no patch: Meta's `build_encoder_attention_mask` (encoder_utils.py) and
+    transformers' `_prepare_aspect_ratio_attention_mask` both mask only (pad, pad) pairs, so
+    real tokens do attend to padded ones.
 
     Args:
         model: from build_model (or from_pretrained), eager attention.

@@ -90,10 +90,7 @@ def model() -> Any:
 
 
 def _picture(width: int, height: int, seed: int) -> Any:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return mm.random_picture(width, height, seed)
 
 
 def _torch_logits(model: Any, ids: list[int], image: Any = None) -> np.ndarray:
@@ -190,6 +187,34 @@ def test_intermediate_vision_states_are_the_inputs_of_layers_0_and_2(model: Any)
     np.testing.assert_allclose(intermediate(plain, 0), outputs[0], atol=1e-6)
     np.testing.assert_allclose(intermediate(plain, 1), outputs[2], atol=1e-6)
     assert np.abs(intermediate(patched, 1) - intermediate(plain, 1)).max() > 0.1
+
+
+def test_vision_attention_masks_only_pad_pairs_as_meta_does() -> None:
+    import torch
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    tiles, tokens, padded = 4, 5, 8
+    for real_tiles in range(1, tiles + 1):
+        tile_mask = torch.tensor([[1] * real_tiles + [0] * (tiles - real_tiles)])
+        hf = _prepare_aspect_ratio_attention_mask(tile_mask, tokens, padded, torch.float32)
+        # Meta's encoder_utils.build_encoder_attention_mask: 1 marks padding, outer product.
+        pad = np.ones((tiles, padded))
+        pad[:real_tiles, :tokens] = 0
+        pad = pad.reshape(-1, 1)
+        blocked = (pad @ pad.T) > 0
+        assert np.array_equal(hf[0, 0].numpy() < 0, blocked)
+        assert not blocked[0, -1]  # a real token attends to a padded one
+
+
+def test_each_aspect_ratio_id_has_its_picture_size() -> None:
+    for aspect_id, (width, height) in mm.ASPECT_PICTURE_SIZES.items():
+        inputs = mm.image_inputs(mm.random_picture(width, height, seed=aspect_id))
+        rows, cols = mm.SUPPORTED_ASPECT_RATIOS[aspect_id - 1]
+        assert int(inputs.aspect_ratio_ids[0, 0]) == aspect_id
+        assert inputs.num_tiles == rows * cols
+        assert inputs.pixel_values.shape == (1, 1, 4, 3, 28, 28)
+        assert inputs.aspect_ratio_mask[0, 0].tolist() == [1] * (rows * cols) + [0] * (
+            4 - rows * cols)
 
 
 def test_a_different_picture_changes_the_logits_from_the_image_token_on(model: Any) -> None:
