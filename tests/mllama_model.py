@@ -59,12 +59,12 @@ TOKEN_EMBEDDING_STD = 1.0
 LINEAR_GAIN = 1.0
 LINEAR_BIAS_STD = 0.1
 
-# The chat template of meta-llama/Llama-3.2-11B-Vision-Instruct (its chat_template.json, also
-# in its tokenizer_config.json), verbatim. Source: the copy quoted as "Llama-3.2-11B-Vision-
-# Instruct" in johnmai-dev/Jinja Tests/Templates/VisionTests.swift (the same text is in
-# huggingface/swift-jinja's ChatTemplateTests.swift and NVIDIA NeMo's MLlamaTemplateConfig).
-# Its sha256 is CHAT_TEMPLATE_SHA256; the line after `namespace(has_images=false) %}` keeps its
-# published six trailing spaces.
+# The chat template of meta-llama/Llama-3.2-11B-Vision-Instruct (its chat_template.json),
+# verbatim. Source: the copy quoted as the "Llama-3.2-11B-Vision-Instruct" template in
+# johnmai-dev/Jinja, Tests/Templates/VisionTests.swift (decoded from the Swift literal); the
+# same text is in that repository's ChatTemplateTests.swift and in NVIDIA NeMo's
+# MLlamaTemplateConfig. Its sha256 is CHAT_TEMPLATE_SHA256; the line after
+# `namespace(has_images=false) %}` keeps its published six trailing spaces.
 CHAT_TEMPLATE = (
     '{{- bos_token }}\n'
     '{%- if custom_tools is defined %}\n'
@@ -422,8 +422,9 @@ def state_dict_numpy(model: MllamaForConditionalGeneration, *, layout: str = "v5
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields every sub-config of the published config.json carries: transformers 4.45 wrote each
-# PretrainedConfig default out (config.json of meta-llama/Llama-3.2-11B-Vision-Instruct,
-# "transformers_version": "4.45.0.dev0"). A converter must ignore them.
+# PretrainedConfig default out ("transformers_version": "4.45.0.dev0"). Taken from full public
+# copies of the published file (e.g. quoted as a dict in training scripts on GitHub); a
+# converter must ignore them.
 _LEGACY_CONFIG_NOISE: dict[str, Any] = {
     "_name_or_path": "", "add_cross_attention": False, "architectures": None,
     "bad_words_ids": None, "begin_suppress_tokens": None, "chunk_size_feed_forward": 0,
@@ -588,7 +589,8 @@ def _write_tokenizer(directory: Path, chat_template: str | None) -> None:
 
 
 def _generation_config_json(config: MllamaConfig) -> dict[str, Any]:
-    # generation_config.json of meta-llama/Llama-3.2-11B-Vision-Instruct.
+    # generation_config.json of meta-llama/Llama-3.2-11B-Vision-Instruct, the Llama 3.1/3.2
+    # Instruct file (recalled, not checked byte for byte: no copy was at hand).
     return {"bos_token_id": _text(config).bos_token_id, "do_sample": True,
             "eos_token_id": list(EOS_TOKEN_IDS), "pad_token_id": PAD_TOKEN_ID,
             "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.45.0.dev0"}
