@@ -161,13 +161,13 @@ def test_unsupported_architecture(smol_checkpoint: Path, tmp_path: Path) -> None
     ckpt = tmp_path / "other"
     shutil.copytree(smol_checkpoint, ckpt)
     config = json.loads((ckpt / "config.json").read_text())
-    config["architectures"] = ["MllamaForConditionalGeneration"]
+    config["architectures"] = ["Qwen2VLForConditionalGeneration"]
     (ckpt / "config.json").write_text(json.dumps(config))
     proc = run_llmkit(["convert", str(ckpt), "-o", str(tmp_path / "o.gguf")])
     assert proc.returncode == 1
-    assert ("architecture 'MllamaForConditionalGeneration' is not supported "
+    assert ("architecture 'Qwen2VLForConditionalGeneration' is not supported "
             "(supported are Idefics3ForConditionalGeneration, LlamaForCausalLM, "
-            "SmolVLMForConditionalGeneration)") in proc.stderr
+            "MllamaForConditionalGeneration, SmolVLMForConditionalGeneration)") in proc.stderr
     assert not (tmp_path / "o.gguf").exists()
 
 

@@ -206,7 +206,7 @@ def test_unsupported_architecture_lists_smolvlm(tiny: Path, tmp_path: Path) -> N
     assert proc.stderr == (
         "llmkit: error: architecture 'Qwen2VLForConditionalGeneration' is not supported "
         "(supported are Idefics3ForConditionalGeneration, LlamaForCausalLM, "
-        "SmolVLMForConditionalGeneration)\n")
+        "MllamaForConditionalGeneration, SmolVLMForConditionalGeneration)\n")
 
 
 def test_existing_projector_needs_force(tiny: Path, tmp_path: Path) -> None:

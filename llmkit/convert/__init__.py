@@ -10,6 +10,7 @@ from typing import Any
 
 from llmkit.convert.idefics3 import Idefics3ProjectorConverter, Idefics3TextConverter
 from llmkit.convert.llama import LlamaConverter
+from llmkit.convert.mllama import MllamaConverter
 from llmkit.convert.safetensors import MappedFiles, checkpoint_tensors
 from llmkit.convert.tokenizer import add_tokenizer
 from llmkit.convert.writer import OUTTYPES, discard, publish, stage_gguf
@@ -18,11 +19,13 @@ from llmkit.gguf_file import check_output, special_file
 from llmkit.io import parse_json
 
 # Hugging Face `architectures` names → converter of the language model. Llama Guard 3 and
-# SmolLM2 are Llama models; SmolVLM's text model is one too.
-CONVERTERS: dict[str, type[LlamaConverter]] = {
+# SmolLM2 are Llama models; SmolVLM's text model is one too. Llama 3.2 Vision (mllama) is one
+# file holding the text model, the vision tower and the projector, for llmkit's own engine.
+CONVERTERS: dict[str, type[LlamaConverter] | type[MllamaConverter]] = {
     "LlamaForCausalLM": LlamaConverter,
     "Idefics3ForConditionalGeneration": Idefics3TextConverter,
     "SmolVLMForConditionalGeneration": Idefics3TextConverter,
+    "MllamaForConditionalGeneration": MllamaConverter,
 }
 # Architectures with a vision tower → converter of its projector, a second GGUF that
 # llama.cpp's multimodal library (mtmd) loads beside the language model.
@@ -140,6 +143,10 @@ def convert(
             hint=f"supported are {', '.join(sorted(CONVERTERS))}",
         )
     projector_cls = PROJECTORS.get(arch)
+    if mmproj is not None and converter_cls is MllamaConverter:
+        raise UsageError(f"{source.name} is a Llama 3.2 Vision model ({arch}), whose vision "
+                         "tower goes into the model file itself; there is no projector to "
+                         "write", hint="leave out --mmproj")
     if mmproj is not None and projector_cls is None:
         raise UsageError(f"{source.name} is a text-only model ({arch}); it has no vision "
                          "projector to write", hint="leave out --mmproj")
@@ -164,7 +171,8 @@ def convert(
 
         def metadata(writer: Any) -> None:
             converter.metadata(writer, outtype, name)
-            description["tokenizer"] = add_tokenizer(writer, source, converter.n_vocab)
+            description["tokenizer"] = add_tokenizer(writer, source, converter.n_vocab,
+                                                     converter.chat_template)
 
         staged.append((stage_gguf(output, converter.arch, metadata, planned, on_tensor),
                        output))

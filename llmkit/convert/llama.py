@@ -132,6 +132,8 @@ class LlamaConverter:
     """Plans the metadata and tensors of a Llama-architecture checkpoint."""
 
     arch = "llama"
+    # The chat template to write; None keeps the one the tokenizer files give.
+    chat_template: str | None = None
 
     def __init__(self, directory: Path, config: dict[str, Any], tensors: dict[str, TensorRef],
                  files: MappedFiles) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +68,34 @@ def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _gguf_warnings_off() -> Iterator[None]:
+    """Keep gguf-py's warnings off the terminal while it reads the special tokens.
+
+    Its SpecialVocab logs, for instance, that Llama 3's tokenizer.json names
+    <|begin_of_text|> as a separator of sentence pairs, which llama.cpp never tokenizes;
+    library code does not print, and an unconfigured logger would write it to stderr.
+    """
+    log = logging.getLogger("gguf")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _looks_special(token: str) -> bool:
     # Added tokens such as <|eot_id|> are control tokens even when not flagged "special".
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
-def add_bpe(writer: Any, directory: Path, tok: dict[str, Any], n_vocab: int) -> str:
-    """Write a byte-level BPE vocabulary; returns the pre-tokenizer name."""
+def add_bpe(writer: Any, directory: Path, tok: dict[str, Any], n_vocab: int,
+            chat_template: str | None = None) -> str:
+    """Write a byte-level BPE vocabulary; returns the pre-tokenizer name.
+
+    ``chat_template``, when given, replaces the one gguf's SpecialVocab finds.
+    """
     import gguf
 
     model = tok.get("model", {})
@@ -93,15 +117,22 @@ def add_bpe(writer: Any, directory: Path, tok: dict[str, Any], n_vocab: int) -> 
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=size)
+    with _gguf_warnings_off():
+        special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=size)
     if not special_vocab.merges:
         raise ConvertError(f"{directory / 'tokenizer.json'} has no BPE merges")
+    if chat_template is not None:
+        special_vocab.chat_template = chat_template
     special_vocab.add_to_gguf(writer, quiet=True)
     return pre
 
 
-def add_sentencepiece(writer: Any, directory: Path, n_vocab: int) -> str:
-    """Write a SentencePiece vocabulary from tokenizer.model (needs the sentencepiece package)."""
+def add_sentencepiece(writer: Any, directory: Path, n_vocab: int,
+                      chat_template: str | None = None) -> str:
+    """Write a SentencePiece vocabulary from tokenizer.model (needs the sentencepiece package).
+
+    ``chat_template``, when given, replaces the one gguf's SpecialVocab finds.
+    """
     import gguf
 
     try:
@@ -129,13 +160,24 @@ def add_sentencepiece(writer: Any, directory: Path, n_vocab: int) -> str:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(tokens)).add_to_gguf(
-        writer, quiet=True)
+    with _gguf_warnings_off():
+        special_vocab = gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(tokens))
+    if chat_template is not None:
+        special_vocab.chat_template = chat_template
+    special_vocab.add_to_gguf(writer, quiet=True)
     return "sentencepiece"
 
 
-def add_tokenizer(writer: Any, directory: Path, n_vocab: int) -> str:
+def add_tokenizer(writer: Any, directory: Path, n_vocab: int,
+                  chat_template: str | None = None) -> str:
     """Write the checkpoint's tokenizer, special tokens and chat template into ``writer``.
+
+    Args:
+        writer: the gguf.GGUFWriter.
+        directory: the checkpoint directory.
+        n_vocab: the model's vocabulary size (tokens past the tokenizer's are padding).
+        chat_template: the template to write; None takes the one gguf's SpecialVocab reads
+            (tokenizer_config.json before chat_template.jinja / chat_template.json).
 
     Returns:
         A short description: the pre-tokenizer name, or "sentencepiece".
@@ -151,11 +193,11 @@ def add_tokenizer(writer: Any, directory: Path, n_vocab: int) -> str:
             raise ConvertError(f"cannot read {tok_file}: {exc}") from None
         model = tok.get("model", {})
         if model.get("type") == "BPE" and not model.get("byte_fallback"):
-            return add_bpe(writer, directory, tok, n_vocab)
+            return add_bpe(writer, directory, tok, n_vocab, chat_template)
         if (directory / "tokenizer.model").is_file():
-            return add_sentencepiece(writer, directory, n_vocab)
+            return add_sentencepiece(writer, directory, n_vocab, chat_template)
         raise ConvertError(f"{tok_file}: tokenizer type {model.get('type')!r} is not supported",
                            hint="supported: byte-level BPE and SentencePiece (tokenizer.model)")
     if (directory / "tokenizer.model").is_file():
-        return add_sentencepiece(writer, directory, n_vocab)
+        return add_sentencepiece(writer, directory, n_vocab, chat_template)
     raise ConvertError(f"no tokenizer.json or tokenizer.model in {directory}")
