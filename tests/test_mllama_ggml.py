@@ -381,6 +381,43 @@ def test_set_rows_into_a_persistent_cache(backend, runner):
         state.close()
 
 
+def test_cache_write_then_attention_in_one_graph(backend, runner):
+    # The text decoder's step: new K/V rows go into F16 caches (ne [D, n_ctx, H_kv]), then
+    # attention reads a view of the first n_kv positions, all in one graph; a later step
+    # sees what the earlier wrote.
+    d, n_ctx, h_kv, heads = 16, 12, 2, 4
+    state = State(backend, {"k": (GgmlType.F16, (d, n_ctx, h_kv)),
+                            "v": (GgmlType.F16, (d, n_ctx, h_kv))})
+    keys, values = randn(h_kv, n_ctx, d), randn(h_kv, n_ctx, d)
+    try:
+        def step(start, n_new):
+            q = randn(heads, n_new, d)
+            n_kv = start + n_new
+            mask = np.triu(np.full((n_new, n_kv), -np.inf, dtype=np.float32), start + 1)
+
+            def build(c):
+                rows = c.input(np.arange(start, n_kv, dtype=np.int64))
+                for name, src in (("k", keys), ("v", values)):
+                    new = c.input(np.ascontiguousarray(src[:, start:n_kv]))
+                    c.expand(c.set_rows(state[name], new, rows))
+                k, v = (c.view(state[n], (d, n_kv, h_kv), (d * 2, d * 2 * n_ctx))
+                        for n in ("k", "v"))
+                return [c.flash_attn_ext(c.input(q), k, v, c.input(mask.astype(np.float16)),
+                                         d ** -0.5)]
+
+            (got,) = runner.run(build)
+            k16, v16 = (t[:, :n_kv].astype(np.float16).astype(np.float32)
+                        for t in (keys, values))
+            want = _attention(q, k16, v16, mask, d ** -0.5)
+            np.testing.assert_allclose(got.reshape(want.shape), want, atol=3e-3)
+
+        step(0, 5)  # the prompt
+        step(5, 1)  # one decoded token, attending to the cached five
+        step(6, 3)
+    finally:
+        state.close()
+
+
 def test_concat_pad_views_permute(runner):
     a, b = randn(2, 3, 4), randn(2, 3, 5)
     x = randn(2, 3, 4, 5)
@@ -440,6 +477,54 @@ def test_shape_errors_raise_instead_of_aborting():
             c.get_rows(a, c.new(GgmlType.F32, 2))
         with pytest.raises(ValueError, match="block"):
             c.new(GgmlType.Q8_0, 16)
+
+
+def test_a_prepared_graph_computes_again_with_new_inputs(backend, runner):
+    w = randn(6, 8)
+    state = State(backend, {"acc": (GgmlType.F32, (6,))})
+    try:
+        def build(c):
+            x = c.input(np.zeros(8, dtype=np.float32), name="x")
+            y = c.mul_mat(c.input(w), x)
+            # A cache write and a read of it in one graph: acc += y, in expand order.
+            total = c.add(state["acc"], y)
+            c.expand(c.cpy(total, state["acc"]))
+            return [c.scale(y, 1.0)]
+
+        graph = runner.prepare(build)
+        seen = []
+        for _ in range(3):
+            x = randn(8)
+            graph.set("x", x)
+            (y,) = graph.compute()
+            np.testing.assert_allclose(y, w @ x, atol=1e-5)
+            seen.append(y)
+        np.testing.assert_allclose(state.read("acc"), np.sum(seen, 0), atol=1e-5)
+        assert graph.timings.n_nodes >= 3 and graph.timings.compute_us > 0
+        with pytest.raises(ValueError, match=r"upload: float16 \(8,\)"):
+            graph.set("x", np.zeros(8, dtype=np.float16))
+        runner.run(lambda c: [c.scale(c.input(randn(4)), 2.0)])
+        with pytest.raises(ValueError, match="later graph"):
+            graph.compute()
+        graph.close()
+        state.write("acc", np.arange(6, dtype=np.float32))
+        np.testing.assert_array_equal(state.read("acc"), np.arange(6))
+    finally:
+        state.close()
+
+
+def test_an_overfull_context_raises_instead_of_aborting(backend):
+    with Runner(backend, max_tensors=50) as small:
+        def build(c):
+            x = c.input(randn(4))
+            for _ in range(60):
+                x = c.scale(x, 1.0)
+            return [x]
+
+        with pytest.raises(ValueError, match="more than 50 tensors"):
+            small.prepare(build)
+        (y,) = small.run(lambda c: [c.scale(c.input(np.ones(4, dtype=np.float32)), 3.0)])
+        np.testing.assert_array_equal(y, [3, 3, 3, 3])
 
 
 def test_threads_setting_is_honored(backend, runner):

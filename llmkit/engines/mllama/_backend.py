@@ -255,6 +255,8 @@ class Weights:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r") \
                 if self.file_size else None
             self._bind(entries, data_offset, backend, offload)
+            if not self.mapped_bytes:
+                self._map = None  # everything was copied to the device: unmap the file
         except BaseException:
             self.close()
             raise
@@ -316,7 +318,7 @@ class Weights:
         for group, to_device in ((mapped, False), (copied, True)):
             if not group:
                 continue
-            ctx = Ctx(max_tensors=len(group) + 1, graph_size=0)
+            ctx = Ctx(max_tensors=len(group), graph=False)
             self._ctxs.append(ctx)
             made = []
             for name, gtype, ne, offset, size in group:
@@ -407,7 +409,7 @@ class State:
         """
         f = lib().f
         self._f = f
-        self._ctx = Ctx(max_tensors=len(specs) + 1, graph_size=0)
+        self._ctx = Ctx(max_tensors=len(specs), graph=False)
         self.tensors: dict[str, T] = {}
         self._buffer = 0
         try:
@@ -426,6 +428,14 @@ class State:
 
     def __getitem__(self, name: str) -> T:
         return self.tensors[name]
+
+    def write(self, name: str, array: npt.NDArray[Any]) -> None:
+        """Fill the tensor ``name`` from ``array`` (same dtype and element count)."""
+        upload(self.tensors[name], array)
+
+    def read(self, name: str) -> npt.NDArray[Any]:
+        """A numpy copy of the tensor ``name``."""
+        return download(self.tensors[name])
 
     def clear(self) -> None:
         """Zero every tensor."""
@@ -447,7 +457,7 @@ class State:
 
 @dataclass
 class Timings:
-    """Where the last run's time went, in microseconds."""
+    """Where a graph's time went, in µs (build, alloc, upload: once, when it was prepared)."""
 
     build_us: float = 0.0
     alloc_us: float = 0.0
@@ -457,21 +467,88 @@ class Timings:
     n_nodes: int = 0
 
 
+class Graph:
+    """A built and allocated graph; compute it again after giving its inputs new data.
+
+    Valid until its runner prepares another graph (which reuses the same compute buffers) or
+    until :meth:`close`; a stale graph refuses to compute rather than read freed memory.
+    """
+
+    def __init__(self, runner: Runner, ctx: Ctx, outputs: list[T], generation: int,
+                 timings: Timings) -> None:
+        self._runner = runner
+        self._ctx = ctx
+        self.outputs = outputs
+        self._generation = generation
+        self.timings = timings
+        self._inputs = {t.name: t for t, _ in ctx.inputs if t.name}
+
+    @property
+    def n_nodes(self) -> int:
+        """Nodes in the graph."""
+        return self.timings.n_nodes
+
+    def _check_live(self) -> None:
+        if not self._ctx.ptr or self._generation != self._runner.generation:
+            raise ValueError("this graph's buffers were given to a later graph (prepare it again)")
+
+    def set(self, name: str, array: npt.NDArray[Any]) -> None:
+        """Give the input named ``name`` new data (same dtype and element count).
+
+        Raises:
+            KeyError: no input of that name.
+            ValueError: another dtype or size, or a stale graph.
+        """
+        self._check_live()
+        upload(self._inputs[name], array)
+
+    def compute(self) -> list[npt.NDArray[Any]]:
+        """Compute the graph and read its outputs back (numpy order, ``T.shape``).
+
+        Raises:
+            ComputeError: ggml failed to compute.
+            ValueError: a stale graph.
+        """
+        self._check_live()
+        f = self._runner._f
+        t1 = time.perf_counter()
+        status = f.ggml_backend_sched_graph_compute(self._runner.sched, self._ctx.graph)
+        if status != STATUS_SUCCESS:
+            raise ComputeError(f"ggml failed to compute a graph (status {status})")
+        t2 = time.perf_counter()
+        results = [download(t) for t in self.outputs]
+        t3 = time.perf_counter()
+        self.timings.compute_us = (t2 - t1) * 1e6
+        self.timings.download_us = (t3 - t2) * 1e6
+        return results
+
+    def close(self) -> None:
+        """Free the graph's metadata (its tensors become invalid)."""
+        self._ctx.close()
+        self._inputs = {}
+
+    def __enter__(self) -> Graph:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 class Runner:
     """Builds, allocates and computes graphs on one backend, reusing its compute buffers.
 
-    Each run makes a fresh metadata context, calls the caller's build function, allocates
-    the graph with ggml's scheduler (the buffers of the previous graph are reused, so tensors
-    of earlier graphs are invalid afterwards: persistent data belongs in a :class:`State`),
-    copies the inputs in, computes and reads the outputs back.
+    Each graph gets a fresh metadata context and the caller's build function; ggml's
+    scheduler allocates it in buffers it keeps from graph to graph, so the tensors of an
+    earlier graph are invalid once a later one is prepared: data that must outlive a graph
+    belongs in a :class:`State` (caches) and is written there by the graph.
     """
 
-    def __init__(self, backend: Backend, graph_size: int = 8192,
-                 max_tensors: int | None = None) -> None:
+    def __init__(self, backend: Backend, max_tensors: int = 16384,
+                 max_leaves: int = 8192) -> None:
         """Args:
             backend: where to compute.
-            graph_size: most nodes one graph may have.
-            max_tensors: most tensors one build may make (default: twice ``graph_size``).
+            max_tensors: most tensors one build may make (inputs, op results, views).
+            max_leaves: most weights and state tensors one graph may read.
 
         Raises:
             ComputeError: ggml could not create its scheduler.
@@ -479,35 +556,38 @@ class Runner:
         f = lib().f
         self._f = f
         self.backend = backend
-        self.graph_size = graph_size
-        self.max_tensors = max_tensors or 2 * graph_size
-        # The scheduler takes the backends by priority, the CPU last (ggml requires it there).
+        self.max_tensors = max_tensors
+        self.max_leaves = max_leaves
+        # The scheduler takes the backends by priority, the CPU last (ggml requires it there);
+        # its graph size bounds nodes plus leaves plus the copies it adds between backends.
         chain = [b for b in (backend.gpu, backend.cpu) if b]
         self._backends = (ctypes.c_void_p * len(chain))(*chain)
-        self.sched: int = f.ggml_backend_sched_new(self._backends, None, len(chain), graph_size,
-                                                   False, True)
+        self.sched: int = f.ggml_backend_sched_new(
+            self._backends, None, len(chain), 2 * (max_tensors + max_leaves), False, True)
         if not self.sched:
             raise ComputeError("ggml could not create a graph scheduler")
+        self.generation = 0
         self.timings = Timings()
 
-    def run(self, build: Callable[[Ctx], Sequence[T]]) -> list[npt.NDArray[Any]]:
-        """Build a graph with ``build``, compute it, and return its outputs as numpy arrays.
+    def prepare(self, build: Callable[[Ctx], Sequence[T]]) -> Graph:
+        """Build a graph with ``build`` and allocate it (invalidating the previous graph).
 
         Args:
-            build: called with a fresh :class:`Ctx`; makes inputs with ``ctx.input(array)``,
-                expands side effects (cache writes) with ``ctx.expand``, and returns the
-                tensors to read back (each contiguous, F32/F16/I32/I64).
+            build: called with a fresh :class:`Ctx`; makes inputs with ``ctx.input(array,
+                name=…)``, expands side effects (cache writes) with ``ctx.expand`` in the
+                order they must happen, and returns the tensors to read back (each
+                contiguous, F32/F16/I32/I64).
 
         Returns:
-            One array per returned tensor, in numpy order (``T.shape``).
+            The allocated :class:`Graph`, its inputs already holding the build's arrays.
 
         Raises:
-            ComputeError: the graph could not be allocated or computed.
+            ComputeError: the graph could not be allocated.
         """
         f = self._f
         timings = Timings()
         t0 = time.perf_counter()
-        ctx = Ctx(self.max_tensors, self.graph_size)
+        ctx = Ctx(self.max_tensors, True, self.max_leaves)
         try:
             outputs = list(build(ctx))
             for t in outputs:
@@ -515,6 +595,7 @@ class Runner:
                 ctx.expand(t)
             timings.n_nodes = ctx.n_nodes()
             t1 = time.perf_counter()
+            self.generation += 1
             f.ggml_backend_sched_reset(self.sched)
             if not f.ggml_backend_sched_alloc_graph(self.sched, ctx.graph):
                 raise ComputeError(f"ggml could not allocate a {timings.n_nodes}-node graph on "
@@ -522,21 +603,31 @@ class Runner:
             t2 = time.perf_counter()
             for t, data in ctx.inputs:
                 f.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
+            ctx.inputs = [(t, None) for t, _ in ctx.inputs]  # uploaded: let the arrays go
             t3 = time.perf_counter()
-            status = f.ggml_backend_sched_graph_compute(self.sched, ctx.graph)
-            if status != STATUS_SUCCESS:
-                raise ComputeError(f"ggml failed to compute a graph (status {status})")
-            t4 = time.perf_counter()
-            results = [download(t) for t in outputs]
-            t5 = time.perf_counter()
-        finally:
+        except BaseException:
             ctx.close()
+            raise
         timings.build_us = (t1 - t0) * 1e6
         timings.alloc_us = (t2 - t1) * 1e6
         timings.upload_us = (t3 - t2) * 1e6
-        timings.compute_us = (t4 - t3) * 1e6
-        timings.download_us = (t5 - t4) * 1e6
-        self.timings = timings
+        return Graph(self, ctx, outputs, self.generation, timings)
+
+    def run(self, build: Callable[[Ctx], Sequence[T]]) -> list[npt.NDArray[Any]]:
+        """Build, allocate and compute a graph once; return its outputs as numpy arrays.
+
+        Args:
+            build: as for :meth:`prepare`.
+
+        Returns:
+            One array per returned tensor, in numpy order (``T.shape``).
+
+        Raises:
+            ComputeError: the graph could not be allocated or computed.
+        """
+        with self.prepare(build) as graph:
+            results = graph.compute()
+            self.timings = graph.timings
         return results
 
     def compute_buffer_bytes(self) -> int:
@@ -548,6 +639,7 @@ class Runner:
         if self.sched:
             self._f.ggml_backend_sched_free(self.sched)
             self.sched = 0
+            self.generation += 1
 
     def __enter__(self) -> Runner:
         return self

@@ -678,23 +678,39 @@ class Ctx:
     :meth:`input` are copied into their tensors after that allocation.
     """
 
-    def __init__(self, max_tensors: int = 16384, graph_size: int = 8192) -> None:
+    def __init__(self, max_tensors: int = 16384, graph: bool = True,
+                 max_leaves: int = 8192) -> None:
         """Args:
-            max_tensors: room for this many tensors (each op's result is one).
-            graph_size: most nodes the graph may hold (0: no graph, e.g. for weights).
+            max_tensors: most tensors made here (inputs, and one per op or view).
+            graph: whether to make a graph (weights and state need none).
+            max_leaves: most tensors from elsewhere (weights, state) the graph may read.
+
+        ggml aborts the process when a context or a graph overflows, so both are sized
+        here to hold everything the counts allow, and :meth:`_t` refuses a tensor past them.
         """
         self._f = _fns()
         f = self._f
-        mem = max_tensors * int(f.ggml_tensor_overhead()) + 4096
-        if graph_size:
-            mem += int(f.ggml_graph_overhead_custom(graph_size, False))
+        self.max_tensors = max_tensors
+        # Every node is a tensor made here; a leaf is one made here or one from elsewhere.
+        self.graph_size = max_tensors + max_leaves if graph else 0
+        mem = (max_tensors + 2) * int(f.ggml_tensor_overhead()) + 4096
+        if graph:
+            mem += int(f.ggml_graph_overhead_custom(self.graph_size, False))
         self.ptr: int = f.ggml_init(InitParams(mem, None, True))
         if not self.ptr:
             raise MemoryError(f"ggml_init could not reserve {mem} bytes of tensor metadata")
-        self.graph: int | None = f.ggml_new_graph_custom(self.ptr, graph_size, False) \
-            if graph_size else None
-        self.graph_size = graph_size
+        self.made = 0
+        self.graph: int | None = f.ggml_new_graph_custom(self.ptr, self.graph_size, False) \
+            if graph else None
         self.inputs: list[tuple[T, Any]] = []
+
+    def _t(self, ptr: int | None) -> T:
+        # Checked after the call: the context has room for two tensors past max_tensors.
+        self.made += 1
+        if self.made > self.max_tensors:
+            raise ValueError(f"more than {self.max_tensors} tensors in one graph context "
+                             "(raise max_tensors)")
+        return T(ptr)
 
     def close(self) -> None:
         """Free the context (every tensor made in it becomes invalid)."""
@@ -721,13 +737,13 @@ class Ctx:
         if ne[0] % block:
             raise ValueError(f"ne[0]={ne[0]} is not a multiple of type {gtype}'s block {block}")
         if len(ne) == 1:
-            t = T(f.ggml_new_tensor_1d(c, gtype, ne[0]))
+            t = self._t(f.ggml_new_tensor_1d(c, gtype, ne[0]))
         elif len(ne) == 2:
-            t = T(f.ggml_new_tensor_2d(c, gtype, ne[0], ne[1]))
+            t = self._t(f.ggml_new_tensor_2d(c, gtype, ne[0], ne[1]))
         elif len(ne) == 3:
-            t = T(f.ggml_new_tensor_3d(c, gtype, ne[0], ne[1], ne[2]))
+            t = self._t(f.ggml_new_tensor_3d(c, gtype, ne[0], ne[1], ne[2]))
         else:
-            t = T(f.ggml_new_tensor_4d(c, gtype, ne[0], ne[1], ne[2], ne[3]))
+            t = self._t(f.ggml_new_tensor_4d(c, gtype, ne[0], ne[1], ne[2], ne[3]))
         if name:
             t.set_name(name)
         return t
@@ -747,9 +763,16 @@ class Ctx:
             raise ValueError(f"graph inputs have 1 to 4 dimensions, not {array.ndim}")
         data = np.ascontiguousarray(array)
         t = self.new(_NUMPY_TYPES[dtype], *reversed(data.shape), name=name)
-        self._f.ggml_set_input(t.ptr)
+        self._mark_input(t)
         self.inputs.append((t, data))
         return t
+
+    def _mark_input(self, t: T) -> None:
+        # Also an output: ggml's allocator reuses an input's memory once its last reader has
+        # run, which would leave a graph computed again with stale inputs (ggml-alloc.c frees
+        # everything but outputs).
+        self._f.ggml_set_input(t.ptr)
+        self._f.ggml_set_output(t.ptr)
 
     def input_bytes(self, gtype: int, ne: Sequence[int], data: npt.NDArray[Any],
                     name: str | None = None) -> T:
@@ -764,7 +787,7 @@ class Ctx:
         t = self.new(gtype, *ne, name=name)
         if raw.nbytes != t.nbytes():
             raise ValueError(f"{raw.nbytes} bytes for a {t.nbytes()}-byte tensor {t.ne}")
-        self._f.ggml_set_input(t.ptr)
+        self._mark_input(t)
         self.inputs.append((t, raw))
         return t
 
@@ -784,7 +807,7 @@ class Ctx:
     def _broadcast(self, fn: Any, a: T, b: T, what: str) -> T:
         if not _can_repeat(b.ne, a.ne):
             raise ValueError(f"{what}: {b.ne} does not broadcast onto {a.ne}")
-        return T(fn(self.ptr, a.ptr, b.ptr))
+        return self._t(fn(self.ptr, a.ptr, b.ptr))
 
     def add(self, a: T, b: T) -> T:
         """a + b, ``b`` broadcast over ``a`` (each ``a.ne[i]`` a multiple of ``b.ne[i]``)."""
@@ -804,71 +827,71 @@ class Ctx:
 
     def scale(self, a: T, s: float) -> T:
         """a * s."""
-        return T(self._f.ggml_scale(self.ptr, a.ptr, s))
+        return self._t(self._f.ggml_scale(self.ptr, a.ptr, s))
 
     def gelu_erf(self, a: T) -> T:
         """Exact GELU, x·Φ(x) with erf (as torch's nn.GELU() default)."""
-        return T(self._f.ggml_gelu_erf(self.ptr, a.ptr))
+        return self._t(self._f.ggml_gelu_erf(self.ptr, a.ptr))
 
     def gelu(self, a: T) -> T:
         """GELU, ggml's tanh approximation."""
-        return T(self._f.ggml_gelu(self.ptr, a.ptr))
+        return self._t(self._f.ggml_gelu(self.ptr, a.ptr))
 
     def silu(self, a: T) -> T:
         """x·sigmoid(x)."""
-        return T(self._f.ggml_silu(self.ptr, a.ptr))
+        return self._t(self._f.ggml_silu(self.ptr, a.ptr))
 
     def tanh(self, a: T) -> T:
         """tanh(x)."""
-        return T(self._f.ggml_tanh(self.ptr, a.ptr))
+        return self._t(self._f.ggml_tanh(self.ptr, a.ptr))
 
     def sigmoid(self, a: T) -> T:
         """1 / (1 + e^-x)."""
-        return T(self._f.ggml_sigmoid(self.ptr, a.ptr))
+        return self._t(self._f.ggml_sigmoid(self.ptr, a.ptr))
 
     def exp(self, a: T) -> T:
         """e^x."""
-        return T(self._f.ggml_exp(self.ptr, a.ptr))
+        return self._t(self._f.ggml_exp(self.ptr, a.ptr))
 
     def sqr(self, a: T) -> T:
         """x²."""
-        return T(self._f.ggml_sqr(self.ptr, a.ptr))
+        return self._t(self._f.ggml_sqr(self.ptr, a.ptr))
 
     def sqrt(self, a: T) -> T:
         """√x."""
-        return T(self._f.ggml_sqrt(self.ptr, a.ptr))
+        return self._t(self._f.ggml_sqrt(self.ptr, a.ptr))
 
     def clamp(self, a: T, lo: float, hi: float) -> T:
         """x held within [lo, hi]."""
-        return T(self._f.ggml_clamp(self.ptr, a.ptr, lo, hi))
+        return self._t(self._f.ggml_clamp(self.ptr, a.ptr, lo, hi))
 
     def swiglu(self, gate: T, up: T) -> T:
         """silu(gate) * up (Llama's MLP), one fused op."""
         if gate.ne != up.ne:
             raise ValueError(f"swiglu: gate {gate.ne} and up {up.ne} differ")
-        return T(self._f.ggml_swiglu_split(self.ptr, gate.ptr, up.ptr))
+        return self._t(self._f.ggml_swiglu_split(self.ptr, gate.ptr, up.ptr))
 
     # -- reductions and norms --------------------------------------------------------------------
 
     def norm(self, a: T, eps: float) -> T:
         """(x - mean) / sqrt(var + eps) over ``ne[0]`` (LayerNorm without weight and bias)."""
-        return T(self._f.ggml_norm(self.ptr, a.ptr, eps))
+        return self._t(self._f.ggml_norm(self.ptr, a.ptr, eps))
 
     def rms_norm(self, a: T, eps: float) -> T:
         """x / sqrt(mean(x²) + eps) over ``ne[0]`` (RMSNorm without weight)."""
-        return T(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
+        return self._t(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
 
     def sum_rows(self, a: T) -> T:
         """Sum over ``ne[0]`` (result ne[0] = 1)."""
-        return T(self._f.ggml_sum_rows(self.ptr, a.ptr))
+        return self._t(self._f.ggml_sum_rows(self.ptr, a.ptr))
 
     def mean(self, a: T) -> T:
         """Mean over ``ne[0]`` (result ne[0] = 1)."""
-        return T(self._f.ggml_mean(self.ptr, a.ptr))
+        return self._t(self._f.ggml_mean(self.ptr, a.ptr))
 
     def argmax(self, a: T) -> T:
         """Index of the largest value of each row (I32, one per row of a matrix)."""
-        return T(self._f.ggml_argmax(self.ptr, a.ptr))
+        return self._t(self._f.ggml_argmax(self.ptr, a.ptr))
 
     # -- products, lookups -----------------------------------------------------------------------
 
@@ -881,7 +904,7 @@ class Ctx:
         an, bn = a.ne, b.ne
         if an[0] != bn[0] or bn[2] % an[2] or bn[3] % an[3]:
             raise ValueError(f"mul_mat: a {an} and b {bn} do not multiply")
-        t = T(self._f.ggml_mul_mat(self.ptr, a.ptr, b.ptr))
+        t = self._t(self._f.ggml_mul_mat(self.ptr, a.ptr, b.ptr))
         if prec_f32:
             self._f.ggml_prec_set_acc(t.ptr, PREC_F32)
         return t
@@ -890,7 +913,7 @@ class Ctx:
         """Rows ``rows`` (I32) of ``a`` (ne [E, R, …]) → ne [E, len(rows), …] in F32."""
         if rows.type != GgmlType.I32 or a.ne[2] != rows.ne[1] or rows.ne[3] != 1:
             raise ValueError(f"get_rows: indices {rows.ne} type {rows.type} do not fit {a.ne}")
-        return T(self._f.ggml_get_rows(self.ptr, a.ptr, rows.ptr))
+        return self._t(self._f.ggml_get_rows(self.ptr, a.ptr, rows.ptr))
 
     def set_rows(self, dst: T, src: T, rows: T) -> T:
         """Write the rows of ``src`` into rows ``rows`` (I64 or I32) of ``dst``; a view of dst.
@@ -903,7 +926,7 @@ class Ctx:
                 or rows.type not in (GgmlType.I32, GgmlType.I64)
                 or dn[2] % rn[1] or dn[3] % rn[2]):
             raise ValueError(f"set_rows: dst {dn}, src {sn}, rows {rn} do not fit")
-        return T(self._f.ggml_set_rows(self.ptr, dst.ptr, src.ptr, rows.ptr))
+        return self._t(self._f.ggml_set_rows(self.ptr, dst.ptr, src.ptr, rows.ptr))
 
     # -- positions and attention -----------------------------------------------------------------
 
@@ -923,7 +946,7 @@ class Ctx:
         if freq_factors is not None and (freq_factors.type != GgmlType.F32
                                          or freq_factors.ne[0] < n_dims // 2):
             raise ValueError(f"rope_ext: freq factors {freq_factors.ne} fit no {n_dims} dims")
-        return T(self._f.ggml_rope_ext(
+        return self._t(self._f.ggml_rope_ext(
             self.ptr, a.ptr, positions.ptr, freq_factors.ptr if freq_factors else None, n_dims,
             mode, n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast,
             beta_slow))
@@ -935,7 +958,7 @@ class Ctx:
             if (mn[0] != an[0] or mn[1] < an[1] or an[2] % mn[2] or an[3] % mn[3]
                     or mask.type not in (GgmlType.F16, GgmlType.F32)):
                 raise ValueError(f"soft_max_ext: mask {mn} does not fit {an}")
-        return T(self._f.ggml_soft_max_ext(self.ptr, a.ptr, mask.ptr if mask else None, scale,
+        return self._t(self._f.ggml_soft_max_ext(self.ptr, a.ptr, mask.ptr if mask else None, scale,
                                            max_bias))
 
     def flash_attn_ext(self, q: T, k: T, v: T, mask: T | None, scale: float,
@@ -958,7 +981,7 @@ class Ctx:
             if (mask.type != GgmlType.F16 or mn[0] != kn[1] or mn[1] < qn[1]
                     or qn[2] % mn[2] or qn[3] % mn[3]):
                 raise ValueError(f"flash_attn_ext: mask {mn} type {mask.type} does not fit")
-        t = T(self._f.ggml_flash_attn_ext(self.ptr, q.ptr, k.ptr, v.ptr,
+        t = self._t(self._f.ggml_flash_attn_ext(self.ptr, q.ptr, k.ptr, v.ptr,
                                           mask.ptr if mask else None, scale, max_bias,
                                           logit_softcap))
         if prec_f32:
@@ -973,16 +996,17 @@ class Ctx:
         if not 0 <= dim < 4 or a.type != b.type or any(
                 an[i] != bn[i] for i in range(4) if i != dim):
             raise ValueError(f"concat: {an} and {bn} do not join along dim {dim}")
-        return T(self._f.ggml_concat(self.ptr, a.ptr, b.ptr, dim))
+        return self._t(self._f.ggml_concat(self.ptr, a.ptr, b.ptr, dim))
 
     def pad(self, a: T, p0: int = 0, p1: int = 0, p2: int = 0, p3: int = 0) -> T:
         """Zeros appended at the end of each dimension."""
-        return T(self._f.ggml_pad(self.ptr, a.ptr, p0, p1, p2, p3))
+        return self._t(self._f.ggml_pad(self.ptr, a.ptr, p0, p1, p2, p3))
 
     def pad_ext(self, a: T, lp0: int = 0, rp0: int = 0, lp1: int = 0, rp1: int = 0,
                 lp2: int = 0, rp2: int = 0, lp3: int = 0, rp3: int = 0) -> T:
         """Zeros before (lp) and after (rp) each dimension."""
-        return T(self._f.ggml_pad_ext(self.ptr, a.ptr, lp0, rp0, lp1, rp1, lp2, rp2, lp3, rp3))
+        return self._t(self._f.ggml_pad_ext(self.ptr, a.ptr, lp0, rp0, lp1, rp1, lp2, rp2, lp3,
+                                            rp3))
 
     def view(self, a: T, ne: Sequence[int], nb: Sequence[int] = (), offset: int = 0) -> T:
         """A view of ``a``: ``ne`` (1-4 dims), strides ``nb[1:]`` in bytes, ``offset`` bytes in.
@@ -1007,13 +1031,13 @@ class Ctx:
             raise ValueError(f"view: {tuple(ne)} with strides {strides} at offset {offset} "
                              f"reaches byte {extent} of a {a.nbytes()}-byte tensor")
         if dims == 1:
-            return T(f.ggml_view_1d(c, a.ptr, ne[0], offset))
+            return self._t(f.ggml_view_1d(c, a.ptr, ne[0], offset))
         if dims == 2:
-            return T(f.ggml_view_2d(c, a.ptr, ne[0], ne[1], strides[0], offset))
+            return self._t(f.ggml_view_2d(c, a.ptr, ne[0], ne[1], strides[0], offset))
         if dims == 3:
-            return T(f.ggml_view_3d(c, a.ptr, ne[0], ne[1], ne[2], strides[0], strides[1],
+            return self._t(f.ggml_view_3d(c, a.ptr, ne[0], ne[1], ne[2], strides[0], strides[1],
                                     offset))
-        return T(f.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], strides[0], strides[1],
+        return self._t(f.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], strides[0], strides[1],
                                 strides[2], offset))
 
     def reshape(self, a: T, *ne: int) -> T:
@@ -1027,26 +1051,26 @@ class Ctx:
         if not a.is_contiguous():
             raise ValueError("reshape: the tensor is not contiguous (cont() it first)")
         if len(ne) == 1:
-            return T(f.ggml_reshape_1d(c, a.ptr, ne[0]))
+            return self._t(f.ggml_reshape_1d(c, a.ptr, ne[0]))
         if len(ne) == 2:
-            return T(f.ggml_reshape_2d(c, a.ptr, ne[0], ne[1]))
+            return self._t(f.ggml_reshape_2d(c, a.ptr, ne[0], ne[1]))
         if len(ne) == 3:
-            return T(f.ggml_reshape_3d(c, a.ptr, ne[0], ne[1], ne[2]))
-        return T(f.ggml_reshape_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3]))
+            return self._t(f.ggml_reshape_3d(c, a.ptr, ne[0], ne[1], ne[2]))
+        return self._t(f.ggml_reshape_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3]))
 
     def permute(self, a: T, ax0: int, ax1: int, ax2: int, ax3: int) -> T:
         """A view with dim i of ``a`` moved to position ``ax_i`` (ggml's convention)."""
         if sorted((ax0, ax1, ax2, ax3)) != [0, 1, 2, 3]:
             raise ValueError(f"permute: {(ax0, ax1, ax2, ax3)} is not a permutation of 0..3")
-        return T(self._f.ggml_permute(self.ptr, a.ptr, ax0, ax1, ax2, ax3))
+        return self._t(self._f.ggml_permute(self.ptr, a.ptr, ax0, ax1, ax2, ax3))
 
     def transpose(self, a: T) -> T:
         """A view with dims 0 and 1 swapped."""
-        return T(self._f.ggml_transpose(self.ptr, a.ptr))
+        return self._t(self._f.ggml_transpose(self.ptr, a.ptr))
 
     def cont(self, a: T, *ne: int) -> T:
         """A contiguous copy of ``a`` (then reshaped to ``ne`` when given)."""
-        t = T(self._f.ggml_cont(self.ptr, a.ptr))
+        t = self._t(self._f.ggml_cont(self.ptr, a.ptr))
         return self.reshape(t, *ne) if ne else t
 
     def cpy(self, a: T, b: T) -> T:
@@ -1056,21 +1080,21 @@ class Ctx:
         """
         if a.nelements() != b.nelements():
             raise ValueError(f"cpy: {a.ne} into {b.ne}")
-        return T(self._f.ggml_cpy(self.ptr, a.ptr, b.ptr))
+        return self._t(self._f.ggml_cpy(self.ptr, a.ptr, b.ptr))
 
     def cast(self, a: T, gtype: int) -> T:
         """``a`` converted to ``gtype``."""
-        return T(self._f.ggml_cast(self.ptr, a.ptr, gtype))
+        return self._t(self._f.ggml_cast(self.ptr, a.ptr, gtype))
 
     def repeat(self, a: T, like: T) -> T:
         """``a`` tiled to the shape of ``like``."""
         if not _can_repeat(a.ne, like.ne):
             raise ValueError(f"repeat: {a.ne} does not tile {like.ne}")
-        return T(self._f.ggml_repeat(self.ptr, a.ptr, like.ptr))
+        return self._t(self._f.ggml_repeat(self.ptr, a.ptr, like.ptr))
 
     def dup(self, a: T) -> T:
         """A copy of ``a``."""
-        return T(self._f.ggml_dup(self.ptr, a.ptr))
+        return self._t(self._f.ggml_dup(self.ptr, a.ptr))
 
 
 def numpy_dtype(gtype: int) -> str:
