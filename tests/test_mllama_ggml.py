@@ -436,9 +436,13 @@ def test_concat_pad_views_permute(runner):
             c.cont(c.view(tx, (5, 2), (240,), 2 * 20)),  # x[:, 0, 2, :]
             c.cont(c.view(tx, (5, 4, 2), (20, 240), 80)),  # x[:, 1, :, :]
             c.reshape(tx, 20, 6),
+            c.cont(c.view(tx, (7,), (), 13 * 4)),  # flat elements 13..19
+            c.cont(c.view(tx, (5, 3))),  # dense default strides: x[0, 0, :3, :]
         ]
 
-    cat0, cat2, pad, pad_ext, p1, p2, tr, v2, v3, rs = runner.run(build)
+    cat0, cat2, pad, pad_ext, p1, p2, tr, v2, v3, rs, flat, dense = runner.run(build)
+    np.testing.assert_array_equal(flat, x.reshape(-1)[13:20])
+    np.testing.assert_array_equal(dense, x[0, 0, :3, :])
     np.testing.assert_array_equal(cat0, np.concatenate([a, b], -1))
     np.testing.assert_array_equal(cat2, np.concatenate([a, a], 0))
     np.testing.assert_array_equal(pad, np.pad(a, ((0, 0), (0, 1), (0, 2))))
@@ -622,6 +626,17 @@ def test_weights_compute_from_the_file(backend, runner, small_gguf, copy):
     assert np.abs(got[2] - y @ q.T).max() < 0.05 * np.abs(y @ q.T).max()
     np.testing.assert_array_equal(got[3], np.float32([0.7]))
     np.testing.assert_array_equal(got[4], tensors["conv"])
+
+
+def test_graphs_never_write_into_mapped_weights(backend, small_gguf):
+    with Weights(small_gguf[0], backend) as w, Ctx() as c:
+        src = c.new(GgmlType.F32, 32, 6)
+        with pytest.raises(ValueError, match="model weight"):
+            c.cpy(src, w["w.f32"])
+        with pytest.raises(ValueError, match="model weight"):
+            c.cpy(c.view(src, (32,)), c.view(w["w.f32"], (32,), (), 128))
+        with pytest.raises(ValueError, match="model weight"):
+            c.set_rows(w["w.f32"], c.new(GgmlType.F32, 32, 1), c.new(GgmlType.I64, 1))
 
 
 def test_weights_of_the_wrong_shape_or_type_are_refused(backend, small_gguf):

@@ -231,6 +231,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_buffer_clear": (None, [_P, _U8]),
     "ggml_backend_buffer_is_host": (_B, [_P]),
     "ggml_backend_buffer_set_usage": (None, [_P, _I]),
+    "ggml_backend_buffer_get_usage": (_I, [_P]),
     "ggml_backend_buffer_get_alloc_size": (_SZ, [_P, _P]),
     "ggml_backend_tensor_set": (None, [_P, _P, _SZ, _SZ]),
     "ggml_backend_tensor_get": (None, [_P, _P, _SZ, _SZ]),
@@ -581,8 +582,9 @@ def _self_test_compute(f: Any, version: str, mirror: type[Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Graph building: tensors as T (a pointer with its shape), operations as Ctx methods
 
-_NUMPY_TYPES = {"float32": GgmlType.F32, "float16": GgmlType.F16, "int32": GgmlType.I32,
-                "int64": GgmlType.I64}
+# numpy (dtype.kind, itemsize) → ggml type: cheaper to look up than the dtype's name.
+_KIND_TYPES = {("f", 4): GgmlType.F32, ("f", 2): GgmlType.F16, ("i", 4): GgmlType.I32,
+               ("i", 8): GgmlType.I64}
 _TYPE_DTYPES = {GgmlType.F32: "float32", GgmlType.F16: "float16", GgmlType.I32: "int32",
                 GgmlType.I64: "int64"}
 
@@ -756,13 +758,14 @@ class Ctx:
         """
         import numpy as np
 
-        dtype = str(array.dtype)
-        if dtype not in _NUMPY_TYPES:
-            raise ValueError(f"graph inputs are float32, float16, int32 or int64, not {dtype}")
+        gtype = _KIND_TYPES.get((array.dtype.kind, array.dtype.itemsize))
+        if gtype is None:
+            raise ValueError("graph inputs are float32, float16, int32 or int64, "
+                             f"not {array.dtype}")
         if not 1 <= array.ndim <= 4:
             raise ValueError(f"graph inputs have 1 to 4 dimensions, not {array.ndim}")
         data = np.ascontiguousarray(array)
-        t = self.new(_NUMPY_TYPES[dtype], *reversed(data.shape), name=name)
+        t = self.new(gtype, *reversed(data.shape), name=name)
         self._mark_input(t)
         self.inputs.append((t, data))
         return t
@@ -803,6 +806,14 @@ class Ctx:
         return int(self._f.ggml_graph_n_nodes(self.graph)) if self.graph else 0
 
     # -- element-wise ----------------------------------------------------------------------------
+
+    def _writable(self, dst: T, what: str) -> None:
+        # Weights lie in a read-only memory map of the model file: a write would be SIGSEGV.
+        s = Tensor.from_address(dst.ptr)
+        while s.view_src:
+            s = Tensor.from_address(s.view_src)
+        if s.buffer and self._f.ggml_backend_buffer_get_usage(s.buffer) == BUFFER_USAGE_WEIGHTS:
+            raise ValueError(f"{what}: {dst!r} is (a view of) a model weight, never written")
 
     def _broadcast(self, fn: Any, a: T, b: T, what: str) -> T:
         if not _can_repeat(b.ne, a.ne):
@@ -926,6 +937,7 @@ class Ctx:
                 or rows.type not in (GgmlType.I32, GgmlType.I64)
                 or dn[2] % rn[1] or dn[3] % rn[2]):
             raise ValueError(f"set_rows: dst {dn}, src {sn}, rows {rn} do not fit")
+        self._writable(dst, "set_rows")
         return self._t(self._f.ggml_set_rows(self.ptr, dst.ptr, src.ptr, rows.ptr))
 
     # -- positions and attention -----------------------------------------------------------------
@@ -1020,10 +1032,11 @@ class Ctx:
             raise ValueError(f"view: {ne} at offset {offset}")
         row = int(f.ggml_row_size(a.type, ne[0]))
         strides = list(nb)
-        if not strides:
-            strides = [row]
-            for n in ne[1:-1]:
-                strides.append(strides[-1] * n)
+        if not nb:
+            dense = row
+            for n in ne[1:]:
+                strides.append(dense)
+                dense *= n
         if len(strides) != dims - 1:
             raise ValueError(f"view: {dims} dims need {dims - 1} strides, not {len(strides)}")
         extent = offset + row + sum((n - 1) * s for n, s in zip(ne[1:], strides, strict=True))
@@ -1080,6 +1093,7 @@ class Ctx:
         """
         if a.nelements() != b.nelements():
             raise ValueError(f"cpy: {a.ne} into {b.ne}")
+        self._writable(b, "cpy")
         return self._t(self._f.ggml_cpy(self.ptr, a.ptr, b.ptr))
 
     def cast(self, a: T, gtype: int) -> T:
