@@ -278,6 +278,17 @@ def test_flash_attn_ext_with_mask_and_gqa(runner, kv_type):
     assert (got[2] == 0).all()
 
 
+def test_flash_attn_ext_asks_for_f32_accumulation():
+    get_prec = _ggml.lib().handles[0].ggml_flash_attn_ext_get_prec
+    get_prec.restype, get_prec.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    with Ctx() as c:
+        q, k = c.new(GgmlType.F32, 16, 5, 4), c.new(GgmlType.F16, 16, 7, 2)
+        assert get_prec(c.flash_attn_ext(q, k, k, None, 1.0).ptr) == _ggml.PREC_F32
+        assert get_prec(c.flash_attn_ext(q, k, k, None, 1.0, prec_f32=False).ptr) == 0
+        w, x = c.new(GgmlType.F16, 16, 4), c.new(GgmlType.F32, 16, 3)
+        assert c.mul_mat(w, x, prec_f32=True).struct.op_params[0] == _ggml.PREC_F32
+
+
 def test_flash_attn_ext_refuses_an_f32_mask():
     with Ctx() as c:
         q, k = c.new(GgmlType.F32, 16, 5, 4), c.new(GgmlType.F16, 16, 7, 2)
@@ -662,7 +673,8 @@ def test_a_truncated_or_foreign_file_is_refused(backend, small_gguf, tmp_path):
         Weights(cut, backend)
     other = tmp_path / "text.gguf"
     other.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(InvalidModelFileError, match="is not a GGUF file ggml can read"):
+    with pytest.raises(InvalidModelFileError,
+                       match=r"is not a GGUF file ggml can read \(invalid magic characters"):
         Weights(other, backend)
 
 

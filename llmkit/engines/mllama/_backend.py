@@ -21,6 +21,7 @@ from llmkit.engines.mllama._ggml import (
     GgmlType,
     GgufInitParams,
     T,
+    captured_log,
     lib,
     numpy_dtype,
 )
@@ -263,9 +264,14 @@ class Weights:
 
     def _read_index(self, f: Any) -> tuple[list[tuple[str, int, tuple[int, ...], int, int]],
                                            int]:
-        gguf = f.gguf_init_from_file(self.path.encode(), GgufInitParams(True, None))
+        with captured_log() as lines:
+            gguf = f.gguf_init_from_file(self.path.encode(), GgufInitParams(True, None))
         if not gguf:
-            raise InvalidModelFileError(self.path, "is not a GGUF file ggml can read",
+            # gguf.cpp logs why ("gguf_init_from_reader: invalid magic characters: …"); the
+            # first line it logged names the cause, later ones only that reading failed.
+            reasons = [line.split(": ", 1)[-1].strip() for line in lines]
+            why = f" ({reasons[0]})" if reasons and reasons[0] else ""
+            raise InvalidModelFileError(self.path, f"is not a GGUF file ggml can read{why}",
                                         hint="convert the model again with llmkit convert")
         try:
             data_offset = int(f.gguf_get_data_offset(gguf))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import struct
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,6 +356,26 @@ def _on_log(level: int, text: bytes | None, _user: Any) -> None:
     _log_lines.append(message)
     if _state["verbose"]:
         sys.stderr.write(message)
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """ggml's log lines during the block, whoever's logger is installed (it is put back).
+
+    llama_cpp installs its own logger when imported, and llmkit's llama.cpp engine another;
+    a short capture around one call (gguf_init_from_file) gets ggml's reason either way.
+    """
+    f = lib().f
+    lines: list[str] = []
+    previous, user = ctypes.c_void_p(), ctypes.c_void_p()
+    f.ggml_log_get(ctypes.byref(previous), ctypes.byref(user))
+    callback = LOG_CALLBACK(lambda _level, text, _user: lines.append(
+        (text or b"").decode("utf-8", "replace")))
+    f.ggml_log_set(ctypes.cast(callback, ctypes.c_void_p), None)
+    try:
+        yield lines
+    finally:
+        f.ggml_log_set(previous, user)
 
 
 def recent_log() -> list[str]:
@@ -917,8 +938,14 @@ class Ctx:
             raise ValueError(f"mul_mat: a {an} and b {bn} do not multiply")
         t = self._t(self._f.ggml_mul_mat(self.ptr, a.ptr, b.ptr))
         if prec_f32:
-            self._f.ggml_prec_set_acc(t.ptr, PREC_F32)
+            self._f32_accumulation(t)
         return t
+
+    def _f32_accumulation(self, t: T) -> None:
+        # ggml_prec_set_acc replaces the deprecated ggml_mul_mat_set_prec and
+        # ggml_flash_attn_ext_set_prec (ggml.h, TAG_GGML_PREC); false means the op takes none.
+        if not self._f.ggml_prec_set_acc(t.ptr, PREC_F32):
+            raise ValueError(f"ggml refused F32 accumulation for {t!r}")
 
     def get_rows(self, a: T, rows: T) -> T:
         """Rows ``rows`` (I32) of ``a`` (ne [E, R, …]) → ne [E, len(rows), …] in F32."""
@@ -997,7 +1024,7 @@ class Ctx:
                                           mask.ptr if mask else None, scale, max_bias,
                                           logit_softcap))
         if prec_f32:
-            self._f.ggml_prec_set_acc(t.ptr, PREC_F32)
+            self._f32_accumulation(t)
         return t
 
     # -- shapes ----------------------------------------------------------------------------------
