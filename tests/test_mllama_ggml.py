@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import gguf
@@ -540,6 +544,29 @@ def test_an_overfull_context_raises_instead_of_aborting(backend):
             small.prepare(build)
         (y,) = small.run(lambda c: [c.scale(c.input(np.ones(4, dtype=np.float32)), 3.0)])
         np.testing.assert_array_equal(y, [3, 3, 3, 3])
+
+
+def test_ctrl_c_stops_a_long_compute_at_the_next_node(runner):
+    big = randn(1024, 1024)
+
+    def heavy(c):
+        x = c.input(big)
+        for _ in range(60):  # ~130 GFLOP: tens of seconds on two cores
+            x = c.scale(c.mul_mat(x, x), 1e-3)
+        return [x]
+
+    graph = runner.prepare(heavy)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        graph.compute()
+    assert time.perf_counter() - start < 5
+    timer.join()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    graph.close()
+    (y,) = runner.run(lambda c: [c.scale(c.input(np.ones(3, dtype=np.float32)), 2.0)])
+    np.testing.assert_array_equal(y, [2, 2, 2])
 
 
 def test_threads_setting_is_honored(backend, runner):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,11 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engines.mllama._ggml import (
+    ABORT_CALLBACK,
     BUFFER_USAGE_WEIGHTS,
     DEV_TYPE_ACCEL,
     DEV_TYPE_CPU,
     DEV_TYPE_GPU,
     DEV_TYPE_IGPU,
+    STATUS_ABORTED,
     STATUS_SUCCESS,
     Ctx,
     GgmlType,
@@ -121,6 +126,12 @@ class Backend:
                 f.ggml_backend_free(self.cpu)
                 raise DeviceError(f"ggml could not start the GPU {self.device.description}",
                                   hint="use --device cpu")
+        # ggml's CPU backend asks this between nodes, from the thread that called compute:
+        # the one moment Python can run a SIGINT handler during a long graph.
+        self.interrupted = False
+        self._abort = ABORT_CALLBACK(lambda _data: self.interrupted)
+        f.ggml_backend_cpu_set_abort_callback(self.cpu, ctypes.cast(self._abort,
+                                                                    ctypes.c_void_p), None)
         self.kind = "gpu" if self.gpu else "cpu"
         self.primary: int = self.gpu or self.cpu
         self.name = (f.ggml_backend_name(self.primary) or b"").decode("utf-8", "replace")
@@ -137,6 +148,34 @@ class Backend:
             raise ValueError(f"threads must be 1 or more, not {n}")
         self._f.ggml_backend_cpu_set_n_threads(self.cpu, n)
         self.threads = n
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Let Ctrl-C stop a compute inside the block at the next node (CPU graphs).
+
+        On the main thread SIGINT only sets a flag for ggml's abort callback while the block
+        runs; afterwards KeyboardInterrupt is raised, as Python would have.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C was pressed during the block.
+        """
+        self.interrupted = False
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield
+            return
+
+        def on_sigint(_signum: int, _frame: object) -> None:
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
 
     def buffer_type(self) -> int:
         """The primary device's default buffer type (where its tensors live)."""
@@ -513,12 +552,17 @@ class Graph:
 
         Raises:
             ComputeError: ggml failed to compute.
+            KeyboardInterrupt: Ctrl-C stopped the compute (CPU graphs stop at the next node).
             ValueError: a stale graph.
         """
         self._check_live()
         f = self._runner._f
         t1 = time.perf_counter()
-        status = f.ggml_backend_sched_graph_compute(self._runner.sched, self._ctx.graph)
+        with self._runner.backend.interruptible():
+            status = f.ggml_backend_sched_graph_compute(self._runner.sched, self._ctx.graph)
+        if status == STATUS_ABORTED:
+            # Ctrl-C arrived after the last node; interruptible() raised for the rest.
+            raise KeyboardInterrupt
         if status != STATUS_SUCCESS:
             raise ComputeError(f"ggml failed to compute a graph (status {status})")
         t2 = time.perf_counter()

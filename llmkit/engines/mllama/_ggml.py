@@ -39,6 +39,7 @@ PREC_F32 = 10  # enum ggml_prec GGML_PREC_F32
 TENSOR_FLAG_INPUT = 1
 TENSOR_FLAG_OUTPUT = 2
 STATUS_SUCCESS = 0  # enum ggml_status
+STATUS_ABORTED = 1
 
 DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL, DEV_TYPE_META = range(5)
 BUFFER_USAGE_WEIGHTS = 1
@@ -256,6 +257,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_sched_get_buffer_size": (_SZ, [_P, _P]),
     "ggml_backend_cpu_init": (_P, []),
     "ggml_backend_cpu_set_n_threads": (None, [_P, _I]),
+    "ggml_backend_cpu_set_abort_callback": (None, [_P, _P, _P]),
     "ggml_backend_is_cpu": (_B, [_P]),
     "gguf_free": (None, [_P]),
     "gguf_get_data_offset": (_SZ, [_P]),
@@ -278,6 +280,7 @@ class GgufInitParams(ctypes.Structure):
 _SIGNATURES["gguf_init_from_file"] = (_P, [_S, GgufInitParams])
 
 LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
 
 # The libraries in dependency order; later ones need the earlier ones' symbols.
 _LIBRARY_STEMS = ("ggml-base", "ggml-cpu", "ggml")
