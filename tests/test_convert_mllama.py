@@ -485,6 +485,18 @@ def test_metadata_keys_values_and_types(f32_gguf: GGUF) -> None:
     assert len(tokens) == 128257
     assert tokens[128256] == "<|image|>"
     assert tokens[128009] == "<|eot_id|>"
+    # The grids in the order transformers' image processor numbers them (its aspect-ratio
+    # ids), which is also the order llmkit's own preprocessing gives ids in.
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        get_all_supported_aspect_ratios,
+    )
+
+    from llmkit.engines.mllama.preprocess import tile_layouts
+
+    pairs = values["mllama.vision.supported_aspect_ratios"]
+    grids = [tuple(pairs[i:i + 2]) for i in range(0, len(pairs), 2)]
+    assert grids == [tuple(r) for r in get_all_supported_aspect_ratios(4)]
+    assert grids == list(tile_layouts(4))
     # Nothing else under mllama.: the engine reads exactly these.
     assert {k for k in values if k.startswith("mllama.")} == {
         k for k in expected if k.startswith("mllama.")}
