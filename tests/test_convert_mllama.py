@@ -259,6 +259,11 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
+def _written(directory: Path) -> list[str]:
+    """The files a conversion into ``directory`` left there (outputs and temporary files)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
 def _edit_json(path: Path, edit: Any) -> None:
     data = json.loads(path.read_text())
     edit(data)
@@ -579,13 +584,13 @@ def test_cli_refuses_mmproj(v4_checkpoint: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "no projector to write" in proc.stderr
     assert "leave out --mmproj" in proc.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert _written(tmp_path) == []
 
 
 def test_mmproj_is_a_usage_error_in_the_library(v4_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"Llama 3\.2 Vision"):
         convert(v4_checkpoint, tmp_path / "v.gguf", mmproj=tmp_path / "p.gguf")
-    assert list(tmp_path.iterdir()) == []
+    assert _written(tmp_path) == []
 
 
 # --- broken checkpoints -----------------------------------------------------------------
@@ -598,7 +603,7 @@ def test_missing_preprocessor_config_is_a_clear_error(model: Any, work: Path,
         convert(directory, tmp_path / "v.gguf")
     assert "has no preprocessor_config.json" in info.value.message
     assert info.value.hint is not None and "model's repository" in info.value.hint
-    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+    assert _written(tmp_path) == []  # nothing written, no temporary file left
 
 
 def test_broken_preprocessor_config(v4_checkpoint: Path, work: Path, tmp_path: Path) -> None:
@@ -606,7 +611,7 @@ def test_broken_preprocessor_config(v4_checkpoint: Path, work: Path, tmp_path: P
     (directory / "preprocessor_config.json").write_text('{"size": ')
     with pytest.raises(ConvertError, match=r"cannot read .*preprocessor_config\.json"):
         convert(directory, tmp_path / "v.gguf")
-    assert list(tmp_path.iterdir()) == []
+    assert _written(tmp_path) == []
 
 
 def test_truncated_shard_names_the_file(model: Any, work: Path, tmp_path: Path) -> None:
@@ -616,7 +621,7 @@ def test_truncated_shard_names_the_file(model: Any, work: Path, tmp_path: Path) 
         fh.truncate(shard.stat().st_size - 100)
     with pytest.raises(ConvertError, match=r"model-00002-of-00002\.safetensors is truncated"):
         convert(directory, tmp_path / "v.gguf")
-    assert list(tmp_path.iterdir()) == []
+    assert _written(tmp_path) == []
 
 
 def _rewrite_weights(directory: Path, edit: Any) -> None:
