@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import ctypes
-import signal
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llmkit.chat_template import (
-    ChatTemplate,
-    Escapes,
-    Piece,
-    SpecialToken,
-    SpecialTokens,
-    defuse_value,
-    new_media_marker,
-)
+from llmkit.chat_template import new_media_marker
 from llmkit.defaults import DEFAULT_CTX
+from llmkit.engines._llama_vocab import (
+    Sampled,
+    TextStream,
+    VocabText,
+)
+from llmkit.engines._llama_vocab import deferred_interrupt as _deferred_interrupt
 from llmkit.engines.base import (
     Generation,
     Message,
@@ -43,15 +38,6 @@ from llmkit.gguf_file import check_model_file, check_projector_file
 from llmkit.hardware import INT32_MAX, ThreadGovernor, resolve_device
 
 DEFAULT_BATCH = 512
-# Used when a GGUF carries no chat template: ChatML is what most small instruct models speak.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# llama_token_attr bits (llama.h): what llama.cpp matches as a whole in prompt text.
-_ATTR_UNKNOWN, _ATTR_CONTROL, _ATTR_USER_DEFINED = 1 << 0, 1 << 3, 1 << 4
-_ATTR_LSTRIP, _ATTR_RSTRIP = 1 << 7, 1 << 8
 
 _log_lines: deque[str] = deque(maxlen=200)
 _state: dict[str, Any] = {"verbose": False, "callback": None}
@@ -62,26 +48,6 @@ def _on_log(level: int, text: bytes, _user: Any) -> None:
     _log_lines.append(message)
     if _state["verbose"]:
         sys.stderr.write(message)
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C until a long native call (load, free) returns, then raise it.
-
-    A KeyboardInterrupt raised inside llama.cpp's log callback cannot reach Python code: ctypes
-    prints it as "Exception ignored" and the load carries on. So SIGINT only sets a flag here.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    hits: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: hits.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if hits:
-        raise KeyboardInterrupt
 
 
 def llama_module(verbose: bool = False) -> ModuleType:
@@ -179,7 +145,7 @@ def grammar_from_json_schema(schema_text: str) -> str:
         raise SchemaError(f"cannot build a grammar from the JSON schema: {exc}") from None
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(VocabText):
     """A GGUF model loaded in llama.cpp with one context whose KV cache is reused across calls."""
 
     def __init__(
@@ -283,10 +249,7 @@ class LlamaCppEngine:
         self._retune_threads(min_window=0.0)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self._cached: list[int] = []
-        self._template: ChatTemplate | None = None
-        self._specials: SpecialTokens | None = None
         self._marker = new_media_marker()
-        self._piece_buf = ctypes.create_string_buffer(256)
         self.mmproj = projector
         self._mrope = False
         if projector is not None:
@@ -353,72 +316,11 @@ class LlamaCppEngine:
         return buf.value.decode("utf-8", "replace")
 
     @property
-    def chat_template(self) -> str:
-        """The model's own chat template, or '' when it has none."""
-        raw = self._lc.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8", "replace") if raw else ""
-
-    @property
     def n_params(self) -> int:
         """Number of parameters."""
         return int(self._lc.llama_model_n_params(self._model))
 
-    # -- text <-> tokens ------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
-        """Text to token ids (``add_special`` adds BOS where the model wants one).
-
-        Without ``parse_special`` the text never becomes a chat-markup special token, not even
-        a USER_DEFINED one (which llama.cpp would otherwise match in any text).
-        """
-        if not parse_special:
-            pieces = self.special_tokens().plain_pieces(text)
-            if len(pieces) > 1:
-                tokens = self._tokenize(pieces[0], add_special, False)
-                for piece in pieces[1:]:
-                    tokens.extend(self._tokenize(piece, False, False))
-                return tokens
-        return self._tokenize(text, add_special, parse_special)
-
-    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        lc = self._lc
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buf = (lc.llama_token * size)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
-        if n < 0:
-            size = -n
-            buf = (lc.llama_token * size)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_special,
-                                  parse_special)
-        return list(buf[:n])
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        """Token ids back to text."""
-        lc = self._lc
-        arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
-        size = 8 * len(tokens) + 16
-        buf = ctypes.create_string_buffer(size)
-        n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, special)
-        if n < 0:
-            size = -n
-            buf = ctypes.create_string_buffer(size)
-            n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, special)
-        return buf.raw[:n].decode("utf-8", "replace")
-
-    def token_pieces(self, text: str) -> list[bytes]:
-        """The bytes each token of ``text`` stands for (no special tokens), in order."""
-        lc = self._lc
-        buf = ctypes.create_string_buffer(256)
-        pieces = []
-        for token in self.tokenize(text, add_special=False):
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-            pieces.append(buf.raw[:n])
-        return pieces
+    # -- the context ----------------------------------------------------------------------
 
     def cached_prefix_length(self, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` the KV cache already holds."""
@@ -434,119 +336,6 @@ class LlamaCppEngine:
         lc = self._lc
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
         self._cached.clear()
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        raw = self._lc.llama_vocab_get_text(self._vocab, token)
-        return raw.decode("utf-8", "replace") if raw else ""
-
-    def special_tokens(self) -> SpecialTokens:
-        """The vocabulary's special tokens as llama.cpp matches them, and which of them user
-        text must never produce (read from the vocabulary once)."""
-        if self._specials is None:
-            lc, vocab = self._lc, self._vocab
-            get_attr = lc.llama_vocab_get_attr
-            wanted = _ATTR_CONTROL | _ATTR_USER_DEFINED | _ATTR_UNKNOWN
-            found = [(i, a) for i, a in ((i, get_attr(vocab, i))
-                                         for i in range(lc.llama_vocab_n_tokens(vocab)))
-                     if a & wanted]
-            markup = self.chat_template or FALLBACK_TEMPLATE
-            ends = {lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab),
-                    lc.llama_vocab_eot(vocab)}
-            tokens, protected, user_defined = [], [], []
-            for token, attr in found:
-                text = self._token_text(token)
-                tokens.append(SpecialToken(token, text, bool(attr & _ATTR_LSTRIP),
-                                           bool(attr & _ATTR_RSTRIP)))
-                if attr & (_ATTR_CONTROL | _ATTR_UNKNOWN):
-                    protected.append(text)
-                elif text in markup or token in ends or lc.llama_vocab_is_eog(vocab, token):
-                    protected.append(text)
-                    user_defined.append(text)
-            self._specials = SpecialTokens(tokens, protected, user_defined)
-        return self._specials
-
-    def _chat_template(self) -> ChatTemplate:
-        if self._template is None:
-            lc = self._lc
-            self._template = ChatTemplate(
-                self.chat_template or FALLBACK_TEMPLATE,
-                eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
-                bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
-                owner=self.model_name)
-        return self._template
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Messages rendered through the model's chat template, ready for the reply.
-
-        Raises:
-            ChatTemplateError: the template is not valid Jinja or exceeded a rendering bound.
-            ChatTemplateRejected: the template refused the conversation.
-        """
-        return self._chat_template().render(messages)
-
-    def _render_prompt(self, messages: Sequence[Message]) -> tuple[str, Escapes | None]:
-        """The rendered conversation, and the escapes its untrusted text needed (None: none,
-        so the text is tokenized whole, exactly as llama.cpp would).
-
-        Every string in the messages is untrusted; special-token texts in them are replaced by
-        placeholders before rendering and put back as plain text after it, so that only the
-        template's own markup becomes special tokens.
-        """
-        template = self._chat_template()
-        specials = self.special_tokens()
-        escapes = Escapes()
-        escaped = [escapes.escape_value(m, specials) for m in messages]
-        if not escapes.table:
-            return template.render(messages), None
-        text = template.render(escaped)
-        if escapes.intact(text):
-            return text, escapes
-        # The template cut a placeholder (it slices or reverses message text): render the
-        # special texts broken up instead, which no tokenizer matches.
-        return template.render([defuse_value(m, specials) for m in messages]), None
-
-    def _text_tokens(self, text: str, escapes: Escapes | None) -> list[int]:
-        """Tokens of rendered prompt text in which only ``escapes``' placeholders are user text."""
-        if escapes is None:
-            return self._tokenize(text, False, True)
-        tokens: list[int] = []
-        for part in self.special_tokens().partition(text):
-            if isinstance(part, int):
-                tokens.append(part)
-            else:
-                # One call per run between special tokens, as llama.cpp tokenizes them (a
-                # SentencePiece space prefix goes on each run that follows a special token).
-                tokens.extend(self.tokenize(escapes.restore(part), add_special=False))
-        return tokens
-
-    def _with_bos(self, tokens: list[int]) -> list[int]:
-        lc = self._lc
-        bos = lc.llama_vocab_bos(self._vocab)
-        if lc.llama_vocab_get_add_bos(self._vocab) and bos >= 0 and tokens[:1] != [bos]:
-            tokens.insert(0, bos)
-        return tokens
-
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """Render and tokenize a conversation, with BOS exactly once when the model wants it.
-
-        Message text (roles and contents) never becomes a special token: only the chat
-        template's own markup does.
-
-        Raises:
-            ChatTemplateError, ChatTemplateRejected: see :meth:`render_chat`.
-        """
-        text, escapes = self._render_prompt(messages)
-        return self._with_bos(self._text_tokens(text, escapes))
-
-    def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:
-        """Tokenize a prompt written as pieces: trusted markup may hold special tokens, the
-        other pieces are plain text (no BOS is added)."""
-        specials = self.special_tokens()
-        escapes = Escapes()
-        text = "".join(p.text if p.trusted else escapes.escape(p.text, specials) for p in pieces)
-        return self._text_tokens(text, escapes if escapes.table else None)
 
     # -- images ---------------------------------------------------------------------------
 
@@ -726,7 +515,7 @@ class LlamaCppEngine:
                 sampled = self._sample_loop(sampler, params, self.n_ctx - n_cells, on_text,
                                             explicit_pos=self._mrope)
             except KeyboardInterrupt:
-                sampled = _Sampled([], [], "interrupted", t_prompt)
+                sampled = Sampled([], [], "interrupted", t_prompt)
             finally:
                 lc.llama_sampler_free(sampler)
         finally:
@@ -761,35 +550,6 @@ class LlamaCppEngine:
         return self._keep(keep, len(plan))
 
     # -- generation -----------------------------------------------------------------------
-
-    def _sampler(self, params: SamplingParams) -> Any:
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if params.grammar:
-            grammar = lc.llama_sampler_init_grammar(
-                self._vocab, params.grammar.encode("utf-8"), b"root"
-            )
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                raise SchemaError("llama.cpp could not parse the grammar built from the schema")
-            lc.llama_sampler_chain_add(chain, grammar)
-        if params.temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-            return chain
-        if params.repeat_penalty != 1.0:
-            lc.llama_sampler_chain_add(
-                chain, lc.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0)
-            )
-        if params.top_k > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
 
     def _decode_prompt(self, tokens: Sequence[int]) -> None:
         lc = self._lc
@@ -879,7 +639,7 @@ class LlamaCppEngine:
             t_prompt = time.perf_counter()
             sampled = self._sample_loop(sampler, params, self.n_ctx - len(self._cached), on_text)
         except KeyboardInterrupt:
-            sampled = _Sampled([], [], "interrupted", t_prompt)
+            sampled = Sampled([], [], "interrupted", t_prompt)
         finally:
             lc.llama_sampler_free(sampler)
         return sampled.generation(n_prompt, n_prompt - keep if t_prompt > t0 else 0,
@@ -887,7 +647,7 @@ class LlamaCppEngine:
 
     def _sample_loop(self, sampler: Any, params: SamplingParams, room: int,
                      on_text: Callable[[str], None] | None, *, explicit_pos: bool = False
-                     ) -> _Sampled:
+                     ) -> Sampled:
         """Sample and decode tokens until end of generation, the token limit, or a full context.
 
         ``explicit_pos`` passes each token's position to llama.cpp (M-RoPE models after an
@@ -895,9 +655,9 @@ class LlamaCppEngine:
         numbers them itself, which is the cheapest call.
         """
         lc = self._lc
-        pieces: list[str] = []
+        stream = TextStream(lc, self._vocab, on_text)
         generated: list[int] = []
-        out = _Sampled(pieces, generated, "length", time.perf_counter())
+        out = Sampled(stream.pieces, generated, "length", time.perf_counter())
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
         if explicit_pos:
             batch = lc.llama_batch_init(1, 0, 1)
@@ -910,12 +670,8 @@ class LlamaCppEngine:
             one = (lc.llama_token * 1)()
             batch = lc.llama_batch_get_one(one, 1)
             pos = None
-        buf = self._piece_buf
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        sample, is_eog, to_piece, decode = (
-            lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_token_to_piece,
-            lc.llama_decode,
-        )
+        sample, is_eog, decode, push = (
+            lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_decode, stream.push)
         ctx, vocab, cached, retune = self._ctx, self._vocab, self._cached, self._retune_threads
         try:
             while len(generated) < limit:
@@ -927,15 +683,7 @@ class LlamaCppEngine:
                 if not generated:
                     out.t_first = time.perf_counter()
                 generated.append(token)
-                n = to_piece(vocab, token, buf, len(buf), 0, False)
-                if n < 0:  # a piece longer than the buffer: llama.cpp says how long
-                    buf = self._piece_buf = ctypes.create_string_buffer(-n)
-                    n = to_piece(vocab, token, buf, len(buf), 0, False)
-                text = decoder.decode(buf.raw[:n]) if n > 0 else ""
-                if text:
-                    pieces.append(text)
-                    if on_text is not None:
-                        on_text(text)
+                push(token)
                 one[0] = token
                 if pos is not None:
                     pos[0] = len(cached)
@@ -945,42 +693,13 @@ class LlamaCppEngine:
             else:
                 if params.max_tokens is None or params.max_tokens > room:
                     out.finish = "context"
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                pieces.append(tail)
-                if on_text is not None:
-                    on_text(tail)
+            stream.finish()
         except KeyboardInterrupt:
             out.finish = "interrupted"
         finally:
             if explicit_pos:
                 lc.llama_batch_free(batch)
         return out
-
-
-@dataclass
-class _Sampled:
-    """What a sampling loop produced, before it is wrapped in a Generation."""
-
-    pieces: list[str]
-    tokens: list[int]
-    finish: str
-    t_first: float
-
-    def generation(self, n_prompt: int, n_evaluated: int, t0: float, t_prompt: float
-                   ) -> Generation:
-        t_first = max(self.t_first, t_prompt)
-        return Generation(
-            text="".join(self.pieces),
-            prompt_tokens=n_prompt,
-            prompt_tokens_evaluated=n_evaluated,
-            completion_tokens=len(self.tokens),
-            finish_reason=self.finish,
-            prompt_ms=(t_prompt - t0) * 1000,
-            generation_ms=(time.perf_counter() - t_prompt) * 1000,
-            first_token_ms=(t_first - t0) * 1000,
-            tokens=self.tokens,
-        )
 
 
 @dataclass
