@@ -526,7 +526,7 @@ def test_an_image_renders_as_the_template_and_model_card_write_it(
     import jinja2
     import jinja2.ext
 
-    engine, _ = pair
+    engine, fake = pair
     rendered = engine.render_chat(ask(engine, "What is in this picture?"))
     assert rendered == ("<|begin_of_text|>" + USER_HEADER + "<|image|>What is in this picture?"
                         "<|eot_id|>" + ASSISTANT_HEADER)
@@ -537,6 +537,15 @@ def test_an_image_renders_as_the_template_and_model_card_write_it(
             {"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}],
         bos_token="<|begin_of_text|>", add_generation_prompt=True)
     assert rendered == reference
+    # The tokens the model gets are the published tokenizer's for that text (Hugging Face's
+    # tokenizers match the added special tokens in it), <|image|> included.
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_dir() / "tokenizer.json")).encode(
+        rendered, add_special_tokens=False).ids
+    engine.generate_with_images(ask(engine, "What is in this picture?"), [RED],
+                                SamplingParams(temperature=0, max_tokens=1))
+    assert fake.evals[0] == (ids, 0, ids.index(IMAGE_TOKEN))
 
 
 def test_an_image_is_encoded_once_and_answers_from_its_row_on(
