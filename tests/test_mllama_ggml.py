@@ -496,6 +496,17 @@ def test_shape_errors_raise_instead_of_aborting():
             c.get_rows(a, c.new(GgmlType.F32, 2))
         with pytest.raises(ValueError, match="block"):
             c.new(GgmlType.Q8_0, 16)
+        # Layouts the CPU kernels assert on (each would abort the process).
+        t = c.transpose(c.new(GgmlType.F32, 8, 16))
+        p = c.permute(c.new(GgmlType.F32, 4, 4, 8), 0, 2, 1, 3)
+        for call in (lambda: c.rms_norm(t, 1e-5), lambda: c.add(t, t), lambda: c.mul(t, c.new(GgmlType.F32, 1)),
+                     lambda: c.mul_mat(c.new(GgmlType.F32, 16, 2), t), lambda: c.gelu_erf(t),
+                     lambda: c.tanh(t), lambda: c.scale(p, 2.0), lambda: c.swiglu(p, p),
+                     lambda: c.soft_max_ext(p, None, 1.0)):
+            with pytest.raises(ValueError, match="cont"):
+                call()
+        # …and what they take: a permuted view whose rows are packed.
+        c.rms_norm(p, 1e-5), c.add(p, p), c.gelu_erf(p)
 
 
 def test_a_prepared_graph_computes_again_with_new_inputs(backend, runner):
@@ -567,6 +578,17 @@ def test_ctrl_c_stops_a_long_compute_at_the_next_node(runner):
     graph.close()
     (y,) = runner.run(lambda c: [c.scale(c.input(np.ones(3, dtype=np.float32)), 2.0)])
     np.testing.assert_array_equal(y, [2, 2, 2])
+
+
+def test_an_input_the_graph_does_not_use_is_skipped(runner):
+    def build(c):
+        c.input(randn(5), name="unused")
+        return [c.scale(c.input(np.ones(2, dtype=np.float32), name="x"), 2.0)]
+
+    with runner.prepare(build) as graph:
+        graph.set("unused", randn(5))
+        graph.set("x", np.full(2, 3, dtype=np.float32))
+        np.testing.assert_array_equal(graph.compute()[0], [6, 6])
 
 
 def test_threads_setting_is_honored(backend, runner):

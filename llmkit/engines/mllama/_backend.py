@@ -214,6 +214,8 @@ def upload(t: T, array: npt.NDArray[Any]) -> None:
         raise ValueError(f"upload: {data.dtype} {data.shape} into {t!r}")
     if not t.is_contiguous():
         raise ValueError(f"upload: {t!r} is not contiguous")
+    if not t.struct.buffer:
+        raise ValueError(f"upload: {t!r} has no memory (not allocated, or not in the graph)")
     lib().f.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
 
 
@@ -227,6 +229,8 @@ def download(t: T) -> npt.NDArray[Any]:
 
     if not t.is_contiguous():
         raise ValueError(f"download: {t!r} is not contiguous (cont() it first)")
+    if not t.struct.buffer:
+        raise ValueError(f"download: {t!r} has no memory (not allocated, or not in the graph)")
     out = np.empty(t.shape, dtype=numpy_dtype(t.type))
     lib().f.ggml_backend_tensor_get(t.ptr, out.ctypes.data, 0, out.nbytes)
     return out
@@ -520,13 +524,14 @@ class Graph:
     """
 
     def __init__(self, runner: Runner, ctx: Ctx, outputs: list[T], generation: int,
-                 timings: Timings) -> None:
+                 timings: Timings, unused: dict[str, T]) -> None:
         self._runner = runner
         self._ctx = ctx
         self.outputs = outputs
         self._generation = generation
         self.timings = timings
         self._inputs = {t.name: t for t, _ in ctx.inputs if t.name}
+        self._inputs.update(unused)
 
     @property
     def n_nodes(self) -> int:
@@ -545,7 +550,9 @@ class Graph:
             ValueError: another dtype or size, or a stale graph.
         """
         self._check_live()
-        upload(self._inputs[name], array)
+        t = self._inputs[name]
+        if t.struct.buffer:
+            upload(t, array)
 
     def compute(self) -> list[npt.NDArray[Any]]:
         """Compute the graph and read its outputs back (numpy order, ``T.shape``).
@@ -651,9 +658,13 @@ class Runner:
                 raise ComputeError(f"ggml could not allocate a {timings.n_nodes}-node graph on "
                                    f"{self.backend.name}", hint="use a smaller context or image")
             t2 = time.perf_counter()
-            for t, data in ctx.inputs:
+            # An input the outputs do not depend on is not in the graph and has no memory
+            # (ggml would abort on the copy): it is left out, and Graph.set ignores it.
+            used = [(t, data) for t, data in ctx.inputs if t.struct.buffer]
+            for t, data in used:
                 f.ggml_backend_tensor_set(t.ptr, data.ctypes.data, 0, data.nbytes)
-            ctx.inputs = [(t, None) for t, _ in ctx.inputs]  # uploaded: let the arrays go
+            unused = {t.name: t for t, _ in ctx.inputs if t.name and not t.struct.buffer}
+            ctx.inputs = [(t, None) for t, _ in used]  # uploaded: let the arrays go
             t3 = time.perf_counter()
         except BaseException:
             ctx.close()
@@ -661,7 +672,7 @@ class Runner:
         timings.build_us = (t1 - t0) * 1e6
         timings.alloc_us = (t2 - t1) * 1e6
         timings.upload_us = (t3 - t2) * 1e6
-        return Graph(self, ctx, outputs, self.generation, timings)
+        return Graph(self, ctx, outputs, self.generation, timings, unused)
 
     def run(self, build: Callable[[Ctx], Sequence[T]]) -> list[npt.NDArray[Any]]:
         """Build, allocate and compute a graph once; return its outputs as numpy arrays.

@@ -145,6 +145,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_nbytes": (_SZ, [_P]),
     "ggml_n_dims": (_I, [_P]),
     "ggml_is_contiguous": (_B, [_P]),
+    "ggml_is_contiguous_1": (_B, [_P]),
     "ggml_get_data": (_P, [_P]),
     "ggml_get_name": (_P, [_P]),
     "ggml_set_name": (_P, [_P, _S]),
@@ -696,6 +697,33 @@ def _can_repeat(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
     return all(s != 0 and b % s == 0 for s, b in zip(small, big, strict=True))
 
 
+_type_sizes: dict[int, int] = {}
+
+
+def _dense_rows(t: T) -> bool:
+    """Whether ``ne[0]`` is packed (``nb[0]`` is the element size): not a transposed view.
+
+    The CPU kernels of add/mul, rms_norm, mul_mat's second operand and the unary ops assert
+    it (ggml-cpu binary-ops.cpp, ops.cpp), and an assert aborts the process.
+    """
+    s = Tensor.from_address(t.ptr)
+    size = _type_sizes.get(s.type)
+    if size is None:
+        size = _type_sizes[s.type] = int(_fns().ggml_type_size(s.type))
+    return bool(s.nb[0] == size)
+
+
+def _padded_1d(t: T) -> bool:
+    # ggml.c's ggml_is_padded_1d, which ggml_scale asserts: rows packed, dims 1..3 packed.
+    s = Tensor.from_address(t.ptr)
+    return _dense_rows(t) and s.nb[2] == s.nb[1] * s.ne[1] and s.nb[3] == s.nb[2] * s.ne[2]
+
+
+def _need(ok: bool, what: str, t: T) -> None:
+    if not ok:
+        raise ValueError(f"{what}: {t!r} is not laid out as ggml needs here (cont() it first)")
+
+
 class Ctx:
     """A ggml context holding only tensor metadata (no_alloc), plus the graph built in it.
 
@@ -842,6 +870,8 @@ class Ctx:
     def _broadcast(self, fn: Any, a: T, b: T, what: str) -> T:
         if not _can_repeat(b.ne, a.ne):
             raise ValueError(f"{what}: {b.ne} does not broadcast onto {a.ne}")
+        _need(_dense_rows(a), what, a)
+        _need(_dense_rows(b), what, b)
         return self._t(fn(self.ptr, a.ptr, b.ptr))
 
     def add(self, a: T, b: T) -> T:
@@ -861,40 +891,45 @@ class Ctx:
         return self._broadcast(self._f.ggml_div, a, b, "div")
 
     def scale(self, a: T, s: float) -> T:
-        """a * s."""
+        """a * s (``a`` packed in every dimension but the last: cont() a permuted view)."""
+        _need(_padded_1d(a), "scale", a)
         return self._t(self._f.ggml_scale(self.ptr, a.ptr, s))
+
+    def _unary(self, fn: Any, a: T, what: str) -> T:
+        _need(_dense_rows(a), what, a)
+        return self._t(fn(self.ptr, a.ptr))
 
     def gelu_erf(self, a: T) -> T:
         """Exact GELU, x·Φ(x) with erf (as torch's nn.GELU() default)."""
-        return self._t(self._f.ggml_gelu_erf(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_gelu_erf, a, "gelu_erf")
 
     def gelu(self, a: T) -> T:
         """GELU, ggml's tanh approximation."""
-        return self._t(self._f.ggml_gelu(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_gelu, a, "gelu")
 
     def silu(self, a: T) -> T:
         """x·sigmoid(x)."""
-        return self._t(self._f.ggml_silu(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_silu, a, "silu")
 
     def tanh(self, a: T) -> T:
         """tanh(x)."""
-        return self._t(self._f.ggml_tanh(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_tanh, a, "tanh")
 
     def sigmoid(self, a: T) -> T:
         """1 / (1 + e^-x)."""
-        return self._t(self._f.ggml_sigmoid(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_sigmoid, a, "sigmoid")
 
     def exp(self, a: T) -> T:
         """e^x."""
-        return self._t(self._f.ggml_exp(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_exp, a, "exp")
 
     def sqr(self, a: T) -> T:
         """x²."""
-        return self._t(self._f.ggml_sqr(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_sqr, a, "sqr")
 
     def sqrt(self, a: T) -> T:
         """√x."""
-        return self._t(self._f.ggml_sqrt(self.ptr, a.ptr))
+        return self._unary(self._f.ggml_sqrt, a, "sqrt")
 
     def clamp(self, a: T, lo: float, hi: float) -> T:
         """x held within [lo, hi]."""
@@ -904,16 +939,20 @@ class Ctx:
         """silu(gate) * up (Llama's MLP), one fused op."""
         if gate.ne != up.ne:
             raise ValueError(f"swiglu: gate {gate.ne} and up {up.ne} differ")
+        _need(bool(self._f.ggml_is_contiguous_1(gate.ptr)), "swiglu", gate)
+        _need(bool(self._f.ggml_is_contiguous_1(up.ptr)), "swiglu", up)
         return self._t(self._f.ggml_swiglu_split(self.ptr, gate.ptr, up.ptr))
 
     # -- reductions and norms --------------------------------------------------------------------
 
     def norm(self, a: T, eps: float) -> T:
         """(x - mean) / sqrt(var + eps) over ``ne[0]`` (LayerNorm without weight and bias)."""
+        _need(_dense_rows(a), "norm", a)
         return self._t(self._f.ggml_norm(self.ptr, a.ptr, eps))
 
     def rms_norm(self, a: T, eps: float) -> T:
         """x / sqrt(mean(x²) + eps) over ``ne[0]`` (RMSNorm without weight)."""
+        _need(_dense_rows(a), "rms_norm", a)
         return self._t(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
 
     def sum_rows(self, a: T) -> T:
@@ -939,6 +978,8 @@ class Ctx:
         an, bn = a.ne, b.ne
         if an[0] != bn[0] or bn[2] % an[2] or bn[3] % an[3]:
             raise ValueError(f"mul_mat: a {an} and b {bn} do not multiply")
+        _need(_dense_rows(a), "mul_mat", a)
+        _need(_dense_rows(b), "mul_mat", b)
         t = self._t(self._f.ggml_mul_mat(self.ptr, a.ptr, b.ptr))
         if prec_f32:
             self._f32_accumulation(t)
@@ -1000,6 +1041,7 @@ class Ctx:
             if (mn[0] != an[0] or mn[1] < an[1] or an[2] % mn[2] or an[3] % mn[3]
                     or mask.type not in (GgmlType.F16, GgmlType.F32)):
                 raise ValueError(f"soft_max_ext: mask {mn} does not fit {an}")
+        _need(a.is_contiguous(), "soft_max_ext", a)
         return self._t(self._f.ggml_soft_max_ext(self.ptr, a.ptr, mask.ptr if mask else None, scale,
                                            max_bias))
 
