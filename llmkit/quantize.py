@@ -122,14 +122,13 @@ def quantize(
         InvalidModelFileError: the input is not a complete GGUF.
         QuantizeError: llama.cpp failed, not enough disk, or the result does not load.
     """
-    from llmkit.engines import load_engine
     from llmkit.engines.llama_cpp import llama_module, recent_log
     from llmkit.gguf_file import check_file, check_header, check_output
     from llmkit.hardware import measure_threads
 
     qtype = normalize_type(qtype)
     # llama.cpp's quantizer loads the header as a model load does, and aborts on the same values.
-    check_file(source, "model")
+    info = check_file(source, "model")
     if imatrix is not None:
         check_header(imatrix)  # a FIFO would block the reader below
     output = output or default_output(source, qtype)
@@ -145,6 +144,9 @@ def quantize(
     if free < needed:
         raise QuantizeError(f"not enough disk space in {output.parent}: about "
                             f"{needed >> 20} MB needed, {free >> 20} MB free")
+    if info.architecture == "mllama":
+        return _quantize_mllama(source, qtype, output, imatrix=imatrix, verify=verify,
+                                size_in=size_in)
     lc = llama_module()
     params = lc.llama_model_quantize_default_params()
     params.nthread = measure_threads(threads).threads
@@ -178,17 +180,47 @@ def quantize(
                                 f"{detail}", hint=hint)
         seconds = time.perf_counter() - started
         if verify:
-            try:
-                with load_engine(tmp, n_ctx=64, threads=1, device="cpu") as engine:
-                    engine.generate(engine.tokenize("Hello"), _one_token())
-            except Exception as exc:
-                raise QuantizeError(f"the quantized model does not load: {exc}") from None
+            _verify_loads(tmp)
         os.replace(tmp, output)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return QuantizeResult(str(source), str(output), qtype, size_in, output.stat().st_size,
                           seconds)
+
+
+def _quantize_mllama(source: Path, qtype: str, output: Path, *, imatrix: Path | None,
+                     verify: bool, size_in: int) -> QuantizeResult:
+    """Llama 3.2 Vision: llama.cpp's quantizer refuses the architecture, so its text weights
+    go through ggml's own quantization kernels (the ones llama-quantize calls)."""
+    from llmkit.engines.mllama.quantize import stage_quantized
+
+    if imatrix is not None:
+        raise UsageError("--imatrix is not supported for Llama 3.2 Vision models",
+                         hint="leave out --imatrix")
+    started = time.perf_counter()
+    tmp = stage_quantized(source, output, qtype)
+    try:
+        seconds = time.perf_counter() - started
+        if verify:
+            _verify_loads(tmp)
+        os.replace(tmp, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return QuantizeResult(str(source), str(output), qtype, size_in, output.stat().st_size,
+                          seconds)
+
+
+def _verify_loads(path: Path) -> None:
+    """Load a quantized model and generate one token, or raise QuantizeError."""
+    from llmkit.engines import load_engine
+
+    try:
+        with load_engine(path, n_ctx=64, threads=1, device="cpu") as engine:
+            engine.generate(engine.tokenize("Hello"), _one_token())
+    except Exception as exc:
+        raise QuantizeError(f"the quantized model does not load: {exc}") from None
 
 
 def _one_token() -> Any:

@@ -131,3 +131,100 @@ def test_use_more_bits_matches_llama_cpp_for_32_layers() -> None:
     # llama.cpp (llama-quant.cpp): i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2
     assert [i for i in range(32) if use_more_bits(i, 32)] == [
         0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+# --- quantizing through ggml ---------------------------------------------------------------
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).tobytes()))
+            for t in reader.tensors}
+
+
+def _metadata(path: Path) -> dict[str, object]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {name: (f.types, f.contents())
+            for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q8_0"])
+def test_ggml_path_writes_the_bytes_llama_cpp_writes(f16_llama: Path, ftype: str,
+                                                      tmp_path: Path) -> None:
+    # The quantizer is written for mllama files but nothing in it is mllama's own: on a plain
+    # Llama, every tensor must come out byte for byte as llama-quantize writes it.
+    from llmkit.engines.mllama.quantize import stage_quantized
+    from llmkit.quantize import quantize
+
+    theirs = tmp_path / "theirs.gguf"
+    quantize(f16_llama, ftype, theirs, threads=1, verify=False)
+    ours = stage_quantized(f16_llama, tmp_path / "ours.gguf", ftype)
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b)  # llama.cpp writes them in its own order
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert a[name][1] == b[name][1], name
+
+
+@pytest.fixture(scope="module")
+def mllama_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmkit.convert import convert
+    from tests.mllama_model import build_model, require_oracle, save_checkpoint
+
+    require_oracle()
+    root = tmp_path_factory.mktemp("mllama")
+    save_checkpoint(build_model(seed=3), root / "ckpt")
+    out = root / "f16.gguf"
+    convert(root / "ckpt", out, outtype="f16")
+    return out
+
+
+def test_mllama_text_weights_are_quantized_and_the_rest_kept(mllama_f16: Path,
+                                                              tmp_path: Path) -> None:
+    from llmkit.engines.mllama.hparams import read_mllama
+    from llmkit.quantize import quantize
+
+    out = tmp_path / "q.gguf"
+    result = quantize(mllama_f16, "q4_k_m", out, verify=False)
+    assert result.type == "Q4_K_M" and out.exists() and result.size_out < result.size_in
+    before, after = _tensors(mllama_f16), _tensors(out)
+    assert list(before) == list(after)
+    for name, (qtype, data) in after.items():
+        if name.startswith(("v.", "mm.")) or qtype == "F32":
+            assert (qtype, data) == before[name], name
+    # The tiny model's rows (64 wide) take llama.cpp's fallbacks: Q5_0 for Q4_K, Q8_0 for Q6_K.
+    assert after["blk.0.attn_q.weight"][0] == "Q5_0"
+    assert after["blk.1.cross_attn_q.weight"][0] == "Q5_0"
+    assert after["output.weight"][0] == "Q8_0"
+    meta_before, meta_after = _metadata(mllama_f16), _metadata(out)
+    changed = {k for k in meta_before.keys() | meta_after.keys()
+               if meta_before.get(k) != meta_after.get(k)}
+    assert changed == {"general.file_type"}
+    read_mllama(out)  # the result is a complete, checked mllama file
+
+
+def test_an_already_quantized_source_is_refused(tmp_path: Path, mllama_f16: Path) -> None:
+    from llmkit.convert import convert
+    from llmkit.errors import QuantizeError
+    from llmkit.quantize import quantize
+
+    ckpt = mllama_f16.parent / "ckpt"
+    q8 = tmp_path / "q8.gguf"
+    convert(ckpt, q8, outtype="q8_0")
+    with pytest.raises(QuantizeError, match="already"):
+        quantize(q8, "Q4_K_M", tmp_path / "q4.gguf", verify=False)
+    assert not (tmp_path / "q4.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("q8.gguf",)]
+
+
+def test_imatrix_is_refused_for_mllama(tmp_path: Path, mllama_f16: Path) -> None:
+    from llmkit.quantize import quantize
+
+    imatrix = tmp_path / "imatrix.gguf"
+    imatrix.write_bytes(mllama_f16.read_bytes()[:64])
+    with pytest.raises(UsageError, match="imatrix is not supported"):
+        quantize(mllama_f16, "Q4_K_M", tmp_path / "q.gguf", imatrix=imatrix, verify=False)

@@ -27,6 +27,9 @@ class PlannedTensor:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     rows: Callable[[int, int], Any]
+    # Turns what ``rows`` gives into the tensor's bytes, for types gguf-py cannot write
+    # (k-quants, through ggml) or rows that are already bytes; None: the writer's own encoding.
+    encode: Callable[[Any], bytes] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +220,8 @@ class _TensorStream:
             self._sink = _BackgroundWriter(fout).__enter__()
         written = 0
         for a, b in _blocks(t):
-            data = _encode(t.rows(a, b), t.qtype)
+            rows = t.rows(a, b)
+            data = t.encode(rows) if t.encode is not None else _encode(rows, t.qtype)
             self._sink.put(data)
             written += len(data)
         if written != t.nbytes:

@@ -1,12 +1,14 @@
-"""Which type each tensor of a Llama 3.2 Vision GGUF gets when its text weights are quantized."""
+"""Quantizing a Llama 3.2 Vision GGUF's text weights through ggml's own quantizer."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from llmkit.errors import UsageError
+from llmkit.errors import QuantizeError, UsageError
 
 # The file types this quantizer writes, by the name users know from llama-quantize, with the
 # type of an ordinary text matrix. Each follows llama.cpp's own choices for the tensors of a
@@ -124,3 +126,129 @@ def describe(plan: TypePlan, tensors: list[tuple[str, tuple[int, ...], str]]) ->
         chosen = plan.type_of(name, shape, current)
         counts[chosen] = counts.get(chosen, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# Source types the quantizer reads as float32 rows; a quantized source would be quantized twice
+# (llama-quantize refuses that too without --allow-requantize).
+_FLOAT_SOURCES = ("F32", "F16", "BF16")
+
+
+def stage_quantized(source: Path, output: Path, ftype: str,
+                    on_tensor: Callable[[int, int, str], None] | None = None) -> Path:
+    """Write ``source`` with its text weights quantized to ``ftype``, under a temporary name.
+
+    Every metadata key is copied (general.file_type set to the new type); each tensor gets
+    the type :class:`TypePlan` chooses, quantized from float32 rows by ggml_quantize_chunk
+    (the kernels llama-quantize uses, without an importance matrix), streamed block by block
+    as the converter writes. Tensors that keep their type are copied byte for byte.
+
+    Args:
+        source: an mllama GGUF with float (F32/F16/BF16) text weights.
+        output: the final name (the temporary one is derived from it; the caller renames).
+        ftype: one of :data:`BASE_TYPES`.
+        on_tensor: progress callback (index, total, tensor name).
+
+    Returns:
+        The temporary file, complete and checked.
+
+    Raises:
+        UsageError: an unknown type.
+        QuantizeError: a text weight is already quantized.
+        ConvertError: the output could not be written.
+    """
+    import gguf
+    import numpy as np
+
+    from llmkit.convert.writer import PlannedTensor, stage_gguf
+    from llmkit.engines.mllama import _ggml
+
+    reader = gguf.GGUFReader(source)
+    entries = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name,
+                t) for t in reader.tensors]
+    plan = TypePlan.for_tensors(ftype, [name for name, *_ in entries])
+    planned: list[PlannedTensor] = []
+    for name, shape, current, tensor in entries:
+        chosen = plan.type_of(name, shape, current)
+        qtype = gguf.GGMLQuantizationType[chosen]
+        raw = np.asarray(tensor.data)
+        if chosen == current:
+            # Rows of bytes, as the file holds them: nothing is decoded or re-encoded.
+            by_rows = raw.reshape(shape[0], -1).view(np.uint8) if len(shape) > 1 else \
+                raw.reshape(1, -1).view(np.uint8)
+            planned.append(PlannedTensor(name, shape, qtype, _byte_rows(by_rows, len(shape)),
+                                         encode=_as_bytes))
+            continue
+        if current not in _FLOAT_SOURCES:
+            raise QuantizeError(f"{source.name} holds {name} as {current} already; quantizing "
+                                "it again would lose more than quantizing once",
+                                hint="start from the F16, BF16 or F32 conversion")
+        matrix = raw.reshape(shape[0], -1)
+        planned.append(PlannedTensor(name, shape, qtype, _float_rows(matrix, current),
+                                     encode=_ggml_encoder(_ggml, int(qtype))))
+
+    def metadata(writer: Any) -> None:
+        _copy_metadata(reader, writer, _FILE_TYPES[plan.ftype])
+
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    return stage_gguf(output, arch, metadata, planned, on_tensor)
+
+
+# llama_ftype values (llama.h), what general.file_type records.
+_FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15,
+               "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def _as_bytes(rows: Any) -> bytes:
+    return bytes(rows.data) if rows.flags.c_contiguous else rows.tobytes()
+
+
+def _byte_rows(by_rows: Any, n_dims: int) -> Callable[[int, int], Any]:
+    def rows(a: int, b: int) -> Any:
+        # A 1-D tensor is planned as elements a..b-1; its bytes are one row here.
+        return by_rows if n_dims == 1 else by_rows[a:b]
+
+    return rows
+
+
+def _float_rows(matrix: Any, current: str) -> Callable[[int, int], Any]:
+    import numpy as np
+
+    def rows(a: int, b: int) -> Any:
+        block = matrix[a:b]
+        if current == "BF16":
+            return (np.asarray(block).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(block, dtype=np.float32)
+
+    return rows
+
+
+def _ggml_encoder(ggml: Any, gtype: int) -> Callable[[Any], bytes]:
+    def encode(rows: Any) -> bytes:
+        return bytes(ggml.quantize(gtype, rows).data)
+
+    return encode
+
+
+def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
+    """Every key of the source but the writer's own, strings copied as bytes (a vocabulary
+    need not be valid UTF-8), general.file_type replaced."""
+    import gguf
+
+    vt = gguf.GGUFValueType
+    for name, fld in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type",
+                                                 "general.alignment"):
+            continue
+        main = vt(fld.types[0])
+        if main == vt.ARRAY:
+            sub = vt(fld.types[-1])
+            if sub == vt.STRING:
+                value: Any = [bytes(fld.parts[i]) for i in fld.data]
+            else:
+                value = [fld.parts[i].tolist()[0] for i in fld.data]
+            writer.add_key_value(name, value, main, sub_type=sub)
+        elif main == vt.STRING:
+            writer.add_key_value(name, bytes(fld.parts[fld.data[0]]), main)
+        else:
+            writer.add_key_value(name, fld.parts[fld.data[0]].tolist()[0], main)
+    writer.add_uint32("general.file_type", file_type)
