@@ -282,6 +282,23 @@ def test_flash_attn_ext_with_mask_and_gqa(runner, kv_type):
     assert (got[2] == 0).all()
 
 
+def test_flash_attn_ext_vision_shaped(runner):
+    # The vision tower's shape: head_dim 80, all tokens attend to all, F32 throughout, and
+    # Meta's outer-product mask (only pad×pad pairs masked) over an odd token count.
+    tokens, heads, d = 131, 4, 80
+    q, k, v = randn(heads, tokens, d), randn(heads, tokens, d), randn(heads, tokens, d)
+    pad = np.zeros(tokens, dtype=bool)
+    pad[100:] = True
+    mask = np.where(pad[:, None] & pad[None, :], -np.inf, 0).astype(np.float32)
+
+    def build(c):
+        return [c.flash_attn_ext(c.input(q), c.input(k), c.input(v),
+                                 c.input(mask.astype(np.float16)), d ** -0.5)]
+
+    (got,) = runner.run(build)
+    np.testing.assert_allclose(got, _attention(q, k, v, mask, d ** -0.5), atol=1e-5)
+
+
 def test_flash_attn_ext_asks_for_f32_accumulation():
     get_prec = _ggml.lib().handles[0].ggml_flash_attn_ext_get_prec
     get_prec.restype, get_prec.argtypes = ctypes.c_int, [ctypes.c_void_p]
