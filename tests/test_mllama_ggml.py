@@ -19,7 +19,7 @@ from gguf import quants
 from llmkit.engines.mllama import _backend, _ggml
 from llmkit.engines.mllama._backend import Backend, Expected, Runner, State, Weights
 from llmkit.engines.mllama._ggml import ROPE_TYPE_NEOX, Ctx, GgmlAbiError, GgmlType
-from llmkit.errors import DeviceError, InvalidModelFileError
+from llmkit.errors import DeviceError, InvalidModelFileError, UsageError
 
 RNG = np.random.default_rng(12)
 
@@ -516,7 +516,8 @@ def test_shape_errors_raise_instead_of_aborting():
         # Layouts the CPU kernels assert on (each would abort the process).
         t = c.transpose(c.new(GgmlType.F32, 8, 16))
         p = c.permute(c.new(GgmlType.F32, 4, 4, 8), 0, 2, 1, 3)
-        for call in (lambda: c.rms_norm(t, 1e-5), lambda: c.add(t, t), lambda: c.mul(t, c.new(GgmlType.F32, 1)),
+        one = c.new(GgmlType.F32, 1)
+        for call in (lambda: c.rms_norm(t, 1e-5), lambda: c.add(t, t), lambda: c.mul(t, one),
                      lambda: c.mul_mat(c.new(GgmlType.F32, 16, 2), t), lambda: c.gelu_erf(t),
                      lambda: c.tanh(t), lambda: c.scale(p, 2.0), lambda: c.swiglu(p, p),
                      lambda: c.soft_max_ext(p, None, 1.0)):
@@ -644,8 +645,15 @@ def test_devices_and_a_gpu_asked_of_a_cpu_build():
         pytest.skip("this build has a GPU backend")
     with pytest.raises(DeviceError, match="no GPU offload"):
         Backend("gpu")
+    with pytest.raises(DeviceError, match="no GPU offload"):
+        Backend("auto", gpu_layers=4)
+    with pytest.raises(UsageError, match="--gpu-layers needs --device gpu or auto"):
+        Backend("cpu", gpu_layers=4)
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        Backend("tpu")
     with Backend("auto") as be:
-        assert be.kind == "cpu" and be.gpu is None
+        assert be.kind == "cpu" and be.gpu is None and be.label == "cpu"
+        assert not be.offloads_layer(39, 40)
 
 
 # ---------------------------------------------------------------------------------------------

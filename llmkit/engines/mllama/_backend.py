@@ -101,25 +101,30 @@ def _usable_cpus() -> int:
 class Backend:
     """Where graphs run: the CPU, or one GPU with the CPU beside it for what the GPU lacks."""
 
-    def __init__(self, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, device: str = "auto", threads: int | None = None,
+                 gpu_layers: int | None = None) -> None:
         """Args:
             device: "auto" (a GPU when the build has one, else the CPU), "cpu" or "gpu".
             threads: CPU threads for graph compute (None: every core of this process).
+            gpu_layers: how many layers to offload (None: all on a GPU), as ``--gpu-layers``.
 
         Raises:
-            UsageError: an unknown device name.
-            DeviceError: "gpu" asked of a build without a GPU backend, or a GPU that fails.
+            UsageError: an unknown device name, or layers asked with device cpu.
+            DeviceError: a GPU asked of a build without a GPU backend, or a GPU that fails.
         """
         f = lib().f
         self._f = f
         gpus = gpu_devices()
-        choice = resolve_device(device, None, bool(gpus))
+        # The llama.cpp engine's own rules and messages for --device/--gpu-layers.
+        choice = resolve_device(device, gpu_layers, bool(gpus))
+        self.gpu_layers = choice.n_gpu_layers  # ALL_LAYERS (-1), 0, or a count
+        self.label = choice.label  # "cpu", "gpu", "gpu (N layers)"
         self.cpu: int = f.ggml_backend_cpu_init()
         if not self.cpu:
             raise DeviceError("ggml could not start its CPU backend")
         self.gpu: int | None = None
         self.device: Device | None = None
-        if choice.label != "cpu":
+        if choice.n_gpu_layers != 0:
             self.device = gpus[0]
             self.gpu = f.ggml_backend_dev_init(self.device.handle, None)
             if not self.gpu:
@@ -137,6 +142,15 @@ class Backend:
         self.name = (f.ggml_backend_name(self.primary) or b"").decode("utf-8", "replace")
         self.threads = 0
         self.set_threads(threads or _usable_cpus())
+
+    def offloads_layer(self, layer: int, n_layers: int) -> bool:
+        """Whether layer ``layer`` of ``n_layers`` lives on the GPU: the last ``gpu_layers``
+        do, as llama.cpp offloads them (so the output end of the model is on the GPU)."""
+        if not self.gpu:
+            return False
+        if self.gpu_layers < 0 or self.gpu_layers >= n_layers:
+            return True
+        return layer >= n_layers - self.gpu_layers
 
     def set_threads(self, n: int) -> None:
         """Use ``n`` CPU threads for the CPU's share of every later compute.
