@@ -557,6 +557,12 @@ def test_a_prepared_graph_computes_again_with_new_inputs(backend, runner):
         graph.close()
         state.write("acc", np.arange(6, dtype=np.float32))
         np.testing.assert_array_equal(state.read("acc"), np.arange(6))
+        state.clear()
+        assert (state.read("acc") == 0).all()
+        with State(backend, {"c": (GgmlType.I32, (3,))}, on_primary=False) as cpu_state:
+            cpu_state.write("c", np.array([1, 2, 3], dtype=np.int32))
+            np.testing.assert_array_equal(cpu_state.read("c"), [1, 2, 3])
+            assert cpu_state.nbytes >= 12
     finally:
         state.close()
 

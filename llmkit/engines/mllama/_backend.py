@@ -462,10 +462,13 @@ class State:
     them; a runner's allocator never places or reuses them, so they survive every later graph.
     """
 
-    def __init__(self, backend: Backend, specs: Mapping[str, tuple[int, Sequence[int]]]) -> None:
+    def __init__(self, backend: Backend, specs: Mapping[str, tuple[int, Sequence[int]]],
+                 on_primary: bool = True) -> None:
         """Args:
-            backend: whose primary device holds the tensors.
+            backend: whose device holds the tensors.
             specs: name → (ggml type, ne in ggml order, innermost first).
+            on_primary: on the backend's primary device (the GPU, if any); False keeps them
+                in CPU memory (the caches of layers left on the CPU by ``gpu_layers``).
 
         Raises:
             DeviceError: the device has no room for them.
@@ -479,8 +482,9 @@ class State:
             for name, (gtype, ne) in specs.items():
                 self.tensors[name] = self._ctx.new(gtype, *ne, name=name)
             if specs:
-                self._buffer = f.ggml_backend_alloc_ctx_tensors_from_buft(
-                    self._ctx.ptr, backend.buffer_type())
+                buft = backend.buffer_type() if on_primary else \
+                    int(f.ggml_backend_cpu_buffer_type())
+                self._buffer = f.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx.ptr, buft)
                 if not self._buffer:
                     raise DeviceError(f"{backend.name} has no room for the caches")
                 f.ggml_backend_buffer_clear(self._buffer, 0)
@@ -512,6 +516,12 @@ class State:
             self._buffer = 0
         self._ctx.close()
         self.tensors = {}
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
