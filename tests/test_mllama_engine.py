@@ -696,3 +696,51 @@ def test_long_prompts_are_evaluated_in_batches(model_path: Path, vocab_cache: Pa
         assert [(len(t), n) for t, n, _ in fake.evals] == [
             (EVAL_BATCH, 0), (len(prompt) - EVAL_BATCH, EVAL_BATCH)]
 
+
+
+# -- over the ggml forward pass, against transformers ----------------------------------------
+
+
+def greedy_reference(model: Any, prompt: Sequence[int], image: Any, steps: int) -> list[int]:
+    """transformers' greedy continuation with Meta's semantics (uncached, one row at a time)."""
+    from tests.mllama_model import reference_logits
+
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(np.argmax(reference_logits(model, ids, image)[-1])))
+    return ids[len(prompt):]
+
+
+def test_over_the_ggml_forward_pass_the_engine_answers_as_transformers(tmp_path: Path) -> None:
+    from tests.mllama_model import build_model, random_picture, require_oracle, save_checkpoint
+
+    require_oracle()
+    model_module = pytest.importorskip("llmkit.engines.mllama.model")
+    from llmkit.convert import convert
+
+    model = build_model(seed=0)
+    gguf_path = tmp_path / "tiny.gguf"
+    convert(save_checkpoint(model, tmp_path / "checkpoint"), gguf_path, outtype="f32")
+    engine = open_engine(gguf_path, lambda f: model_module.MllamaModel(f, n_ctx=256, threads=1),
+                         cache_dir=tmp_path / "cache")
+    with engine:
+        image = random_picture(56, 28, seed=3)  # aspect-ratio id 2: two tiles side by side
+        pixels = Pixels(image.tobytes(), image.width, image.height)
+        turn = ask(engine, "What is this?")
+        prompt = engine.tokenize(engine.render_chat(turn), add_special=False,
+                                 parse_special=True)
+        first = engine.generate_with_images(turn, [pixels], SamplingParams(temperature=0,
+                                                                           max_tokens=6))
+        assert first.tokens == greedy_reference(model, prompt, image, 6)
+        assert first.image_tokens == 2 * TOKENS_PER_TILE
+        follow = [*turn, {"role": "assistant", "content": first.text},
+                  {"role": "user", "content": "More?"}]
+        again = engine.generate_with_images(follow, [pixels], SamplingParams(temperature=0,
+                                                                            max_tokens=4))
+        prompt = engine.tokenize(engine.render_chat(follow), add_special=False,
+                                 parse_special=True)
+        assert again.tokens == greedy_reference(model, prompt, image, 4)
+        assert again.prompt_tokens_evaluated < again.prompt_tokens - len(first.tokens)
+        text = engine.chat_tokens([{"role": "user", "content": "Hi"}])
+        assert engine.generate(text, SamplingParams(temperature=0, max_tokens=4)).tokens == (
+            greedy_reference(model, text, None, 4))
