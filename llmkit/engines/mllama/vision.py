@@ -13,14 +13,14 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from llmkit.engines.mllama._backend import Runner
+    from llmkit.engines.mllama._backend import Expected, Graph, Runner
     from llmkit.engines.mllama._ggml import Ctx, T
     from llmkit.engines.mllama.hparams import VisionParams
     from llmkit.engines.mllama.preprocess import TiledImage
 
 __all__ = ["INPUT_ASPECT", "INPUT_MASK", "INPUT_PATCHES", "PRE_POST_LN_EPS", "TensorSource",
-           "VisionInputs", "attention_mask", "build", "encode", "patches", "tensor_shapes",
-           "vision_inputs"]
+           "VisionInputs", "attention_mask", "build", "encode", "expected_tensors", "patches",
+           "set_inputs", "tensor_shapes", "vision_inputs"]
 
 # Names of the graph inputs ``build`` makes (``Graph.set`` refills a prepared graph by them).
 INPUT_PATCHES = "v.in.patches"
@@ -184,6 +184,50 @@ def tensor_shapes(vp: VisionParams, n_text_embd: int) -> dict[str, tuple[int, ..
                 shapes[b + "attn_gate"] = (1,)
                 shapes[b + "ffn_gate"] = (1,)
     return shapes
+
+
+def expected_tensors(vp: VisionParams, n_text_embd: int) -> dict[str, Expected]:
+    """:func:`tensor_shapes` with the types the graph takes, for ``Weights(expected=…)``.
+
+    Matrices (the convolution, the layers' projections, the projector) are F32 or F16, as
+    ``llmkit convert`` writes them and its quantizer keeps them; embedding tables, norms,
+    biases and gates are F32.
+
+    Args:
+        vp: the model's vision parameters.
+        n_text_embd: the text model's width.
+
+    Returns:
+        GGUF name → :class:`~llmkit.engines.mllama._backend.Expected`.
+    """
+    from llmkit.engines.mllama._backend import Expected
+
+    matrices = frozenset({GgmlType.F32, GgmlType.F16})
+    f32 = frozenset({GgmlType.F32})
+    tables = ("v.position_embd.weight", "v.tile_position_embd.weight",
+              "v.pre_tile_position_embd.weight", "v.post_tile_position_embd.weight")
+    return {name: Expected(shape, matrices if len(shape) > 1 and name not in tables else f32)
+            for name, shape in tensor_shapes(vp, n_text_embd).items()}
+
+
+def set_inputs(graph: Graph, inputs: VisionInputs) -> None:
+    """Give a prepared graph holding :func:`build` another image.
+
+    Every image has the same shapes (all ``max_tiles`` tiles, any grid), so one prepared
+    graph serves them all: only the patches, the aspect-ratio id and the mask change.
+
+    Args:
+        graph: from ``Runner.prepare`` with a build that called :func:`build` once.
+        inputs: from :func:`vision_inputs` for the same model.
+
+    Raises:
+        ValueError: the graph is stale, or the inputs are another model's shapes.
+    """
+    import numpy as np
+
+    graph.set(INPUT_PATCHES, inputs.patches)
+    graph.set(INPUT_ASPECT, np.array([inputs.aspect_ratio_id], dtype=np.int32))
+    graph.set(INPUT_MASK, inputs.mask)
 
 
 # ---------------------------------------------------------------------------------------------
