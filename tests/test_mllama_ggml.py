@@ -513,6 +513,8 @@ def test_shape_errors_raise_instead_of_aborting():
             c.get_rows(a, c.new(GgmlType.F32, 2))
         with pytest.raises(ValueError, match="block"):
             c.new(GgmlType.Q8_0, 16)
+        with pytest.raises(ValueError, match="at least 1"):
+            c.input(np.zeros((0, 4), dtype=np.float32))
         # Layouts the CPU kernels assert on (each would abort the process).
         t = c.transpose(c.new(GgmlType.F32, 8, 16))
         p = c.permute(c.new(GgmlType.F32, 4, 4, 8), 0, 2, 1, 3)

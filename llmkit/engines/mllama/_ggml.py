@@ -785,8 +785,9 @@ class Ctx:
     def new(self, gtype: int, *ne: int, name: str | None = None) -> T:
         """A new tensor of ``gtype`` with 1 to 4 dimensions ``ne`` (innermost first)."""
         f, c = self._f, self.ptr
-        if not 1 <= len(ne) <= 4 or any(n < 0 for n in ne):
-            raise ValueError(f"a tensor needs 1 to 4 non-negative dimensions, not {ne}")
+        # Empty tensors are refused: several CPU kernels divide by a dimension (an abort).
+        if not 1 <= len(ne) <= 4 or any(n < 1 for n in ne):
+            raise ValueError(f"a tensor needs 1 to 4 dimensions of at least 1, not {ne}")
         block = int(f.ggml_blck_size(gtype))
         if ne[0] % block:
             raise ValueError(f"ne[0]={ne[0]} is not a multiple of type {gtype}'s block {block}")
