@@ -136,6 +136,10 @@ def test_the_library_is_the_one_llama_cpp_loads():
     assert loaded.directory == Path(llama_cpp.__file__).parent / "lib"
     again = ctypes.CDLL(str(loaded.directory / "libggml-base.so.0"))
     assert again._handle == loaded.handles[0]._handle
+    # One copy of ggml in the process: its file is mapped from offset 0 exactly once.
+    starts = [line for line in Path("/proc/self/maps").read_text().splitlines()
+              if "libggml-base.so" in line and line.split()[2] == "00000000"]
+    assert len(starts) == 1, starts
 
 
 # ---------------------------------------------------------------------------------------------
