@@ -28,9 +28,9 @@ INPUT_ASPECT = "v.in.aspect_id"
 INPUT_MASK = "v.in.mask"
 
 # layernorm_pre and layernorm_post are nn.LayerNorm(hidden_size) with torch's default eps, not
-# config.norm_eps (transformers 5.24 modeling_mllama.py, MllamaVisionModel.__init__; Meta's
-# llama-models VisionEncoder builds them as plain LayerNorm(width) too). The layers' own norms
-# use vision.attention.layer_norm_epsilon.
+# config.norm_eps (transformers 5.24 modeling_mllama.py, MllamaVisionModel.__init__); only the
+# layers' own norms use vision.attention.layer_norm_epsilon. (The published models have 1e-5
+# for both, so the two cannot be told apart there.)
 PRE_POST_LN_EPS = 1e-5
 
 
@@ -307,7 +307,11 @@ def build(ctx: Ctx, w: TensorSource, vp: VisionParams, inputs: VisionInputs, *,
         vp: the model's vision parameters.
         inputs: from :func:`vision_inputs`.
         flash_attn: attention with ggml's fused ``flash_attn_ext`` instead of
-            ``mul_mat`` + ``soft_max_ext``; it never holds the heads × S × S scores.
+            ``mul_mat`` + ``soft_max_ext``; it never holds the heads × S × S scores. Both
+            equal transformers within 3e-6 on the tiny model (F32 K/V on the CPU). At the
+            published size (S = 6432, 16 heads) the CPU compute buffer is 533 MiB with it
+            and 2964 MiB without (the scores alone are 16·6432²·4 bytes), and one layer
+            took 19 s with it against 35 s without on 2 shared cores.
 
     Returns:
         F32 ne [n_text_embd, max_tiles·n_patches] (numpy [tokens, n_text_embd]): tile-major,
