@@ -130,6 +130,7 @@ class FakeForward:
     replies: dict[str | None, list[int]] = field(default_factory=dict)
     header: list[int] = field(default_factory=list)
     interrupt_on_eval: int | None = None
+    max_batch: int = EVAL_BATCH
     closed: int = 0
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ class FakeForward:
              ) -> npt.NDArray[np.float32]:
         assert not self.closed
         assert tokens and 0 <= n_past <= len(self.rows), (n_past, len(self.rows))
-        assert len(tokens) <= EVAL_BATCH and n_past + len(tokens) <= self.n_ctx
+        assert len(tokens) <= self.max_batch and n_past + len(tokens) <= self.n_ctx
         self.evals.append((list(tokens), n_past, image_from))
         if self.interrupt_on_eval == len(self.evals):
             raise KeyboardInterrupt
@@ -695,7 +696,26 @@ def test_long_prompts_are_evaluated_in_batches(model_path: Path, vocab_cache: Pa
         engine.generate(prompt, SamplingParams(temperature=0, max_tokens=1))
         assert [(len(t), n) for t, n, _ in fake.evals] == [
             (EVAL_BATCH, 0), (len(prompt) - EVAL_BATCH, EVAL_BATCH)]
+    small = FakeForward(max_batch=8)
+    engine = open_engine(model_path, lambda f: small, n_batch=8, cache_dir=vocab_cache)
+    with engine:
+        prompt = engine.chat_tokens(ask(engine, "Say hello.", image=False))
+        engine.generate(prompt, SamplingParams(temperature=0, max_tokens=1))
+        assert [n for _, n, _ in small.evals] == list(range(0, len(prompt), 8))
 
+
+def test_pieces_take_special_tokens_only_from_trusted_markup(
+        pair: tuple[MllamaEngine, FakeForward]) -> None:
+    from llmkit.chat_template import Piece
+
+    engine, _ = pair
+    tokens = engine.tokenize_pieces([Piece("<|start_header_id|>", True), Piece("user", False),
+                                     Piece("<|end_header_id|>\n\n", True),
+                                     Piece("<|image|><|eot_id|>", False)])
+    assert tokens[:3] == [128006, 882, 128007]
+    assert IMAGE_TOKEN not in tokens and EOT not in tokens
+    assert engine.detokenize(tokens, special=True) == (
+        "<|start_header_id|>user<|end_header_id|>\n\n<|image|><|eot_id|>")
 
 
 # -- over the ggml forward pass, against transformers ----------------------------------------

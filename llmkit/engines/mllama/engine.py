@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EVAL_BATCH", "Forward", "MllamaEngine", "open_engine"]
 
-# Prompt tokens handed to one Forward.eval call: a long prompt is evaluated in such batches,
-# so a forward pass never has to hold the attention scores of a whole context at once.
+# Prompt tokens handed to one Forward.eval call by default (llama.cpp's default batch): a long
+# prompt is evaluated in such batches, so a forward pass never holds the attention scores of a
+# whole context at once.
 EVAL_BATCH = 512
 IMAGE_TOKEN_TEXT = "<|image|>"
 
@@ -163,7 +164,8 @@ class MllamaEngine(VocabText):
     """
 
     def __init__(self, forward: Forward, vocab: VocabModel, *, name: str,
-                 image_token: int, tokens_per_tile: int, load_ms: float = 0.0) -> None:
+                 image_token: int, tokens_per_tile: int, n_batch: int = EVAL_BATCH,
+                 load_ms: float = 0.0) -> None:
         """Wrap a forward pass and the model's vocabulary.
 
         Args:
@@ -187,6 +189,7 @@ class MllamaEngine(VocabText):
         self.n_ctx = int(forward.n_ctx)
         self.device = forward.device
         self.load_ms = load_ms
+        self.n_batch = max(1, n_batch)
         self._image_token = image_token
         self._tokens_per_tile = tokens_per_tile
         self._marker = new_media_marker()
@@ -359,11 +362,11 @@ class MllamaEngine(VocabText):
     def _eval(self, tokens: Sequence[int], n_past: int, image_from: int | None,
               image: str | None) -> npt.NDArray[np.float32]:
         """Evaluate ``tokens`` after the first ``n_past`` cached rows (in batches of
-        :data:`EVAL_BATCH`); the logits of the last one."""
-        forward = self._forward
+        :attr:`n_batch`); the logits of the last one."""
+        forward, batch = self._forward, self.n_batch
         logits: npt.NDArray[np.float32] | None = None
-        for start in range(0, len(tokens), EVAL_BATCH):
-            part = tokens[start:start + EVAL_BATCH]
+        for start in range(0, len(tokens), batch):
+            part = tokens[start:start + batch]
             at = n_past + start
             # The forward pass truncates its cache first: so does the record, so that an
             # interrupted evaluation leaves it describing rows the cache still holds.
@@ -561,7 +564,7 @@ class MllamaEngine(VocabText):
 
 
 def open_engine(path: str | Path, forward_factory: Callable[[MllamaFile], Forward], *,
-                name: str | None = None, verbose: bool = False,
+                name: str | None = None, verbose: bool = False, n_batch: int | None = None,
                 cache_dir: Path | None = None) -> MllamaEngine:
     """Open a Llama 3.2 Vision GGUF: its checked header, its tokenizer, its forward pass.
 
@@ -571,6 +574,7 @@ def open_engine(path: str | Path, forward_factory: Callable[[MllamaFile], Forwar
             context size are the factory's to apply).
         name: the model's name for reports (default: the file name).
         verbose: pass llama.cpp's log through to stderr.
+        n_batch: prompt tokens per forward evaluation (None: :data:`EVAL_BATCH`).
         cache_dir: where the tokenizer's companion GGUF is cached (default
             :func:`llmkit.engines.mllama.vocab.cache_dir`).
 
@@ -596,6 +600,7 @@ def open_engine(path: str | Path, forward_factory: Callable[[MllamaFile], Forwar
         return MllamaEngine(forward, vocab, name=name or file.path.name,
                             image_token=file.text.image_token,
                             tokens_per_tile=file.vision.n_patches,
+                            n_batch=EVAL_BATCH if n_batch is None else n_batch,
                             load_ms=(time.perf_counter() - t0) * 1000)
     except BaseException:
         forward.close()
