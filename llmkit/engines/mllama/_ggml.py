@@ -626,13 +626,16 @@ class T:
     numpy order of the same tensor (``ne`` reversed, trailing ones of ``ne`` dropped).
     """
 
-    __slots__ = ("_ne", "ptr")
+    __slots__ = ("_dense", "_ne", "ptr")
 
     def __init__(self, ptr: int | None) -> None:
         if not ptr:
             raise ValueError("ggml returned a NULL tensor (its context is full?)")
         self.ptr: int = ptr
         self._ne: tuple[int, int, int, int] | None = None
+        # True when known to be packed in every dimension (a new tensor or an op's result);
+        # None for views, whose strides are read when a check needs them.
+        self._dense: bool | None = None
 
     @property
     def struct(self) -> Tensor:
@@ -682,7 +685,7 @@ class T:
 
     def is_contiguous(self) -> bool:
         """Whether the elements lie densely in row-major order (no gaps, no permutation)."""
-        return bool(_fns().ggml_is_contiguous(self.ptr))
+        return bool(self._dense) or bool(_fns().ggml_is_contiguous(self.ptr))
 
     def set_name(self, name: str) -> T:
         """Name the tensor (ggml keeps at most 63 bytes); returns the tensor."""
@@ -706,6 +709,8 @@ def _dense_rows(t: T) -> bool:
     The CPU kernels of add/mul, rms_norm, mul_mat's second operand and the unary ops assert
     it (ggml-cpu binary-ops.cpp, ops.cpp), and an assert aborts the process.
     """
+    if t._dense:
+        return True
     s = Tensor.from_address(t.ptr)
     size = _type_sizes.get(s.type)
     if size is None:
@@ -715,6 +720,8 @@ def _dense_rows(t: T) -> bool:
 
 def _padded_1d(t: T) -> bool:
     # ggml.c's ggml_is_padded_1d, which ggml_scale asserts: rows packed, dims 1..3 packed.
+    if t._dense:
+        return True
     s = Tensor.from_address(t.ptr)
     return _dense_rows(t) and s.nb[2] == s.nb[1] * s.ne[1] and s.nb[3] == s.nb[2] * s.ne[2]
 
@@ -758,13 +765,15 @@ class Ctx:
             if graph else None
         self.inputs: list[tuple[T, Any]] = []
 
-    def _t(self, ptr: int | None) -> T:
+    def _t(self, ptr: int | None, dense: bool | None = True) -> T:
         # Checked after the call: the context has room for two tensors past max_tensors.
         self.made += 1
         if self.made > self.max_tensors:
             raise ValueError(f"more than {self.max_tensors} tensors in one graph context "
                              "(raise max_tensors)")
-        return T(ptr)
+        t = T(ptr)
+        t._dense = dense
+        return t
 
     def close(self) -> None:
         """Free the context (every tensor made in it becomes invalid)."""
@@ -1010,7 +1019,7 @@ class Ctx:
                 or dn[2] % rn[1] or dn[3] % rn[2]):
             raise ValueError(f"set_rows: dst {dn}, src {sn}, rows {rn} do not fit")
         self._writable(dst, "set_rows")
-        return self._t(self._f.ggml_set_rows(self.ptr, dst.ptr, src.ptr, rows.ptr))
+        return self._t(self._f.ggml_set_rows(self.ptr, dst.ptr, src.ptr, rows.ptr), None)
 
     # -- positions and attention -----------------------------------------------------------------
 
@@ -1117,14 +1126,14 @@ class Ctx:
             raise ValueError(f"view: {tuple(ne)} with strides {strides} at offset {offset} "
                              f"reaches byte {extent} of a {a.nbytes()}-byte tensor")
         if dims == 1:
-            return self._t(f.ggml_view_1d(c, a.ptr, ne[0], offset))
+            return self._t(f.ggml_view_1d(c, a.ptr, ne[0], offset), None)
         if dims == 2:
-            return self._t(f.ggml_view_2d(c, a.ptr, ne[0], ne[1], strides[0], offset))
+            return self._t(f.ggml_view_2d(c, a.ptr, ne[0], ne[1], strides[0], offset), None)
         if dims == 3:
             return self._t(f.ggml_view_3d(c, a.ptr, ne[0], ne[1], ne[2], strides[0], strides[1],
-                                    offset))
-        return self._t(f.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], strides[0], strides[1],
-                                strides[2], offset))
+                                          offset), None)
+        return self._t(f.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], strides[0],
+                                      strides[1], strides[2], offset), None)
 
     def reshape(self, a: T, *ne: int) -> T:
         """``a`` (contiguous) seen with dimensions ``ne`` (same element count)."""
@@ -1148,11 +1157,11 @@ class Ctx:
         """A view with dim i of ``a`` moved to position ``ax_i`` (ggml's convention)."""
         if sorted((ax0, ax1, ax2, ax3)) != [0, 1, 2, 3]:
             raise ValueError(f"permute: {(ax0, ax1, ax2, ax3)} is not a permutation of 0..3")
-        return self._t(self._f.ggml_permute(self.ptr, a.ptr, ax0, ax1, ax2, ax3))
+        return self._t(self._f.ggml_permute(self.ptr, a.ptr, ax0, ax1, ax2, ax3), None)
 
     def transpose(self, a: T) -> T:
         """A view with dims 0 and 1 swapped."""
-        return self._t(self._f.ggml_transpose(self.ptr, a.ptr))
+        return self._t(self._f.ggml_transpose(self.ptr, a.ptr), None)
 
     def cont(self, a: T, *ne: int) -> T:
         """A contiguous copy of ``a`` (then reshaped to ``ne`` when given)."""
@@ -1167,7 +1176,7 @@ class Ctx:
         if a.nelements() != b.nelements():
             raise ValueError(f"cpy: {a.ne} into {b.ne}")
         self._writable(b, "cpy")
-        return self._t(self._f.ggml_cpy(self.ptr, a.ptr, b.ptr))
+        return self._t(self._f.ggml_cpy(self.ptr, a.ptr, b.ptr), None)
 
     def cast(self, a: T, gtype: int) -> T:
         """``a`` converted to ``gtype``."""
