@@ -175,6 +175,7 @@ class MllamaEngine(VocabText):
             image_token: the id of ``<|image|>`` (``mllama.image_token_id``).
             tokens_per_tile: patches per tile plus the class token (1601 published): an
                 image's :attr:`Generation.image_tokens` are its tiles times this.
+            n_batch: prompt tokens per :meth:`Forward.eval` call.
             load_ms: how long loading took.
 
         Raises:
