@@ -250,6 +250,11 @@ def test_soft_max_ext_with_mask_and_scale(runner):
     np.testing.assert_allclose(got16, _softmax(a * 0.3 + mask.astype(np.float16)), atol=1e-6)
     np.testing.assert_allclose(plain, _softmax(a), atol=1e-6)
     assert (got[:, 1, 2:] == 0).all()
+    # A row that sees nothing is NaN here (flash_attn_ext gives zeros): graph code relies on it.
+    full = mask.copy()
+    full[2] = -np.inf
+    (nan_row,) = runner.run(lambda c: [c.soft_max_ext(c.input(a), c.input(full), 1.0)])
+    assert np.isnan(nan_row[:, 2]).all() and not np.isnan(np.delete(nan_row, 2, 1)).any()
 
 
 def _attention(q, k, v, mask, scale):

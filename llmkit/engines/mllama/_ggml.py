@@ -1045,7 +1045,11 @@ class Ctx:
             beta_slow))
 
     def soft_max_ext(self, a: T, mask: T | None, scale: float, max_bias: float = 0.0) -> T:
-        """softmax(a·scale + mask) over ``ne[0]``; mask (F16/F32) ne [n_kv, ≥rows, h', b']."""
+        """softmax(a·scale + mask) over ``ne[0]``; mask (F16/F32) ne [n_kv, ≥rows, h', b'].
+
+        A row masked everywhere (-inf) comes out NaN (flash_attn_ext gives it zeros), and NaN
+        survives a multiplication by zero: keep such rows out, or use flash_attn_ext.
+        """
         if mask is not None:
             an, mn = a.ne, mask.ne
             if (mn[0] != an[0] or mn[1] < an[1] or an[2] % mn[2] or an[3] % mn[3]
@@ -1071,7 +1075,7 @@ class Ctx:
             raise ValueError(f"flash_attn_ext: q {qn}, k {kn}, v {vn} do not fit")
         if mask is not None:
             mn = mask.ne
-            # The CPU kernel reads the mask as F16 whatever its type: refuse anything else.
+            # ggml_flash_attn_ext asserts an F16 mask (ggml.c): anything else would abort.
             if (mask.type != GgmlType.F16 or mn[0] != kn[1] or mn[1] < qn[1]
                     or qn[2] % mn[2] or qn[3] % mn[3]):
                 raise ValueError(f"flash_attn_ext: mask {mn} type {mask.type} does not fit")
