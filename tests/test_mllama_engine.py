@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,15 +66,11 @@ def write_mllama_gguf(path: Path, **overrides: Any) -> Path:
     values = {**ELEVEN_B, "mllama.vision.image_size": TILE, "mllama.context_length": 4096,
               **overrides}
     writer = gguf.GGUFWriter(path, "mllama")
+    add: dict[type, Callable[[str, Any], None]] = {
+        str: writer.add_string, list: writer.add_array, float: writer.add_float32,
+        int: writer.add_uint32}
     for key, value in values.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
+        add[type(value)](key, value)
     add_tokenizer(writer, tokenizer_dir(), 128257)
     writer.add_chat_template(CHAT_TEMPLATE)
     writer.write_header_to_file()
