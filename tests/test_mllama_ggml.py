@@ -534,6 +534,17 @@ def test_shape_errors_raise_instead_of_aborting():
                      lambda: c.soft_max_ext(p, None, 1.0)):
             with pytest.raises(ValueError, match="cont"):
                 call()
+        # Type pairs without a CPU kernel (each aborted: binary_op "unsupported types",
+        # the scheduler's "cur_backend_id != -1", rms_norm's "fatal error").
+        f16 = c.new(GgmlType.F16, 16, 8)
+        f32 = c.new(GgmlType.F32, 16, 8)
+        for call, what in ((lambda: c.add(f32, f16), "types"),
+                           (lambda: c.mul_mat(f32, f16), "b must be F32"),
+                           (lambda: c.rms_norm(f16, 1e-5), "must be F32"),
+                           (lambda: c.soft_max_ext(f16, None, 1.0), "must be F32")):
+            with pytest.raises(ValueError, match=what):
+                call()
+        c.add(f16, f32), c.mul(f16, f16), c.mul_mat(f16, f16)  # these have kernels
         # …and what they take: a permuted view whose rows are packed.
         c.rms_norm(p, 1e-5), c.add(p, p), c.gelu_erf(p)
 

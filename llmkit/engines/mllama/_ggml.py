@@ -626,7 +626,7 @@ class T:
     numpy order of the same tensor (``ne`` reversed, trailing ones of ``ne`` dropped).
     """
 
-    __slots__ = ("_dense", "_ne", "ptr")
+    __slots__ = ("_dense", "_ne", "_type", "ptr")
 
     def __init__(self, ptr: int | None) -> None:
         if not ptr:
@@ -636,6 +636,7 @@ class T:
         # True when known to be packed in every dimension (a new tensor or an op's result);
         # None for views, whose strides are read when a check needs them.
         self._dense: bool | None = None
+        self._type: int | None = None
 
     @property
     def struct(self) -> Tensor:
@@ -659,7 +660,9 @@ class T:
     @property
     def type(self) -> int:
         """The ``enum ggml_type`` value (a :class:`GgmlType` for the common ones)."""
-        return int(Tensor.from_address(self.ptr).type)
+        if self._type is None:
+            self._type = int(Tensor.from_address(self.ptr).type)
+        return self._type
 
     @property
     def name(self) -> str:
@@ -701,6 +704,7 @@ def _can_repeat(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
 
 
 _type_sizes: dict[int, int] = {}
+_FLOAT_TYPES = frozenset({GgmlType.F32, GgmlType.F16, GgmlType.BF16})
 
 
 def _dense_rows(t: T) -> bool:
@@ -724,6 +728,11 @@ def _padded_1d(t: T) -> bool:
         return True
     s = Tensor.from_address(t.ptr)
     return _dense_rows(t) and s.nb[2] == s.nb[1] * s.ne[1] and s.nb[3] == s.nb[2] * s.ne[2]
+
+
+def _f32(t: T, what: str) -> None:
+    if t.type != GgmlType.F32:
+        raise ValueError(f"{what}: {t!r} must be F32 (cast() it first)")
 
 
 def _need(ok: bool, what: str, t: T) -> None:
@@ -880,6 +889,10 @@ class Ctx:
     def _broadcast(self, fn: Any, a: T, b: T, what: str) -> T:
         if not _can_repeat(b.ne, a.ne):
             raise ValueError(f"{what}: {b.ne} does not broadcast onto {a.ne}")
+        # ggml-cpu binary-ops.cpp takes src1 of src0's type, or F32 beside an F16/BF16 src0;
+        # any other pair aborts ("binary_op: unsupported types").
+        if a.type not in _FLOAT_TYPES or (b.type != a.type and b.type != GgmlType.F32):
+            raise ValueError(f"{what}: types {a.type} and {b.type} do not combine")
         _need(_dense_rows(a), what, a)
         _need(_dense_rows(b), what, b)
         return self._t(fn(self.ptr, a.ptr, b.ptr))
@@ -958,11 +971,13 @@ class Ctx:
     def norm(self, a: T, eps: float) -> T:
         """(x - mean) / sqrt(var + eps) over ``ne[0]`` (LayerNorm without weight and bias)."""
         _need(_dense_rows(a), "norm", a)
+        _f32(a, "norm")
         return self._t(self._f.ggml_norm(self.ptr, a.ptr, eps))
 
     def rms_norm(self, a: T, eps: float) -> T:
         """x / sqrt(mean(x²) + eps) over ``ne[0]`` (RMSNorm without weight)."""
         _need(_dense_rows(a), "rms_norm", a)
+        _f32(a, "rms_norm")
         return self._t(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
 
     def sum_rows(self, a: T) -> T:
@@ -990,6 +1005,10 @@ class Ctx:
             raise ValueError(f"mul_mat: a {an} and b {bn} do not multiply")
         _need(_dense_rows(a), "mul_mat", a)
         _need(_dense_rows(b), "mul_mat", b)
+        # F16 activations only meet F16 weights; anything else has no CPU kernel and the
+        # scheduler aborts ("cur_backend_id != -1").
+        if b.type != GgmlType.F32 and not (b.type == a.type == GgmlType.F16):
+            raise ValueError(f"mul_mat: a {a.type} with b {b.type} (b must be F32)")
         t = self._t(self._f.ggml_mul_mat(self.ptr, a.ptr, b.ptr))
         if prec_f32:
             self._f32_accumulation(t)
@@ -1056,6 +1075,7 @@ class Ctx:
                     or mask.type not in (GgmlType.F16, GgmlType.F32)):
                 raise ValueError(f"soft_max_ext: mask {mn} does not fit {an}")
         _need(a.is_contiguous(), "soft_max_ext", a)
+        _f32(a, "soft_max_ext")
         return self._t(self._f.ggml_soft_max_ext(self.ptr, a.ptr, mask.ptr if mask else None, scale,
                                            max_bias))
 
