@@ -317,3 +317,20 @@ def test_graph_reuse_saves_the_build(tiny: Tiny) -> None:
     assert (time.perf_counter() - t0) < 10
     # A step crossing the 256-position window boundary builds a new graph.
     assert text.kv_window(255, 1, 512) == 256 and text.kv_window(256, 1, 512) == 512
+
+
+def test_decode_across_the_attention_window_boundary(tiny: Tiny) -> None:
+    # 250 prompt tokens, then 10 decoded ones: the window grows from 256 to 512 positions
+    # at position 256, the kept graph is replaced, and the logits stay transformers'.
+    prompt = [mm.BOS_TOKEN_ID, *mm.decode_tokens(249, seed=7)]
+    fed, want = mm.reference_decode(tiny.model, prompt, None, steps=10)
+    f = tiny.f32
+    got = [f.eval(prompt, 0, None)]
+    reused = []
+    for k, token in enumerate(fed):
+        got.append(f.eval([token], len(prompt) + k, None))
+        assert f.last is not None
+        reused.append(f.last.reused)
+    np.testing.assert_allclose(np.stack(got), want, atol=TOLERANCE_F32, rtol=0)
+    # Positions 250..255 share the 256-window graph; 256 needs the 512 one, kept from then on.
+    assert reused == [False, True, True, True, True, True, False, True, True, True]
