@@ -589,6 +589,19 @@ def test_a_prepared_graph_computes_again_with_new_inputs(backend, runner):
         state.close()
 
 
+def test_an_op_no_backend_runs_is_refused_before_allocation(runner):
+    # mul_mat of an F32 weight with I32 "activations" slips past the Python checks only
+    # through a raw call; the scheduler would abort on it.
+    def build(c):
+        a, b = c.input(randn(4, 8)), c.input(np.zeros((2, 8), dtype=np.int32))
+        return [c._t(c._f.ggml_mul_mat(c.ptr, a.ptr, b.ptr))]
+
+    with pytest.raises(ValueError, match=r"no backend of CPU runs MUL_MAT on F32, I32"):
+        runner.prepare(build)
+    (y,) = runner.run(lambda c: [c.scale(c.input(np.ones(2, dtype=np.float32)), 2.0)])
+    np.testing.assert_array_equal(y, [2, 2])
+
+
 def test_an_overfull_context_raises_instead_of_aborting(backend):
     with Runner(backend, max_tensors=50) as small:
         def build(c):
