@@ -314,6 +314,9 @@ def build_cross_kv(c: Ctx, w: Mapping[str, T], tp: TextParams, cache: Mapping[st
 
     Returns:
         The copy nodes, expanded into the graph (nothing to read back).
+
+    Raises:
+        ValueError: image states of another width, or fewer than ``n_image`` tokens.
     """
     hd, kv = tp.head_dim, tp.n_head_kv
     if image.ne[0] != tp.n_embd or image.ne[1] < n_image:
