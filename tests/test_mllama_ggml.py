@@ -350,6 +350,25 @@ def test_norms_and_activations(runner):
     np.testing.assert_allclose(swiglu, gate / (1 + np.exp(-gate)) * up, atol=1e-6)
 
 
+def test_linear_layer_norm_and_weighted_rms_norm(runner):
+    x, w, b = randn(3, 2, 16), randn(8, 16), randn(8)  # HF Linear(16, 8) over (3, 2) rows
+    gamma, beta = randn(16), randn(16)
+
+    def build(c):
+        t = c.input(x)
+        return [c.linear(t, c.input(w), c.input(b)), c.linear(t, c.input(w)),
+                c.layer_norm(t, c.input(gamma), c.input(beta), 1e-5),
+                c.rms_norm(t, 1e-6, c.input(gamma))]
+
+    lin, lin_nobias, ln, rms = runner.run(build)
+    np.testing.assert_allclose(lin, x @ w.T + b, atol=1e-5)
+    np.testing.assert_allclose(lin_nobias, x @ w.T, atol=1e-5)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    np.testing.assert_allclose(ln, (x - mean) / np.sqrt(var + 1e-5) * gamma + beta, atol=1e-5)
+    np.testing.assert_allclose(rms, x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * gamma,
+                               atol=1e-5)
+
+
 def test_element_wise_broadcast(runner):
     a, row, col = randn(3, 4, 5), randn(5), randn(4, 1)
 

@@ -976,11 +976,22 @@ class Ctx:
         _f32(a, "norm")
         return self._t(self._f.ggml_norm(self.ptr, a.ptr, eps))
 
-    def rms_norm(self, a: T, eps: float) -> T:
-        """x / sqrt(mean(x²) + eps) over ``ne[0]`` (RMSNorm without weight)."""
+    def rms_norm(self, a: T, eps: float, weight: T | None = None) -> T:
+        """x / sqrt(mean(x²) + eps) over ``ne[0]``, times ``weight`` when given (RMSNorm)."""
         _need(_dense_rows(a), "rms_norm", a)
         _f32(a, "rms_norm")
-        return self._t(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
+        t = self._t(self._f.ggml_rms_norm(self.ptr, a.ptr, eps))
+        return self.mul(t, weight) if weight is not None else t
+
+    def layer_norm(self, a: T, weight: T, bias: T | None, eps: float) -> T:
+        """LayerNorm over ``ne[0]``: norm(x)·weight + bias (torch.nn.LayerNorm)."""
+        t = self.mul(self.norm(a, eps), weight)
+        return self.add(t, bias) if bias is not None else t
+
+    def linear(self, x: T, weight: T, bias: T | None = None) -> T:
+        """x·weightᵀ + bias (torch.nn.Linear): weight ne [in, out] (HF [out, in]), x ne [in, …]."""
+        t = self.mul_mat(weight, x)
+        return self.add(t, bias) if bias is not None else t
 
     def sum_rows(self, a: T) -> T:
         """Sum over ``ne[0]`` (result ne[0] = 1)."""
