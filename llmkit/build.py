@@ -89,12 +89,12 @@ def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
 
         check_free_space(out_dir, weights * 2, f"converting {repo}")
         kept: list[str] = []
-        from llmkit.convert import PROJECTORS, read_config
+        from llmkit.convert import PROJECTORS, SELF_CONTAINED_VISION, read_config
 
         architectures = read_config(directory).get("architectures") or []
         mmproj = out_dir / f"mmproj-{safe}.gguf" if any(
             a in PROJECTORS for a in architectures) else None
-        if mmproj is not None:
+        if mmproj is not None or any(a in SELF_CONTAINED_VISION for a in architectures):
             kind = "vision"
         if qtype in _DIRECT:
             convert(directory, final, outtype=_DIRECT[qtype], mmproj=mmproj)

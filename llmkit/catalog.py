@@ -50,6 +50,11 @@ class ModelSpec:
     top_p: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def source_only(self) -> bool:
+        """No GGUF of it is published: `pull --from-source` builds one from its checkpoint."""
+        return self.supported and not self.hf_repo and bool(self.source_repo)
+
     def filename(self, quant: str | None = None) -> str:
         """The GGUF file name in ``hf_repo`` for a quantization (default: ``default_quant``)."""
         return self.file.replace("{quant}", quant or self.default_quant)
@@ -97,7 +102,16 @@ def _spec_from_table(name: str, table: dict[str, Any], origin: str) -> ModelSpec
     spec = ModelSpec(name=name, **values)
     if spec.kind not in KINDS:
         raise CatalogError(f"{where}: kind must be one of {', '.join(KINDS)}")
-    if spec.supported:
+    if spec.supported and not spec.hf_repo and spec.source_repo:
+        # Built from its checkpoint only (no GGUF of it is published): the converter writes one
+        # file, whose engine reads images itself, so there is no file name or projector to name.
+        if not spec.default_quant:
+            raise CatalogError(f"{where}: 'default_quant' is required")
+        for field_name in ("file", "mmproj", "quants", "embedded"):
+            if getattr(spec, field_name):
+                raise CatalogError(f"{where}: '{field_name}' needs hf_repo (a model built from "
+                                   "source_repo has no published files)")
+    elif spec.supported:
         for required in ("hf_repo", "file", "default_quant"):
             if not getattr(spec, required):
                 raise CatalogError(f"{where}: '{required}' is required")

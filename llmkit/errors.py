@@ -45,10 +45,12 @@ class ModelNotFoundError(LlmkitError):
 class ModelNotPulledError(LlmkitError):
     """A catalog model that is known but not on this machine yet."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, from_source: bool = False) -> None:
+        # A model with no published GGUF is built from its checkpoint on this machine.
+        command = f"llmkit pull {name} --from-source" if from_source else f"llmkit pull {name}"
         super().__init__(
             f"model '{name}' is in the catalog but not on this machine",
-            hint=f"run `llmkit pull {name}`",
+            hint=f"run `{command}`",
         )
         self.name = name
 

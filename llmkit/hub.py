@@ -147,6 +147,10 @@ def parse_ref(ref: str, quant: str | None = None) -> PullTarget:
         raise _unknown(name)
     if not spec.supported:
         raise UnsupportedModelError(spec.name, spec.reason, spec.alternatives)
+    if spec.source_only:
+        raise UsageError(f"{spec.name} has no published GGUF; llmkit builds it from "
+                         f"{spec.source_repo}",
+                         hint=f"run `llmkit pull {spec.name} --from-source`")
     chosen = _one_quant(given, quant) or spec.default_quant
     if spec.quants:
         known = {q.lower(): q for q in spec.quants}

@@ -96,7 +96,8 @@ def find_projector(model_path: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Path, str | None]:
+def vision_files(resolution: Resolution, mmproj: Path | None
+                 ) -> tuple[Path, Path | None, str | None]:
     """The model and projector files to see images with, or why there are none.
 
     Args:
@@ -105,7 +106,8 @@ def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Pat
 
     Returns:
         (model file, projector file, a note for stderr when the projector was found by looking
-        beside the model).
+        beside the model). The projector is None for a model whose own GGUF holds its vision
+        tower (Llama 3.2 Vision).
 
     Raises:
         NotAVisionModelError: a text or guard model, or a GGUF whose vocabulary has no image
@@ -132,6 +134,11 @@ def vision_files(resolution: Resolution, mmproj: Path | None) -> tuple[Path, Pat
         raise InvalidModelFileError(
             str(path), "is a vision projector (mmproj), not a model",
             hint="pass the language model with -m and this file with --mmproj")
+    from llmkit.engines import reads_images_itself
+
+    if reads_images_itself(info.architecture):
+        # The engine refuses a --mmproj it was given, in one sentence.
+        return path, mmproj, None
     if mmproj is not None:
         return path, mmproj, None
     if model.mmproj:

@@ -427,7 +427,7 @@ def resolve(ref: str | None) -> Resolution:
             raise UnsupportedModelError(spec.name, spec.reason, spec.alternatives)
         model = _from_spec(spec)
         if model is None:
-            raise ModelNotPulledError(spec.name)
+            raise ModelNotPulledError(spec.name, from_source=spec.source_only)
         return Resolution(model, spec)
     if _looks_like_path(ref):
         if not os.path.lexists(Path(ref).expanduser()):

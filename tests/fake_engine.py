@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from llmkit.chat_template import Piece, new_media_marker
 from llmkit.engines.base import Generation, Message, RGBImage, SamplingParams
-from llmkit.errors import ContextOverflowError, InputError, LlmkitError
+from llmkit.errors import ContextOverflowError, InputError, LlmkitError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,7 +120,7 @@ class FakeEngine:
       is one token, as Guard looks for), or your own; ``template`` replaces its chat template
       (e.g. one that raises, as a broken GGUF template does).
     - ``vision``: whether :meth:`generate_with_images` works; each image takes
-      ``image_tokens`` context cells.
+      ``image_tokens`` context cells; ``max_images`` caps the images of one conversation.
 
     What it records: ``calls`` (every generation and logits call, in order, as :class:`Call`),
     ``chats`` (every conversation given to ``chat_tokens``), ``forgotten`` (how often the cache
@@ -132,7 +132,8 @@ class FakeEngine:
                  base_logit: float = 0.0, tokens: Tokens = "chars",
                  vocabulary: Vocabulary = CHATML, template: Template | None = None,
                  n_ctx: int = 4096, vision: bool = False, image_tokens: int = 16,
-                 media_marker: str | None = None, model_name: str = "fake") -> None:
+                 media_marker: str | None = None, model_name: str = "fake",
+                 max_images: int | None = None) -> None:
         if tokens not in ("chars", "bytes", "words"):
             raise ValueError(f"unknown tokenizer mode {tokens!r}")
         self.model_name = model_name
@@ -147,6 +148,7 @@ class FakeEngine:
         self.template = template or vocabulary.template
         self.image_tokens = image_tokens
         self._vision = vision
+        self._max_images = max_images
         self._marker = media_marker if media_marker is not None else new_media_marker()
         self._special_ids = {text: 256 + i for i, text in enumerate(vocabulary.specials)}
         longest_first = sorted(vocabulary.specials, key=len, reverse=True)
@@ -170,6 +172,11 @@ class FakeEngine:
     def vision(self) -> bool:
         """Whether :meth:`generate_with_images` works."""
         return self._vision
+
+    @property
+    def max_images(self) -> int | None:
+        """How many images one conversation may show (None: no limit)."""
+        return self._max_images
 
     @property
     def media_marker(self) -> str:
@@ -408,6 +415,9 @@ class FakeEngine:
         self._check_open()
         if not self.vision:
             raise LlmkitError(f"{self.model_name} has no vision projector loaded")
+        if self._max_images is not None and len(images) > self._max_images:
+            raise UsageError(f"{self.model_name} takes {self._max_images} image(s) per "
+                             f"conversation, and this one has {len(images)}")
         pieces = self.template(messages)
         text = "".join(p.text for p in pieces)
         marker = self.media_marker

@@ -90,7 +90,11 @@ def test_every_entry_is_well_formed(shipped: dict[str, ModelSpec]) -> None:
         assert spec.name == name
         assert spec.kind in KINDS, name
         assert spec.description.strip(), name
-        if spec.supported:
+        if spec.source_only:
+            # Built from the checkpoint (Llama 3.2 Vision): no published files to name.
+            assert spec.source_repo.count("/") == 1 and spec.default_quant, name
+            assert not (spec.file or spec.mmproj or spec.quants), name
+        elif spec.supported:
             assert spec.hf_repo.count("/") == 1, name
             assert spec.filename().endswith(".gguf"), name
             assert "{quant}" not in spec.filename(), name
@@ -153,6 +157,14 @@ MALFORMED = [
     pytest.param(_entry(file="bad.gguf"), "file must contain {quant} when there are several",
                  id="file-without-quant"),
     pytest.param(_entry(hf_repo=None), "'hf_repo' is required", id="no-hf-repo"),
+    pytest.param(_entry(hf_repo=None, source_repo="org/model", quants=None, file=None,
+                        default_quant=None), "'default_quant' is required",
+                 id="source-only-without-default-quant"),
+    pytest.param(_entry(hf_repo=None, source_repo="org/model", quants=None),
+                 "'file' needs hf_repo", id="source-only-with-file"),
+    pytest.param(_entry(hf_repo=None, source_repo="org/model", file=None, kind="vision",
+                        quants=None, mmproj="mmproj.gguf"),
+                 "'mmproj' needs hf_repo", id="source-only-with-mmproj"),
     pytest.param(_entry(quants="Q4_0"), "quants must be a list of strings", id="quants-not-list"),
     pytest.param(_entry(gated="yes"), "gated must be true or false", id="gated-not-bool"),
     pytest.param(_entry(temperature=-1), "temperature must be a number, 0 or more",
@@ -227,3 +239,18 @@ def test_broken_user_catalog_names_its_path(isolated_home: Path) -> None:
     with pytest.raises(CatalogError) as info:
         load_catalog()
     assert str(info.value).startswith(f'{user}: [models."bad:1b"]: kind must be one of')
+
+
+def test_a_model_built_from_source_only() -> None:
+    spec = parse_catalog(_entry("vis:11b", kind="vision", hf_repo=None, file=None, quants=None,
+                                source_repo="org/Vision", default_quant="Q4_K_M"))["vis:11b"]
+    assert spec.supported and spec.source_only and not spec.mmproj
+    assert not parse_catalog(_entry())["bad:1b"].source_only
+
+
+def test_llama32_vision_is_built_from_source(shipped: dict[str, ModelSpec]) -> None:
+    for name, repo in (("llama3.2-vision:11b", "meta-llama/Llama-3.2-11B-Vision-Instruct"),
+                       ("llama3.2-vision:90b", "meta-llama/Llama-3.2-90B-Vision-Instruct")):
+        spec = shipped[name]
+        assert (spec.kind, spec.supported, spec.source_only) == ("vision", True, True)
+        assert (spec.source_repo, spec.gated, spec.default_quant) == (repo, True, "Q4_K_M")

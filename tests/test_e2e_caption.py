@@ -268,11 +268,10 @@ def test_vision_model_without_its_projector(vlm: Path, pictures: dict[str, Path]
         "(import it again with --mmproj FILE --force, or pass --mmproj FILE)\n")
 
 
-def test_llama_vision_is_refused_with_alternatives(pictures: dict[str, Path]) -> None:
+def test_llama_vision_not_built_says_how_to_build_it(pictures: dict[str, Path]) -> None:
     proc = run_llmkit(["caption", str(pictures["photo"]), "-m", "llama3.2-vision:11b"])
     assert proc.returncode == 1
-    assert "mllama" in proc.stderr
-    assert "try gemma3:4b, qwen2.5vl:3b, smolvlm2:2.2b" in proc.stderr
+    assert "run `llmkit pull llama3.2-vision:11b --from-source`" in proc.stderr
 
 
 def test_default_vision_model_not_pulled(pictures: dict[str, Path]) -> None:

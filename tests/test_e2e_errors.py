@@ -131,9 +131,9 @@ def test_catalog_model_not_pulled() -> None:
 
 
 def test_unsupported_vision_model_says_why_and_what_instead() -> None:
-    msg = _error(["run", "-m", "llama3.2-vision:11b", "hi"])
+    msg = _error(["run", "-m", "llama-guard3-vision:11b", "hi"])
     assert "is not supported" in msg and "mllama" in msg
-    assert "try gemma3:4b" in msg
+    assert "try llama-guard3:1b" in msg
 
 
 def test_gpu_on_a_cpu_only_build() -> None:

@@ -19,7 +19,9 @@ def test_list_json_has_catalog_and_presence() -> None:
     assert rows["smollm2:135m"]["present"] is True
     assert rows["smollm2:135m"]["size_bytes"] > 90_000_000
     assert rows["llama3.2:1b"]["present"] is False
-    assert rows["llama3.2-vision:11b"]["supported"] is False
+    assert rows["llama3.2-vision:11b"]["supported"] is True
+    assert rows["llama3.2-vision:11b"]["present"] is False
+    assert rows["llama-guard3-vision:11b"]["supported"] is False
 
 
 def test_list_defaults_to_json_when_piped() -> None:

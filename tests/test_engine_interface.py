@@ -54,7 +54,7 @@ ENGINE_MEMBERS = protocol_members(Engine)
 
 def test_the_protocol_is_read_whole() -> None:
     # If this introspection went blind, the checks below would pass on anything.
-    assert {"model_name", "n_ctx", "device", "load_ms", "vision", "media_marker",
+    assert {"model_name", "n_ctx", "device", "load_ms", "vision", "max_images", "media_marker",
             "chat_template", "threads", "threads_reason", "tokenize", "detokenize",
             "token_pieces", "chat_tokens", "render_chat", "tokenize_pieces",
             "cached_prefix_length", "forget", "generate", "generate_with_images",
@@ -309,14 +309,15 @@ def test_the_fake_tokenizer_modes() -> None:
 # -- choosing the engine by architecture ---------------------------------------------------------
 
 
-MLLAMA_PROBLEM = ("Llama 3.2 Vision (mllama) has no GGUF runtime yet: llama.cpp never merged "
-                  "one (for images use a vision model llama.cpp runs, e.g. gemma3:4b or "
-                  "qwen2.5vl:3b)")
+MLLAMA_PROBLEM = ("is a Llama 3.2 Vision GGUF from another converter (Ollama's, say), whose "
+                  "weights are laid out differently (convert the Hugging Face checkpoint with "
+                  "`llmkit convert`)")
 
 
 @pytest.fixture
 def mllama_gguf(tmp_path: Path) -> Path:
-    """A small GGUF that says it is Llama 3.2 Vision (its keys under ``mllama.``)."""
+    """A small GGUF that says it is Llama 3.2 Vision (its keys under ``mllama.``), as another
+    converter writes one: without llmkit's layout key."""
     from tests.gguf_edit import STRING, GGUFEdit, tiny_header_gguf
 
     edit = GGUFEdit(tiny_header_gguf(tmp_path / "tiny.gguf", 11))
@@ -326,7 +327,7 @@ def mllama_gguf(tmp_path: Path) -> Path:
     return edit.write(tmp_path / "vision.gguf")
 
 
-def test_load_engine_refuses_mllama_without_asking_llama_cpp(
+def test_load_engine_gives_mllama_to_its_own_engine_without_asking_llama_cpp(
         mllama_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llmkit.engines.llama_cpp as llama_cpp_engine
 
@@ -340,8 +341,8 @@ def test_load_engine_refuses_mllama_without_asking_llama_cpp(
     assert str(info.value) == f"{mllama_gguf}: {MLLAMA_PROBLEM}"
 
 
-def test_run_refuses_mllama_in_one_line_without_asking_llama_cpp(mllama_gguf: Path,
-                                                                  tmp_path: Path) -> None:
+def test_run_refuses_a_foreign_mllama_file_in_one_line_without_asking_llama_cpp(
+        mllama_gguf: Path, tmp_path: Path) -> None:
     # A llama_cpp that cannot be imported: touching llama.cpp at all would show in stderr.
     stub = tmp_path / "stub" / "llama_cpp"
     stub.mkdir(parents=True)
@@ -351,6 +352,24 @@ def test_run_refuses_mllama_in_one_line_without_asking_llama_cpp(mllama_gguf: Pa
     assert proc.returncode == 1
     assert proc.stderr == f"llmkit: error: {mllama_gguf}: {MLLAMA_PROBLEM}\n"
     assert proc.stdout == ""
+
+
+def test_the_vision_engine_is_chosen_for_mllama_and_implements_every_member(
+        tmp_path: Path) -> None:
+    from llmkit.convert import convert
+    from llmkit.engines.mllama.engine import MllamaEngine
+    from llmkit.errors import UsageError
+    from tests.mllama_model import build_model, require_oracle, save_checkpoint
+
+    require_oracle()
+    save_checkpoint(build_model(seed=1), tmp_path / "ckpt")
+    convert(tmp_path / "ckpt", tmp_path / "v.gguf", outtype="f16")
+    with load_engine(tmp_path / "v.gguf", n_ctx=256, threads=1) as engine:
+        assert isinstance(engine, MllamaEngine)
+        assert interface_problems(engine) == []
+        assert (engine.vision, engine.max_images, engine.device) == (True, 1, "cpu")
+    with pytest.raises(UsageError, match="reads images itself: it has no projector"):
+        load_engine(tmp_path / "v.gguf", mmproj=tmp_path / "v.gguf")
 
 
 def test_a_library_caller_cannot_wrap_llama_cpp_s_32_bit_counts(smollm2_path: Path) -> None:

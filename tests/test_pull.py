@@ -170,10 +170,17 @@ def test_unknown_and_unsupported_names(hub: FakeHub) -> None:
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("llmkit: error: model 'llama3.2:1bb' not found (did you "
                                      "mean llama3.2:1b")
-    unsupported = run_llmkit(["pull", "llama3.2-vision:11b"])
+    unsupported = run_llmkit(["pull", "llama-guard3-vision:11b"])
     assert unsupported.returncode == 1
-    assert "is not supported: It uses the \"mllama\"" in unsupported.stderr
-    assert "try gemma3:4b" in unsupported.stderr
+    assert "is not supported: It is a Llama 3.2 Vision model" in unsupported.stderr
+    assert "try llama-guard3:1b, llama-guard3:8b" in unsupported.stderr
+    # No GGUF of Llama 3.2 Vision is published: the catalog says how to build one.
+    source_only = run_llmkit(["pull", "llama3.2-vision:11b"])
+    assert source_only.returncode == 2
+    assert source_only.stderr == (
+        "llmkit: error: llama3.2-vision:11b has no published GGUF; llmkit builds it from "
+        "meta-llama/Llama-3.2-11B-Vision-Instruct (run `llmkit pull llama3.2-vision:11b "
+        "--from-source`)\n")
     assert hub.requests == []  # refused before any request
 
 

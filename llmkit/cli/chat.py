@@ -294,11 +294,20 @@ class _Repl:
 
     def _attach(self, path: Path) -> None:
         from llmkit.defaults import default_model_name
-        from llmkit.errors import NotAVisionModelError
+        from llmkit.errors import NotAVisionModelError, UsageError
         from llmkit.images import prepare_image
 
         if not self.engine.vision:
             raise NotAVisionModelError(self.engine.model_name, default_model_name("vision"))
+        limit = self.engine.max_images
+        shown = sum(len(m.get("images") or []) for m in self.convo.messages)
+        if limit is not None and shown + len(self.pending_images) >= limit:
+            # Refused here, before the image joins the next message: a refused turn would
+            # keep it pending, and every later message would be refused too.
+            raise UsageError(
+                f"{self.engine.model_name} takes {_images(limit)} per conversation, and this "
+                f"one already shows {_images(shown + len(self.pending_images))}",
+                hint="/clear starts a new conversation")
         image = prepare_image(path)  # read it now, so a bad file is reported at once
         self.pending_images.append(str(path))
         self.convo.image_cache[str(path)] = image
@@ -389,3 +398,7 @@ def _save_history(enabled: bool) -> None:
 
     with contextlib.suppress(OSError):
         readline.write_history_file(paths.history_path())
+
+
+def _images(n: int) -> str:
+    return "one image" if n == 1 else f"{n} images"

@@ -27,6 +27,8 @@ CONVERTERS: dict[str, type[LlamaConverter] | type[MllamaConverter]] = {
     "SmolVLMForConditionalGeneration": Idefics3TextConverter,
     "MllamaForConditionalGeneration": MllamaConverter,
 }
+# Architectures whose one GGUF holds the vision tower too: its engine reads images itself.
+SELF_CONTAINED_VISION = frozenset({"MllamaForConditionalGeneration"})
 # Architectures with a vision tower → converter of its projector, a second GGUF that
 # llama.cpp's multimodal library (mtmd) loads beside the language model.
 PROJECTORS: dict[str, type[Idefics3ProjectorConverter]] = {

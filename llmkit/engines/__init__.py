@@ -20,14 +20,16 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "Generation", "LlamaCppEngine", "Message", "Piece", "RGBImage",
            "SamplingParams", "load_engine"]
 
-# Architectures llama.cpp has no runtime for and llmkit has no engine of its own for yet: a
-# file of one is refused here in one sentence, before llama.cpp would fail with "unknown model
-# architecture". An engine of llmkit's own (ggml graphs for Llama 3.2 Vision) replaces its
-# entry by a loader; every other architecture goes to llama.cpp, which knows its own list.
-_NO_ENGINE = {
-    "mllama": ("Llama 3.2 Vision (mllama) has no GGUF runtime yet: llama.cpp never merged one",
-               "for images use a vision model llama.cpp runs, e.g. gemma3:4b or qwen2.5vl:3b"),
-}
+# Architectures llama.cpp has no runtime for, run by an engine of llmkit's own on the ggml
+# library llama-cpp-python ships (Llama 3.2 Vision: its cross-attention layers and vision tower
+# as ggml graphs). Every other architecture goes to llama.cpp, which knows its own list. Such an
+# engine reads images itself: its one GGUF holds the vision tower, and there is no projector.
+OWN_ENGINES = frozenset({"mllama"})
+
+
+def reads_images_itself(architecture: str) -> bool:
+    """Whether a GGUF of this architecture sees images without a projector (mmproj) file."""
+    return architecture in OWN_ENGINES
 
 
 def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
@@ -56,18 +58,37 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
         LlmkitError: the model could not be loaded (usually not enough memory).
     """
     from llmkit.engines.llama_cpp import LlamaCppEngine
-    from llmkit.errors import InvalidModelFileError
     from llmkit.gguf_file import check_model_file
 
     path = Path(model_path)
     architecture = check_model_file(path)
-    if architecture in _NO_ENGINE:
-        problem, hint = _NO_ENGINE[architecture]
-        raise InvalidModelFileError(str(path), problem, hint=hint)
+    if architecture == "mllama":
+        return _load_mllama(path, n_ctx=n_ctx, threads=threads, device=device,
+                            gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
+                            n_batch=n_batch)
     batch = {} if n_batch is None else {"n_batch": n_batch}
     return LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, device=device,
                           gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
                           checked=True, **batch)
+
+
+def _load_mllama(path: Path, *, n_ctx: int | None, threads: int | None, device: str,
+                 gpu_layers: int | None, verbose: bool, name: str | None,
+                 mmproj: str | Path | None, n_batch: int | None) -> Engine:
+    """Llama 3.2 Vision on llmkit's own ggml engine (engines/mllama)."""
+    from llmkit.errors import UsageError
+
+    if mmproj is not None:
+        raise UsageError(f"{path.name} is Llama 3.2 Vision, which reads images itself: it has "
+                         "no projector", hint="leave out --mmproj")
+    from llmkit.engines.mllama.engine import open_engine
+    from llmkit.engines.mllama.model import MllamaModel
+
+    def forward(file: Any) -> MllamaModel:
+        return MllamaModel(file, n_ctx=n_ctx, threads=threads, device=device,
+                           gpu_layers=gpu_layers)
+
+    return open_engine(path, forward, name=name, verbose=verbose, n_batch=n_batch)
 
 
 def __getattr__(name: str) -> Any:

@@ -99,6 +99,11 @@ class Engine(Protocol):
         ...
 
     @property
+    def max_images(self) -> int | None:
+        """How many images one conversation may show (None: as many as fit the context)."""
+        ...
+
+    @property
     def media_marker(self) -> str:
         """The text that marks an image's place in a message for :meth:`generate_with_images`."""
         ...

@@ -374,6 +374,11 @@ class LlamaCppEngine(VocabText):
         return self._mtmd is not None
 
     @property
+    def max_images(self) -> int | None:
+        """mtmd places every image in the context: as many as fit."""
+        return None
+
+    @property
     def media_marker(self) -> str:
         """The text that stands for an image inside a message's content.
 

@@ -219,6 +219,12 @@ class MllamaEngine(VocabText):
         return True
 
     @property
+    def max_images(self) -> int | None:
+        """One: the cross-attention layers attend to one image's tiles (the model was trained
+        with one image per conversation, and Meta's reference takes one)."""
+        return 1
+
+    @property
     def media_marker(self) -> str:
         """The text that stands for the image inside a user message; random per engine, so no
         text a user writes can stand for an image."""
