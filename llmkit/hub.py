@@ -36,7 +36,9 @@ _HUB_HOSTS = ("hf.co", "huggingface.co", "www.huggingface.co")
 _SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _QUANT_RE = re.compile(r"(?:^|[-._])((?:ud-)?(?:i?q\d[a-z0-9_]*|bf16|f16|f32))$", re.IGNORECASE)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken"]
+# chat_template.jinja: where transformers 5 saves a template (Llama 3.2 Vision checkpoints too).
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken",
+                       "chat_template.jinja"]
 
 
 @dataclass(frozen=True)
