@@ -44,6 +44,7 @@ def report() -> dict[str, Any]:
         "backends": llama_cpp.backends(),
         "gpu_offload": gpu,
         "system_info": info,
+        "vision_engine": _vision_engine(),
         "physical_cores": physical_cores(),
         "default_threads": threads.threads,
         "threads_reason": threads.reason,
@@ -57,3 +58,16 @@ def report() -> dict[str, Any]:
         "store": store,
         "models_present": present,
     }
+
+
+def _vision_engine() -> str:
+    """Whether llmkit's own engine (Llama 3.2 Vision) can run on the ggml library installed:
+    "ok", or the self-test's sentence."""
+    from llmkit.engines.mllama import _ggml
+    from llmkit.errors import LlmkitError
+
+    try:
+        _ggml.lib()
+    except LlmkitError as exc:
+        return str(exc)
+    return "ok (ggml ABI checked)"

@@ -84,8 +84,10 @@ def test_doctor_reports_backend_and_models() -> None:
     assert "cpu" in data["backends"] and data["gpu_offload"] in (True, False)
     assert data["default_threads"] >= 1
     assert "smollm2:135m" in data["models_present"]
+    assert data["vision_engine"] == "ok (ggml ABI checked)"
     text = run_llmkit(["doctor"]).stdout
     assert "gpu offload" in text and "llama-cpp-python   0.3.36" in text
+    assert "vision engine      ok (ggml ABI checked) (Llama 3.2 Vision)\n" in text
 
 
 def test_version() -> None:
