@@ -178,13 +178,12 @@ def quantize(
                     "run with -v or LLMKIT_DEBUG=1 for llama.cpp's log")
             raise QuantizeError(f"llama.cpp could not quantize {source.name} to {qtype}: "
                                 f"{detail}", hint=hint)
-        seconds = time.perf_counter() - started
-        if verify:
-            _verify_loads(tmp)
-        os.replace(tmp, output)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
+    seconds = time.perf_counter() - started
+    _publish(tmp, output, verify=verify)
     return QuantizeResult(str(source), str(output), qtype, size_in, output.stat().st_size,
                           seconds)
 
@@ -200,27 +199,32 @@ def _quantize_mllama(source: Path, qtype: str, output: Path, *, imatrix: Path | 
                          hint="leave out --imatrix")
     started = time.perf_counter()
     tmp = stage_quantized(source, output, qtype)
-    try:
-        seconds = time.perf_counter() - started
-        if verify:
-            _verify_loads(tmp)
-        os.replace(tmp, output)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    seconds = time.perf_counter() - started
+    _publish(tmp, output, verify=verify)
     return QuantizeResult(str(source), str(output), qtype, size_in, output.stat().st_size,
                           seconds)
 
 
-def _verify_loads(path: Path) -> None:
-    """Load a quantized model and generate one token, or raise QuantizeError."""
+def _publish(tmp: Path, output: Path, *, verify: bool) -> None:
+    """Rename a quantized file into place once it loads (when ``verify``); it is removed on
+    any failure.
+
+    Raises:
+        QuantizeError: the quantized model does not load.
+    """
     from llmkit.engines import load_engine
 
     try:
-        with load_engine(path, n_ctx=64, threads=1, device="cpu") as engine:
-            engine.generate(engine.tokenize("Hello"), _one_token())
-    except Exception as exc:
-        raise QuantizeError(f"the quantized model does not load: {exc}") from None
+        if verify:
+            try:
+                with load_engine(tmp, n_ctx=64, threads=1, device="cpu") as engine:
+                    engine.generate(engine.tokenize("Hello"), _one_token())
+            except Exception as exc:
+                raise QuantizeError(f"the quantized model does not load: {exc}") from None
+        os.replace(tmp, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _one_token() -> Any:

@@ -185,14 +185,16 @@ def build_llama3_tokenizer(out: Path, vocab_size: int = 400) -> None:
     }))
 
 
-def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[str, Any]:
-    """A random-weight Llama-3-style checkpoint: GQA, llama3 RoPE scaling, tied embeddings."""
+def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False, hidden: int = 64,
+                      ff: int = 160, layers: int = 2, tied: bool = True) -> dict[str, Any]:
+    """A random-weight Llama-3-style checkpoint: GQA, llama3 RoPE scaling, tied embeddings
+    (or an lm_head of its own when not ``tied``)."""
     out.mkdir(parents=True, exist_ok=True)
     build_llama3_tokenizer(out)
     vocab = json.loads((out / "tokenizer.json").read_text())
     n_vocab = len(vocab["model"]["vocab"]) + sum(
         1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
-    hidden, heads, kv_heads, layers, ff = 64, 4, 2, 2, 160
+    heads, kv_heads = 4, 2
     head_dim = hidden // heads
     rng = np.random.default_rng(seed)
 
@@ -201,6 +203,8 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[s
 
     tensors = {"model.embed_tokens.weight": w(n_vocab, hidden, scale=0.5),
                "model.norm.weight": (1 + w(hidden, scale=0.1))}
+    if not tied:
+        tensors["lm_head.weight"] = w(n_vocab, hidden)
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors |= {
@@ -222,7 +226,7 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False) -> dict[s
         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-        "vocab_size": n_vocab, "tie_word_embeddings": True, "hidden_act": "silu",
+        "vocab_size": n_vocab, "tie_word_embeddings": tied, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False,
         "bos_token_id": 0, "eos_token_id": 4,
         "torch_dtype": "bfloat16" if bf16 else "float32",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,48 +9,7 @@ import pytest
 
 from llmkit.engines.mllama.quantize import BASE_TYPES, TypePlan, use_more_bits
 from llmkit.errors import UsageError
-from tests.checkpoints import build_llama3_tokenizer, write_safetensors
-
-
-def _llama_checkpoint(out: Path, *, hidden: int, ff: int, layers: int) -> None:
-    """A random Llama with an untied output matrix, so every rule of llama.cpp's is reached."""
-    out.mkdir(parents=True, exist_ok=True)
-    build_llama3_tokenizer(out)
-    vocab = json.loads((out / "tokenizer.json").read_text())
-    n_vocab = len(vocab["model"]["vocab"]) + sum(
-        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
-    heads, kv_heads = 4, 2
-    head_dim = hidden // heads
-    rng = np.random.default_rng(0)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
-
-    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden),
-               "lm_head.weight": w(n_vocab, hidden), "model.norm.weight": 1 + w(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": 1 + w(hidden),
-            p + "post_attention_layernorm.weight": 1 + w(hidden),
-            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": w(ff, hidden),
-            p + "mlp.up_proj.weight": w(ff, hidden),
-            p + "mlp.down_proj.weight": w(hidden, ff),
-        }
-    write_safetensors(out / "model.safetensors", tensors)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "vocab_size": n_vocab, "tie_word_embeddings": False, "hidden_act": "silu",
-        "bos_token_id": 0, "eos_token_id": 4, "torch_dtype": "float32",
-    }
-    (out / "config.json").write_text(json.dumps(config))
+from tests.checkpoints import build_tiny_llama3
 
 
 def _types(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -68,7 +26,8 @@ def f16_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
     hidden, ff = request.param
     root = tmp_path_factory.mktemp(f"llama{hidden}")
-    _llama_checkpoint(root / "ckpt", hidden=hidden, ff=ff, layers=17)
+    # An untied output matrix, so every rule of llama.cpp's is reached.
+    build_tiny_llama3(root / "ckpt", hidden=hidden, ff=ff, layers=17, tied=False)
     out = root / "f16.gguf"
     convert(root / "ckpt", out, outtype="f16")
     return out
