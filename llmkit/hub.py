@@ -39,6 +39,10 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # chat_template.jinja: where transformers 5 saves a template (Llama 3.2 Vision checkpoints too).
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken",
                        "chat_template.jinja"]
+# A conversion reads the repository's top level only. huggingface_hub matches patterns with
+# fnmatch, whose `*` crosses `/`: without this, "*.json" also fetches Meta's original/params.json
+# (meta-llama repositories keep their own consolidated format under original/).
+CHECKPOINT_IGNORE = ["*/*"]
 
 
 @dataclass(frozen=True)
@@ -689,6 +693,7 @@ def checkpoint_dir(source: str, *, quiet: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=CHECKPOINT_PATTERNS))
+        return Path(snapshot_download(source, allow_patterns=CHECKPOINT_PATTERNS,
+                                      ignore_patterns=CHECKPOINT_IGNORE))
     except Exception as exc:
         raise explain(exc, source) from None
