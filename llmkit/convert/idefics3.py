@@ -286,11 +286,6 @@ class Idefics3ProjectorConverter:
         # mtmd resizes an image so its longest edge is this, then cuts image_size tiles.
         writer.add_vision_preproc_image_size(self.longest_edge)
 
-    def _rows(self, ref: TensorRef) -> Any:
-        def rows(a: int, b: int) -> Any:
-            return self.files.rows(ref, a, b)
-        return rows
-
     def tensors(self, outtype: str) -> list[PlannedTensor]:
         """The projector's tensors in file order, each streamed from the checkpoint.
 
@@ -315,7 +310,7 @@ class Idefics3ProjectorConverter:
             if name is None:  # pragma: no cover - gguf-py maps every expected name
                 raise ConvertError(f"tensor {hf_name} has no llama.cpp counterpart")
             planned.append(PlannedTensor(name, shape, projector_tensor_type(outtype, shape, name),
-                                         self._rows(ref)))
+                                         self.files.reader(ref)))
         return planned
 
 

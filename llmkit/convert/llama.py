@@ -231,11 +231,6 @@ class LlamaConverter:
         if self.n_vocab:
             writer.add_vocab_size(self.n_vocab)
 
-    def _source_rows(self, ref: TensorRef, order: Any | None) -> Any:
-        def rows(a: int, b: int) -> Any:
-            return self.files.rows(ref, a, b, order)
-        return rows
-
     def tensors(self, outtype: str) -> list[PlannedTensor]:
         """The output tensors in file order, each streamed from the checkpoint when written."""
         import numpy as np
@@ -264,7 +259,7 @@ class LlamaConverter:
             elif hf_name.endswith("k_proj.weight"):
                 order = qk_row_order(ref.shape[0], self.n_head_kv)
             planned.append(PlannedTensor(name, ref.shape, tensor_type(outtype, ref.shape, name),
-                                         self._source_rows(ref, order)))
+                                         self.files.reader(ref, order)))
         names = {t.name for t in planned}
         if "token_embd.weight" not in names:
             raise ConvertError("the checkpoint has no token embedding (model.embed_tokens)")

@@ -575,11 +575,6 @@ class MllamaConverter:
         writer.add_array(v + "image_std", self.image_std)
         writer.add_float32(v + "rescale_factor", self.rescale)
 
-    def _rows(self, ref: TensorRef) -> Any:
-        def rows(a: int, b: int) -> Any:
-            return self.files.rows(ref, a, b)
-        return rows
-
     def tensors(self, outtype: str) -> list[PlannedTensor]:
         """The output tensors in file order, each streamed from the checkpoint when written.
 
@@ -605,7 +600,8 @@ class MllamaConverter:
                 qtype = T.F32 if outtype == "f32" else T.F16
             else:
                 qtype = T.F32
-            planned.append(PlannedTensor(e.name, e.shape, qtype, self._rows(self.refs[e.source])))
+            planned.append(PlannedTensor(e.name, e.shape, qtype,
+                                         self.files.reader(self.refs[e.source])))
         return planned
 
 

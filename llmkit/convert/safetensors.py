@@ -129,6 +129,14 @@ class MappedFiles:
         self._release(ref.file, ref.start + first * row_bytes, ref.start + last * row_bytes)
         return out
 
+    def reader(self, ref: TensorRef, order: Any | None = None) -> Any:
+        """A ``rows(a, b)`` function over a tensor, as a planned output tensor takes it."""
+
+        def rows(a: int, b: int) -> Any:
+            return self.rows(ref, a, b, order)
+
+        return rows
+
     def _release(self, file: Path, start: int, end: int) -> None:
         if not hasattr(mmap, "MADV_DONTNEED") or file not in self._maps:
             return
