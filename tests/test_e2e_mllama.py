@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 NAME = "v-f16.gguf"
 # A question the tiny random model answers with noise; -n keeps every reply short.
 QUESTION = "What is in this picture?"
-GREEDY = ["--temperature", "0"]
+# Greedy on one thread: repeated runs must give the same tokens, and 4 workers share 2 cores.
+GREEDY = ["--temperature", "0", "--threads", "1"]
 PROMPT = ">>> "
 
 # Counts the real MllamaModel.encode_image calls of a real `llmkit` process: the CLI has no
@@ -327,8 +328,8 @@ def test_repl_follow_up_keeps_the_encoding_and_refuses_a_second_image(
     script, log = counter
     env = dict(os.environ, NO_COLOR="1", TERM="dumb", INPUTRC=os.devnull)
     child = pexpect.spawn(
-        sys.executable, [str(script), str(log), "chat", "-m", str(vgguf), "--threads", "1",
-                         "-n", "6", *GREEDY, "--image", str(pictures["photo"])],
+        sys.executable, [str(script), str(log), "chat", "-m", str(vgguf), "-n", "6", *GREEDY,
+                         "--image", str(pictures["photo"])],
         env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
     try:
         child.expect_exact(PROMPT)
@@ -402,10 +403,12 @@ def test_show_and_list_name_the_catalog_entries() -> None:
         assert entry["supported"] is True
         assert entry["present"] is False
         assert entry["quant"] == "Q4_K_M"
-    table = run_llmkit(["list"])
+    table = run_llmkit(["list", "-f", "table"])
     assert table.returncode == 0, table.stderr
-    assert "not supported" not in next(
-        line for line in table.stdout.splitlines() if "llama3.2-vision:11b" in line)
+    rows = {line.split()[0]: line.split()[1:5] for line in table.stdout.splitlines()[1:]}
+    assert rows["llama3.2-vision:11b"] == ["vision", "-", "Q4_K_M", "no"]  # not "unsupported"
+    assert rows["llama3.2-vision:90b"] == ["vision", "-", "Q4_K_M", "no"]
+    assert rows["llama-guard3-vision:11b"][3] == "unsupported"  # the column is read right
     shown = run_llmkit(["show", "llama3.2-vision:11b"])
     assert shown.returncode == 1
     assert shown.stderr == ("llmkit: error: model 'llama3.2-vision:11b' is in the catalog but "
