@@ -125,6 +125,15 @@ def test_quantize_usage_errors(converted: dict[str, Path], tmp_path: Path, args:
     assert proc.returncode == code and message in proc.stderr
 
 
+def test_a_type_given_as_the_output_is_a_usage_error(converted: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    proc = run_llmkit(["quantize", str(converted["f16"]), "q8_0"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("llmkit: error: 'q8_0' is a quantization type, not an output file "
+                           "(write --type Q8_0)\n")
+    assert not (Path.cwd() / "q8_0").exists()
+
+
 def test_quantize_of_a_non_gguf(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_text("nope")

@@ -85,10 +85,16 @@ def quantize(
 
     Example: llmkit quantize smollm2-f16.gguf --type Q4_K_M
     """
+    from llmkit.errors import UsageError
     from llmkit.gguf_file import human_size
+    from llmkit.quantize import TYPES
     from llmkit.quantize import quantize as run_quantize
 
     out.set_quiet(quiet)
+    if output is not None and not output.exists() and output.name.upper() in TYPES:
+        # `llmkit quantize in.gguf Q4_K_M` would write a file named Q4_K_M at the default type.
+        raise UsageError(f"'{output}' is a quantization type, not an output file",
+                         hint=f"write --type {output.name.upper()}")
     result = run_quantize(source, type, output, threads=threads, force=force, imatrix=imatrix)
     if format == TextFormat.json:
         out.write_json(result.__dict__)

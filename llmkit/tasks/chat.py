@@ -38,6 +38,9 @@ class Reply:
                 "prompt_tokens_evaluated": g.prompt_tokens_evaluated,
                 "completion_tokens": g.completion_tokens,
                 "total_tokens": g.prompt_tokens + g.completion_tokens,
+                # Context cells (or, for Llama 3.2 Vision, cross-attention tokens) the
+                # pictures took; 0 without images.
+                "image_tokens": g.image_tokens,
             },
             "timings": {
                 "prompt_ms": round(g.prompt_ms, 2),
