@@ -146,7 +146,7 @@ def quantize(
                             f"{needed >> 20} MB needed, {free >> 20} MB free")
     if info.architecture == "mllama":
         return _quantize_mllama(source, qtype, output, imatrix=imatrix, verify=verify,
-                                size_in=size_in)
+                                size_in=size_in, threads=measure_threads(threads).threads)
     lc = llama_module()
     params = lc.llama_model_quantize_default_params()
     params.nthread = measure_threads(threads).threads
@@ -189,7 +189,7 @@ def quantize(
 
 
 def _quantize_mllama(source: Path, qtype: str, output: Path, *, imatrix: Path | None,
-                     verify: bool, size_in: int) -> QuantizeResult:
+                     verify: bool, size_in: int, threads: int) -> QuantizeResult:
     """Llama 3.2 Vision: llama.cpp's quantizer refuses the architecture, so its text weights
     go through ggml's own quantization kernels (the ones llama-quantize calls)."""
     from llmkit.engines.mllama.quantize import stage_quantized
@@ -198,7 +198,7 @@ def _quantize_mllama(source: Path, qtype: str, output: Path, *, imatrix: Path | 
         raise UsageError("--imatrix is not supported for Llama 3.2 Vision models",
                          hint="leave out --imatrix")
     started = time.perf_counter()
-    tmp = stage_quantized(source, output, qtype)
+    tmp = stage_quantized(source, output, qtype, threads=threads)
     seconds = time.perf_counter() - started
     _publish(tmp, output, verify=verify)
     return QuantizeResult(str(source), str(output), qtype, size_in, output.stat().st_size,

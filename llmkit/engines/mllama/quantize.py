@@ -133,7 +133,7 @@ def describe(plan: TypePlan, tensors: list[tuple[str, tuple[int, ...], str]]) ->
 _FLOAT_SOURCES = ("F32", "F16", "BF16")
 
 
-def stage_quantized(source: Path, output: Path, ftype: str,
+def stage_quantized(source: Path, output: Path, ftype: str, *, threads: int = 1,
                     on_tensor: Callable[[int, int, str], None] | None = None) -> Path:
     """Write ``source`` with its text weights quantized to ``ftype``, under a temporary name.
 
@@ -146,6 +146,8 @@ def stage_quantized(source: Path, output: Path, ftype: str,
         source: an mllama GGUF with float (F32/F16/BF16) text weights.
         output: the final name (the temporary one is derived from it; the caller renames).
         ftype: one of :data:`BASE_TYPES`.
+        threads: rows of a block are quantized on this many threads (ggml's kernels run
+            outside the GIL).
         on_tensor: progress callback (index, total, tensor name).
 
     Returns:
@@ -156,6 +158,14 @@ def stage_quantized(source: Path, output: Path, ftype: str,
         QuantizeError: a text weight is already quantized.
         ConvertError: the output could not be written.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="quantize") as pool:
+        return _stage(source, output, ftype, pool, max(1, threads), on_tensor)
+
+
+def _stage(source: Path, output: Path, ftype: str, pool: Any, workers: int,
+           on_tensor: Callable[[int, int, str], None] | None) -> Path:
     import gguf
     import numpy as np
 
@@ -184,7 +194,7 @@ def stage_quantized(source: Path, output: Path, ftype: str,
                                 hint="start from the F16, BF16 or F32 conversion")
         matrix = raw.reshape(shape[0], -1)
         planned.append(PlannedTensor(name, shape, qtype, _float_rows(matrix, current),
-                                     encode=_ggml_encoder(_ggml, int(qtype))))
+                                     encode=_ggml_encoder(_ggml, int(qtype), pool, workers)))
 
     def metadata(writer: Any) -> None:
         _copy_metadata(reader, writer, _FILE_TYPES[plan.ftype])
@@ -222,9 +232,15 @@ def _float_rows(matrix: Any, current: str) -> Callable[[int, int], Any]:
     return rows
 
 
-def _ggml_encoder(ggml: Any, gtype: int) -> Callable[[Any], bytes]:
+def _ggml_encoder(ggml: Any, gtype: int, pool: Any, workers: int) -> Callable[[Any], bytes]:
+    import numpy as np
+
     def encode(rows: Any) -> bytes:
-        return bytes(ggml.quantize(gtype, rows).data)
+        if workers == 1 or len(rows) < 2 * workers:
+            return bytes(ggml.quantize(gtype, rows).data)
+        # Rows quantize independently: each thread takes a run of them, in order.
+        parts = pool.map(lambda part: ggml.quantize(gtype, part), np.array_split(rows, workers))
+        return b"".join(bytes(p.data) for p in parts)
 
     return encode
 
