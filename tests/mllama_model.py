@@ -698,6 +698,20 @@ def save_checkpoint(
 
 # One picture size (width, height) per aspect-ratio id at the tiny 28-pixel tile: id = index + 1
 # of SUPPORTED_ASPECT_RATIOS, whose pairs are (rows, columns).
+def convert_tiny(model: MllamaForConditionalGeneration, work: Path,
+                 outtypes: Sequence[str] = ("f16",), *, name: str = "tiny") -> dict[str, Path]:
+    """The model saved as a published checkpoint under ``work`` and converted by llmkit's
+    converter once per output type: {outtype: GGUF path}."""
+    from llmkit.convert import convert
+
+    checkpoint = save_checkpoint(model, work / f"{name}-checkpoint")
+    files: dict[str, Path] = {}
+    for outtype in outtypes:
+        files[outtype] = work / f"{name}-{outtype}.gguf"
+        convert(checkpoint, files[outtype], outtype=outtype)
+    return files
+
+
 ASPECT_PICTURE_SIZES: dict[int, tuple[int, int]] = {
     1: (28, 28), 2: (56, 28), 3: (84, 28), 4: (112, 28),
     5: (28, 56), 6: (56, 56), 7: (28, 84), 8: (28, 112),

@@ -356,20 +356,18 @@ def test_run_refuses_a_foreign_mllama_file_in_one_line_without_asking_llama_cpp(
 
 def test_the_vision_engine_is_chosen_for_mllama_and_implements_every_member(
         tmp_path: Path) -> None:
-    from llmkit.convert import convert
     from llmkit.engines.mllama.engine import MllamaEngine
     from llmkit.errors import UsageError
-    from tests.mllama_model import build_model, require_oracle, save_checkpoint
+    from tests.mllama_model import build_model, convert_tiny, require_oracle
 
     require_oracle()
-    save_checkpoint(build_model(seed=1), tmp_path / "ckpt")
-    convert(tmp_path / "ckpt", tmp_path / "v.gguf", outtype="f16")
-    with load_engine(tmp_path / "v.gguf", n_ctx=256, threads=1) as engine:
+    path = convert_tiny(build_model(seed=1), tmp_path)["f16"]
+    with load_engine(path, n_ctx=256, threads=1) as engine:
         assert isinstance(engine, MllamaEngine)
         assert interface_problems(engine) == []
         assert (engine.vision, engine.max_images, engine.device) == (True, 1, "cpu")
     with pytest.raises(UsageError, match="reads images itself: it has no projector"):
-        load_engine(tmp_path / "v.gguf", mmproj=tmp_path / "v.gguf")
+        load_engine(path, mmproj=path)
 
 
 def test_a_library_caller_cannot_wrap_llama_cpp_s_32_bit_counts(smollm2_path: Path) -> None:

@@ -73,6 +73,16 @@ def test_cross_attention_matrices_take_the_base_type() -> None:
     assert plan.type_of("blk.3.cross_attn_q.weight", (4096, 4096), "F16") == "Q4_K"
 
 
+def test_the_vision_tower_s_layers_are_not_counted_among_the_text_layers() -> None:
+    text = [f"blk.{i}.ffn_down.weight" for i in range(16)]
+    vision = [f"v.blk.{i}.ffn_down.weight" for i in range(32)] + [
+        f"v.global.blk.{i}.attn_v.weight" for i in range(8)]
+    plan = TypePlan.for_tensors("Q4_K_M", vision + text)
+    assert (plan.n_ffn_down, plan.n_attn_v) == (16, 0)
+    got = [plan.type_of(f"blk.{i}.ffn_down.weight", (4096, 14336), "F16") for i in range(16)]
+    assert got == ["Q6_K" if use_more_bits(i, 16) else "Q4_K" for i in range(16)]
+
+
 def test_layers_are_counted_in_layer_order_not_file_order() -> None:
     names = [f"blk.{i}.ffn_down.weight" for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9, 11, 12,
                                                     13, 14, 15)]
@@ -132,15 +142,10 @@ def test_ggml_path_writes_the_bytes_llama_cpp_writes(f16_llama: Path, ftype: str
 
 @pytest.fixture(scope="module")
 def mllama_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmkit.convert import convert
-    from tests.mllama_model import build_model, require_oracle, save_checkpoint
+    from tests.mllama_model import build_model, convert_tiny, require_oracle
 
     require_oracle()
-    root = tmp_path_factory.mktemp("mllama")
-    save_checkpoint(build_model(seed=3), root / "ckpt")
-    out = root / "f16.gguf"
-    convert(root / "ckpt", out, outtype="f16")
-    return out
+    return convert_tiny(build_model(seed=3), tmp_path_factory.mktemp("mllama"))["f16"]
 
 
 def test_mllama_text_weights_are_quantized_and_the_rest_kept(mllama_f16: Path,
@@ -172,7 +177,7 @@ def test_an_already_quantized_source_is_refused(tmp_path: Path, mllama_f16: Path
     from llmkit.errors import QuantizeError
     from llmkit.quantize import quantize
 
-    ckpt = mllama_f16.parent / "ckpt"
+    ckpt = mllama_f16.parent / "tiny-checkpoint"
     q8 = tmp_path / "q8.gguf"
     convert(ckpt, q8, outtype="q8_0")
     with pytest.raises(QuantizeError, match="already"):

@@ -58,15 +58,8 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     mm.require_oracle()
-    from llmkit.convert import convert
-
-    work = tmp_path_factory.mktemp("text")
     model = mm.build_model(seed=0)
-    checkpoint = mm.save_checkpoint(model, work / "Llama-3.2-tiny-Vision")
-    files = {}
-    for outtype in ("f32", "f16", "q8_0"):
-        files[outtype] = work / f"tiny-{outtype}.gguf"
-        convert(checkpoint, files[outtype], outtype=outtype)
+    files = mm.convert_tiny(model, tmp_path_factory.mktemp("text"), ("f32", "f16", "q8_0"))
     forward = MllamaModel.open(files["f32"], threads=1, device="cpu", kv_type="f32")
     yield Tiny(model, files, forward)
     forward.close()

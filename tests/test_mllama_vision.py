@@ -51,16 +51,9 @@ class Tower:
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory: pytest.TempPathFactory) -> Any:
     mm.require_oracle()
-    from llmkit.convert import convert
-
-    work = tmp_path_factory.mktemp("vision")
     model = mm.build_model(seed=0)
-    checkpoint = mm.save_checkpoint(model, work / "checkpoint")
-    files = {}
-    for outtype in ("f32", "f16"):
-        out = work / f"tiny-{outtype}.gguf"
-        convert(checkpoint, out, outtype=outtype)
-        files[outtype] = read_mllama(out)
+    files = {outtype: read_mllama(path) for outtype, path in
+             mm.convert_tiny(model, tmp_path_factory.mktemp("vision"), ("f32", "f16")).items()}
     backend = Backend("cpu", threads=2)
     runner = Runner(backend)
     shapes = vision.expected_tensors(files["f32"].vision, TEXT_WIDTH)

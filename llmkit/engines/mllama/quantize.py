@@ -58,9 +58,11 @@ class TypePlan:
         if key not in BASE_TYPES:
             raise UsageError(f"{ftype} is not available for Llama 3.2 Vision models",
                              hint=f"choose one of {', '.join(BASE_TYPES)}")
-        # Layer order, not file order, numbers them, as llama.cpp counts while it walks layers.
-        attn_v = sorted((n for n in names if n.endswith(".attn_v.weight")), key=_layer_of)
-        ffn_down = sorted((n for n in names if n.endswith(".ffn_down.weight")), key=_layer_of)
+        # Layer order, not file order, numbers them, as llama.cpp counts while it walks layers;
+        # only the text model's (the vision tower's v.blk.N keep their type and do not count).
+        text = [n for n in names if not n.startswith(KEEP_PREFIXES)]
+        attn_v = sorted((n for n in text if n.endswith(".attn_v.weight")), key=_layer_of)
+        ffn_down = sorted((n for n in text if n.endswith(".ffn_down.weight")), key=_layer_of)
         return cls(key, len(attn_v), len(ffn_down),
                    {n: i for i, n in enumerate(attn_v)}, {n: i for i, n in enumerate(ffn_down)})
 
