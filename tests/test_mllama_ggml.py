@@ -828,3 +828,118 @@ def test_weights_are_mapped_not_copied(backend, runner, tmp_path):
         assert _rss_kib("RssAnon") - anon < 10 << 10
     for i, out in enumerate(got):
         assert out.shape == (rows,) and (out == 1024.0 * (i + 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Repacked weights (the CPU's extra buffer type, as llama.cpp's default --repack)
+
+
+def _x86_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2" in flags
+
+
+# ggml-cpu's repack.cpp (ggml_repack_get_optimal_repack_type) gives AVX2 interleaved layouts
+# to Q4_0 and Q4_K (and IQ4_NL, MXFP4) with rows a multiple of 8; Q8_0 has them on NEON and
+# RISC-V only, Q6_K on NEON only. Other processors choose differently: these tests pin x86.
+needs_avx2 = pytest.mark.skipif(not _x86_avx2(), reason="repack layouts asserted for x86 AVX2")
+
+
+@pytest.fixture(scope="module")
+def repack_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rp") / "repack.gguf"
+    a = {name: randn(rows, 512) for name, rows in
+         (("blk.0.w_q4_k", 64), ("blk.0.w_q4_0", 64), ("blk.0.w_q8_0", 64),
+          ("blk.0.w_q6_k", 64), ("token_embd.weight", 64), ("blk.0.odd_q4_k", 12))}
+    types = {"blk.0.w_q4_k": GgmlType.Q4_K, "blk.0.w_q4_0": GgmlType.Q4_0,
+             "blk.0.w_q8_0": GgmlType.Q8_0, "blk.0.w_q6_k": GgmlType.Q6_K,
+             "token_embd.weight": GgmlType.Q4_K, "blk.0.odd_q4_k": GgmlType.Q4_K}
+    raw = {n: (_ggml.quantize(types[n], a[n]), types[n]) for n in a}
+    _write_gguf(path, {"blk.0.norm": randn(512), "blk.0.w_f32": randn(64, 512)}, raw)
+    return path, raw
+
+
+def _mul_all(runner, w, names, x):
+    return dict(zip(names, runner.run(lambda c: [c.mul_mat(w[n], c.input(x)) for n in names]),
+                    strict=True))
+
+
+@needs_avx2
+def test_repacked_weights_multiply_as_the_mapped_ones(backend, runner, repack_gguf):
+    path, raw = repack_gguf
+    x = randn(5, 512)  # 5 rows: repack.cpp's gemm for 4 of them, its gemv for the fifth
+    names = [n for n in raw if n != "token_embd.weight"]
+    with Weights(path, backend, repack=False) as w:
+        assert w.repacked == {} and w.repacked_bytes == 0
+        plain = _mul_all(runner, w, names, x)
+        mapped_all = w.mapped_bytes
+    with Weights(path, backend) as w:
+        # Only matrices with an interleaved layout on this CPU; never the embedding table
+        # (get_rows reads it), a 1-D tensor, an F32 matrix or a row count no layout takes.
+        assert w.repacked == {"blk.0.w_q4_k": "CPU_REPACK", "blk.0.w_q4_0": "CPU_REPACK"}
+        sizes = {n: raw[n][0].nbytes for n in w.repacked}
+        assert w.repacked_bytes == sum(sizes.values())
+        assert w.mapped_bytes == mapped_all - w.repacked_bytes
+        packed = _mul_all(runner, w, names, x)
+        (rows,) = runner.run(lambda c: [c.get_rows(w["token_embd.weight"],
+                                                   c.input(np.int32([3, 0])))])
+    for name in names:
+        qtype = gguf.GGMLQuantizationType(int(raw[name][1]))
+        want = x @ quants.dequantize(raw[name][0], qtype).T
+        scale = np.abs(want).max()
+        # Both kernels quantize the activations to Q8_K/Q8_0 the same way; they sum in
+        # another order, so the products agree to float rounding, far inside 1e-3.
+        assert np.abs(packed[name] - plain[name]).max() < 1e-3 * scale, name
+        # gguf-py's dequantizer is the oracle for the weights themselves.
+        assert np.abs(packed[name] - want).max() < 0.01 * scale, name
+    table = quants.dequantize(raw["token_embd.weight"][0], gguf.GGMLQuantizationType.Q4_K)
+    np.testing.assert_allclose(rows, table[[3, 0]], atol=1e-6)
+
+
+@needs_avx2
+def test_a_repacked_weight_is_only_multiplied_whole(backend, runner, repack_gguf):
+    with Weights(repack_gguf[0], backend) as w:
+        q = w["blk.0.w_q4_k"]
+        top = lambda c: c.view(q, (512, 8), (q.nb[1],), 0)  # noqa: E731
+        # A view has no buffer when ggml's supports_op looks, so it would run the repacked
+        # kernel on interleaved bytes as if they were rows: the runner refuses it.
+        with pytest.raises(ValueError, match=r"view of the repacked weight blk\.0\.w_q4_k"):
+            runner.run(lambda c: [c.mul_mat(top(c), c.input(randn(2, 512)))])
+        # Any other op on the weight itself: ggml's extra buffer type runs only mul_mat.
+        with pytest.raises(ValueError, match=r"no backend of CPU runs GET_ROWS on Q4_K, I32"):
+            runner.run(lambda c: [c.get_rows(q, c.input(np.int32([1])))])
+    with Weights(repack_gguf[0], backend, repack=False) as w:
+        q = w["blk.0.w_q4_k"]
+        (got,) = runner.run(lambda c: [c.mul_mat(c.view(q, (512, 8), (q.nb[1],), 0),
+                                                 c.input(np.ones((1, 512), np.float32)))])
+        assert got.shape == (8,)
+
+
+@needs_avx2
+def test_repacking_holds_one_copy_of_the_weights(backend, runner, tmp_path):
+    path = tmp_path / "q4k.gguf"
+    rows, k = 4096, 4096
+    block = _ggml.quantize(GgmlType.Q4_K, randn(8, k))
+    # 8-row blocks tiled to 4096 rows: 9 MiB a matrix, 36 MiB in all (one allocation past
+    # glibc's largest mmap threshold, so fresh pages, not a reused heap).
+    # A norm stays mapped, so the map (and any page of it still resident) stays too.
+    _write_gguf(path, {"blk.0.norm": randn(k)},
+                {f"blk.{i}.ffn_up.weight": (np.tile(block, (rows // 8, 1)), GgmlType.Q4_K)
+                 for i in range(4)})
+    gc.collect()
+    anon, file_pages = _rss_kib("RssAnon"), _rss_kib("RssFile")
+    with Weights(path, backend) as w:
+        assert len(w.repacked) == 4 and w.mapped_bytes == 4 * k
+        repacked_kib = w.repacked_bytes >> 10
+        assert repacked_kib > 32 << 10
+        grew_anon = _rss_kib("RssAnon") - anon
+        grew_file = _rss_kib("RssFile") - file_pages
+        # The repacked copy is process memory; the mapped pages it was read from are
+        # released (without that, RssFile grows by as much again).
+        assert 0.9 * repacked_kib < grew_anon < 1.1 * repacked_kib + (4 << 10)
+        assert grew_file < 0.1 * repacked_kib
+        ones = np.ones((1, k), dtype=np.float32)
+        (got,) = runner.run(lambda c: [c.mul_mat(w["blk.3.ffn_up.weight"], c.input(ones))])
+    want = quants.dequantize(block, gguf.GGMLQuantizationType.Q4_K).sum(axis=1)
+    assert got.shape == (rows,)
+    assert np.abs(got - np.tile(want, rows // 8)).max() < 0.01 * np.abs(want).max()

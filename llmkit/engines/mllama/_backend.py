@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import signal
 import threading
@@ -20,12 +21,14 @@ from llmkit.engines.mllama._ggml import (
     DEV_TYPE_CPU,
     DEV_TYPE_GPU,
     DEV_TYPE_IGPU,
+    EXTRA_BUFTS_FN,
     STATUS_ABORTED,
     STATUS_SUCCESS,
     Ctx,
     GgmlType,
     GgufInitParams,
     T,
+    Tensor,
     captured_log,
     lib,
     numpy_dtype,
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
 
 _KINDS = {DEV_TYPE_CPU: "cpu", DEV_TYPE_GPU: "gpu", DEV_TYPE_IGPU: "igpu",
           DEV_TYPE_ACCEL: "accel"}
+
+# Addresses of the weight tensors living in an extra (repacking) buffer, for every open
+# Weights: the Runner refuses a graph that reads one through a view (_check_repacked_views).
+_REPACKED_TENSORS: set[int] = set()
 
 
 class ComputeError(LlmkitError):
@@ -273,11 +280,17 @@ class Weights:
     On the CPU, tensors point into a read-only memory map of the file (no copy; the kernel
     pages data in as graphs touch it). Tensors that ``offload`` selects are copied once into
     a buffer of the backend's primary device (a GPU), then the map is only kept for the rest.
+
+    With ``repack`` (a CPU backend), the matrices the CPU has faster kernels for in another
+    layout (Q4_0, Q4_K, IQ4_NL… as ggml-cpu's repack.cpp chooses for this processor) are
+    copied once into the CPU's extra buffer type, which rearranges them as they are set, and
+    their pages of the map are released; llama.cpp does the same by default (``--repack``).
     """
 
     def __init__(self, path: str | os.PathLike[str], backend: Backend,
                  expected: Mapping[str, Expected | tuple[int, ...]] | None = None,
-                 offload: Callable[[str], bool] | None = None) -> None:
+                 offload: Callable[[str], bool] | None = None, *,
+                 repack: bool = True) -> None:
         """Args:
             path: the GGUF file.
             backend: where the graphs using these weights run.
@@ -285,6 +298,9 @@ class Weights:
                 :class:`Expected`; every name must exist with that shape (and type).
             offload: which tensors go to the primary device's own buffer (default: all of
                 them on a GPU backend, none on the CPU).
+            repack: on a CPU-only backend, give the matrices ggml's CPU has interleaved
+                kernels for to its extra buffer type (:attr:`repacked` names them); False
+                keeps every tensor in the map.
 
         Raises:
             InvalidModelFileError: not a readable GGUF, a tensor outside the file, a missing
@@ -299,6 +315,9 @@ class Weights:
         self._ctxs: list[Ctx] = []
         self._buffers: list[int] = []
         self._map: Any = None
+        self.repacked: dict[str, str] = {}  # name → extra buffer type ("CPU_REPACK")
+        self.repacked_bytes = 0
+        self._repacked_ptrs: list[int] = []
         try:
             self.file_size = Path(path).stat().st_size
         except OSError as exc:
@@ -312,7 +331,8 @@ class Weights:
             self._check(entries, data_offset, expected or {})
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r") \
                 if self.file_size else None
-            self._bind(entries, data_offset, backend, offload)
+            self._bind(entries, data_offset, backend, offload,
+                       repack and backend.gpu is None)
             if not self.mapped_bytes:
                 self._map = None  # everything was copied to the device: unmap the file
         except BaseException:
@@ -373,12 +393,20 @@ class Weights:
                     hint="download or convert the model again")
 
     def _bind(self, entries: list[tuple[str, int, tuple[int, ...], int, int]],
-              data_offset: int, backend: Backend, offload: Callable[[str], bool]) -> None:
+              data_offset: int, backend: Backend, offload: Callable[[str], bool],
+              repack: bool) -> None:
         f = self._f
-        mapped = [e for e in entries if not offload(e[0])]
         copied = [e for e in entries if offload(e[0])]
+        kept = [e for e in entries if not offload(e[0])]
+        extra = _repack_plan(kept, backend) if repack else {}
         base = int(self._map.ctypes.data) if self._map is not None else 0
-        for group, to_device in ((mapped, False), (copied, True)):
+        # (tensors, where): "map" binds them in place, "device" copies them to the primary
+        # device, an extra buffer type (an int) copies them there, which repacks them.
+        groups: list[tuple[list[tuple[str, int, tuple[int, ...], int, int]], str | int]] = [
+            ([e for e in kept if e[0] not in extra], "map"), (copied, "device")]
+        for buft in dict.fromkeys(extra.values()):
+            groups.append(([e for e in kept if extra.get(e[0]) == buft], buft))
+        for group, where in groups:
             if not group:
                 continue
             ctx = Ctx(max_tensors=len(group), graph=False)
@@ -390,7 +418,7 @@ class Weights:
                     raise InvalidModelFileError(self.path, f"tensor {name} has an odd size")
                 self.tensors[name] = t
                 made.append((t, data_offset + offset, size))
-            if to_device:
+            if where == "device":
                 buf = f.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, backend.buffer_type())
                 if not buf:
                     raise DeviceError(f"{backend.name} has no room for the model's weights",
@@ -400,7 +428,7 @@ class Weights:
                 for t, start, size in made:
                     f.ggml_backend_tensor_set(t.ptr, base + start, 0, size)
                     self.offloaded_bytes += size
-            else:
+            elif where == "map":
                 # One CPU buffer over the whole map; each tensor's data is its place in it.
                 buf = f.ggml_backend_cpu_buffer_from_ptr(base, self.file_size)
                 if not buf:
@@ -413,6 +441,47 @@ class Weights:
                         raise InvalidModelFileError(self.path, f"tensor {t.name} cannot be "
                                                     f"mapped (ggml status {status})")
                     self.mapped_bytes += size
+            else:
+                self._fill_extra(ctx, int(where), made, base)
+
+    def _fill_extra(self, ctx: Ctx, buft: int, made: list[tuple[T, int, int]],
+                    base: int) -> None:
+        f = self._f
+        buf = f.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buft)
+        if not buf:
+            raise DeviceError("the CPU has no room for the model's repacked weights",
+                              hint="free some memory, or use a smaller quantization")
+        self._buffers.append(buf)
+        f.ggml_backend_buffer_set_usage(buf, BUFFER_USAGE_WEIGHTS)
+        label = (f.ggml_backend_buft_name(buft) or b"?").decode("utf-8", "replace")
+        for t, start, size in made:
+            # Allocation gave each tensor its repack traits (repack.cpp's init_tensor, from
+            # the same choice the probe asked about); setting one without them would
+            # dereference NULL, so a disagreement stops here instead.
+            if not t.struct.extra:
+                raise DeviceError(f"ggml's {label} buffer has no layout for tensor {t.name}",
+                                  hint="this is a bug in llmkit; please report it")
+            # repack.cpp's set_tensor rearranges the rows into interleaved blocks as it copies.
+            f.ggml_backend_tensor_set(t.ptr, base + start, 0, size)
+            _REPACKED_TENSORS.add(t.ptr)
+            self._repacked_ptrs.append(t.ptr)
+            self.repacked[t.name] = label
+            self.repacked_bytes += size
+            self._release(start, size)
+
+    def _release(self, start: int, size: int) -> None:
+        # The copy was read through the map, so its pages count in this process's RSS until
+        # they are dropped from the mapping (a read-only shared map: nothing is lost, a later
+        # touch pages them in again). Whole pages, so neighbours' edges may page in again.
+        raw = getattr(self._map, "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if raw is None or advice is None or not size:
+            return
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        hi = min(-(-(start + size) // page) * page, self.file_size)
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(advice, lo, hi - lo)
 
     def __getitem__(self, name: str) -> T:
         return self.tensors[name]
@@ -428,6 +497,8 @@ class Weights:
 
     def close(self) -> None:
         """Free the tensors, their buffers and the map."""
+        _REPACKED_TENSORS.difference_update(self._repacked_ptrs)
+        self._repacked_ptrs = []
         for buf in self._buffers:
             self._f.ggml_backend_buffer_free(buf)
         self._buffers = []
@@ -442,6 +513,79 @@ class Weights:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def extra_buffer_types(backend: Backend) -> list[int]:
+    """The CPU device's extra buffer types (AMX, KleidiAI, CPU_REPACK… as this ggml was built
+    with), in the order llama.cpp's make_cpu_buft_list (src/llama-model.cpp) tries them.
+
+    Args:
+        backend: whose CPU backend to ask.
+
+    Returns:
+        Buffer type handles; empty where the CPU backend offers none.
+    """
+    f = lib().f
+    dev = f.ggml_backend_get_device(backend.cpu)
+    reg = f.ggml_backend_dev_backend_reg(dev) if dev else None
+    address = f.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") \
+        if reg else None
+    if not address:
+        return []
+    listed = EXTRA_BUFTS_FN(address)(dev)
+    found: list[int] = []
+    while listed and listed[len(found)]:
+        found.append(int(listed[len(found)]))
+    return found
+
+
+def _multiplied(name: str, ne: tuple[int, ...]) -> bool:
+    # Only a matrix that graphs use as mul_mat's first operand may be repacked: the extra
+    # buffer type runs nothing else on it (repack.cpp's supports_op), and its bytes are no
+    # longer rows. The embedding tables (token_embd, the vision position/class/patch
+    # embeddings) are read by get_rows, add or conv instead, as llama.cpp's tensor table
+    # (src/llama-arch.cpp LLM_TENSOR_INFOS: token_embd GGML_OP_GET_ROWS) records.
+    return ne[1] > 1 and ne[2] == ne[3] == 1 and "embd" not in name
+
+
+def _repack_plan(entries: Sequence[tuple[str, int, tuple[int, ...], int, int]],
+                 backend: Backend) -> dict[str, int]:
+    """Which of ``entries`` go to which extra buffer type: the first whose mul_mat ggml's CPU
+    device runs with that weight in it, as llama.cpp's weight_buft_supported
+    (src/llama-model-loader.cpp) asks with a 512-row F32 probe product."""
+    bufts = extra_buffer_types(backend)
+    if not bufts:
+        return {}
+    f = lib().f
+    dev = f.ggml_backend_get_device(backend.cpu)
+    plan: dict[str, int] = {}
+    with Ctx(max_tensors=3 * len(entries) + 1, graph=False) as ctx:
+        for name, gtype, ne, _, _ in entries:
+            if not _multiplied(name, ne):
+                continue
+            w = ctx.new(gtype, *ne)
+            op = ctx.new(GgmlType.F32, ne[0], 512)
+            product = f.ggml_mul_mat(ctx.ptr, w.ptr, op.ptr)
+            if not product:
+                continue
+            mirror = Tensor.from_address(w.ptr)
+            for buft in bufts:
+                # A zero-size buffer of that type only tells supports_op where the weight
+                # would lie; repack.cpp then asks its own choice of layout for this type and
+                # shape (ggml_repack_get_optimal_repack_type), the one set_tensor would use.
+                dummy = f.ggml_backend_buft_alloc_buffer(buft, 0)
+                if not dummy:
+                    continue
+                mirror.buffer = dummy
+                try:
+                    supported = bool(f.ggml_backend_dev_supports_op(dev, product))
+                finally:
+                    mirror.buffer = None
+                    f.ggml_backend_buffer_free(dummy)
+                if supported:
+                    plan[name] = buft
+                    break
+    return plan
 
 
 def _type_name(gtype: int) -> str:
@@ -714,6 +858,23 @@ class Runner:
                 raise ValueError(f"no backend of {self.backend.name} runs "
                                  f"{(f.ggml_op_desc(node) or b'?').decode()} on "
                                  f"{', '.join(types) or 'no operands'}")
+            if _REPACKED_TENSORS:
+                self._check_repacked_views(node)
+
+    def _check_repacked_views(self, node: int) -> None:
+        # ggml_backend_supports_op sees a repacked weight's buffer only on the weight itself:
+        # a view of one has no buffer until allocation, passes, and then computes on
+        # interleaved blocks as if they were rows (mul_mat even picks the repacked kernel
+        # for the view's shape at the view's offset). A view node itself reads nothing.
+        s = Tensor.from_address(node)
+        if s.view_src:
+            return
+        for src in s.src:
+            if src and Tensor.from_address(src).view_src in _REPACKED_TENSORS:
+                root = T(Tensor.from_address(src).view_src)
+                raise ValueError(f"{(self._f.ggml_op_desc(node) or b'?').decode()} reads a view "
+                                 f"of the repacked weight {root.name} (use the weight whole, "
+                                 "or load the weights with repack=False)")
 
     def run(self, build: Callable[[Ctx], Sequence[T]]) -> list[npt.NDArray[Any]]:
         """Build, allocate and compute a graph once; return its outputs as numpy arrays.

@@ -220,6 +220,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_dev_memory": (None, [_P, _PSZ, _PSZ]),
     "ggml_backend_dev_init": (_P, [_P, _S]),
     "ggml_backend_dev_buffer_type": (_P, [_P]),
+    "ggml_backend_dev_supports_op": (_B, [_P, _P]),
+    "ggml_backend_dev_backend_reg": (_P, [_P]),
+    "ggml_backend_reg_get_proc_address": (_P, [_P, _S]),
+    "ggml_backend_get_device": (_P, [_P]),
     "ggml_backend_load_all_from_path": (None, [_S]),
     "ggml_backend_free": (None, [_P]),
     "ggml_backend_name": (_S, [_P]),
@@ -284,6 +288,9 @@ _SIGNATURES["gguf_init_from_file"] = (_P, [_S, GgufInitParams])
 
 LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
+# ggml_backend_dev_get_extra_bufts_t (ggml-backend.h), found by name through
+# ggml_backend_reg_get_proc_address: the device's extra buffer types, NULL-terminated.
+EXTRA_BUFTS_FN = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 
 # The libraries in dependency order; later ones need the earlier ones' symbols.
 _LIBRARY_STEMS = ("ggml-base", "ggml-cpu", "ggml")
