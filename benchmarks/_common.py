@@ -9,7 +9,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,21 @@ def built_tool(name: str = "llama-bench", explicit: str | None = None,
         return explicit
     found = sorted(HERE.glob(f".build/build-*/bin/{name}"))
     return str(found[-1]) if found else None
+
+
+def rotating_rounds(names: list[str], rounds: int, budget: float, started: float
+                    ) -> Iterator[tuple[int, list[str]]]:
+    """Yield (round index, variant order) for each round, the order rotated every round so a
+    slow drift of the machine's speed hits every variant alike; stop (saying so on stderr)
+    before a round that would likely overrun ``budget`` seconds since ``started``."""
+    rounds_started = time.perf_counter()
+    for r in range(rounds):
+        per_round = (time.perf_counter() - rounds_started) / r if r else 0.0
+        if r and time.perf_counter() - started + per_round > budget:
+            print(f"stopping after {r} rounds: another would overrun the {budget:.0f} s "
+                  "budget (--budget, --rounds)", file=sys.stderr)
+            return
+        yield r, names[r % len(names):] + names[:r % len(names)]
 
 
 def median(values: list[float]) -> float:

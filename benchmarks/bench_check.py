@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     default_model,
     environment,
     median,
+    rotating_rounds,
     save,
 )
 from bench_generation import llmkit_command, worker_raw  # noqa: E402
@@ -268,14 +269,8 @@ def main() -> None:
           file=sys.stderr)
 
     samples: dict[str, list[Sample]] = {n: [] for n in names}
-    rounds_started = time.perf_counter()
-    for r in range(args.rounds):
-        per_round = (time.perf_counter() - rounds_started) / r if r else 0.0
-        if r and time.perf_counter() - started + per_round > args.budget:
-            print(f"stopping after {r} rounds: another would overrun the {args.budget:.0f} s "
-                  "budget (--budget, --rounds)", file=sys.stderr)
-            break
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    for r, order in rotating_rounds(names, args.rounds, args.budget, started):
+        for name in order:
             samples[name].append(measure(variants[name]))
         loads = [samples[n][-1]["foreign_cores"] for n in names]
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s; "

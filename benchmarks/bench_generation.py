@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ForeignLoad, built_tool, default_model, environment, median, save
+from _common import (
+    ForeignLoad,
+    built_tool,
+    default_model,
+    environment,
+    median,
+    rotating_rounds,
+    save,
+)
 
 SYSTEM = "You are a helpful assistant."
 N_CTX = 4096
@@ -317,16 +325,8 @@ def main() -> None:
              "benchmarks/build_llama_bench.sh to compare with llama.cpp's own tool)"),
           file=sys.stderr)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
-    rounds_started = time.perf_counter()
     rounds = 0
-    for r in range(args.rounds):
-        elapsed = time.perf_counter() - started
-        per_round = (time.perf_counter() - rounds_started) / r if r else 0.0
-        if r and elapsed + per_round > args.budget:
-            print(f"stopping after {r} rounds: another would overrun the {args.budget:.0f} s "
-                  "budget (--budget, --rounds)", file=sys.stderr)
-            break
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate to spread drift
+    for r, order in rotating_rounds(names, args.rounds, args.budget, started):
         for name in order:
             samples[name].append(measure(variants[name], args, name,
                                          started + 0.75 * args.budget))

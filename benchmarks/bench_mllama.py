@@ -64,7 +64,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import ForeignLoad, built_tool, environment, median, save  # noqa: E402
+from _common import (  # noqa: E402
+    ForeignLoad,
+    built_tool,
+    environment,
+    median,
+    rotating_rounds,
+    save,
+)
 
 Sample = dict[str, Any]
 
@@ -1086,16 +1093,8 @@ def main() -> None:
           f"decode {args.gen_tokens}\nrounds    {args.rounds} × {args.reps} reps of "
           f"{', '.join(names)}", file=sys.stderr)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
-    rounds_started = time.perf_counter()
     rounds = 0
-    for r in range(args.rounds):
-        elapsed = time.perf_counter() - started
-        per_round = (time.perf_counter() - rounds_started) / r if r else 0.0
-        if r and elapsed + per_round > args.budget:
-            print(f"stopping after {r} rounds: another would overrun the {args.budget:.0f} s "
-                  "budget (--budget, --rounds)", file=sys.stderr)
-            break
-        order = names[r % len(names):] + names[:r % len(names)]
+    for r, order in rotating_rounds(names, args.rounds, args.budget, started):
         for name in order:
             samples[name].append(sample(variants[name], name, args,
                                         started + 0.75 * args.budget))
