@@ -206,10 +206,13 @@ def test_ctrl_c_keeps_finished_records(vlm: Path, pictures: dict[str, Path],
 def test_run_with_an_image(vlm: Path, pictures: dict[str, Path]) -> None:
     proc = run_llmkit(["run", "--image", str(pictures["photo"]), "-m", str(vlm),
                        "How many people are in this picture?", "--max-tokens", "5",
-                       "--format", "json"])
+                       "--temperature", "0", "--format", "json"])
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["usage"]["completion_tokens"] == 5
+    # A random-weight model may pick its end token early; then it must say it stopped.
+    done = data["usage"]["completion_tokens"]
+    assert 1 <= done <= 5
+    assert data["finish_reason"] == ("length" if done == 5 else "stop"), data
     assert data["usage"]["prompt_tokens"] > 20  # the image's tokens are in the prompt
     bad = run_llmkit(["run", "--image", str(pictures["truncated"]), "-m", str(vlm), "hi"])
     assert bad.returncode == 1
