@@ -57,6 +57,22 @@ def report() -> dict[str, Any]:
         "hf_offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"),
         "store": store,
         "models_present": present,
+        "memory": _memory(gpu),
+    }
+
+
+def _memory(gpu: bool) -> dict[str, Any]:
+    """What the memory check compares a model's estimate with: RAM (None where unknown) and
+    each GPU's free memory."""
+    from llmkit.engines import gpu_memory
+    from llmkit.memory import cpu_available
+
+    ram = cpu_available()
+    return {
+        "available": ram.bytes if ram is not None else None,
+        "source": ram.source if ram is not None else None,
+        "gpus": [{"name": g.name, "free": g.free, "total": g.total}
+                 for g in (gpu_memory() if gpu else [])],
     }
 
 

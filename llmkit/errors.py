@@ -289,3 +289,18 @@ class FlaggedError(LlmkitError):
                          f"{action}")
         self.stage = stage
         self.verdict = verdict
+
+
+class NotEnoughMemoryError(LlmkitError):
+    """A model whose weights, caches and compute buffers need more memory than the device has.
+
+    Raised before anything is loaded; the message gives the estimate's figures and the hint
+    what would fit (a smaller context, a smaller quantization, fewer layers on the GPU).
+    """
+
+    def __init__(self, name: str, *, needed: int, available: int, message: str,
+                 hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.name = name
+        self.needed = needed
+        self.available = available

@@ -44,5 +44,16 @@ def doctor(
         line("store", data["store"]),
         line("models present", ", ".join(data["models_present"]) or
              ("unknown" if data["store"] != "ok" else "none")),
+        line("memory", _memory_line(data["memory"])),
     ])
     out.write(text)
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    from llmkit.memory import human_gib
+
+    ram = (f"{human_gib(memory['available'])} available ({memory['source']})"
+           if memory["available"] is not None else "unknown (no check before loading)")
+    gpus = "".join(f"; {g['name']}: {human_gib(g['free'])} free of {human_gib(g['total'])}"
+                   for g in memory["gpus"])
+    return ram + gpus

@@ -63,14 +63,17 @@ def show(
     Example: llmkit show smollm2:135m
     """
     from llmkit.gguf_file import check_file, human_params, human_size
+    from llmkit.memory import show_estimate
     from llmkit.store import resolve
 
     resolution = resolve(model)
     info = check_file(Path(resolution.model.path))
+    memory = show_estimate(Path(resolution.model.path), info.architecture)
     if format == TextFormat.json:
         data = info.to_dict()
         data["name"] = resolution.model.name
         data["gguf_name"] = info.name
+        data["memory"] = memory.to_dict() if memory is not None else None
         out.write_json(data)
         return
     lines = [
@@ -83,6 +86,8 @@ def show(
         ("file size", f"{human_size(info.size_bytes)} ({info.size_bytes:,} bytes)"),
         ("tensors", str(info.tensor_count)),
     ]
+    if memory is not None:
+        lines.append(("memory", memory.summary()))
     width = max(len(k) for k, _ in lines)
     text = "".join(f"{k.ljust(width)}  {v}\n" for k, v in lines)
     text += "chat template:\n" + (info.chat_template or "(none)") + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from llmkit.engines.base import (
 
 if TYPE_CHECKING:
     from llmkit.engines.llama_cpp import LlamaCppEngine
+    from llmkit.memory import Available, GpuMemory
 
 __all__ = ["Engine", "Generation", "LlamaCppEngine", "Message", "Piece", "RGBImage",
            "SamplingParams", "load_engine"]
@@ -55,6 +57,8 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
     Raises:
         InvalidModelFileError: not a GGUF, damaged, or an architecture nothing here runs.
         DeviceError, UsageError: impossible device settings.
+        NotEnoughMemoryError: the estimate from the file's header exceeds the memory the device
+            has (checked before anything is loaded, unless LLMKIT_MEMORY_CHECK=0).
         LlmkitError: the model could not be loaded (usually not enough memory).
     """
     from llmkit.engines.llama_cpp import LlamaCppEngine
@@ -62,6 +66,10 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
 
     path = Path(model_path)
     architecture = check_model_file(path)
+    if architecture == "mllama" and mmproj is not None:
+        raise _no_projector(path)
+    check_memory(path, architecture, n_ctx=n_ctx, device=device, gpu_layers=gpu_layers,
+                 name=name or path.name, mmproj=mmproj, n_batch=n_batch)
     if architecture == "mllama":
         return _load_mllama(path, n_ctx=n_ctx, threads=threads, device=device,
                             gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
@@ -72,15 +80,106 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
                           checked=True, **batch)
 
 
+def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: str,
+                 gpu_layers: int | None, name: str, mmproj: str | Path | None = None,
+                 n_batch: int | None = None,
+                 cpu: Available | Callable[[], Available | None] | None = None,
+                 gpus: Callable[[], list[GpuMemory]] | None = None,
+                 gpu_offload: bool | None = None) -> None:
+    """Refuse a model that cannot fit, from its header alone, before its engine loads it.
+
+    Args:
+        path: the checked GGUF.
+        architecture: its architecture (picks the engine whose rules are estimated).
+        n_ctx, device, gpu_layers, n_batch, mmproj: what the engine will be given.
+        name: the model's name for the message.
+        cpu: the RAM available, or what gives it (default :func:`memory.cpu_available`).
+        gpus: the GPUs and their free memory (default: ggml's backend registry, asked only
+            when layers would be offloaded).
+        gpu_offload: whether the llama.cpp build offloads (default: ask it).
+
+    Raises:
+        NotEnoughMemoryError: it needs more than there is (see :func:`memory.check_fits`).
+        UsageError, DeviceError: impossible device settings (the engine's own messages).
+    """
+    import contextlib
+    import dataclasses
+
+    from llmkit import memory
+    from llmkit.defaults import DEFAULT_CTX
+    from llmkit.hardware import INT32_MAX, resolve_device
+
+    if not memory.check_enabled():
+        return
+    if n_ctx is not None and not 16 <= n_ctx <= INT32_MAX:
+        return  # the engine refuses the context itself, in its own words
+    own = architecture in OWN_ENGINES
+    if gpus is None:
+        gpus = gpu_memory
+    if own:
+        found = gpus()
+        gpu_available = bool(found)
+    else:
+        if gpu_offload is None:
+            from llmkit.engines.llama_cpp import gpu_offload_supported
+
+            gpu_offload = gpu_offload_supported()
+        gpu_available = gpu_offload
+        found = []
+    choice = resolve_device(device, gpu_layers, gpu_available)
+    gpu: Available | None = None
+    if choice.n_gpu_layers != 0:
+        if not own:
+            found = gpus()
+        # The Vision engine runs on the first GPU; llama.cpp splits layers over all of them.
+        used = found[:1] if own else found
+        if used:
+            gpu = memory.Available(sum(g.free for g in used),
+                                   ", ".join(g.name for g in used) + " free")
+    fp = memory.footprint(path)
+    if mmproj is not None:
+        # The projector's weights go where the model's do; its image graph is not counted.
+        # (A projector that is not there is the engine's to name.)
+        with contextlib.suppress(OSError):
+            fp = dataclasses.replace(fp, output_bytes=fp.output_bytes
+                                     + Path(mmproj).stat().st_size)
+    have = cpu() if callable(cpu) else cpu if cpu is not None else memory.cpu_available()
+    from llmkit.engines.mllama.quantize import TypePlan
+
+    def plan(ftype: str, names: list[str]) -> Callable[[str, tuple[int, ...], str], str]:
+        return TypePlan.for_tensors(ftype, names).type_of
+
+    batch: int
+    if n_batch is not None:
+        batch = n_batch
+    elif own:
+        from llmkit.engines.mllama.engine import EVAL_BATCH as batch
+    else:
+        from llmkit.engines.llama_cpp import DEFAULT_BATCH as batch
+    memory.check_fits(fp, name, n_ctx or fp.default_ctx(DEFAULT_CTX),
+                      gpu_layers=choice.n_gpu_layers, cpu=have, gpu=gpu, n_ubatch=batch,
+                      plan=plan)
+
+
+def gpu_memory() -> list[GpuMemory]:
+    """The GPUs ggml's registry knows, with their free memory; none if ggml cannot say."""
+    from llmkit import memory
+    from llmkit.engines.mllama._backend import gpu_devices
+    from llmkit.errors import LlmkitError
+
+    try:
+        return [memory.GpuMemory(d.description or d.name, d.memory_free, d.memory_total)
+                for d in gpu_devices()]
+    except LlmkitError:
+        return []
+
+
 def _load_mllama(path: Path, *, n_ctx: int | None, threads: int | None, device: str,
                  gpu_layers: int | None, verbose: bool, name: str | None,
                  mmproj: str | Path | None, n_batch: int | None) -> Engine:
     """Llama 3.2 Vision on llmkit's own ggml engine (engines/mllama)."""
-    from llmkit.errors import UsageError
-
     if mmproj is not None:
-        raise UsageError(f"{path.name} is Llama 3.2 Vision, which reads images itself: it has "
-                         "no projector", hint="leave out --mmproj")
+        raise _no_projector(path)
     from llmkit.engines.mllama.engine import open_engine
     from llmkit.engines.mllama.model import MllamaModel
 
@@ -89,6 +188,13 @@ def _load_mllama(path: Path, *, n_ctx: int | None, threads: int | None, device: 
                            gpu_layers=gpu_layers)
 
     return open_engine(path, forward, name=name, verbose=verbose, n_batch=n_batch)
+
+
+def _no_projector(path: Path) -> Exception:
+    from llmkit.errors import UsageError
+
+    return UsageError(f"{path.name} is Llama 3.2 Vision, which reads images itself: it has "
+                      "no projector", hint="leave out --mmproj")
 
 
 def __getattr__(name: str) -> Any:
