@@ -12,15 +12,15 @@ inputs of --intermediate layers handed to the projector (1280·(K+1) → 4096). 
 N(0, 1/fan_in), so activations stay near unit size. The same text weights (same seeds, the
 cross-attention layers dropped, the 8 extra embedding rows cut) are also written as a plain
 LlamaForCausalLM checkpoint. Both go through `llmkit convert` (f16) and `llmkit quantize`
-(Q4_K_M; the mllama file through ggml_quantize_chunk, the Llama one through llama.cpp's
-quantizer).
+(--qtype: Q4_K_M by default, or Q5_K_M, Q6_K, Q8_0; the mllama file through
+ggml_quantize_chunk, the Llama one through llama.cpp's quantizer).
 
 Measured, each variant in a fresh process, in a rotating order over --rounds rounds:
 
-- llama_bench: llama.cpp's `llama-bench` (build_llama_bench.sh) on the plain Llama Q4_K_M:
+- llama_bench: llama.cpp's `llama-bench` (build_llama_bench.sh) on the plain Llama (--qtype):
   `-p P -n G` (prompt speed; decode on an empty context) and `-p 0 -n G -d P` (decode after a
   P-token prompt, as every other variant decodes);
-- mllama_text: the mllama engine (`llmkit.engines.load_engine`) on the mllama Q4_K_M, a
+- mllama_text: the mllama engine (`llmkit.engines.load_engine`) on the mllama file (--qtype), a
   P-token chat prompt without an image (cross-attention layers skipped), G greedy tokens;
 - mllama_image: the same engine with a 4-tile picture (1120×1120, aspect ratio 2×2) before a
   P-token prompt (cross-attention layers active): the first answer encodes the picture; the
@@ -33,7 +33,7 @@ Measured, each variant in a fresh process, in a rotating order over --rounds rou
   transformers' MllamaImageProcessor; the first image in the process, as for the engine.
 
 Ratios are taken within each round, then their median reported. Finally a projection for the
-full 11B (40 text layers of which 8 cross; 32 + 8 vision layers): memory (text weights Q4_K_M
+full 11B (40 text layers of which 8 cross; 32 + 8 vision layers): memory (text weights at --qtype
 by the quantizer's own type plan, the F16 vision tower, the caches at 4k context, the measured
 compute overhead) and tokens/s and encoding time, from the measured per-layer costs (decode
 split by the bytes each layer reads, prompt by layer, encoding by FLOPs); the arithmetic is
@@ -87,7 +87,9 @@ FULL_TEXT_LAYERS, FULL_CROSS = 40, (3, 8, 13, 18, 23, 28, 33, 38)
 FULL_VISION_LAYERS, FULL_GLOBAL, FULL_INTERMEDIATE = 32, 8, (3, 7, 15, 23, 30)
 N_CTX = 4096
 PICTURE = (1120, 1120)  # 2×2 tiles of 560: aspect-ratio id 6, all 4 tiles real
-QTYPE = "Q4_K_M"
+DEFAULT_QTYPE = "Q4_K_M"
+QTYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+QTYPE = DEFAULT_QTYPE  # the type measured: --qtype (main sets it before any use)
 GOAL = 0.9  # decode ÷ llama-bench, issue 12
 VARIANTS = ("llama_bench", "mllama_text", "mllama_image", "transformers")
 # Scales of the random weights: matrices N(0, 1/fan_in); see _init.
@@ -402,15 +404,17 @@ def _llmkit(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def convert_and_quantize(checkpoint: Path, f16: Path, out: Path, threads: int,
-                         keep: bool) -> dict[str, float]:
-    """`llmkit convert --outtype f16`, then `llmkit quantize --type Q4_K_M`; times in s."""
+                         keep: bool, qtype: str) -> dict[str, float]:
+    """`llmkit convert --outtype f16` (unless kept from before), then `llmkit quantize --type
+    QTYPE`; times in s."""
     t0 = time.perf_counter()
-    proc = _llmkit("convert", str(checkpoint), "-o", str(f16), "--outtype", "f16", "--force",
-                   "-q")
-    if proc.returncode != 0:
-        raise SystemExit(f"llmkit convert {checkpoint.name} failed:\n{proc.stderr[-3000:]}")
+    if not f16.is_file():
+        proc = _llmkit("convert", str(checkpoint), "-o", str(f16), "--outtype", "f16",
+                       "--force", "-q")
+        if proc.returncode != 0:
+            raise SystemExit(f"llmkit convert {checkpoint.name} failed:\n{proc.stderr[-3000:]}")
     t1 = time.perf_counter()
-    proc = _llmkit("quantize", str(f16), str(out), "--type", QTYPE, "-t", str(threads),
+    proc = _llmkit("quantize", str(f16), str(out), "--type", qtype, "-t", str(threads),
                    "--force", "-q")
     if proc.returncode != 0:
         raise SystemExit(f"llmkit quantize {f16.name} failed:\n{proc.stderr[-3000:]}")
@@ -420,34 +424,50 @@ def convert_and_quantize(checkpoint: Path, f16: Path, out: Path, threads: int,
     return {"convert_s": round(t1 - t0, 1), "quantize_s": round(t2 - t1, 1)}
 
 
-def build(spec: Spec, cache: Path, threads: int, keep: bool) -> dict[str, Any]:
-    """Build, convert and quantize both models once; the record of the build (cached)."""
+def _built_key(label: str, what: str, qtype: str) -> str:
+    # Q4_K_M, built first, keeps the record's original keys (mllama_convert_s …); other
+    # types get theirs under their name (mllama_Q8_0_convert_s …).
+    return f"{label}_{what}" if qtype == DEFAULT_QTYPE else f"{label}_{qtype}_{what}"
+
+
+def build(spec: Spec, cache: Path, threads: int, keep: bool,
+          qtype: str = DEFAULT_QTYPE) -> dict[str, Any]:
+    """Build, convert and quantize both models to ``qtype`` once; the record of the builds
+    (cached in build.json: a later type reuses the mllama checkpoint and rebuilds the Llama
+    one, which is deleted after each build unless ``keep``)."""
     cache.mkdir(parents=True, exist_ok=True)
     ignore = cache.parent / ".gitignore"
     if cache.parent.name == ".cache" and not ignore.exists():
         ignore.write_text("*\n")  # gigabytes of generated models: never for git
     stamp = cache / "build.json"
-    if stamp.is_file():
-        return dict(json.loads(stamp.read_text()))
-    record: dict[str, Any] = {"spec": asdict(spec)}
+    record: dict[str, Any] = (dict(json.loads(stamp.read_text())) if stamp.is_file()
+                              else {"spec": asdict(spec)})
     ckpt, llama_ckpt = cache / "mllama-checkpoint", cache / "llama-checkpoint"
+    built = False
     for label, builder, folder in (("mllama", build_mllama_checkpoint, ckpt),
                                    ("llama", build_llama_checkpoint, llama_ckpt)):
-        print(f"building the {label} checkpoint ({folder}) …", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        builder(spec, folder)
-        record[f"{label}_checkpoint_s"] = round(time.perf_counter() - t0, 1)
-        record[f"{label}_checkpoint_bytes"] = (folder / "model.safetensors").stat().st_size
-        print(f"converting and quantizing the {label} model …", file=sys.stderr, flush=True)
-        times = convert_and_quantize(folder, cache / f"{label}-f16.gguf",
-                                     cache / f"{label}-{QTYPE}.gguf", threads, keep)
-        record |= {f"{label}_{k}": v for k, v in times.items()}
-        record[f"{label}_gguf_bytes"] = (cache / f"{label}-{QTYPE}.gguf").stat().st_size
-    if not keep:
-        # The Llama checkpoint was only the converter's input; the mllama one stays (the
-        # transformers baseline loads its vision tower).
-        shutil.rmtree(llama_ckpt)
-    stamp.write_text(json.dumps(record, indent=2) + "\n")
+        out = cache / f"{label}-{qtype}.gguf"
+        if out.is_file() and _built_key(label, "gguf_bytes", qtype) in record:
+            continue
+        built = True
+        if not (folder / "model.safetensors").is_file():
+            print(f"building the {label} checkpoint ({folder}) …", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            builder(spec, folder)
+            record.setdefault(f"{label}_checkpoint_s", round(time.perf_counter() - t0, 1))
+            record[f"{label}_checkpoint_bytes"] = (folder / "model.safetensors").stat().st_size
+        print(f"converting and quantizing the {label} model to {qtype} …", file=sys.stderr,
+              flush=True)
+        times = convert_and_quantize(folder, cache / f"{label}-f16.gguf", out, threads, keep,
+                                     qtype)
+        record |= {_built_key(label, k, qtype): v for k, v in times.items()}
+        record[_built_key(label, "gguf_bytes", qtype)] = out.stat().st_size
+    if built:
+        if not keep and llama_ckpt.exists():
+            # The Llama checkpoint was only the converter's input; the mllama one stays (the
+            # transformers baseline loads its vision tower).
+            shutil.rmtree(llama_ckpt)
+        stamp.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -752,7 +772,7 @@ def _type_bytes(type_name: str, elements: int) -> int:
 
 
 def _planned_text_bytes(entries: list[tuple[str, tuple[int, ...], str]]) -> dict[str, int]:
-    """Bytes of every text tensor once quantized to Q4_K_M by the mllama quantizer's plan
+    """Bytes of every text tensor once quantized to --qtype by the mllama quantizer's plan
     (entries: GGUF name, numpy shape, type in the f16 file)."""
     from llmkit.engines.mllama.quantize import TypePlan
 
@@ -768,7 +788,7 @@ def _f16_type(shape: tuple[int, ...]) -> str:
 
 def full_table(small: dict[str, Any], spec: Spec, full: Spec) -> list[tuple[str, tuple[int, ...],
                                                                             str, int]]:
-    """The full model's tensors (name, shape, type, bytes), generalized from the small Q4_K_M
+    """The full model's tensors (name, shape, type, bytes), generalized from the small --qtype
     file: each layer like the small file's first self / cross / vision / global layer."""
     import gguf
 
@@ -979,7 +999,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"= weights without the embedding {resident_small / 2**30:.2f} GiB + caches "
             f"{caches_small / 2**20:.0f} MiB + {overhead / 2**20:.0f} MiB other (compute "
             f"buffers, Python, tokenizer)",
-            f"full 11B memory: text Q4_K_M {text_full / 2**30:.2f} GiB (of it the embedding "
+            f"full 11B memory: text {QTYPE} {text_full / 2**30:.2f} GiB (of it the embedding "
             f"{g_full['embedding'] / 2**20:.0f} MiB, mapped, hardly resident) + vision F16/F32 "
             f"{vision_full / 2**30:.2f} GiB → GGUF {weights_full / 2**30:.2f} GiB; peak RSS "
             f"{(weights_full - g_full['embedding']) / 2**30:.2f} + self KV (4k, f16) "
@@ -987,12 +1007,47 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"{max(0, overhead) / 2**20:.0f} MiB = {full_total / 2**30:.2f} GiB"]
     else:
         lines.append(
-            f"full 11B memory: text Q4_K_M {text_full / 2**30:.2f} GiB + vision F16/F32 "
+            f"full 11B memory: text {QTYPE} {text_full / 2**30:.2f} GiB + vision F16/F32 "
             f"{vision_full / 2**30:.2f} GiB + self KV (4k, f16) {self_kv / 2**20:.0f} MiB + "
             f"cross KV {cross_kv / 2**20:.0f} MiB")
     out["memory"] = memory
-    out["arithmetic"] = lines
+    gpu, gpu_lines = gpu_projection(g_full, f_cross * cross_kv_read, full, weights_full
+                                    + self_kv + cross_kv)
+    out["gpu_projection"] = gpu
+    out["arithmetic"] = lines + gpu_lines
     return out
+
+
+# Roofline assumptions for the GPU projection: NOT measured (no GPU was lent to these runs).
+# Decode streams every weight byte once a token, at this share of the memory bandwidth
+# (llama.cpp's CUDA decode of Q4_K models usually reaches 60–75 %); encoding is dense f16
+# matrix work at this share of the tensor cores' peak.
+GPU_BANDWIDTH_SHARE, GPU_FLOP_SHARE = 0.7, 0.4
+GPUS = (("RTX 4090 (24 GB, 1.01 TB/s, 165 TFLOP/s f16·f32)", 1.008e12, 165e12, 24e9),
+        ("H200 (141 GB, 4.8 TB/s, 989 TFLOP/s bf16)", 4.8e12, 989e12, 141e9))
+
+
+def gpu_projection(g_full: dict[str, int], cross_kv_read: int, full: Spec, needed: int
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Roofline projection of the full 11B on two GPUs from bytes and FLOPs alone."""
+    text_bytes = g_full["head"] + g_full["self"]
+    image_bytes = text_bytes + g_full["cross_decode"] + cross_kv_read
+    flops = vision_flops(full)
+    enc = sum(flops[k] for k in ("patch", "layers", "projector", "cross_kv"))
+    rows, lines = [], [f"GPU projection (roofline, not measured: {GPU_BANDWIDTH_SHARE:.0%} of "
+                       f"bandwidth for decode, {GPU_FLOP_SHARE:.0%} of f16 peak for encoding; "
+                       f"needs {needed / 2**30:.1f} GiB of device memory with 4k context):"]
+    for name, bandwidth, peak, memory in GPUS:
+        bw = bandwidth * GPU_BANDWIDTH_SHARE
+        row = {"gpu": name, "fits": needed < memory,
+               "decode_text_tps": bw / text_bytes, "decode_image_tps": bw / image_bytes,
+               "encode_s": enc / (peak * GPU_FLOP_SHARE)}
+        rows.append(row)
+        lines.append(f"  {name}: decode {row['decode_text_tps']:.0f} t/s text only, "
+                     f"{row['decode_image_tps']:.0f} after an image; encoding "
+                     f"{row['encode_s'] * 1000:.0f} ms an image"
+                     + ("" if row["fits"] else " (does not fit: partial offload is refused)"))
+    return rows, lines
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -1022,6 +1077,9 @@ def main() -> None:
     parser.add_argument("--intermediate", default="0,1,2,3",
                         help="local layers whose inputs the projector also reads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--qtype", choices=QTYPES, default=DEFAULT_QTYPE,
+                        help="text weights' type, the same for both models (each type is "
+                             "built once, ~3 min)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache",
                         help="where the built models live (one folder per shape)")
     parser.add_argument("--keep-intermediate", action="store_true",
@@ -1034,6 +1092,11 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="remeasurements of a disturbed sample (in the budget's first "
                              "three quarters)")
+    parser.add_argument("--caption", type=int, default=0, metavar="N",
+                        help="instead of the rounds: `llmkit caption` of N generated pictures "
+                             "end to end (the issue asks for 20), with its peak RSS")
+    parser.add_argument("--caption-tokens", type=int, default=32,
+                        help="--max-tokens of each caption")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny widths: checks the pipeline in a minute (figures meaningless)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1041,6 +1104,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global QTYPE
+    QTYPE = args.qtype
     if args.smoke:
         _smoke_widths()
     if args.worker:
@@ -1054,16 +1119,35 @@ def main() -> None:
     chosen = _names(args.variants)
     folder = args.cache / spec.tag()
     t_build = time.perf_counter()
-    record = build(spec, folder, args.threads, args.keep_intermediate)
+    record = build(spec, folder, args.threads, args.keep_intermediate, QTYPE)
     mllama, llama = folder / f"mllama-{QTYPE}.gguf", folder / f"llama-{QTYPE}.gguf"
     args.mllama, args.checkpoint = str(mllama), str(folder / "mllama-checkpoint")
+    def got(label: str, what: str) -> Any:
+        return record.get(_built_key(label, what, QTYPE))
+
     print(f"models    {folder} (built in {record.get('mllama_checkpoint_s', 0)} + "
-          f"{record.get('llama_checkpoint_s', 0)} s, converted {record.get('mllama_convert_s')}"
-          f" / {record.get('llama_convert_s')} s, quantized {record.get('mllama_quantize_s')} / "
-          f"{record.get('llama_quantize_s')} s; {time.perf_counter() - t_build:.0f} s now)\n"
+          f"{record.get('llama_checkpoint_s', 0)} s, converted {got('mllama', 'convert_s')}"
+          f" / {got('llama', 'convert_s')} s, quantized {got('mllama', 'quantize_s')} / "
+          f"{got('llama', 'quantize_s')} s; {time.perf_counter() - t_build:.0f} s now)\n"
           f"          mllama {QTYPE} {mllama.stat().st_size / 2**30:.2f} GiB, plain Llama "
           f"{QTYPE} {llama.stat().st_size / 2**30:.2f} GiB", file=sys.stderr)
     if args.build_only:
+        return
+    if args.caption:
+        result = caption_run(mllama, folder, args)
+        m = result["median_ms"]
+        print(f"caption   {result['pictures']} pictures in {result['wall_s']:.1f} s "
+              f"({result['per_picture_s']:.2f} s a picture, load included); median per "
+              f"picture: prepare {m['prepare_ms']:.0f} ms, prompt with encoding "
+              f"{m['prompt_ms'] / 1000:.2f} s, {median(result['completion_tokens']):.0f} tokens "
+              f"in {m['generation_ms'] / 1000:.2f} s\n          peak RSS "
+              f"{result['peak_rss'] / 2**30:.2f} GiB = {result['rss_over_gguf']:.2f}× the GGUF "
+              f"({result['gguf_bytes'] / 2**30:.2f} GiB); other processes used "
+              f"{result['foreign_cores'] or 0:.2f} cores", file=sys.stderr)
+        path = save("mllama-caption", {"environment": environment(str(mllama)),
+                                       "spec": asdict(spec), "qtype": QTYPE,
+                                       "threads": args.threads, **result})
+        print(f"saved {path}")
         return
 
     bench = built_tool("llama-bench", args.llama_bench)
@@ -1195,6 +1279,67 @@ def main() -> None:
         "projection": projection, "samples": samples,
     })
     print(f"elapsed {time.perf_counter() - started:.0f} s\nsaved {path}")
+
+
+# Shapes of the --caption pictures: every aspect-ratio grid a 4-tile model chooses among,
+# photos and screenshots; the tower runs on all 4 tiles whatever the grid.
+CAPTION_SIZES = ((1120, 1120), (1600, 1200), (1200, 1600), (1920, 1080), (560, 560),
+                 (2240, 560), (560, 2240), (800, 600), (4000, 3000), (300, 200))
+
+
+def write_pictures(folder: Path, n: int, seed: int) -> list[Path]:
+    """``n`` JPEGs of varied shapes: smooth colour fields with noise (a photo's statistics,
+    not a flat fill a codec reduces to nothing)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = CAPTION_SIZES[i % len(CAPTION_SIZES)]
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([127 + 100 * np.sin(x / (37 + 7 * c) + y / (53 + 5 * i) + c)
+                         for c in range(3)], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"picture-{i:02d}-{w}x{h}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def caption_run(mllama: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`llmkit caption FOLDER -m MLLAMA --format jsonl` over ``args.caption`` pictures, end to
+    end in one process (load once, every picture encoded): wall time, per-picture split from
+    the records, and the command's peak RSS against the GGUF's size."""
+    import resource
+
+    pictures = write_pictures(folder / "pictures", args.caption, args.seed)
+    cmd = [sys.executable, "-m", "llmkit", "caption", str(folder / "pictures"), "-m",
+           str(mllama), "--format", "jsonl", "--max-tokens", str(args.caption_tokens),
+           "--temperature", "0", "-t", str(args.threads), "-q"]
+    with ForeignLoad() as load:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+    foreign = load.cores
+    if proc.returncode != 0:
+        raise SystemExit(f"llmkit caption failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    if len(records) != len(pictures) or any(r.get("error") for r in records):
+        raise SystemExit(f"llmkit caption gave {len(records)} records for {len(pictures)} "
+                         f"pictures, or an error:\n{proc.stdout[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    per = {k: [r["timings"][k] for r in records]
+           for k in ("prepare_ms", "prompt_ms", "generation_ms", "total_ms")}
+    tokens = [r["usage"]["completion_tokens"] for r in records]
+    return {"pictures": len(pictures), "sizes": [list(CAPTION_SIZES[i % len(CAPTION_SIZES)])
+                                                 for i in range(len(pictures))],
+            "wall_s": wall, "per_picture_s": wall / len(pictures),
+            "median_ms": {k: median(v) for k, v in per.items()},
+            "completion_tokens": tokens, "peak_rss": peak,
+            "gguf_bytes": mllama.stat().st_size, "rss_over_gguf": peak / mllama.stat().st_size,
+            "foreign_cores": foreign, "command": cmd}
 
 
 def _names(text: str) -> list[str]:
