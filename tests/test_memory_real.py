@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,73 @@ def test_tiny_vision_is_not_refused_here_but_a_small_budget_refuses(
     assert "KV caches for --ctx 512 and one image" in line
     assert line.endswith(f"but only {memory.human_gib(budget_kib * 1024)} is available "
                          "(MemAvailable) (LLMKIT_MEMORY_CHECK=0 skips this check)"), line
+
+
+def test_the_vision_engine_on_a_gpu_too_small(tiny_vision: Path) -> None:
+    from llmkit.errors import NotEnoughMemoryError
+    from llmkit.memory import Available, GpuMemory
+
+    fp = footprint(tiny_vision)
+    need = memory.estimate(fp, 512, gpu_layers=-1)
+    assert need.cpu.total == 0 and need.gpu.weights == fp.weight_bytes  # the map is closed
+    small = [GpuMemory("Fake GPU", need.gpu.total // 4, 1 << 30), GpuMemory("Other", 1 << 30,
+                                                                             1 << 30)]
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        check_memory(tiny_vision, "mllama", n_ctx=None, device="auto", gpu_layers=None,
+                     name="tiny", cpu=Available(8 << 30, "MemAvailable"), gpus=lambda: small)
+    message = str(caught.value)
+    # It runs on the first GPU only, and offloads every layer or none: no --gpu-layers.
+    assert f"on the GPU (weights {memory.human_gib(fp.weight_bytes)}" in message
+    assert f"is available (Fake GPU free) (try --device cpu (needs " \
+           f"{memory.human_gib(memory.estimate(fp, 512).cpu.total)} of RAM)" in message
+    assert "--gpu-layers" not in message
+    # Some layers only is the engine's own refusal, not the memory check's.
+    check_memory(tiny_vision, "mllama", n_ctx=None, device="auto", gpu_layers=2, name="tiny",
+                 cpu=Available(8 << 30, "MemAvailable"), gpus=lambda: small)
+
+
+def test_no_gpu_here() -> None:
+    from llmkit.engines import gpu_memory
+
+    assert gpu_memory() == []  # ggml's registry holds the CPU only on this build
+
+
+def test_doctor_reports_what_the_check_compares_with() -> None:
+    from tests.conftest import run_llmkit
+
+    data = json.loads(run_llmkit(["doctor", "--format", "json"]).stdout)["memory"]
+    assert data["available"] > 0 and data["source"] in ("MemAvailable", "the cgroup limit")
+    assert data["gpus"] == []
+    text = run_llmkit(["doctor"]).stdout
+    assert re.search(r"^memory +[\d.]+ (GiB|MiB) available \((MemAvailable|the cgroup "
+                     r"limit)\)$", text, re.MULTILINE), text
+
+
+def test_a_smaller_quantization_is_what_llama_cpp_writes(tmp_path: Path) -> None:
+    # The refusal's figure for a smaller quantization against the file llama.cpp's quantizer
+    # really writes (widths of 256, so the K-quants are used, and an untied output).
+    from llmkit.convert import convert
+    from llmkit.quantize import quantize
+    from tests.checkpoints import build_tiny_llama3
+
+    build_tiny_llama3(tmp_path / "ckpt", hidden=256, ff=512, layers=8, tied=False)
+    f16 = tmp_path / "tiny-f16.gguf"
+    convert(tmp_path / "ckpt", f16, outtype="f16")
+    fp = footprint(f16)
+    for qtype in ("Q8_0", "Q4_K_M"):
+        written = footprint(Path(quantize(f16, qtype, tmp_path / f"tiny-{qtype}.gguf",
+                                          threads=1).output))
+        predicted = memory.requantized(fp, _plan_for(qtype))
+        assert {t.name: t.type_name for t in predicted.tensors} == \
+            {t.name: t.type_name for t in written.tensors}, qtype
+        assert predicted.weight_bytes == written.weight_bytes
+        assert predicted.layer_bytes == written.layer_bytes
+
+
+def _plan_for(qtype: str) -> Callable[[list[str]], Callable[[str, tuple[int, ...], str], str]]:
+    from llmkit.engines.mllama.quantize import TypePlan
+
+    def plan(names: list[str]) -> Callable[[str, tuple[int, ...], str], str]:
+        return TypePlan.for_tensors(qtype, names).type_of
+
+    return plan

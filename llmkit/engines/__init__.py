@@ -127,6 +127,8 @@ def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: st
         gpu_available = gpu_offload
         found = []
     choice = resolve_device(device, gpu_layers, gpu_available)
+    if own and choice.n_gpu_layers > 0:
+        return  # some layers only: the Vision engine refuses that itself, in its own words
     gpu: Available | None = None
     if choice.n_gpu_layers != 0:
         if not own:
@@ -144,9 +146,11 @@ def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: st
             fp = dataclasses.replace(fp, output_bytes=fp.output_bytes
                                      + Path(mmproj).stat().st_size)
     have = cpu() if callable(cpu) else cpu if cpu is not None else memory.cpu_available()
-    from llmkit.engines.mllama.quantize import TypePlan
-
     def plan(ftype: str, names: list[str]) -> Callable[[str, tuple[int, ...], str], str]:
+        # llama.cpp's per-tensor choices, as the Vision quantizer follows them (for a Llama's
+        # tensors they are what llama-quantize writes: tests/test_memory_real.py).
+        from llmkit.engines.mllama.quantize import TypePlan
+
         return TypePlan.for_tensors(ftype, names).type_of
 
     batch: int
