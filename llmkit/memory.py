@@ -22,11 +22,19 @@ __all__ = [
     "Footprint",
     "GpuMemory",
     "Parts",
+    "TensorSize",
+    "VisionShape",
+    "cgroup_headroom",
     "check_enabled",
     "check_fits",
     "cpu_available",
+    "estimate",
     "footprint",
     "human_gib",
+    "llama_compute",
+    "mllama_compute",
+    "requantized",
+    "show_estimate",
 ]
 
 GIB = 1 << 30
@@ -34,8 +42,8 @@ CHECK_ENV = "LLMKIT_MEMORY_CHECK"
 """``LLMKIT_MEMORY_CHECK=0`` skips the check (swap or zram makes more room than it counts)."""
 MARGIN = 0.10
 """A model is refused only when it needs more than 1 + MARGIN times what is available: the
-estimate is within a few per cent of what the engines allocate, and the kernel can usually
-find a little more (dropping page cache that MemAvailable counts as in use)."""
+estimate is within a few per cent of what the engines allocate (tests/test_memory_real.py),
+and MemAvailable is the kernel's own estimate, which it can often beat by reclaiming more."""
 QUANT_CHOICES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 """Smaller quantizations a refusal may suggest, best first (those both quantizers write)."""
 CTX_FLOOR = 512
@@ -44,8 +52,8 @@ CTX_FLOOR = 512
 LLAMA_KV_PAD = 256
 F16_BYTES = 2
 F32_BYTES = 4
-# The llama.cpp engine's default prompt batch (engines/llama_cpp.DEFAULT_BATCH; llama.cpp's
-# compute graph is reserved for this many tokens at once) and the Vision engine's.
+# Tokens per prompt batch when the caller names none: both engines' default (llama.cpp's
+# DEFAULT_BATCH, the Vision engine's EVAL_BATCH); llama.cpp reserves its graph for that many.
 DEFAULT_UBATCH = 512
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _MEMINFO = Path("/proc/meminfo")
@@ -298,11 +306,16 @@ def llama_compute(fp: Footprint, n_ctx: int, n_ubatch: int) -> int:
     98.25 MiB at --ctx 512, 4096 and 8192 (102.51 at 2048), a 128k-vocabulary 4096-wide
     Llama 266.50 MiB at every context; this gives 98.25 and 266.50.
     """
+    return max(_llama_moments(fp, n_ctx, n_ubatch))
+
+
+def _llama_moments(fp: Footprint, n_ctx: int, n_ubatch: int) -> tuple[int, int]:
+    """llama.cpp's compute buffer at its output and in a layer (see :func:`llama_compute`)."""
     ub = min(n_ubatch, n_ctx)
     output = F32_BYTES * ub * (fp.n_vocab + 2 * fp.n_embd)
     layer = F32_BYTES * ub * (2 * fp.n_ff + 4 * fp.n_embd) \
         + F16_BYTES * ub * _pad(n_ctx, LLAMA_KV_PAD)
-    return max(output, layer)
+    return output, layer
 
 
 def mllama_compute(fp: Footprint, n_ctx: int, n_batch: int) -> int:
@@ -379,10 +392,10 @@ def estimate(fp: Footprint, n_ctx: int, *, gpu_layers: int = 0,
         # A tied embedding is copied to the GPU as the output matrix: the CPU keeps its map
         # too, of which a token reads only its row.
         gpu += out + Parts(fp.embedding_bytes if fp.embedding_resident else 0, 0, compute)
-        # The CPU keeps the inputs' embeddings and whatever layers stay on it.
+        # The CPU computes the inputs' embeddings, and the layers that stay on it.
         cpu_compute = F32_BYTES * min(n_ubatch, n_ctx) * fp.n_embd
         if first_gpu > 0:
-            cpu_compute = compute - F32_BYTES * min(n_ubatch, n_ctx) * fp.n_vocab
+            cpu_compute = _llama_moments(fp, n_ctx, n_ubatch)[1]
         cpu += Parts(0, 0, cpu_compute)
     else:
         cpu += out + Parts(cached, 0, compute)
