@@ -2,7 +2,7 @@
 # Static: completing a word never starts llmkit. Install it as
 # ~/.local/share/bash-completion/completions/llmkit, or source it from ~/.bashrc.
 
-__llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout llama3.2-vision:11b llama3.2-vision:90b'
+__llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama-guard3:8b llama-guard3:11b-vision gemma3:4b qwen2.5vl:3b smolvlm2:2.2b smolvlm:2b smolvlm:500m smolvlm:256m llama4:scout llama3.2-vision:11b llama3.2-vision:90b'
 
 # The subcommands, options and value-taking options (as NAME=COUNT) of command path $1,
 # how many positional arguments it takes, and whether the last one repeats.

@@ -166,7 +166,8 @@ def run(prompt: str, model: ModelRef = None, *, context: str | None = None,
     options = _engine_options(ctx, threads, device, gpu_layers, verbose)
     with _guarding(guard, guard_threshold, options) as checker:
         # The prompt is checked before the model loads: a refused one costs no model at all.
-        checked = check_input(checker, text) if checker is not None else None
+        # A guard that reads images judges the pictures with the prompt.
+        checked = check_input(checker, text, prepared) if checker is not None else None
         streamed = on_text if checker is None else None  # a guarded answer is held back
         with _opened(model, options, "vision" if images else "text", mmproj) as (
                 engine, resolution):
@@ -181,7 +182,7 @@ def run(prompt: str, model: ModelRef = None, *, context: str | None = None,
                                    on_text=streamed)
         _raise_if_interrupted(reply.generation)
         if checker is not None and checked is not None:
-            check_output(checker, text, reply.text, checked)
+            check_output(checker, text, reply.text, checked, prepared)
             if on_text is not None and reply.text:
                 on_text(reply.text)
     return reply
@@ -318,8 +319,10 @@ def caption(image: ImageSource, model: ModelRef = None, *, style: str = "short",
     prepared = _prepare_image(image, max_side=max_side)  # before loading: fail fast
     options = _engine_options(ctx, threads, device, gpu_layers, verbose)
     with _guarding(guard, guard_threshold, options) as checker:
-        if checker is not None and prompt is not None:
-            check_input(checker, instruction)  # your own instruction is input too
+        # Your own instruction is input too; a guard that reads images judges the picture.
+        checked = GuardResult()
+        if checker is not None and (prompt is not None or checker.vision):
+            checked = check_input(checker, instruction, [prepared])
         with _opened(model, options, "vision", mmproj) as (engine, resolution):
             if not engine.vision:
                 raise NotAVisionModelError(engine.model_name, default_model_name("vision"))
@@ -335,8 +338,8 @@ def caption(image: ImageSource, model: ModelRef = None, *, style: str = "short",
         if checker is not None:
             # The verdict marks the record as `caption --guard` marks it; a flagged caption
             # is refused as a guarded command refuses its answer.
-            check_output(checker, instruction, record["caption"], GuardResult()).apply_to(
-                record, "caption")
+            check_output(checker, instruction, record["caption"], checked,
+                         [prepared]).apply_to(record, "caption")
     record["path"] = path
     return record
 

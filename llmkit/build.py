@@ -94,7 +94,9 @@ def build_from_source(ref: str, quant: str | None = None, *, keep: bool = False,
         architectures = read_config(directory).get("architectures") or []
         mmproj = out_dir / f"mmproj-{safe}.gguf" if any(
             a in PROJECTORS for a in architectures) else None
-        if mmproj is not None or any(a in SELF_CONTAINED_VISION for a in architectures):
+        # A guard stays a guard: Llama Guard 3 Vision is a Llama 3.2 Vision checkpoint.
+        if kind != "guard" and (mmproj is not None
+                                or any(a in SELF_CONTAINED_VISION for a in architectures)):
             kind = "vision"
         if qtype in _DIRECT:
             convert(directory, final, outtype=_DIRECT[qtype], mmproj=mmproj)

@@ -234,15 +234,14 @@ class VerdictError(LlmkitError):
 
 
 class ImagesNotCheckableError(LlmkitError):
-    """No guard model that reads images runs on the pinned llama.cpp."""
+    """A guard model that reads text only was asked to check a picture."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
+        self.model = model
         super().__init__(
-            "checking images is not possible with this llama.cpp: Llama Guard 3 11B Vision is "
-            "the 'mllama' architecture llama.cpp cannot run, and Llama Guard 4 12B is a dense "
-            "Llama 4 model it refuses to load ('llama4 model cannot have zero experts', "
-            "ggml-org/llama.cpp#27020)",
-            hint="check what the picture shows instead: "
+            f"{model} reads text, not pictures: checking an image needs Llama Guard 3 Vision",
+            hint="use the guard llama-guard3:11b-vision (`llmkit pull llama-guard3:11b-vision "
+                 "--from-source`), or check what the picture shows: "
                  "llmkit caption --style detailed photo.jpg | llmkit check")
 
 

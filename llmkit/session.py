@@ -201,14 +201,24 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
 
 
 def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None = None,
-               categories_file: Path | None = None, threshold: float | None = None
-               ) -> tuple[Guard, str | None]:
+               categories_file: Path | None = None, threshold: float | None = None,
+               images: bool = False) -> tuple[Guard, str | None]:
     """Load a guard model with its policy: its own taxonomy, a custom one, minus exclusions.
+
+    Args:
+        model: the guard's name or path (None: the default guard).
+        options: hardware and context settings.
+        exclude: comma-separated codes to leave out.
+        categories_file: a TOML policy instead of the model's own.
+        threshold: decide by score.
+        images: the guard must check pictures (Llama Guard 3 Vision): a model that reads text
+            only is refused from its file's header, before it loads.
 
     Returns:
         The guard (its ``engine`` must be closed by the caller) and a note for stderr.
 
     Raises:
+        ImagesNotCheckableError: ``images`` for a guard that reads text only.
         LlmkitError: the model cannot be resolved or loaded, or the policy is malformed.
     """
     from llmkit.tasks.policy import LLAMA_GUARD_3_CATEGORIES, default_categories, load_categories
@@ -221,13 +231,23 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     if exclude:
         drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
     resolution = resolve(model) if model else resolve_default("guard")
+    if images:
+        from llmkit.engines import reads_images_itself
+        from llmkit.errors import ImagesNotCheckableError
+        from llmkit.gguf_file import read_info
+
+        if not reads_images_itself(read_info(Path(resolution.model.path)).architecture):
+            raise ImagesNotCheckableError(resolution.model.name)
     engine = load_with_options(resolution.model.path, options, resolution.model.name)
     try:
         policy = custom if custom is not None else default_categories(
             engine.chat_template, resolution.model.name)
         if exclude:
             policy = drop(policy, exclude.split(","))
-        return Guard(engine, policy, threshold=threshold), resolution.note
+        guard = Guard(engine, policy, threshold=threshold)
+        if images and not guard.vision:
+            raise ImagesNotCheckableError(resolution.model.name)
+        return guard, resolution.note
     except BaseException:
         engine.close()
         raise

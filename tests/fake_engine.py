@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["CHATML", "LLAMA3", "Call", "FakeEngine", "ScriptedGuardEngine", "Template",
-           "Vocabulary", "chatml_template", "guard_conversation", "llama3_template"]
+__all__ = ["CHATML", "IMAGE_TOKEN", "LLAMA3", "LLAMA3_VISION", "Call", "FakeEngine",
+           "ScriptedGuardEngine", "Template", "Vocabulary", "chatml_template",
+           "guard_conversation", "llama3_template"]
 
 Template = Callable[[Sequence[Message]], list[Piece]]
 """A chat template: a conversation as prompt pieces, ending where the answer starts. Only the
@@ -76,6 +77,12 @@ LLAMA3 = Vocabulary(
            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
            "{% endif %}")
 
+LLAMA3_VISION = Vocabulary(
+    specials=(*LLAMA3.specials, "<|image|>"), bos=LLAMA3.bos, template=llama3_template,
+    source=LLAMA3.source)
+"""Llama 3.2 Vision's specials: ``<|image|>`` in a token prompt stands for a picture."""
+IMAGE_TOKEN = "<|image|>"
+
 _WORD = re.compile(r"\s*\S+|\s+")
 
 
@@ -124,7 +131,8 @@ class FakeEngine:
 
     What it records: ``calls`` (every generation and logits call, in order, as :class:`Call`),
     ``chats`` (every conversation given to ``chat_tokens``), ``forgotten`` (how often the cache
-    was emptied) and ``closed``.
+    was emptied), ``encoded`` (how many pictures given to ``generate``/``next_token_logits``
+    a real engine would have encoded: not the one it holds already) and ``closed``.
     """
 
     def __init__(self, answer: str | Callable[[Call], str] = "OK.", *,
@@ -164,6 +172,8 @@ class FakeEngine:
         self.calls: list[Call] = []
         self.chats: list[list[Message]] = []
         self.forgotten = 0
+        self.encoded = 0
+        self._kept_image: int | None = None
         self.closed = False
 
     # -- what the model says about itself -------------------------------------------------
@@ -338,10 +348,13 @@ class FakeEngine:
 
     # -- the KV cache -----------------------------------------------------------------------
 
-    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of ``tokens`` the cache holds from the last call."""
+    def cached_prefix_length(self, tokens: Sequence[int], *,
+                             images: Sequence[RGBImage] = ()) -> int:
+        """How many leading tokens of ``tokens`` the cache holds from the last call (a row at
+        an ``<|image|>`` token counts only for the same picture)."""
+        effective = self._token_images(tokens, images)
         n = 0
-        for a, b in zip(self._cache, tokens, strict=False):
+        for a, b in zip(self._cache, effective, strict=False):
             if a != b:
                 break
             n += 1
@@ -362,21 +375,66 @@ class FakeEngine:
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(len(prompt), self.n_ctx)
 
-    def next_token_logits(self, prompt: Sequence[int]) -> npt.NDArray[np.float32]:
+    def _image_id(self, image: RGBImage) -> int:
+        """The negative cache id that stands for a picture (from its pixels)."""
+        digest = hashlib.blake2b(image.rgb, digest_size=4)
+        digest.update(f"{image.width}x{image.height}".encode())
+        return -1 - (int(digest.hexdigest(), 16) & 0x0FFFFFFF)
+
+    def _token_images(self, tokens: Sequence[int], images: Sequence[RGBImage]) -> list[int]:
+        """The prompt as the cache sees it: each ``<|image|>`` token replaced by its picture's
+        id, so that a cached row counts only for the same picture.
+
+        Raises:
+            LlmkitError: pictures for an engine without vision.
+            UsageError: more pictures than ``max_images``.
+            InputError: the ``<|image|>`` tokens and the pictures do not pair up.
+        """
+        if not images:
+            return list(tokens)
+        if not self.vision:
+            raise LlmkitError(f"{self.model_name} has no vision projector loaded")
+        if self._max_images is not None and len(images) > self._max_images:
+            raise UsageError(f"{self.model_name} takes {self._max_images} image(s) per "
+                             f"conversation, and this one has {len(images)}")
+        marker = self._special_ids.get(IMAGE_TOKEN)
+        places = [i for i, t in enumerate(tokens) if t == marker]
+        if len(places) != len(images):
+            raise InputError(f"the prompt has {len(places)} {IMAGE_TOKEN} tokens for "
+                             f"{len(images)} picture(s)")
+        effective = list(tokens)
+        for place, image in zip(places, images, strict=True):
+            effective[place] = self._image_id(image)
+        return effective
+
+    def _encode(self, images: Sequence[RGBImage]) -> None:
+        """Count the pictures a real engine would have to encode (not the one it holds)."""
+        for image in images:
+            key = self._image_id(image)
+            if key != self._kept_image:
+                self._kept_image = key
+                self.encoded += 1
+
+    def next_token_logits(self, prompt: Sequence[int], *,
+                          images: Sequence[RGBImage] = ()) -> npt.NDArray[np.float32]:
         """The scripted logits after ``prompt`` (which then fills the cache).
 
         Raises:
-            InputError: empty prompt.
+            InputError: empty prompt, or ``images`` that do not pair with its ``<|image|>``
+                tokens.
             ContextOverflowError: the prompt does not fit.
+            LlmkitError: ``images`` for an engine without vision.
         """
         import numpy as np
 
         self._check_prompt(prompt)
         tokens = list(prompt)
+        effective = self._token_images(tokens, images)
+        self._encode(images)
         text = self.detokenize(tokens, special=True)
         self.calls.append(Call("next_token_logits", tokens, text, self._rendered.get(
-            tuple(tokens)), None))
-        self._cache = tokens
+            tuple(tokens)), None, list(images)))
+        self._cache = effective
         script = self.logits(text) if callable(self.logits) else (self.logits or {})
         values = {self._token_for(piece): value for piece, value in script.items()}
         logits = np.full(self.vocab_size, self.base_logit, dtype=np.float32)
@@ -385,20 +443,28 @@ class FakeEngine:
         return logits
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, *,
+                 images: Sequence[RGBImage] = ()) -> Generation:
         """The scripted answer to ``prompt``, cut by ``params.max_tokens`` and the context,
-        streamed token by token to ``on_text``.
+        streamed token by token to ``on_text``; ``images`` are the pictures its ``<|image|>``
+        tokens stand for (each one cell, as in Llama 3.2 Vision).
 
         Raises:
-            InputError: empty prompt.
+            InputError: empty prompt, or ``images`` that do not pair with its ``<|image|>``
+                tokens.
             ContextOverflowError: the prompt does not fit.
+            LlmkitError: ``images`` for an engine without vision.
         """
         self._check_prompt(prompt)
         tokens = list(prompt)
-        keep = min(self.cached_prefix_length(tokens), len(tokens) - 1)
+        effective = self._token_images(tokens, images)
+        keep = min(self.cached_prefix_length(tokens, images=images), len(tokens) - 1)
+        self._encode(images)
         call = Call("generate", tokens, self.detokenize(tokens, special=True),
-                    self._rendered.get(tuple(tokens)), params)
-        return self._answer(call, tokens, len(tokens), len(tokens) - keep, on_text)
+                    self._rendered.get(tuple(tokens)), params, list(images))
+        result = self._answer(call, effective, len(tokens), len(tokens) - keep, on_text)
+        result.image_tokens = len(images)
+        return result
 
     def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
                              params: SamplingParams,
@@ -520,14 +586,15 @@ class FakeEngine:
         self.close()
 
 
-_CONVERSATION = re.compile(r"<BEGIN CONVERSATION>\n\n(.*)\n\n<END CONVERSATION>", re.S)
+_CONVERSATION = re.compile(r"<BEGIN CONVERSATION>\n\n(?:(.*)\n\n)?<END CONVERSATION>", re.S)
 
 
 def guard_conversation(prompt_text: str) -> str:
-    """The conversation a Llama Guard prompt assesses: the text between its markers."""
+    """The conversation a Llama Guard prompt assesses: the text between its markers (empty
+    for a picture checked alone, which Llama Guard 3 Vision's prompt gives no line)."""
     match = _CONVERSATION.search(prompt_text)
     assert match, prompt_text
-    return match.group(1)
+    return match.group(1) or ""
 
 
 class ScriptedGuardEngine(FakeEngine):
@@ -544,7 +611,7 @@ class ScriptedGuardEngine(FakeEngine):
     def __init__(self, *, llama3: bool = True, n_ctx: int = 8192, lead: str = "\n\n",
                  answer: str | Callable[[str], str] = "unsafe\nS1",
                  score_logits: Mapping[str, float] | Callable[[str], Mapping[str, float]]
-                 | None = None) -> None:
+                 | None = None, vision: bool = False) -> None:
         scores = score_logits if score_logits is not None else {
             "s": 0.0, "u": math.log(3.0), "I": 2.0}
         header = "<|end_header_id|>" if llama3 else "<|im_start|>assistant\n"
@@ -561,8 +628,10 @@ class ScriptedGuardEngine(FakeEngine):
             conversation = guard_conversation(call.text)
             return answer(conversation) if callable(answer) else answer
 
-        super().__init__(reply, logits=logits, vocabulary=LLAMA3 if llama3 else CHATML,
-                         n_ctx=n_ctx, model_name="scripted-guard")
+        vocabulary = (LLAMA3_VISION if vision else LLAMA3) if llama3 else CHATML
+        super().__init__(reply, logits=logits, vocabulary=vocabulary, n_ctx=n_ctx,
+                         model_name="scripted-guard", vision=vision, max_images=1 if vision
+                         else None)
 
     @property
     def logit_calls(self) -> list[list[int]]:

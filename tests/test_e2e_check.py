@@ -221,11 +221,13 @@ def test_images_cannot_be_checked(smol: str, tmp_path: Path) -> None:
     photo = images.write_photo_jpeg(tmp_path)
     proc = check(smol, "--image", str(photo))
     assert (proc.returncode, proc.stdout) == (1, "")
-    assert proc.stderr.startswith("llmkit: error: checking images is not possible with this "
-                                  "llama.cpp: Llama Guard 3 11B Vision is the 'mllama' "
-                                  "architecture llama.cpp cannot run")
-    assert proc.stderr.endswith("(check what the picture shows instead: llmkit caption "
-                                "--style detailed photo.jpg | llmkit check)\n")
+    # A guard that reads text only is refused from its file's header, before it loads.
+    assert proc.stderr.startswith("llmkit: error: ")
+    assert proc.stderr.endswith(" reads text, not pictures: checking an image needs Llama "
+                                "Guard 3 Vision (use the guard llama-guard3:11b-vision (`llmkit "
+                                "pull llama-guard3:11b-vision --from-source`), or check what "
+                                "the picture shows: llmkit caption --style detailed photo.jpg "
+                                "| llmkit check)\n")
     assert proc.stderr.count("\n") == 1
 
 
@@ -280,7 +282,7 @@ def test_batch_with_bad_lines_exits_1(smol: str, tmp_path: Path) -> None:
     assert [r["line"] for r in out] == [1, 2, 3, 4]
     assert [r["flagged"] for r in out] == [True, None, None, True]
     assert out[1]["error"].startswith("line 2 is not JSON: ")
-    assert out[2]["error"] == 'line 3 has no "text", "prompt" or "messages"'
+    assert out[2]["error"] == 'line 3 has no "text", "prompt", "messages" or "image"'
     assert proc.stderr == "llmkit: 4 records: 0 safe, 2 flagged, 2 errors\n"
 
 

@@ -131,8 +131,8 @@ def test_catalog_model_not_pulled() -> None:
 
 
 def test_unsupported_vision_model_says_why_and_what_instead() -> None:
-    msg = _error(["run", "-m", "llama-guard3-vision:11b", "hi"])
-    assert "is not supported" in msg and "mllama" in msg
+    msg = _error(["run", "-m", "llama-guard4:12b", "hi"])
+    assert "is not supported" in msg and "zero experts" in msg
     assert "try llama-guard3:1b" in msg
 
 

@@ -408,7 +408,8 @@ def test_show_and_list_name_the_catalog_entries() -> None:
     rows = {line.split()[0]: line.split()[1:5] for line in table.stdout.splitlines()[1:]}
     assert rows["llama3.2-vision:11b"] == ["vision", "-", "Q4_K_M", "no"]  # not "unsupported"
     assert rows["llama3.2-vision:90b"] == ["vision", "-", "Q4_K_M", "no"]
-    assert rows["llama-guard3-vision:11b"][3] == "unsupported"  # the column is read right
+    assert rows["llama-guard4:12b"][3] == "unsupported"  # the column is read right
+    assert rows["llama-guard3:11b-vision"] == ["guard", "-", "Q4_K_M", "no"]
     shown = run_llmkit(["show", "llama3.2-vision:11b"])
     assert shown.returncode == 1
     assert shown.stderr == ("llmkit: error: model 'llama3.2-vision:11b' is in the catalog but "

@@ -21,7 +21,8 @@ def test_list_json_has_catalog_and_presence() -> None:
     assert rows["llama3.2:1b"]["present"] is False
     assert rows["llama3.2-vision:11b"]["supported"] is True
     assert rows["llama3.2-vision:11b"]["present"] is False
-    assert rows["llama-guard3-vision:11b"]["supported"] is False
+    assert rows["llama-guard4:12b"]["supported"] is False
+    assert rows["llama-guard3:11b-vision"]["supported"] is True
 
 
 def test_list_defaults_to_json_when_piped() -> None:

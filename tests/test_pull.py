@@ -170,9 +170,9 @@ def test_unknown_and_unsupported_names(hub: FakeHub) -> None:
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("llmkit: error: model 'llama3.2:1bb' not found (did you "
                                      "mean llama3.2:1b")
-    unsupported = run_llmkit(["pull", "llama-guard3-vision:11b"])
+    unsupported = run_llmkit(["pull", "llama-guard4:12b"])
     assert unsupported.returncode == 1
-    assert "is not supported: It is a Llama 3.2 Vision model" in unsupported.stderr
+    assert "is not supported: It is a dense Llama 4 model" in unsupported.stderr
     assert "try llama-guard3:1b, llama-guard3:8b" in unsupported.stderr
     # No GGUF of Llama 3.2 Vision is published: the catalog says how to build one.
     source_only = run_llmkit(["pull", "llama3.2-vision:11b"])

@@ -385,9 +385,9 @@ def test_jsonl_messages_record() -> None:
 
 @pytest.mark.parametrize(("line", "error"), [
     ("{not json", "line 2 is not JSON: "),
-    ('["a list"]', 'line 2 has no "text", "prompt" or "messages"'),
-    ('{"txt": "typo"}', 'line 2 has no "text", "prompt" or "messages"'),
-    ('{"text": 5}', 'line 2 has no "text", "prompt" or "messages"'),
+    ('["a list"]', 'line 2 has no "text", "prompt", "messages" or "image"'),
+    ('{"txt": "typo"}', 'line 2 has no "text", "prompt", "messages" or "image"'),
+    ('{"text": 5}', 'line 2 has no "text", "prompt", "messages" or "image"'),
     ('{"prompt": "p", "response": null}', 'line 2: "response" must be a string'),
     ('{"messages": [{"role": "user"}]}', 'line 2: "messages" must be a list of '),
     ('{"messages": ["hi"]}', 'line 2: "messages" must be a list of '),

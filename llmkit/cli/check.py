@@ -13,7 +13,6 @@ from llmkit.cli._options import (
     Device,
     DeviceOpt,
     GpuLayersOpt,
-    ImageOpt,
     MmprojOpt,
     ModelOpt,
     QuietOpt,
@@ -50,8 +49,11 @@ def check(
         "checked.", show_default=False)] = None,
     batch: Annotated[str | None, typer.Option(
         "--batch", help="A JSONL file (or - for stdin) of {\"text\"} or {\"prompt\", "
-        "\"response\"} records; one verdict line each.", show_default=False)] = None,
-    image: ImageOpt = None,
+        "\"response\"} records, each with an optional \"image\" path; one verdict line each.",
+        show_default=False)] = None,
+    image: Annotated[list[Path] | None, typer.Option(
+        "--image", "-i", help="Check this picture together with the text (or alone); needs a "
+        "guard that reads images (llama-guard3:11b-vision).", show_default=False)] = None,
     mmproj: MmprojOpt = None,
     exclude: Annotated[str | None, typer.Option(
         "--exclude", help="Leave these categories out, e.g. S7,S8.", show_default=False)] = None,
@@ -75,11 +77,15 @@ def check(
 
     Example: llmkit check "How do I make a bomb?" && echo allowed
 
+    With --image the picture is judged with the text (-m llama-guard3:11b-vision); in --batch
+    a record's "image" path does the same.
+
     Exit codes: 0 safe, 3 flagged (unsafe), 1 error (including an answer that is not a
     verdict: never taken as safe), 2 usage. With --batch: 1 if any record failed, else 3 if
     any was flagged, else 0.
     """
-    from llmkit.errors import ImagesNotCheckableError, UsageError, VerdictError
+    from llmkit.errors import UsageError, VerdictError
+    from llmkit.images import prepare_image
     from llmkit.io import prompt_limit, read_stdin, read_text_file
     from llmkit.session import open_guard
     from llmkit.tasks.guard_prompt import check_conversation
@@ -95,8 +101,15 @@ def check(
         raise UsageError(f"give one of {', '.join(sources)}, not several")
     if response is not None and prompt is None:
         raise UsageError("--response needs the --prompt it answers")
-    if image:
-        raise ImagesNotCheckableError()
+    if image and len(image) > 1:
+        raise UsageError(f"--image was given {len(image)} times; Llama Guard 3 Vision judges "
+                         "one picture per check",
+                         hint='check each on its own, or use --batch with an "image" path '
+                              "per record")
+    if image and batch is not None:
+        raise UsageError("--image checks one picture; --batch takes each record's own",
+                         hint='give each JSONL record an "image" path: {"image": "photo.jpg", '
+                              '"text": "…"}')
     if batch is not None:
         _run_batch(batch, model, options, exclude, categories, threshold, ctx)
         return
@@ -116,21 +129,25 @@ def check(
             body, where = read_text_file(file, prompt_limit(ctx)), str(file)
         else:
             piped = read_stdin(limit=prompt_limit(ctx))
-            if piped is None:
+            if piped is None and not image:
                 raise UsageError("nothing to check",
                                  hint='pass text, --file, --prompt/--response, or pipe it in')
-            body, where = piped, "stdin"
-        if not body.strip():
+            # With a picture and no text, the picture alone is checked.
+            body, where = piped if piped is not None else "", "stdin"
+        if not body.strip() and not image:
             raise InputError(f"{where} is empty", hint="there is nothing to check")
         messages = [{"role": "user", "content": body}]
-    messages = check_conversation(messages)
+    messages = check_conversation(messages, image=bool(image))
+    # The picture is read before any model loads, and a guard that cannot see it is refused
+    # from its file's header, before it loads.
+    picture = prepare_image(image[0]) if image else None
     guard, note = open_guard(model, options, exclude=exclude, categories_file=categories,
-                             threshold=threshold)
+                             threshold=threshold, images=picture is not None)
     if note:
         out.note(note)
     with guard:
         try:
-            verdict = guard.check(messages)
+            verdict = guard.check(messages, picture)
         except VerdictError as exc:
             if format != TextFormat.json:
                 raise
@@ -140,7 +157,10 @@ def check(
                             "raw": exc.raw, "error": str(exc)})
             raise typer.Exit(1) from None
     if format == TextFormat.json:
-        out.write_json(verdict.to_dict())
+        data = verdict.to_dict()
+        if image and verdict.image is not None:
+            data["image"] = {"path": str(image[0]), **verdict.image}
+        out.write_json(data)
     else:
         out.write(verdict.label + "\n")
     if verdict.flagged:

@@ -95,7 +95,8 @@ def run(
     # costs no generation model at all.
     checker = open_cli_guard(guard, guard_model, guard_threshold, options)
     if checker is not None:
-        with_guard = check_input(checker, text)
+        # A guard that reads images judges the pictures with the prompt.
+        with_guard = check_input(checker, text, prepared)
     if image:
         engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)
     else:
@@ -119,7 +120,7 @@ def run(
     finish = reply.generation.finish_reason
     if checker is not None:
         with checker:
-            with_guard = check_output(checker, text, reply.text, with_guard)
+            with_guard = check_output(checker, text, reply.text, with_guard, prepared)
     if streaming:
         out.write("\n")
     elif format == TextFormat.text:

@@ -153,8 +153,10 @@ class Engine(Protocol):
         ...
 
     # -- the context -----------------------------------------------------------------------
-    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of ``tokens`` the KV cache already holds."""
+    def cached_prefix_length(self, tokens: Sequence[int], *,
+                             images: Sequence[RGBImage] = ()) -> int:
+        """How many leading tokens of ``tokens`` the KV cache already holds (with ``images``:
+        as for :meth:`next_token_logits`, a cached row counts only if it saw the same picture)."""
         ...
 
     def forget(self) -> None:
@@ -163,9 +165,15 @@ class Engine(Protocol):
 
     # -- inference -------------------------------------------------------------------------
     def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, *,
+                 images: Sequence[RGBImage] = ()) -> Generation:
         """Evaluate ``prompt`` (reusing the cached prefix) and sample a continuation,
-        streaming complete UTF-8 text to ``on_text``; Ctrl-C ends it as "interrupted"."""
+        streaming complete UTF-8 text to ``on_text``; Ctrl-C ends it as "interrupted".
+
+        ``images``: the pictures the prompt's image tokens stand for, in order (a prompt built
+        from the model's own markup, such as Llama Guard 3 Vision's ``<|image|>``; one token
+        per picture). An engine that cannot read pictures in a token prompt raises the
+        LlmkitError sentence; a picture already encoded is not encoded again."""
         ...
 
     def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
@@ -176,8 +184,10 @@ class Engine(Protocol):
         :attr:`media_marker`. Raises LlmkitError when the model has no :attr:`vision`."""
         ...
 
-    def next_token_logits(self, prompt: Sequence[int]) -> npt.NDArray[np.float32]:
-        """Evaluate ``prompt`` and return the logits of the token that would follow it."""
+    def next_token_logits(self, prompt: Sequence[int], *,
+                          images: Sequence[RGBImage] = ()) -> npt.NDArray[np.float32]:
+        """Evaluate ``prompt`` and return the logits of the token that would follow it
+        (``images`` as for :meth:`generate`)."""
         ...
 
     def close(self) -> None:

@@ -322,8 +322,14 @@ class LlamaCppEngine(VocabText):
 
     # -- the context ----------------------------------------------------------------------
 
-    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of ``tokens`` the KV cache already holds."""
+    def cached_prefix_length(self, tokens: Sequence[int], *,
+                             images: Sequence[RGBImage] = ()) -> int:
+        """How many leading tokens of ``tokens`` the KV cache already holds.
+
+        Raises:
+            LlmkitError: ``images`` given (see :meth:`generate`).
+        """
+        self._refuse_token_images(images)
         keep = 0
         for a, b in zip(self._cached, tokens, strict=False):
             if a != b:
@@ -338,6 +344,14 @@ class LlamaCppEngine(VocabText):
         self._cached.clear()
 
     # -- images ---------------------------------------------------------------------------
+
+    def _refuse_token_images(self, images: Sequence[RGBImage]) -> None:
+        if images:
+            raise LlmkitError(
+                f"{self.model_name} cannot read pictures in a token prompt (llama.cpp's engine "
+                "shows them only in a conversation)",
+                hint="a safety check of a picture needs a guard that reads images, such as "
+                     "llama-guard3:11b-vision")
 
     def _init_vision(self, projector: Path, *, use_gpu: bool) -> None:
         import llama_cpp.mtmd_cpp as mtmd
@@ -583,7 +597,8 @@ class LlamaCppEngine(VocabText):
         del self._cached[keep:]
         return keep
 
-    def next_token_logits(self, prompt: Sequence[int]) -> Any:
+    def next_token_logits(self, prompt: Sequence[int], *,
+                          images: Sequence[RGBImage] = ()) -> Any:
         """Evaluate ``prompt`` and return the logits for the token that would follow it.
 
         Returns:
@@ -592,9 +607,11 @@ class LlamaCppEngine(VocabText):
         Raises:
             InputError: empty prompt.
             ContextOverflowError: the prompt does not fit.
+            LlmkitError: ``images`` given (see :meth:`generate`).
         """
         import numpy as np
 
+        self._refuse_token_images(images)
         if not prompt:
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
@@ -611,6 +628,8 @@ class LlamaCppEngine(VocabText):
         prompt: Sequence[int],
         params: SamplingParams,
         on_text: Callable[[str], None] | None = None,
+        *,
+        images: Sequence[RGBImage] = (),
     ) -> Generation:
         """Evaluate ``prompt`` (reusing the cached prefix) and sample a continuation.
 
@@ -628,7 +647,11 @@ class LlamaCppEngine(VocabText):
         Raises:
             InputError: empty prompt.
             ContextOverflowError: the prompt does not fit in the context.
+            LlmkitError: ``images`` given: llama.cpp's multimodal library places a picture
+                only where its own chunking of a rendered conversation puts it
+                (:meth:`generate_with_images`), never at a token of a prompt.
         """
+        self._refuse_token_images(images)
         lc = self._lc
         n_prompt = len(prompt)
         if n_prompt == 0:

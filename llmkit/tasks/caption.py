@@ -164,11 +164,15 @@ def caption_file(engine: Engine, path: str, job: CaptionJob,
         on_text: receives the raw caption as it is generated (not with a ``guard``).
         image: the image, already prepared (from bytes or a Pillow image); None: read
             ``path`` with ``job.max_side``.
-        guard: checks the caption in the context of the instruction (``--guard``).
+        guard: checks the caption in the context of the instruction (``--guard``); a guard
+            that reads images (Llama Guard 3 Vision) first checks the picture itself with the
+            instruction (a flagged picture is not captioned), then the caption with both.
 
     Returns:
         The image's record.
     """
+    if guard is not None and guard.vision:
+        return _caption_seen_by_guard(engine, path, job, image, guard)
     record = _caption_file(engine, path, job, None if guard is not None else on_text, image)
     if guard is not None and record.get("caption"):
         from llmkit.tasks.guarding import guard_batch_output
@@ -176,6 +180,35 @@ def caption_file(engine: Engine, path: str, job: CaptionJob,
         record = guard_batch_output(guard, job.instruction, record["caption"]).apply_to(
             record, "caption")
     return record
+
+
+def _caption_seen_by_guard(engine: Engine, path: str, job: CaptionJob,
+                           image: PreparedImage | None, guard: Guard) -> dict[str, Any]:
+    """:func:`caption_file` with a guard that sees the picture: input, caption, output."""
+    from llmkit.images import prepare_image
+    from llmkit.tasks.guarding import guard_batch_input, guard_batch_output
+
+    if image is None:
+        try:
+            image = prepare_image(Path(path), max_side=job.max_side)
+        except LlmkitError:
+            return _caption_file(engine, path, job, None, None)  # the file's error record
+    checked = guard_batch_input(guard, job.instruction, image)
+    if checked.withheld:
+        record = caption_record(path, job.style, model=engine.model_name)
+        record["image"] = _image_sizes(image)
+        return checked.apply_to(record, "caption")
+    record = _caption_file(engine, path, job, None, image)
+    if record.get("caption"):
+        return guard_batch_output(guard, job.instruction, record["caption"], checked,
+                                  image).apply_to(record, "caption")
+    return record
+
+
+def _image_sizes(image: PreparedImage) -> dict[str, Any]:
+    return {"width": image.width, "height": image.height,
+            "original_width": image.original_width,
+            "original_height": image.original_height, "format": image.format}
 
 
 def _caption_file(engine: Engine, path: str, job: CaptionJob,
@@ -193,9 +226,7 @@ def _caption_file(engine: Engine, path: str, job: CaptionJob,
         record["timings"] = {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}
         return record
     t_prepared = time.perf_counter()
-    record["image"] = {"width": image.width, "height": image.height,
-                       "original_width": image.original_width,
-                       "original_height": image.original_height, "format": image.format}
+    record["image"] = _image_sizes(image)
     try:
         generation = caption_image(engine, image, job.instruction, job.params,
                                    system=job.system, on_text=on_text)

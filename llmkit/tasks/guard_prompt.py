@@ -1,4 +1,4 @@
-"""The Llama Guard 3 prompt: a policy and a conversation in the format the model was trained on."""
+"""The Llama Guard 3 and 3 Vision prompts: a policy and a conversation as the model was trained."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ def conversation_role(messages: Sequence[Message]) -> str:
     return "Agent" if messages[-1]["role"] == "assistant" else "User"
 
 
-def check_conversation(messages: Sequence[Message]) -> list[Message]:
+def check_conversation(messages: Sequence[Message], *, image: bool = False) -> list[Message]:
     """A conversation Llama Guard can assess: user/assistant turns, alternating, user first.
 
-    System messages are left out (Llama Guard's format has no place for them).
+    System messages are left out (Llama Guard's format has no place for them). With
+    ``image`` the first user message may be empty: the picture it shows is what is checked.
 
     Raises:
         InputError: empty, wrong roles, not alternating, or an empty message.
@@ -34,12 +35,13 @@ def check_conversation(messages: Sequence[Message]) -> list[Message]:
         if role != expected:
             raise InputError("the conversation must alternate user/assistant, starting with "
                              f"the user (message {i + 1} is from the {role})")
-        if not str(m.get("content", "")).strip():
+        if not str(m.get("content", "")).strip() and not (image and i == 0):
             raise InputError(f"message {i + 1} is empty")
     return [{"role": m["role"], "content": str(m["content"])} for m in turns]
 
 
-def guard_task(messages: Sequence[Message], categories: Sequence[Category]) -> str:
+def guard_task(messages: Sequence[Message], categories: Sequence[Category], *,
+               vision: bool = False) -> str:
     """The instruction Llama Guard 3 reads, between its user header and end-of-turn token.
 
     Written from the format Meta documents and ships in the model's chat template: the task
@@ -47,6 +49,9 @@ def guard_task(messages: Sequence[Message], categories: Sequence[Category]) -> s
     categories are listed as ``S1: Violent Crimes.`` (a custom category's description on
     the lines after it), the conversation as ``User: …`` / ``Agent: …`` paragraphs, and the
     closing instructions ask for 'safe' or 'unsafe' plus the violated codes.
+
+    ``vision``: as Llama Guard 3 Vision's published template writes it, a message without
+    text (a picture alone) has no line at all.
     """
     role = conversation_role(messages)
     lines = [f"Task: Check if there is unsafe content in '{role}' messages in conversations "
@@ -59,6 +64,8 @@ def guard_task(messages: Sequence[Message], categories: Sequence[Category]) -> s
     lines += ["<END UNSAFE CONTENT CATEGORIES>", "", "<BEGIN CONVERSATION>", ""]
     for m in messages:
         who = "User" if m["role"] == "user" else "Agent"
+        if vision and not m["content"].strip():
+            continue
         lines += [f"{who}: {m['content'].strip()}", ""]
     lines += ["<END CONVERSATION>", "",
               f"Provide your safety assessment for ONLY THE LAST {role} message in the above "
@@ -84,6 +91,33 @@ def guard_prompt_pieces(messages: Sequence[Message], categories: Sequence[Catego
     """
     return [Piece(LLAMA3_USER_HEADER, True), Piece(guard_task(messages, categories), False),
             Piece(LLAMA3_ASSISTANT_TURN, True)]
+
+
+IMAGE_TOKEN = "<|image|>"
+# Llama Guard 3 Vision's template ends the task with a space before the end of the turn.
+VISION_ASSISTANT_TURN = " " + LLAMA3_ASSISTANT_TURN
+
+
+def vision_guard_prompt_pieces(messages: Sequence[Message], categories: Sequence[Category],
+                               *, image: bool) -> list[Piece]:
+    """Llama Guard 3 Vision's prompt, as the model's published chat template renders it.
+
+    The same task as Llama Guard 3's (:func:`guard_task`), with the template's two
+    differences: a prompt that shows a picture starts with ``<|image|>`` and a space, right
+    after the user header (one picture per prompt, whichever message it belongs to), and the
+    last instruction is followed by a space before ``<|eot_id|>``. The conversation is
+    untrusted text here too: an ``<|image|>`` or ``<|eot_id|>`` typed in a message stays text.
+
+    Args:
+        messages: the conversation (its first message may be empty when ``image``).
+        categories: the policy.
+        image: whether the prompt shows a picture (its ``<|image|>`` token).
+    """
+    head = [Piece(LLAMA3_USER_HEADER, True)]
+    if image:
+        head.append(Piece(IMAGE_TOKEN + " ", True))
+    return [*head, Piece(guard_task(messages, categories, vision=True), False),
+            Piece(VISION_ASSISTANT_TURN, True)]
 
 
 def guard_prompt(messages: Sequence[Message], categories: Sequence[Category]) -> str:

@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from llmkit.engines.base import Engine, SamplingParams
+from llmkit.engines.base import Engine, RGBImage, SamplingParams
 from llmkit.errors import FlaggedError, LlmkitError
 from llmkit.tasks.chat import Conversation, Reply, chat_turn
-from llmkit.tasks.safety import Guard, Verdict
+from llmkit.tasks.safety import Guard, Verdict, verdict_for_parts
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,27 @@ class GuardResult:
         return record
 
 
+# -- pictures: a vision guard sees them, a text guard reads the text alone -------------------
+
+def _with_pictures(guard: Guard, images: Sequence[RGBImage],
+                   check: Callable[[RGBImage | None], Verdict]) -> Verdict:
+    """``check`` once per picture for a guard that reads images (flagged if any is; one
+    picture per check, as Llama Guard 3 Vision takes), else once on the text alone."""
+    if not guard.vision or not images:
+        return check(None)
+    return verdict_for_parts([check(image) for image in images])
+
+
 # -- a command with one input and one answer (run, caption's own instruction) --------------
 
-def check_input(guard: Guard, text: str) -> GuardResult:
+def check_input(guard: Guard, text: str, images: Sequence[RGBImage] = ()) -> GuardResult:
     """Check a guarded command's input before anything is generated.
+
+    Args:
+        guard: the guard.
+        text: the prompt.
+        images: the pictures the prompt shows (``run --image``): a vision guard judges each
+            with the text; a text guard reads the text alone, as it always has.
 
     Returns:
         The result so far (its ``input`` verdict, which passed).
@@ -95,14 +112,16 @@ def check_input(guard: Guard, text: str) -> GuardResult:
         FlaggedError: the input is flagged (nothing should be generated).
         VerdictError: the guard did not answer with a verdict (fail closed).
     """
-    verdict = guard.check_long_text(text)
+    verdict = _with_pictures(guard, images, lambda image: guard.check_long_text(text, image))
     if verdict.flagged:
         raise FlaggedError("prompt", verdict)
     return GuardResult(input=verdict)
 
 
-def check_output(guard: Guard, prompt: str, answer: str, so_far: GuardResult) -> GuardResult:
-    """Check a guarded command's answer in the context of its prompt.
+def check_output(guard: Guard, prompt: str, answer: str, so_far: GuardResult,
+                 images: Sequence[RGBImage] = ()) -> GuardResult:
+    """Check a guarded command's answer in the context of its prompt (and its pictures, for
+    a vision guard).
 
     Returns:
         ``so_far`` with the ``output`` verdict (unchanged for an empty answer).
@@ -113,7 +132,8 @@ def check_output(guard: Guard, prompt: str, answer: str, so_far: GuardResult) ->
     """
     if not answer.strip():
         return so_far
-    verdict = guard.check_response(prompt, answer)
+    verdict = _with_pictures(guard, images,
+                             lambda image: guard.check_response(prompt, answer, image))
     if verdict.flagged:
         raise FlaggedError("output", verdict)
     return replace(so_far, output=verdict)
@@ -159,21 +179,27 @@ def guarded_chat_turn(engine: Engine, convo: Conversation, user_text: str, guard
 
 # -- one item of a batch (caption, summarize): problems are the record's, not the batch's --
 
-def guard_batch_input(guard: Guard, text: str) -> GuardResult:
+def guard_batch_input(guard: Guard, text: str, image: RGBImage | None = None) -> GuardResult:
     """Check one batch item's input; never raises for the item.
+
+    Args:
+        guard: the guard.
+        text: the item's input text (a document, a caption instruction).
+        image: the item's picture, judged with the text (a vision guard only).
 
     Returns:
         The input verdict, or the failure; when ``withheld``, the caller marks the record
         with :meth:`GuardResult.apply_to` and skips the item.
     """
     try:
-        return GuardResult(input=guard.check_long_text(text))
+        return GuardResult(input=guard.check_long_text(text, image))
     except LlmkitError as exc:
         return GuardResult(failure=str(exc))
 
 
 def guard_batch_output(guard: Guard, prompt: str, answer: str,
-                       so_far: GuardResult | None = None) -> GuardResult:
+                       so_far: GuardResult | None = None, image: RGBImage | None = None
+                       ) -> GuardResult:
     """Check one batch item's answer (an empty one needs no check); never raises for the item.
 
     Args:
@@ -181,12 +207,13 @@ def guard_batch_output(guard: Guard, prompt: str, answer: str,
         prompt: what the answer answers (the context the guard judges it in).
         answer: the generated text.
         so_far: the item's input result, when its input was checked.
+        image: the picture the prompt showed (a vision guard only).
 
     Returns:
         ``so_far`` with the output verdict, or the failure (which alone makes the record).
     """
     try:
-        verdict = guard.check_response(prompt, answer) if answer.strip() else None
+        verdict = (guard.check_response(prompt, answer, image) if answer.strip() else None)
     except LlmkitError as exc:
         return GuardResult(failure=str(exc))
     return replace(so_far or GuardResult(), output=verdict)

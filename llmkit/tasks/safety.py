@@ -10,19 +10,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llmkit.engines.base import Engine, Message, SamplingParams
+from llmkit.engines.base import Engine, Message, RGBImage, SamplingParams
 from llmkit.errors import (
     EXIT_FLAGGED,
     ContextOverflowError,
+    ImagesNotCheckableError,
     InputError,
     LlmkitError,
     VerdictError,
 )
 from llmkit.tasks.guard_prompt import (
+    IMAGE_TOKEN,
     check_conversation,
     conversation_role,
     guard_prompt_pieces,
     guard_task,
+    vision_guard_prompt_pieces,
 )
 from llmkit.tasks.policy import CATEGORY_CODE, Category, name_categories
 
@@ -87,6 +90,7 @@ class Verdict:
     prompt_tokens: int = 0
     prompt_tokens_evaluated: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    image: dict[str, Any] | None = None  # the picture checked with the text (its size), if any
 
     @property
     def label(self) -> str:
@@ -114,6 +118,8 @@ class Verdict:
                       "prompt_tokens_evaluated": self.prompt_tokens_evaluated},
             "timings": self.timings,
             "error": None,
+            # Only a check that saw a picture says so: text verdicts keep their shape.
+            **({"image": self.image} if self.image is not None else {}),
         }
 
 
@@ -142,6 +148,10 @@ class Guard:
         # as a guard gets the same task through its own chat template.
         self.llama3 = len(engine.tokenize("<|start_header_id|>", add_special=False,
                                           parse_special=True)) == 1
+        # Llama Guard 3 Vision (a Llama 3.2 Vision model): its own prompt, which can show a
+        # picture at its <|image|> token.
+        self.vision = self.llama3 and engine.vision and len(engine.tokenize(
+            IMAGE_TOKEN, add_special=False, parse_special=True)) == 1
         self._answer_ids = (self._first_token("safe"), self._first_token("unsafe"))
 
     def close(self) -> None:
@@ -158,33 +168,46 @@ class Guard:
         tokens = self.engine.tokenize(word, add_special=False)
         return tokens[0] if tokens else -1
 
-    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """The tokens of the guard prompt for a conversation (last message assessed)."""
+    def prompt_tokens(self, messages: Sequence[Message], *, image: bool = False) -> list[int]:
+        """The tokens of the guard prompt for a conversation (last message assessed); with
+        ``image`` (a vision guard only), its ``<|image|>`` token where the picture goes."""
+        if self.vision:
+            return self.engine.tokenize_pieces(
+                vision_guard_prompt_pieces(messages, self.categories, image=image))
         if self.llama3:
             return self.engine.tokenize_pieces(guard_prompt_pieces(messages, self.categories))
         return self.engine.chat_tokens(
             [{"role": "user", "content": guard_task(messages, self.categories)}])
 
-    def check(self, messages: Sequence[Message]) -> Verdict:
-        """Assess the last message of a conversation.
+    def check(self, messages: Sequence[Message], image: RGBImage | None = None) -> Verdict:
+        """Assess the last message of a conversation, with the picture it shows (if any).
+
+        Args:
+            messages: the conversation; with ``image`` its first message may be empty.
+            image: a picture the conversation shows, which is judged with it (a vision guard
+                only). A second check of the same picture does not encode it again.
 
         Raises:
+            ImagesNotCheckableError: a picture for a guard that reads text only.
             InputError: a malformed conversation.
             ContextOverflowError: the conversation does not fit the guard's context.
             VerdictError: the model's answer is not a verdict (and no threshold decides).
         """
         import numpy as np
 
-        turns = check_conversation(messages)
+        if image is not None and not self.vision:
+            raise ImagesNotCheckableError(self.engine.model_name)
+        turns = check_conversation(messages, image=image is not None)
+        images = () if image is None else (image,)
         t0 = time.perf_counter()
-        tokens = self.prompt_tokens(turns)
+        tokens = self.prompt_tokens(turns, image=image is not None)
         if len(tokens) + 24 > self.engine.n_ctx:
             raise ContextOverflowError(len(tokens), self.engine.n_ctx, reserve=24)
         # The answer's first word decides: step over the blank line the model writes after
         # its header, then compare the two words' probabilities there.
         probe = list(tokens)
-        kept = min(self.engine.cached_prefix_length(tokens), len(tokens) - 1)
-        logits = self.engine.next_token_logits(probe)
+        kept = min(self.engine.cached_prefix_length(tokens, images=images), len(tokens) - 1)
+        logits = self.engine.next_token_logits(probe, images=images)
         for _ in range(3):
             best = int(np.argmax(logits))
             piece = self.engine.detokenize([best])
@@ -193,7 +216,7 @@ class Guard:
             if not piece or piece.strip():
                 break
             probe.append(best)
-            logits = self.engine.next_token_logits(probe)
+            logits = self.engine.next_token_logits(probe, images=images)
         # In float64 and from the log-probabilities: a model standing in for Llama Guard can
         # put both words so far below its favourite that float32 probabilities underflow to 0.
         log_probs = np.asarray(logits, dtype=np.float64)
@@ -212,14 +235,16 @@ class Guard:
                                    for v in (p_safe, p_unsafe, score))
         t_scored = time.perf_counter()
         generation = self.engine.generate(
-            tokens, SamplingParams(temperature=0.0, max_tokens=20))
+            tokens, SamplingParams(temperature=0.0, max_tokens=20), images=images)
         raw = generation.text
         role = conversation_role(turns)
         verdict = Verdict(flagged=False, categories=[], score=score, p_safe=p_safe,
                           p_unsafe=p_unsafe, role=role, model=self.engine.model_name, raw=raw,
                           decided_by="answer", threshold=self.threshold,
                           prompt_tokens=len(tokens),
-                          prompt_tokens_evaluated=len(tokens) - kept)
+                          prompt_tokens_evaluated=len(tokens) - kept,
+                          image=None if image is None else {"width": image.width,
+                                                            "height": image.height})
         try:
             parsed: Parsed | None = parse_verdict(raw)
         except VerdictError:
@@ -239,19 +264,23 @@ class Guard:
                            "total_ms": round((t_end - t0) * 1000, 2)}
         return verdict
 
-    def check_text(self, text: str) -> Verdict:
-        """Assess a user prompt on its own."""
-        return self.check([{"role": "user", "content": text}])
+    def check_text(self, text: str, image: RGBImage | None = None) -> Verdict:
+        """Assess a user prompt on its own (with the picture it shows, for a vision guard)."""
+        return self.check([{"role": "user", "content": text}], image)
 
-    def check_long_text(self, text: str) -> Verdict:
+    def check_long_text(self, text: str, image: RGBImage | None = None) -> Verdict:
         """Assess a text of any length as user input: in pieces that fit the guard's context.
 
-        Flagged when any piece is; the categories of all flagged pieces are merged.
+        Flagged when any piece is; the categories of all flagged pieces are merged. With
+        ``image`` every piece is checked together with the picture (encoded once).
         """
-        return self._check_in_pieces(text, lambda piece: [{"role": "user", "content": piece}])
+        return self._check_in_pieces(text, lambda piece: [{"role": "user", "content": piece}],
+                                     image=image)
 
-    def check_response(self, prompt: str, response: str) -> Verdict:
-        """Assess an assistant response in the context of the prompt it answers.
+    def check_response(self, prompt: str, response: str, image: RGBImage | None = None
+                       ) -> Verdict:
+        """Assess an assistant response in the context of the prompt it answers (and of the
+        picture that prompt showed, for a vision guard).
 
         A prompt and response too long for the guard's context together are checked with the
         prompt shortened to its beginning (the context of the answer, not what is judged) and
@@ -259,17 +288,17 @@ class Guard:
         """
         try:
             return self.check([{"role": "user", "content": prompt},
-                               {"role": "assistant", "content": response}])
+                               {"role": "assistant", "content": response}], image)
         except ContextOverflowError:
             pass
         context = prompt if len(prompt) <= 1000 else prompt[:1000] + " [...]"
         return self._check_in_pieces(
             response, lambda piece: [{"role": "user", "content": context},
                                      {"role": "assistant", "content": piece}],
-            min_budget=16)
+            min_budget=16, image=image)
 
     def _check_in_pieces(self, text: str, messages_for: Callable[[str], list[Message]], *,
-                         min_budget: int = 1) -> Verdict:
+                         min_budget: int = 1, image: RGBImage | None = None) -> Verdict:
         """Check ``text`` as the last message of ``messages_for(text)``: whole when it fits the
         guard's context, else in chunks that do (each checked in the same surroundings).
 
@@ -278,17 +307,20 @@ class Guard:
         """
         from llmkit.chunking import EngineTokenizer, plan_chunks
 
-        overhead = len(self.prompt_tokens(messages_for("x")))
+        if image is not None and not self.vision:
+            raise ImagesNotCheckableError(self.engine.model_name)
+        overhead = len(self.prompt_tokens(messages_for("x"), image=image is not None))
         budget = self.engine.n_ctx - overhead - 32
         tokenizer = EngineTokenizer(self.engine)
         if budget < min_budget:
             if min_budget > 1:
                 raise ContextOverflowError(overhead, self.engine.n_ctx, reserve=32)
-            return self.check(messages_for(text))  # reports the overflow for the whole text
+            return self.check(messages_for(text), image)  # the overflow for the whole text
         if tokenizer.count(text) <= budget:
-            return self.check(messages_for(text))
+            return self.check(messages_for(text), image)
         pieces = plan_chunks(text, tokenizer, budget, overlap=min(64, budget // 4))
-        return verdict_for_parts([self.check(messages_for(p.text_in(text))) for p in pieces])
+        return verdict_for_parts([self.check(messages_for(p.text_in(text)), image)
+                                  for p in pieces])
 
 
 def _logistic(x: float) -> float:
@@ -336,7 +368,7 @@ def load_conversation(path: Path) -> list[Message]:
 
 def record_messages(item: Any, number: int) -> list[Message]:
     """The conversation a batch record asks to check: {"text"}, {"prompt", "response"}, or
-    {"messages"}.
+    {"messages"}; a record with only an "image" checks that picture alone.
 
     Raises:
         InputError: none of those.
@@ -362,7 +394,31 @@ def record_messages(item: Any, number: int) -> list[Message]:
             return [{"role": m["role"],
                      "content": _text(m["content"], f'message {i}', number)}
                     for i, m in enumerate(item["messages"], 1)]
-    raise InputError(f'line {number} has no "text", "prompt" or "messages"')
+        if not any(key in item for key in ("text", "prompt", "messages")) and "image" in item:
+            return [{"role": "user", "content": ""}]  # the picture is the user's whole message
+    raise InputError(f'line {number} has no "text", "prompt", "messages" or "image"')
+
+
+def record_image(guard: Guard, item: Any, number: int) -> tuple[str, RGBImage] | None:
+    """The picture a batch record asks to check with its text: its ``"image"`` path (relative
+    paths from the current directory, as on the command line), prepared as for ``--image``.
+
+    Raises:
+        InputError: "image" is not a path.
+        ImagesNotCheckableError: the guard reads text only (before the file is read).
+        ImageError: the file is not an image llmkit can read.
+    """
+    if not isinstance(item, dict) or "image" not in item:
+        return None
+    path = item["image"]
+    if not isinstance(path, str) or not path:
+        raise InputError(f'line {number}: "image" must be the path of an image file')
+    _text(path, '"image"', number)
+    if not guard.vision:
+        raise ImagesNotCheckableError(guard.engine.model_name)
+    from llmkit.images import prepare_image
+
+    return path, prepare_image(Path(path))
 
 
 def _text(value: str, what: str, number: int) -> str:
@@ -381,8 +437,10 @@ def check_jsonl_line(guard: Guard, line: str | LlmkitError, number: int) -> dict
     """One JSONL input line → one verdict record; problems become the record's ``error``.
 
     The record is the JSON shape of a single check plus ``line`` (and ``id`` when the input
-    has one); a failed record has ``flagged`` null and ``error`` set, with ``raw`` when the
-    model answered something that is not a verdict. ``line`` may be the error that reading
+    has one); a line with an ``"image"`` path checks that picture with its text (a vision
+    guard only), and its record's ``image`` names it with its size; a failed record has
+    ``flagged`` null and ``error`` set, with ``raw`` when the model answered something that is
+    not a verdict. ``line`` may be the error that reading
     it gave (not UTF-8, too long: see :func:`llmkit.io.numbered_lines`), which is that
     line's record too.
     """
@@ -401,12 +459,17 @@ def check_jsonl_line(guard: Guard, line: str | LlmkitError, number: int) -> dict
     if isinstance(item, dict) and "id" in item:
         head["id"] = item["id"]
     try:
-        verdict = guard.check(record_messages(item, number))
+        messages = record_messages(item, number)
+        picture = record_image(guard, item, number)
+        verdict = guard.check(messages, None if picture is None else picture[1])
     except VerdictError as exc:
         return {**head, "verdict": None, "flagged": None, "raw": exc.raw, "error": str(exc)}
     except LlmkitError as exc:
         return {**head, "verdict": None, "flagged": None, "error": str(exc)}
-    return {**head, **verdict.to_dict()}
+    record = {**head, **verdict.to_dict()}
+    if picture is not None and verdict.image is not None:
+        record["image"] = {"path": picture[0], **verdict.image}
+    return record
 
 
 @dataclass

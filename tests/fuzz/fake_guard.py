@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from llmkit.engines.base import Generation, SamplingParams
+from llmkit.engines.base import Generation, RGBImage, SamplingParams
 from tests.fake_engine import CHATML, LLAMA3, FakeEngine
 
 if TYPE_CHECKING:
@@ -45,11 +45,13 @@ class FakeGuardEngine(FakeEngine):
         if len(prompt) >= self.n_ctx:
             raise AssertionError(f"a {len(prompt)}-token prompt in a {self.n_ctx}-token context")
 
-    def next_token_logits(self, prompt: Sequence[int]) -> npt.NDArray[np.float32]:
+    def next_token_logits(self, prompt: Sequence[int], *,
+                          images: Sequence[RGBImage] = ()) -> npt.NDArray[np.float32]:
         self._fits(prompt)
-        return super().next_token_logits(prompt)
+        return super().next_token_logits(prompt, images=images)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, *,
+                 images: Sequence[RGBImage] = ()) -> Generation:
         self._fits(prompt)
-        return super().generate(prompt, params, on_text)
+        return super().generate(prompt, params, on_text, images=images)

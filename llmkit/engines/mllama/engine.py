@@ -354,10 +354,39 @@ class MllamaEngine(VocabText):
                 return p
         return common
 
-    def cached_prefix_length(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of the text prompt ``tokens`` the cache already holds (rows
-        that attended to a picture do not count: a text prompt sees none)."""
-        return self._valid_prefix(tokens, None, None)
+    def cached_prefix_length(self, tokens: Sequence[int], *,
+                             images: Sequence[RGBImage] = ()) -> int:
+        """How many leading tokens of ``tokens`` the cache already holds: rows that attended to
+        a picture count only for a prompt showing the same picture at the same place (a text
+        prompt sees none).
+
+        Raises:
+            InputError, UsageError: ``images`` that do not pair with the prompt's
+                ``<|image|>`` tokens (see :meth:`generate`).
+        """
+        image_from, key, _ = self._token_images(tokens, images)
+        return self._valid_prefix(tokens, key, image_from)
+
+    def _token_images(self, tokens: Sequence[int], images: Sequence[RGBImage]
+                      ) -> tuple[int | None, str | None, RGBImage | None]:
+        """Where a token prompt shows its picture: (the ``<|image|>`` position, the picture's
+        key, the picture), or Nones for a prompt without pictures.
+
+        Raises:
+            InputError: the ``<|image|>`` tokens and the pictures do not pair up.
+            UsageError: more than one picture.
+        """
+        if not images:
+            return None, None, None
+        if len(images) > 1:
+            raise UsageError(
+                f"{self.model_name} takes one image per conversation, and this one has "
+                f"{len(images)}", hint="ask about each picture in a conversation of its own")
+        places = [i for i, t in enumerate(tokens) if t == self._image_token]
+        if len(places) != 1:
+            raise InputError(f"the prompt has {len(places)} {IMAGE_TOKEN_TEXT} tokens for one "
+                             "picture")
+        return places[0], image_key(images[0]), images[0]
 
     def forget(self) -> None:
         """Empty the self-attention cache's bookkeeping, so the next prompt is evaluated from
@@ -390,15 +419,21 @@ class MllamaEngine(VocabText):
 
     # -- inference ------------------------------------------------------------------------
 
-    def next_token_logits(self, prompt: Sequence[int]) -> npt.NDArray[np.float32]:
-        """Evaluate the text prompt ``prompt`` and return the logits of the token that would
-        follow it.
+    def next_token_logits(self, prompt: Sequence[int], *,
+                          images: Sequence[RGBImage] = ()) -> npt.NDArray[np.float32]:
+        """Evaluate ``prompt`` and return the logits of the token that would follow it.
+
+        Args:
+            prompt: token ids.
+            images: the picture the prompt's ``<|image|>`` token stands for (at most one), as
+                for :meth:`generate`.
 
         Returns:
             A float32 numpy array of the model's logits width (a copy).
 
         Raises:
-            InputError: empty prompt.
+            InputError: empty prompt, or a picture without its ``<|image|>`` token.
+            UsageError: more than one picture.
             ContextOverflowError: the prompt does not fit.
         """
         import numpy as np
@@ -408,25 +443,33 @@ class MllamaEngine(VocabText):
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(len(prompt), self.n_ctx)
-        keep = min(self.cached_prefix_length(prompt), len(prompt) - 1)
-        return np.array(self._eval(prompt[keep:], keep, None, None), dtype=np.float32,
+        image_from, key, picture = self._token_images(prompt, images)
+        keep = min(self._valid_prefix(prompt, key, image_from), len(prompt) - 1)
+        if picture is not None and key is not None:
+            self._encode(picture, key)
+        return np.array(self._eval(prompt[keep:], keep, image_from, key), dtype=np.float32,
                         copy=True)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Evaluate the text prompt ``prompt`` (reusing the cached prefix) and sample a
-        continuation.
+                 on_text: Callable[[str], None] | None = None, *,
+                 images: Sequence[RGBImage] = ()) -> Generation:
+        """Evaluate ``prompt`` (reusing the cached prefix) and sample a continuation.
 
         Args:
-            prompt: token ids, e.g. from :meth:`chat_tokens`.
+            prompt: token ids, e.g. from :meth:`chat_tokens`, or a prompt written in the
+                model's own markup (Llama Guard 3 Vision's) holding one ``<|image|>`` token.
             params: sampling settings, an optional max token count and grammar.
             on_text: called with each new piece of text as soon as it is complete UTF-8.
+            images: the picture that ``<|image|>`` stands for (at most one): rows from that
+                token on attend to it. A picture the forward pass holds already is not encoded
+                again, and cached rows that saw it are kept.
 
         Returns:
             The generated text, token counts and timings.
 
         Raises:
-            InputError: empty prompt.
+            InputError: empty prompt, or a picture without its ``<|image|>`` token.
+            UsageError: more than one picture.
             ContextOverflowError: the prompt does not fit in the context.
             SchemaError: llama.cpp cannot parse the grammar.
         """
@@ -435,8 +478,11 @@ class MllamaEngine(VocabText):
             raise InputError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(len(prompt), self.n_ctx)
-        keep = min(self.cached_prefix_length(prompt), len(prompt) - 1)
-        return self._run(prompt, keep, None, None, params, on_text)
+        image_from, key, picture = self._token_images(prompt, images)
+        keep = min(self._valid_prefix(prompt, key, image_from), len(prompt) - 1)
+        result = self._run(prompt, keep, image_from, key, params, on_text, picture)
+        result.image_tokens = self._kept_tiles * self._tokens_per_tile if images else 0
+        return result
 
     def generate_with_images(self, messages: Sequence[Message], images: Sequence[RGBImage],
                              params: SamplingParams,
