@@ -615,17 +615,20 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
     def fits(e: Estimate) -> bool:
         return _fits(e.cpu.total, cpu) and _fits(e.gpu.total, gpu if e.gpu.total else None)
 
+    def largest_ctx(model: Footprint, top: int) -> tuple[int, Estimate] | None:
+        # The largest power of two from ``top`` down to CTX_FLOOR at which ``model`` fits.
+        ctx = 1 << (top.bit_length() - 1)
+        while ctx >= CTX_FLOOR:
+            e = estimate(model, ctx, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
+            if fits(e):
+                return ctx, e
+            ctx //= 2
+        return None
+
     tries: list[str] = []
-    # A smaller context, the largest power of two that fits.
-    ctx = 1 << (n_ctx.bit_length() - 1)
-    if ctx == n_ctx:
-        ctx //= 2
-    while ctx >= CTX_FLOOR:
-        smaller = estimate(fp, ctx, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
-        if fits(smaller):
-            tries.append(f"--ctx {ctx} (needs {human_gib(_total(smaller, where))})")
-            break
-        ctx //= 2
+    shorter = largest_ctx(fp, n_ctx - 1) if n_ctx > 1 else None
+    if shorter is not None:
+        tries.append(f"--ctx {shorter[0]} (needs {human_gib(_total(shorter[1], where))})")
     if on_gpu:
         # Fewer layers on the GPU, the rest in RAM; or the CPU alone.
         if not fp.own_engine:
@@ -639,15 +642,25 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
         if _fits(alone.cpu.total, cpu):
             tries.append(f"--device cpu (needs {human_gib(alone.cpu.total)} of RAM)")
     if plan is not None:
+        # The best quantization that fits this context; failing that, the one that fits the
+        # largest context (the better one of a tie), if larger than the file itself fits
+        # (else --ctx alone is the better advice).
+        best: tuple[int, str, Estimate] | None = None
         for quant in QUANT_CHOICES:
             small = requantized(fp, functools.partial(plan, quant))
             if small.weight_bytes >= fp.weight_bytes:
                 continue
-            e = estimate(small, n_ctx, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
-            if fits(e):
+            found = largest_ctx(small, n_ctx)
+            if found is not None and found[0] == n_ctx:
                 tries.append(f"a smaller quantization ({quant}, needs "
-                             f"{human_gib(_total(e, where))})")
+                             f"{human_gib(_total(found[1], where))})")
+                best = None
                 break
+            if found is not None and (best is None or found[0] > best[0]):
+                best = (found[0], quant, found[1])
+        if best is not None and (shorter is None or best[0] > shorter[0]):
+            tries.append(f"a smaller quantization with a smaller context ({best[1]} and --ctx "
+                         f"{best[0]}, needs {human_gib(_total(best[2], where))})")
     kv = (f"KV cache for --ctx {n_ctx} {human_gib(parts.kv)}" if not fp.own_engine else
           f"KV caches for --ctx {n_ctx} and one image {human_gib(parts.kv)}")
     figures = (f"weights {human_gib(parts.weights)}, {kv}, compute "

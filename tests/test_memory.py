@@ -294,3 +294,30 @@ def test_show_prints_the_estimate(smollm2_path: Path) -> None:
     expected = memory.estimate(footprint(smollm2_path), 4096)
     assert data["memory"] == expected.to_dict()
     assert data["memory"]["kv_cache"] == 30 * 384 * 2 * 4096
+
+
+def test_a_long_context_on_a_big_model() -> None:
+    # Llama 3.1 8B's shape at f16 (8 KV heads of 128), asked for its whole 128k context.
+    fp = dataclasses.replace(_synthetic(n_layer=32, n_embd=4096, n_ff=14336, n_vocab=128256),
+                             n_ctx_train=131072, kv_values=(2 * 8 * 128,) * 32)
+    est = memory.estimate(fp, 131072).all
+    assert est.kv == 32 * 2 * 8 * 128 * 2 * 131072  # 16 GiB
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        memory.check_fits(fp, "llama3.1:8b", 131072, gpu_layers=0,
+                          cpu=Available(12 * GIB, "MemAvailable"), plan=_plan)
+    # Neither a shorter context (the weights alone are 13.6 GiB) nor a smaller quantization
+    # at 128k fits: the two together do.
+    q8 = memory.requantized(fp, lambda n: _plan("Q8_0", n))
+    fitting = memory.estimate(q8, 32768).all.total
+    assert fitting <= 12 * GIB < memory.estimate(q8, 65536).all.total
+    assert str(caught.value) == (
+        "model 'llama3.1:8b' needs about 29.9 GiB of memory (weights 13.6 GiB, KV cache for "
+        "--ctx 131072 16.0 GiB, compute 266 MiB) but only 12.0 GiB is available (MemAvailable) "
+        "(try a smaller quantization with a smaller context (Q8_0 and --ctx 32768, needs "
+        f"{memory.human_gib(fitting)}); LLMKIT_MEMORY_CHECK=0 skips this check)")
+    # With room for the f16 weights at a shorter context, both are offered.
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        memory.check_fits(fp, "llama3.1:8b", 131072, gpu_layers=0,
+                          cpu=Available(20 * GIB, "MemAvailable"), plan=_plan)
+    assert "(try --ctx 32768 (needs 17.9 GiB), or a smaller quantization with a smaller " \
+           "context (Q8_0 and --ctx 65536, needs 15.5 GiB);" in str(caught.value)
