@@ -279,6 +279,22 @@ def test_a_smaller_quantization_is_what_llama_cpp_writes(tmp_path: Path) -> None
         assert predicted.layer_bytes == written.layer_bytes
 
 
+
+def test_a_smaller_quantization_is_what_the_vision_quantizer_writes(tiny_vision: Path,
+                                                                     tmp_path: Path) -> None:
+    from llmkit.quantize import quantize
+
+    fp = footprint(tiny_vision)
+    for qtype in ("Q8_0", "Q4_K_M"):
+        written = footprint(Path(quantize(tiny_vision, qtype, tmp_path / f"v-{qtype}.gguf",
+                                          threads=1).output))
+        predicted = memory.requantized(fp, _plan_for(qtype))
+        assert {t.name: t.type_name for t in predicted.tensors} == \
+            {t.name: t.type_name for t in written.tensors}, qtype
+        assert predicted.weight_bytes == written.weight_bytes
+        assert predicted.vision_bytes == written.vision_bytes == fp.vision_bytes
+
+
 def _plan_for(qtype: str) -> Callable[[list[str]], Callable[[str, tuple[int, ...], str], str]]:
     from llmkit.engines.mllama.quantize import TypePlan
 
