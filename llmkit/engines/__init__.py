@@ -146,6 +146,7 @@ def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: st
             fp = dataclasses.replace(fp, output_bytes=fp.output_bytes
                                      + Path(mmproj).stat().st_size)
     have = cpu() if callable(cpu) else cpu if cpu is not None else memory.cpu_available()
+
     def plan(ftype: str, names: list[str]) -> Callable[[str, tuple[int, ...], str], str]:
         # llama.cpp's per-tensor choices, as the Vision quantizer follows them (for a Llama's
         # tensors they are what llama-quantize writes: tests/test_memory_real.py).
