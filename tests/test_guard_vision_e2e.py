@@ -178,9 +178,16 @@ def test_the_guard_prompt_score_and_answer_are_the_published_model_s(
         evals: list[tuple[list[int], int, int | None]] = []
         encodes: list[int] = []
         real_eval, real_encode = forward.eval, forward.encode_image
-        forward.eval = lambda t, n, i: (evals.append((list(t), n, i)), real_eval(t, n, i))[1]
-        forward.encode_image = lambda tiled: (encodes.append(tiled.num_tiles),
-                                              real_encode(tiled))[1]
+
+        def evaluated(tokens: Sequence[int], n_past: int, image_from: int | None) -> Any:
+            evals.append((list(tokens), n_past, image_from))
+            return real_eval(tokens, n_past, image_from)
+
+        def encoded(tiled: Any) -> None:
+            encodes.append(tiled.num_tiles)
+            real_encode(tiled)
+
+        forward.eval, forward.encode_image = evaluated, encoded
         policy = default_categories(engine.chat_template, "guard-vision.gguf")
         assert [c.code for c in policy] == [f"S{i}" for i in range(1, 14)]  # no S14
         guard = Guard(engine, policy, threshold=0.5)
