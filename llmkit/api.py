@@ -439,8 +439,9 @@ def summarize(document: str | os.PathLike[str] | bytes, model: ModelRef = None, 
 def check(text: str | Sequence[Message] | Conversation, model: ModelRef = None, *,
           response: str | None = None, exclude: str | Sequence[str] | None = None,
           categories: str | os.PathLike[str] | None = None, threshold: float | None = None,
-          ctx: int | None = None, threads: int | None = None, device: str = "auto",
-          gpu_layers: int | None = None, verbose: bool = False) -> Verdict:
+          image: ImageSource | None = None, ctx: int | None = None,
+          threads: int | None = None, device: str = "auto", gpu_layers: int | None = None,
+          verbose: bool = False) -> Verdict:
     """Check a prompt, a response or a conversation against a safety policy (Llama Guard 3).
 
     Args:
@@ -453,6 +454,8 @@ def check(text: str | Sequence[Message] | Conversation, model: ModelRef = None, 
         categories: your own policy, a TOML file of ``[[categories]]`` (code, name,
             description), instead of the model's own.
         threshold: flag when P(unsafe) reaches this, instead of taking the model's answer.
+        image: a picture judged together with the text (``text`` may then be empty: the
+            picture alone), by a guard that reads images (``llama-guard3:11b-vision``).
         ctx, threads, device, gpu_layers, verbose: as for :func:`load`, when opening by name.
 
     Returns:
@@ -467,6 +470,8 @@ def check(text: str | Sequence[Message] | Conversation, model: ModelRef = None, 
             nothing left after the exclusions; a threshold outside 0–1.
         VerdictError: the model's answer is not a verdict (never taken as safe).
         ContextOverflowError: the conversation does not fit the guard's context.
+        ImagesNotCheckableError: ``image`` for a guard that reads text only.
+        ImageError: ``image`` cannot be read.
         LlmkitError: the model cannot be resolved or loaded.
 
     Example:
@@ -478,7 +483,7 @@ def check(text: str | Sequence[Message] | Conversation, model: ModelRef = None, 
     from llmkit.tasks.guard_prompt import check_conversation
 
     if isinstance(text, str):
-        if not _text(text, "the text to check").strip():
+        if not _text(text, "the text to check").strip() and image is None:
             raise InputError("the text to check is empty", hint="there is nothing to check")
         messages: list[Message] = [{"role": "user", "content": text}]
         if response is not None:
@@ -493,21 +498,23 @@ def check(text: str | Sequence[Message] | Conversation, model: ModelRef = None, 
             if isinstance(content, str):  # other shapes are check_conversation's to refuse
                 _text(content, f"message {i}")
         messages = turns
-    messages = check_conversation(messages)
+    messages = check_conversation(messages, image=image is not None)
+    picture = _prepare_image(image) if image is not None else None  # before loading
     codes = exclude.split(",") if isinstance(exclude, str) else list(exclude or ())
     policy_file = Path(categories) if categories is not None else None
     options = _engine_options(ctx, threads, device, gpu_layers, verbose)
     engine = _given_engine(model)
     if engine is not None:
         _no_options(options, None)
-        return _guard_on(engine, policy_file, codes, threshold).check(messages)
+        return _guard_on(engine, policy_file, codes, threshold).check(messages, picture)
     from llmkit.session import open_guard
 
     guard, note = open_guard(_model_name(model), options, exclude=",".join(codes) or None,
-                             categories_file=policy_file, threshold=threshold)
+                             categories_file=policy_file, threshold=threshold,
+                             images=picture is not None)
     _note(note)
     with guard:
-        return guard.check(messages)
+        return guard.check(messages, picture)
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -381,3 +381,18 @@ def test_guard_on_caption_and_run_checks_the_picture(
     if proc.returncode == 0:
         data = json.loads(proc.stdout)
         assert data["guard"]["input"]["image"] == {"width": 28, "height": 56}
+
+
+def test_the_python_api_checks_a_picture(guard_gguf: Path, photos: dict[str, Path],
+                                         smollm2_path: Path) -> None:
+    import llmkit
+    from llmkit.errors import ImagesNotCheckableError
+
+    verdict = llmkit.check(QUESTION, str(guard_gguf), image=str(photos["red"]),
+                           threshold=0.5, threads=1)
+    assert verdict.image == {"width": 56, "height": 28} and verdict.score is not None
+    alone = llmkit.check("", str(guard_gguf), image=photos["blue"].read_bytes(),
+                         threshold=0.5, threads=1)
+    assert alone.image == {"width": 28, "height": 56}
+    with pytest.raises(ImagesNotCheckableError):
+        llmkit.check("hi", str(smollm2_path), image=str(photos["red"]), threads=1)
