@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmkit.defaults import default_model_name
+from llmkit.defaults import default_choice, default_model_name
 from llmkit.engines import Engine, SamplingParams, load_engine
 from llmkit.store import Resolution, resolve, resolve_default
 
@@ -200,6 +200,11 @@ def open_chat_engine(model: str | None, options: EngineOptions, *, mmproj: Path 
     return engine, resolution, resolution.note
 
 
+# The catalog's guard that reads images: the one a picture is checked with when no guard is
+# named (the default guard reads text only).
+VISION_GUARD = "llama-guard3:11b-vision"
+
+
 def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None = None,
                categories_file: Path | None = None, threshold: float | None = None,
                images: bool = False) -> tuple[Guard, str | None]:
@@ -211,8 +216,9 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
         exclude: comma-separated codes to leave out.
         categories_file: a TOML policy instead of the model's own.
         threshold: decide by score.
-        images: the guard must check pictures (Llama Guard 3 Vision): a model that reads text
-            only is refused from its file's header, before it loads.
+        images: the guard must check pictures (Llama Guard 3 Vision): without ``model`` (and
+            ``$LLMKIT_GUARD_MODEL``) that is :data:`VISION_GUARD`; a model that reads text only
+            is refused from its file's header, before it loads.
 
     Returns:
         The guard (its ``engine`` must be closed by the caller) and a note for stderr.
@@ -230,7 +236,12 @@ def open_guard(model: str | None, options: EngineOptions, *, exclude: str | None
     custom = load_categories(categories_file) if categories_file is not None else None
     if exclude:
         drop(custom if custom is not None else LLAMA_GUARD_3_CATEGORIES, exclude.split(","))
-    resolution = resolve(model) if model else resolve_default("guard")
+    if model:
+        resolution = resolve(model)
+    elif images and default_choice("guard").variable is None:
+        resolution = resolve(VISION_GUARD)
+    else:
+        resolution = resolve_default("guard")
     if images:
         from llmkit.engines import reads_images_itself
         from llmkit.errors import ImagesNotCheckableError

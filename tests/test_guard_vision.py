@@ -260,3 +260,14 @@ def test_caption_with_a_vision_guard_checks_the_picture_first(tmp_path: Path) ->
     record = caption_file(captioner, str(photo), job,
                           guard=Guard(text, LLAMA_GUARD_3_1B_CATEGORIES))
     assert set(record["guard"]) == {"output"}
+
+
+def test_check_image_without_a_guard_named_asks_for_the_vision_guard(tmp_path: Path) -> None:
+    from tests.conftest import run_llmkit
+
+    photo = pictures.write_photo_jpeg(tmp_path)
+    proc = run_llmkit(["check", "--image", str(photo), "Is this OK?"])
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == ("llmkit: error: model 'llama-guard3:11b-vision' is in the catalog "
+                           "but not on this machine (run `llmkit pull llama-guard3:11b-vision "
+                           "--from-source`)\n")
