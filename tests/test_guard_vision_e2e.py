@@ -396,3 +396,24 @@ def test_the_python_api_checks_a_picture(guard_gguf: Path, photos: dict[str, Pat
     assert alone.image == {"width": 28, "height": 56}
     with pytest.raises(ImagesNotCheckableError):
         llmkit.check("hi", str(smollm2_path), image=str(photos["red"]), threads=1)
+
+
+def test_llama_cpp_refuses_pictures_in_a_token_prompt(smollm2_path: Path) -> None:
+    from llmkit.engines import load_engine
+    from llmkit.engines.base import SamplingParams
+    from llmkit.errors import LlmkitError
+
+    picture = Pixels(random_picture(8, 8))
+    with load_engine(smollm2_path, n_ctx=256, threads=1) as engine:
+        prompt = engine.tokenize("hello")
+        for call in (lambda: engine.next_token_logits(prompt, images=[picture]),
+                     lambda: engine.generate(prompt, SamplingParams(max_tokens=2),
+                                             images=[picture]),
+                     lambda: engine.cached_prefix_length(prompt, images=[picture])):
+            with pytest.raises(LlmkitError) as info:
+                call()
+            assert str(info.value) == (
+                f"{engine.model_name} cannot read pictures in a token prompt (llama.cpp's "
+                "engine shows them only in a conversation) (a safety check of a picture needs "
+                "a guard that reads images, such as llama-guard3:11b-vision)")
+        assert engine.generate(prompt, SamplingParams(max_tokens=2)).completion_tokens == 2
