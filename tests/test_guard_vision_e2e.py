@@ -17,6 +17,7 @@ import pytest
 
 from llmkit.engines.base import Message
 from tests.conftest import run_llmkit
+from tests.hub_server import FakeHub
 from tests.mllama_model import (
     EOS_TOKEN_IDS,
     IMAGE_TOKEN_ID,
@@ -25,6 +26,7 @@ from tests.mllama_model import (
     require_oracle,
     save_checkpoint,
 )
+from tests.test_pull import hub  # noqa: F401  (the fake Hub fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -417,3 +419,30 @@ def test_llama_cpp_refuses_pictures_in_a_token_prompt(smollm2_path: Path) -> Non
                 "engine shows them only in a conversation) (a safety check of a picture needs "
                 "a guard that reads images, such as llama-guard3:11b-vision)")
         assert engine.generate(prompt, SamplingParams(max_tokens=2)).completion_tokens == 2
+
+
+def test_pull_from_source_registers_a_vision_guard_as_a_guard(
+        hub: FakeHub, isolated_home: Path, checkpoint: tuple[Any, Path],  # noqa: F811
+        photos: dict[str, Path]) -> None:
+    # As llama-guard3:11b-vision in models.toml: a guard built from its checkpoint.
+    directory = checkpoint[1]
+    hub.add("acme/tiny-guard-vision",
+            {str(p.relative_to(directory)): p for p in directory.rglob("*") if p.is_file()})
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "models.toml").write_text('''
+[models."tiny-guard:1m"]
+kind = "guard"
+description = "test entry"
+source_repo = "acme/tiny-guard-vision"
+default_quant = "Q8_0"
+''')
+    proc = run_llmkit(["pull", "tiny-guard:1m", "--from-source", "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)["model"]
+    assert (model["kind"], model["quant"], model["mmproj"]) == ("guard", "Q8_0", "")
+    listed = {e["name"]: e for e in json.loads(run_llmkit(["list", "-f", "json"]).stdout)}
+    assert listed["tiny-guard:1m"]["kind"] == "guard"
+    checked = run_llmkit(["check", "-m", "tiny-guard:1m", *THREADS, "--image",
+                          str(photos["red"]), "--threshold", "0.5", "--format", "json", "hi"])
+    assert checked.returncode in (0, 3), checked.stderr
+    assert json.loads(checked.stdout)["image"]["path"] == str(photos["red"])
