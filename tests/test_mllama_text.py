@@ -229,6 +229,24 @@ def test_twenty_cached_decode_steps_equal_transformers(tiny: Tiny) -> None:
     assert f.n_cached == len(PROMPT) + 20
 
 
+@pytest.mark.parametrize("matmul_rows", [1, 3, 32], ids=["rows-of-1", "rows-of-3", "whole-steps"])
+def test_both_cross_attention_paths_equal_transformers(tiny: Tiny, monkeypatch: Any,
+                                                       matmul_rows: int) -> None:
+    # A step cross-attends in pieces of CROSS_MATMUL_ROWS rows, joined again: pieces of one
+    # row, of a size that leaves a remainder, and the whole prompt must all be transformers'.
+    monkeypatch.setattr(text, "CROSS_MATMUL_ROWS", matmul_rows)
+    picture = _picture(7, seed=4)
+    fed, want = mm.reference_decode(tiny.model, PROMPT, picture, steps=3)
+    f = tiny.f32
+    f.encode_image(_tiled(picture, f))  # drops any kept decode graph: built anew here
+    got = [f.eval(PROMPT, 0, IMAGE_AT)]
+    got += [f.eval([token], len(PROMPT) + k, IMAGE_AT) for k, token in enumerate(fed)]
+    np.testing.assert_allclose(np.stack(got), want, atol=TOLERANCE_F32, rtol=0)
+    rows = f.eval_rows(PROMPT, 0, IMAGE_AT)
+    np.testing.assert_allclose(rows, mm.reference_logits(tiny.model, PROMPT, picture),
+                               atol=TOLERANCE_F32, rtol=0)
+
+
 def test_text_decode_after_a_text_prompt(tiny: Tiny) -> None:
     fed, want = mm.reference_decode(tiny.model, TEXT_PROMPT, None, steps=6)
     f = tiny.f32

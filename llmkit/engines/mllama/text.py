@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 # steps share one graph shape (llama.cpp pads its KV window the same way, to 256): the rows past
 # the ones written are masked out.
 KV_PAD = 256
+# Cross-attention runs as two matrix products over the image's K/V on at most this many rows
+# at a time: their scores, [image tokens, 4·rows, KV heads], take 26 MiB at 32 rows for a
+# 4-tile image (420 MiB for a whole 512-token step at once).
+CROSS_MATMUL_ROWS = 32
 
 # Types a text weight matrix may have: what ggml's CPU matrix product and row lookup take.
 MATRIX_TYPES = frozenset({
@@ -92,8 +96,10 @@ def cache_specs(tp: TextParams, n_ctx: int, n_image_max: int, kv_type: int
 
     Each self layer keeps ``k.L``/``v.L``, ne [head_dim·n_head_kv, n_ctx]: one row per
     position holding every KV head (the layout llama.cpp's KV cache has), written with
-    ``set_rows``. Each cross layer keeps ``xk.L``/``xv.L``, ne [head_dim·n_head_kv,
-    n_image_max]: the keys (after k_norm) and values of one image's tokens.
+    ``set_rows``. Each cross layer keeps ``xk.L``, ne [head_dim·n_head_kv, n_image_max], the
+    keys (after k_norm) of one image's tokens, and ``xv.L``, ne [n_image_max,
+    head_dim·n_head_kv], their values transposed, as the second of the two matrix products
+    of cross-attention reads them (written once per image).
 
     Args:
         tp: the text hyperparameters.
@@ -111,7 +117,7 @@ def cache_specs(tp: TextParams, n_ctx: int, n_image_max: int, kv_type: int
         specs[f"v.{i}"] = (kv_type, (width, n_ctx))
     for i in tp.cross_layers:
         specs[f"xk.{i}"] = (kv_type, (width, n_image_max))
-        specs[f"xv.{i}"] = (kv_type, (width, n_image_max))
+        specs[f"xv.{i}"] = (kv_type, (n_image_max, width))
     return specs
 
 
@@ -234,9 +240,31 @@ def _cross_attention(c: Ctx, w: Mapping[str, T], tp: TextParams, b: str, x: T, l
     q = c.reshape(c.mul_mat(w[b + "cross_attn_q.weight"], x), hd, heads, n)
     q = _rms(c, q, w[b + "cross_attn_q_norm.weight"], tp.rms_eps)
     keys = _heads_view(c, cache[f"xk.{layer}"], hd, kv, n_image)
-    values = _heads_view(c, cache[f"xv.{layer}"], hd, kv, n_image)
-    out = c.flash_attn_ext(c.permute(q, 0, 2, 1, 3), keys, values, None, hd ** -0.5)
-    return c.mul_mat(w[b + "cross_attn_output.weight"], c.reshape(out, hd * heads, n))
+    xv = cache[f"xv.{layer}"]
+    # Per KV head, its values transposed: ne [n_image, hd, kv].
+    values_t = c.view(xv, (n_image, hd, kv), (xv.nb[1], hd * xv.nb[1]))
+    group = heads // kv
+
+    def rows(q_rows: T, m: int) -> T:
+        # The query heads sharing a KV head become the rows of one product with its keys, so
+        # each key is read once per step, not once per query head as the fused kernel reads
+        # it (4× fewer reads of the image's K/V with 32 heads over 8).
+        qg = c.cont(c.permute(c.reshape(q_rows, hd, group, kv, m), 0, 1, 3, 2))
+        scores = c.mul_mat(keys, c.reshape(qg, hd, group * m, kv))    # [n_image, g·m, kv]
+        probs = c.soft_max_ext(scores, None, hd ** -0.5)
+        out = c.mul_mat(values_t, probs)                                # [hd, g·m, kv]
+        out = c.cont(c.permute(c.reshape(out, hd, group, m, kv), 0, 1, 3, 2))
+        return c.reshape(out, hd * heads, m)
+
+    # A long step goes in pieces of CROSS_MATMUL_ROWS rows, so the scores held at once stay
+    # bounded; the pieces are joined pairwise (log₂ pieces copies of the output, not n).
+    pieces = [rows(c.view(q, (hd, heads, min(CROSS_MATMUL_ROWS, n - start)),
+                          (q.nb[1], q.nb[2]), start * q.nb[2]), min(CROSS_MATMUL_ROWS, n - start))
+              for start in range(0, n, CROSS_MATMUL_ROWS)]
+    while len(pieces) > 1:
+        pieces = [c.concat(pieces[i], pieces[i + 1], 1) if i + 1 < len(pieces) else pieces[i]
+                  for i in range(0, len(pieces), 2)]
+    return c.mul_mat(w[b + "cross_attn_output.weight"], pieces[0])
 
 
 def build_step(c: Ctx, w: Mapping[str, T], tp: TextParams, cache: Mapping[str, T],
@@ -313,7 +341,8 @@ def build_cross_kv(c: Ctx, w: Mapping[str, T], tp: TextParams, cache: Mapping[st
         n_image: tokens to keep (num_tiles · tokens per tile).
 
     Returns:
-        The copy nodes, expanded into the graph (nothing to read back).
+        No outputs: the copies are expanded into the graph, and reading 2·n_image·hd·kv
+        values per cross layer back to the host would only cost time.
 
     Raises:
         ValueError: image states of another width, or fewer than ``n_image`` tokens.
@@ -323,13 +352,13 @@ def build_cross_kv(c: Ctx, w: Mapping[str, T], tp: TextParams, cache: Mapping[st
         raise ValueError(f"image states {image.ne} do not give {n_image} tokens of "
                          f"{tp.n_embd} values")
     states = c.view(image, (tp.n_embd, n_image), (image.nb[1],), 0)
-    copies = []
     for i in tp.cross_layers:
         b = f"blk.{i}."
         k = c.reshape(c.mul_mat(w[b + "cross_attn_k.weight"], states), hd, kv, n_image)
         k = _rms(c, k, w[b + "cross_attn_k_norm.weight"], tp.rms_eps)
-        v = c.mul_mat(w[b + "cross_attn_v.weight"], states)
-        for name, t in ((f"xk.{i}", c.reshape(k, hd * kv, n_image)), (f"xv.{i}", v)):
-            dst = cache[name]
-            copies.append(c.expand(c.cpy(t, c.view(dst, (hd * kv, n_image), (dst.nb[1],), 0))))
-    return copies
+        v = c.transpose(c.mul_mat(w[b + "cross_attn_v.weight"], states))  # ne [n_image, hd·kv]
+        xk, xv = cache[f"xk.{i}"], cache[f"xv.{i}"]
+        c.expand(c.cpy(c.reshape(k, hd * kv, n_image),
+                       c.view(xk, (hd * kv, n_image), (xk.nb[1],), 0)))
+        c.expand(c.cpy(v, c.view(xv, (n_image, hd * kv), (xv.nb[1],), 0)))
+    return []
