@@ -229,11 +229,12 @@ def test_twenty_cached_decode_steps_equal_transformers(tiny: Tiny) -> None:
     assert f.n_cached == len(PROMPT) + 20
 
 
-@pytest.mark.parametrize("matmul_rows", [1, 3, 32], ids=["rows-of-1", "rows-of-3", "whole-steps"])
+@pytest.mark.parametrize("matmul_rows", [0, 1, 32],
+                         ids=["fused-everywhere", "fused-prompt", "products-everywhere"])
 def test_both_cross_attention_paths_equal_transformers(tiny: Tiny, monkeypatch: Any,
                                                        matmul_rows: int) -> None:
-    # A step cross-attends in pieces of CROSS_MATMUL_ROWS rows, joined again: pieces of one
-    # row, of a size that leaves a remainder, and the whole prompt must all be transformers'.
+    # Steps up to CROSS_MATMUL_ROWS tokens cross-attend with two matrix products, longer ones
+    # with the fused kernel: whichever a prompt or a decode step takes must be transformers'.
     monkeypatch.setattr(text, "CROSS_MATMUL_ROWS", matmul_rows)
     picture = _picture(7, seed=4)
     fed, want = mm.reference_decode(tiny.model, PROMPT, picture, steps=3)

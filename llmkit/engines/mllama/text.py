@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 # steps share one graph shape (llama.cpp pads its KV window the same way, to 256): the rows past
 # the ones written are masked out.
 KV_PAD = 256
-# Cross-attention runs as two matrix products over the image's K/V on at most this many rows
-# at a time: their scores, [image tokens, 4·rows, KV heads], take 26 MiB at 32 rows for a
-# 4-tile image (420 MiB for a whole 512-token step at once).
+# Steps of at most this many tokens (every decode step) cross-attend with two matrix products
+# over the image's K/V, longer ones (prompts) with the fused kernel: measured on the 11B's
+# widths, the products decode faster (each key is read once for its 4 query heads) and the
+# fused kernel prompts faster (and never holds the [image tokens, 4·rows, KV heads] scores).
 CROSS_MATMUL_ROWS = 32
 
 # Types a text weight matrix may have: what ggml's CPU matrix product and row lookup take.
@@ -99,7 +100,7 @@ def cache_specs(tp: TextParams, n_ctx: int, n_image_max: int, kv_type: int
     ``set_rows``. Each cross layer keeps ``xk.L``, ne [head_dim·n_head_kv, n_image_max], the
     keys (after k_norm) of one image's tokens, and ``xv.L``, ne [n_image_max,
     head_dim·n_head_kv], their values transposed, as the second of the two matrix products
-    of cross-attention reads them (written once per image).
+    of a decode step's cross-attention reads them (written once per image).
 
     Args:
         tp: the text hyperparameters.
@@ -256,15 +257,13 @@ def _cross_attention(c: Ctx, w: Mapping[str, T], tp: TextParams, b: str, x: T, l
         out = c.cont(c.permute(c.reshape(out, hd, group, m, kv), 0, 1, 3, 2))
         return c.reshape(out, hd * heads, m)
 
-    # A long step goes in pieces of CROSS_MATMUL_ROWS rows, so the scores held at once stay
-    # bounded; the pieces are joined pairwise (log₂ pieces copies of the output, not n).
-    pieces = [rows(c.view(q, (hd, heads, min(CROSS_MATMUL_ROWS, n - start)),
-                          (q.nb[1], q.nb[2]), start * q.nb[2]), min(CROSS_MATMUL_ROWS, n - start))
-              for start in range(0, n, CROSS_MATMUL_ROWS)]
-    while len(pieces) > 1:
-        pieces = [c.concat(pieces[i], pieces[i + 1], 1) if i + 1 < len(pieces) else pieces[i]
-                  for i in range(0, len(pieces), 2)]
-    return c.mul_mat(w[b + "cross_attn_output.weight"], pieces[0])
+    if n <= CROSS_MATMUL_ROWS:
+        return c.mul_mat(w[b + "cross_attn_output.weight"], rows(q, n))
+    # A longer step (a prompt) with the fused kernel, which is faster there and never holds
+    # the scores; it takes the values untransposed: one copy of them per step.
+    values = c.cont(c.permute(values_t, 1, 0, 2, 3))                    # [hd, n_image, kv]
+    out = c.flash_attn_ext(c.permute(q, 0, 2, 1, 3), keys, values, None, hd ** -0.5)
+    return c.mul_mat(w[b + "cross_attn_output.weight"], c.reshape(out, hd * heads, n))
 
 
 def build_step(c: Ctx, w: Mapping[str, T], tp: TextParams, cache: Mapping[str, T],
