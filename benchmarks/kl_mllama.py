@@ -147,8 +147,8 @@ def _tiles(prompt: Any, file: Any) -> int:
 def table(results: dict[str, Any]) -> str:
     """The figures as a Markdown table (benchmarks/README.md's)."""
     lines = ["| model | type | text bpw | GiB | mean KL ± se | median | p99 | max | same top "
-             "| RMS Δp | mean KL text / image |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| RMS Δp | mean KL text / image | F16 entropy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model, record in results.items():
         for qtype, r in record["types"].items():
             o, kinds = r["overall"], r["by_kind"]
@@ -156,8 +156,8 @@ def table(results: dict[str, Any]) -> str:
                 f"| {model} | {qtype} | {r['text_bpw']:.2f} | {r['bytes'] / 2**30:.3f} | "
                 f"{o['mean']:.3g} ± {o['mean_stderr']:.1g} | {o['median']:.3g} | "
                 f"{o['p99']:.3g} | {o['max']:.3g} | {100 * o['same_top']:.1f} % | "
-                f"{100 * o['rms_dp']:.2f} % | {kinds['text']['mean']:.3g} / "
-                f"{kinds['image']['mean']:.3g} |")
+                f"{o['rms_dp']:.2g} | {kinds['text']['mean']:.3g} / "
+                f"{kinds['image']['mean']:.3g} | {r['reference_entropy']:.2f} |")
     return "\n".join(lines)
 
 
