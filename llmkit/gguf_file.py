@@ -789,6 +789,17 @@ def check_model_file(path: Path) -> str:
     return _check_model(_parse(path))
 
 
+def check_model_header(path: Path) -> tuple[str, Header]:
+    """:func:`check_model_file`, giving the checked header too, so that a caller that reads the
+    header as well (the memory estimate) does not parse the file a second time.
+
+    Raises:
+        InvalidModelFileError: as :func:`check_model_file`.
+    """
+    parsed = _parse(path)
+    return _check_model(parsed), Header(parsed)
+
+
 def check_projector_file(path: Path) -> None:
     """Check a vision projector (mmproj) file before mtmd loads it.
 

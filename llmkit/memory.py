@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit.errors import NotEnoughMemoryError
+from llmkit.errors import NotEnoughMemoryError, UsageError
 from llmkit.gguf_file import Header, read_header
 
 __all__ = [
@@ -561,9 +561,21 @@ def cpu_available(meminfo: Path | None = None, proc_cgroup: Path | None = None,
 
 
 def check_enabled(environ: dict[str, str] | None = None) -> bool:
-    """False when ``LLMKIT_MEMORY_CHECK`` is 0, no, off or false (any case)."""
-    value = (os.environ if environ is None else environ).get(CHECK_ENV, "").strip().lower()
-    return value not in ("0", "no", "off", "false")
+    """False when ``LLMKIT_MEMORY_CHECK`` is 0, no, off or false; True when it is unset,
+    empty, 1, yes, on or true (any case).
+
+    Raises:
+        UsageError: any other value: a typo must not leave the check on (or off) unnoticed,
+            as for llmkit's other variables.
+    """
+    raw = (os.environ if environ is None else environ).get(CHECK_ENV, "")
+    value = raw.strip().lower()
+    if value in ("0", "no", "off", "false"):
+        return False
+    if value in ("", "1", "yes", "on", "true"):
+        return True
+    raise UsageError(f"{CHECK_ENV}={raw!r} is neither on nor off",
+                     hint=f"set {CHECK_ENV}=0 to skip the memory check, or unset it")
 
 
 # -- the check -------------------------------------------------------------------------------

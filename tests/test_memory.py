@@ -148,6 +148,12 @@ def test_the_check_can_be_turned_off(value: str, enabled: bool) -> None:
     assert memory.check_enabled({}) is True
 
 
+@pytest.mark.parametrize("value", ["2", "nope", "of", "0 1"])
+def test_a_mistyped_switch_is_refused(value: str) -> None:
+    with pytest.raises(UsageError, match=r"^LLMKIT_MEMORY_CHECK='.*' is neither on nor off "):
+        memory.check_enabled({memory.CHECK_ENV: value})
+
+
 # -- the refusal -----------------------------------------------------------------------------
 
 

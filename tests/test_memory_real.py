@@ -272,10 +272,7 @@ def test_a_smaller_quantization_is_what_llama_cpp_writes(tmp_path: Path) -> None
     for qtype in ("Q8_0", "Q4_K_M"):
         written = footprint(Path(quantize(f16, qtype, tmp_path / f"tiny-{qtype}.gguf",
                                           threads=1).output))
-        predicted = memory.requantized(fp, _plan_for(qtype))
-        assert {t.name: t.type_name for t in predicted.tensors} == \
-            {t.name: t.type_name for t in written.tensors}, qtype
-        assert predicted.weight_bytes == written.weight_bytes
+        predicted = _predicted_as_written(fp, written, qtype)
         assert predicted.layer_bytes == written.layer_bytes
 
 
@@ -288,11 +285,19 @@ def test_a_smaller_quantization_is_what_the_vision_quantizer_writes(tiny_vision:
     for qtype in ("Q8_0", "Q4_K_M"):
         written = footprint(Path(quantize(tiny_vision, qtype, tmp_path / f"v-{qtype}.gguf",
                                           threads=1).output))
-        predicted = memory.requantized(fp, _plan_for(qtype))
-        assert {t.name: t.type_name for t in predicted.tensors} == \
-            {t.name: t.type_name for t in written.tensors}, qtype
-        assert predicted.weight_bytes == written.weight_bytes
+        predicted = _predicted_as_written(fp, written, qtype)
         assert predicted.vision_bytes == written.vision_bytes == fp.vision_bytes
+
+
+def _predicted_as_written(fp: memory.Footprint, written: memory.Footprint, qtype: str
+                          ) -> memory.Footprint:
+    # The estimate of fp requantized to qtype: every tensor's type and the weights' bytes are
+    # those of the file the quantizer wrote.
+    predicted = memory.requantized(fp, _plan_for(qtype))
+    assert {t.name: t.type_name for t in predicted.tensors} == \
+        {t.name: t.type_name for t in written.tensors}, qtype
+    assert predicted.weight_bytes == written.weight_bytes, qtype
+    return predicted
 
 
 def _plan_for(qtype: str) -> Callable[[list[str]], Callable[[str, tuple[int, ...], str], str]]:

@@ -17,6 +17,7 @@ from llmkit.engines.base import (
 
 if TYPE_CHECKING:
     from llmkit.engines.llama_cpp import LlamaCppEngine
+    from llmkit.gguf_file import Header
     from llmkit.memory import Available, GpuMemory
 
 __all__ = ["Engine", "Generation", "LlamaCppEngine", "Message", "Piece", "RGBImage",
@@ -62,13 +63,13 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
         LlmkitError: the model could not be loaded (usually not enough memory).
     """
     from llmkit.engines.llama_cpp import LlamaCppEngine
-    from llmkit.gguf_file import check_model_file
+    from llmkit.gguf_file import check_model_header
 
     path = Path(model_path)
-    architecture = check_model_file(path)
+    architecture, header = check_model_header(path)
     if architecture == "mllama" and mmproj is not None:
         raise _no_projector(path)
-    check_memory(path, architecture, n_ctx=n_ctx, device=device, gpu_layers=gpu_layers,
+    check_memory(header, architecture, n_ctx=n_ctx, device=device, gpu_layers=gpu_layers,
                  name=name or path.name, mmproj=mmproj, n_batch=n_batch)
     if architecture == "mllama":
         return _load_mllama(path, n_ctx=n_ctx, threads=threads, device=device,
@@ -80,7 +81,7 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
                           checked=True, **batch)
 
 
-def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: str,
+def check_memory(source: Path | Header, architecture: str, *, n_ctx: int | None, device: str,
                  gpu_layers: int | None, name: str, mmproj: str | Path | None = None,
                  n_batch: int | None = None,
                  cpu: Available | Callable[[], Available | None] | None = None,
@@ -89,7 +90,7 @@ def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: st
     """Refuse a model that cannot fit, from its header alone, before its engine loads it.
 
     Args:
-        path: the checked GGUF.
+        source: the checked GGUF, or its header as already read.
         architecture: its architecture (picks the engine whose rules are estimated).
         n_ctx, device, gpu_layers, n_batch, mmproj: what the engine will be given.
         name: the model's name for the message.
@@ -138,7 +139,7 @@ def check_memory(path: Path, architecture: str, *, n_ctx: int | None, device: st
         if used:
             gpu = memory.Available(sum(g.free for g in used),
                                    ", ".join(g.name for g in used) + " free")
-    fp = memory.footprint(path)
+    fp = memory.footprint(source)
     if mmproj is not None:
         # The projector's weights go where the model's do; its image graph is not counted.
         # (A projector that is not there is the engine's to name.)
