@@ -271,3 +271,46 @@ def test_check_image_without_a_guard_named_asks_for_the_vision_guard(tmp_path: P
     assert proc.stderr == ("llmkit: error: model 'llama-guard3:11b-vision' is in the catalog "
                            "but not on this machine (run `llmkit pull llama-guard3:11b-vision "
                            "--from-source`)\n")
+
+
+def test_chat_with_a_vision_guard_checks_each_turn_with_the_conversation_s_picture(
+        tmp_path: Path) -> None:
+    from llmkit.errors import FlaggedError
+    from llmkit.tasks.chat import Conversation
+    from llmkit.tasks.guarding import guarded_chat_turn
+
+    photo = str(pictures.write_photo_jpeg(tmp_path))
+    chat = FakeEngine("A cat on a sofa.", vision=True)
+    engine = vision_guard(answer="safe")
+    guard = Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES)
+    convo = Conversation()
+    guarded_chat_turn(chat, convo, "What is this?", guard, images=[photo])
+    shown = convo.prepared([photo])[0]
+    first = len(engine.calls)
+    assert first and all(call.images == [shown] for call in engine.calls)
+    assert "User: What is this?" in engine.calls[0].text
+    assert "Agent: A cat on a sofa." in engine.calls[-1].text
+    # A later turn about the same picture shows it to the guard again (without encoding it
+    # again), though the message itself attaches nothing.
+    guarded_chat_turn(chat, convo, "And its colour?", guard)
+    assert len(engine.calls) > first
+    assert all(call.images == [shown] for call in engine.calls[first:])
+    assert "User: And its colour?" in engine.calls[first].text
+    assert engine.encoded == 1
+    # A flagged picture refuses the turn, which leaves the conversation as it was.
+    before = list(convo.messages)
+    flagging = Guard(vision_guard(answer="unsafe\nS12"), LLAMA_GUARD_3_1B_CATEGORIES)
+    with pytest.raises(FlaggedError):
+        guarded_chat_turn(chat, convo, "Describe it in detail.", flagging)
+    assert convo.messages == before
+
+
+def test_chat_with_a_text_guard_reads_the_text_alone(tmp_path: Path) -> None:
+    from llmkit.tasks.chat import Conversation
+    from llmkit.tasks.guarding import guarded_chat_turn
+
+    photo = str(pictures.write_photo_jpeg(tmp_path))
+    engine = ScriptedGuardEngine(answer="safe")
+    guarded_chat_turn(FakeEngine("A cat.", vision=True), Conversation(), "What is this?",
+                      Guard(engine, LLAMA_GUARD_3_1B_CATEGORIES), images=[photo])
+    assert engine.calls and all(call.images == [] for call in engine.calls)

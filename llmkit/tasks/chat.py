@@ -124,6 +124,24 @@ class Conversation:
         """Whether any message shows an image."""
         return any(m.get("images") for m in self.messages)
 
+    @property
+    def image_paths(self) -> list[str]:
+        """Every image the messages show, in order."""
+        return [path for m in self.messages for path in m.get("images") or []]
+
+    def prepared(self, paths: Sequence[str], max_side: int = 2048) -> list[RGBImage]:
+        """The images of ``paths``, each read and prepared once and kept for later turns.
+
+        Raises:
+            ImageError: an image cannot be read.
+        """
+        from llmkit.images import prepare_image
+
+        for path in paths:
+            if path not in self.image_cache:
+                self.image_cache[path] = prepare_image(Path(path), max_side=max_side)
+        return [self.image_cache[path] for path in paths]
+
     def rendered_with_images(self, marker: str, max_side: int = 2048
                              ) -> tuple[list[Message], list[RGBImage]]:
         """The turns with each image's ``marker`` before its message's text, and the images.
@@ -133,17 +151,12 @@ class Conversation:
         Raises:
             ImageError: an image cannot be read.
         """
-        from llmkit.images import prepare_image
-
         messages: list[Message] = [{"role": "system", "content": self.system}] if (
             self.system) else []
         images: list[RGBImage] = []
         for m in self.messages:
             paths = m.get("images") or []
-            for path in paths:
-                if path not in self.image_cache:
-                    self.image_cache[path] = prepare_image(Path(path), max_side=max_side)
-                images.append(self.image_cache[path])
+            images += self.prepared(paths, max_side)
             content = "".join(marker for _ in paths) + ("\n" if paths else "") + m["content"]
             messages.append({"role": m["role"], "content": content})
         return messages, images

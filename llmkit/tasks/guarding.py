@@ -145,7 +145,8 @@ def guarded_chat_turn(engine: Engine, convo: Conversation, user_text: str, guard
                       *, params: SamplingParams | None = None,
                       on_text: Callable[[str], None] | None = None,
                       images: Sequence[str] = ()) -> Reply:
-    """A chat turn whose message is checked before and whose reply is checked after.
+    """A chat turn whose message is checked before and whose reply is checked after (with the
+    conversation's pictures, for a guard that reads images).
 
     A flagged message is not added to the conversation; a flagged reply is withheld and the
     turn removed, so the session goes on as if it had not happened. Without a guard this is
@@ -159,13 +160,19 @@ def guarded_chat_turn(engine: Engine, convo: Conversation, user_text: str, guard
     if guard is None:
         return chat_turn(engine, convo, user_text, params=params, on_text=on_text,
                          images=images)
-    verdict = guard.check_long_text(user_text)
+    # A guard that reads images judges the message with every picture the conversation
+    # shows once it is added (earlier turns' and this one's): what the model answers about.
+    pictures = (convo.prepared([*convo.image_paths, *(str(p) for p in images)])
+                if guard.vision else [])
+    verdict = _with_pictures(guard, pictures,
+                             lambda image: guard.check_long_text(user_text, image))
     if verdict.flagged:
         raise FlaggedError("input", verdict)
     before = list(convo.messages)
     reply = chat_turn(engine, convo, user_text, params=params, on_text=None, images=images)
     try:
-        answer = guard.check_response(user_text, reply.text) if reply.text.strip() else None
+        answer = (_with_pictures(guard, pictures, lambda image: guard.check_response(
+            user_text, reply.text, image)) if reply.text.strip() else None)
     except BaseException:
         convo.messages[:] = before
         raise
