@@ -35,8 +35,8 @@ __llmkit_spec() {
             npos=1 variadic=1 ;;
         'check')
             subs=''
-            opts='-m --model --file --prompt --response --conversation --batch -i --image --mmproj --exclude --categories --threshold -f --format -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --mmproj=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model --file --prompt --response --conversation --batch -i --image --exclude --categories --threshold -f --format -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'list')
             subs=''
@@ -118,7 +118,6 @@ __llmkit_value() {
         'check --file') __llmkit_files "$3" ;;
         'check --conversation') __llmkit_files "$3" ;;
         'check -i'|'check --image') __llmkit_files "$3" ;;
-        'check --mmproj') __llmkit_files "$3" ;;
         'check --categories') __llmkit_files "$3" ;;
         'check -f'|'check --format') __llmkit_words 'text json' "$3" ;;
         'check --device') __llmkit_words 'auto cpu gpu' "$3" ;;

@@ -158,6 +158,15 @@ def test_usage_errors(smol: str, args: list[str], stdin: str | None, rc: int,
     assert (proc.returncode, proc.stdout, proc.stderr) == (rc, "", stderr)
 
 
+def test_no_projector_option(smol: str) -> None:
+    # No guard needs a projector file (Llama Guard 3 Vision holds its own vision tower): the
+    # option is not taken, rather than taken and ignored.
+    proc = check(smol, "text", "--mmproj", "x.gguf")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith("llmkit: error: No such option: --mmproj")
+    assert len(proc.stderr.splitlines()) == 1
+
+
 def test_exclude_and_categories(smol: str, tmp_path: Path) -> None:
     full = check_json(smol, "--threshold", "1", "hello")
     fewer = check_json(smol, "--threshold", "1", "--exclude", "S7,s8", "hello")

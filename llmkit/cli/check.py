@@ -13,7 +13,6 @@ from llmkit.cli._options import (
     Device,
     DeviceOpt,
     GpuLayersOpt,
-    MmprojOpt,
     ModelOpt,
     QuietOpt,
     TextFormat,
@@ -54,7 +53,6 @@ def check(
     image: Annotated[list[Path] | None, typer.Option(
         "--image", "-i", help="Check this picture together with the text (or alone); needs a "
         "guard that reads images (llama-guard3:11b-vision).", show_default=False)] = None,
-    mmproj: MmprojOpt = None,
     exclude: Annotated[str | None, typer.Option(
         "--exclude", help="Leave these categories out, e.g. S7,S8.", show_default=False)] = None,
     categories: Annotated[Path | None, typer.Option(
