@@ -138,6 +138,8 @@ def test_ggml_path_writes_the_bytes_llama_cpp_writes(f16_llama: Path, ftype: str
     for name in a:
         assert a[name][0] == b[name][0], name
         assert a[name][1] == b[name][1], name
+    key = "general.quantization_version"
+    assert _metadata(ours)[key] == _metadata(theirs)[key]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,9 @@ def test_mllama_text_weights_are_quantized_and_the_rest_kept(mllama_f16: Path,
     meta_before, meta_after = _metadata(mllama_f16), _metadata(out)
     changed = {k for k in meta_before.keys() | meta_after.keys()
                if meta_before.get(k) != meta_after.get(k)}
-    assert changed == {"general.file_type"}
+    # llama-quantize sets the quantization version on every file it writes; so does llmkit.
+    assert changed == {"general.file_type", "general.quantization_version"}
+    assert meta_after["general.quantization_version"][1] == 2
     read_mllama(out)  # the result is a complete, checked mllama file
 
 

@@ -249,13 +249,15 @@ def _ggml_encoder(ggml: Any, gtype: int, pool: Any, workers: int) -> Callable[[A
 
 def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
     """Every key of the source but the writer's own, strings copied as bytes (a vocabulary
-    need not be valid UTF-8), general.file_type replaced."""
+    need not be valid UTF-8), general.file_type replaced and general.quantization_version set
+    (as llama-quantize sets it on every file it writes)."""
     import gguf
 
     vt = gguf.GGUFValueType
     for name, fld in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type",
-                                                 "general.alignment"):
+                                                 "general.alignment",
+                                                 "general.quantization_version"):
             continue
         main = vt(fld.types[0])
         if main == vt.ARRAY:
@@ -270,3 +272,4 @@ def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
         else:
             writer.add_key_value(name, fld.parts[fld.data[0]].tolist()[0], main)
     writer.add_uint32("general.file_type", file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
