@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from llmkit import memory
 from llmkit.engines import check_memory
+from llmkit.engines._log import LogTail
 from llmkit.memory import footprint
 from tests import mllama_model as mm
 
@@ -104,7 +104,7 @@ def test_llama_cpp_allocates_what_the_estimate_says(smollm2_path: Path, n_ctx: i
 
     # The engine keeps the last 200 lines of llama.cpp's log; a load writes more than that
     # (one per attention input), and the buffer sizes come early.
-    monkeypatch.setattr(llama_cpp, "_log_lines", deque(maxlen=100_000))
+    monkeypatch.setattr(llama_cpp, "_log", LogTail(lines=100_000))
     with llama_cpp.LlamaCppEngine(smollm2_path, n_ctx=n_ctx, threads=1, device="cpu"):
         got = _buffers(llama_cpp.recent_log())
     fp = footprint(smollm2_path)

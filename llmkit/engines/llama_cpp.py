@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from llmkit.engines._llama_vocab import (
     VocabText,
 )
 from llmkit.engines._llama_vocab import deferred_interrupt as _deferred_interrupt
+from llmkit.engines._log import LogTail
 from llmkit.engines.base import (
     Generation,
     Message,
@@ -39,13 +39,13 @@ from llmkit.hardware import INT32_MAX, ThreadGovernor, resolve_device
 
 DEFAULT_BATCH = 512
 
-_log_lines: deque[str] = deque(maxlen=200)
+_log = LogTail()
 _state: dict[str, Any] = {"verbose": False, "callback": None}
 
 
 def _on_log(level: int, text: bytes, _user: Any) -> None:
     message = text.decode("utf-8", "replace")
-    _log_lines.append(message)
+    _log.append(level, message)
     if _state["verbose"]:
         sys.stderr.write(message)
 
@@ -65,7 +65,7 @@ def llama_module(verbose: bool = False) -> ModuleType:
 
 def recent_log() -> list[str]:
     """The last lines llama.cpp logged (for error messages)."""
-    return list(_log_lines)
+    return _log.lines()
 
 
 def gpu_offload_supported() -> bool:
@@ -207,7 +207,7 @@ class LlamaCppEngine(VocabText):
         t0 = time.perf_counter()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if choice.n_gpu_layers < 0 else choice.n_gpu_layers
-        _log_lines.clear()
+        _log.clear()
         self._model = None
         self._ctx = None
         self._mtmd: Any = None
@@ -361,7 +361,7 @@ class LlamaCppEngine(VocabText):
         params.use_gpu = use_gpu
         params.n_threads = self.threads
         params.print_timings = False
-        _log_lines.clear()
+        _log.clear()
         try:
             with _deferred_interrupt():
                 self._mtmd = mtmd.mtmd_init_from_file(

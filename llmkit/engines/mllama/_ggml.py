@@ -8,12 +8,12 @@ import importlib.util
 import struct
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmkit.engines._log import LogTail
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
@@ -313,7 +313,7 @@ class _Functions:
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"lib": None, "error": None, "log": None, "verbose": False}
-_log_lines: deque[str] = deque(maxlen=200)
+_log = LogTail()
 
 
 def _package_version() -> str:
@@ -366,7 +366,7 @@ def _library_file(directory: Path, stem: str) -> Path | None:
 
 def _on_log(level: int, text: bytes | None, _user: Any) -> None:
     message = (text or b"").decode("utf-8", "replace")
-    _log_lines.append(message)
+    _log.append(level, message)
     if _state["verbose"]:
         sys.stderr.write(message)
 
@@ -393,7 +393,7 @@ def captured_log() -> Iterator[list[str]]:
 
 def recent_log() -> list[str]:
     """The last lines ggml logged while this engine's callback was installed."""
-    return list(_log_lines)
+    return _log.lines()
 
 
 def set_verbose(verbose: bool) -> None:
