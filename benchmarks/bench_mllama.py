@@ -1,12 +1,14 @@
-"""Llama 3.2 Vision: llmkit's mllama engine against llama-bench and transformers, at 11B widths.
+"""Llama 3.2 Vision: llmkit's mllama engine against llama-bench and transformers, 11B/90B widths.
 
 No Llama 3.2 Vision checkpoint can be downloaded here, so one is built (once, cached under
---cache, reused): random weights with the 11B model's real widths and fewer layers, written as
+--cache, reused): random weights with the 11B model's real widths (or the 90B's: --widths 90b)
+and fewer layers, written as
 the published checkpoint is (transformers 4.45 key names, bf16 safetensors, config.json with
 rope_scaling, preprocessor_config.json, the real tokenizer and the Instruct chat template),
 streamed tensor by tensor with numpy (no torch). Text: hidden 4096, 32 heads / 8 KV heads, FFN
 14336, vocabulary 128256 (+8 embedding rows), llama3 RoPE as published, --text-layers layers of
-which --cross-layers cross-attend. Vision: width 1280, 16 heads, FFN 5120, 560-pixel tiles of
+which --cross-layers cross-attend (90B: hidden 8192, 64 heads / 8 KV heads, FFN 28672). Vision,
+the same in both: width 1280, 16 heads, FFN 5120, 560-pixel tiles of
 14-pixel patches, up to 4 tiles, --vision-layers local and --global-layers global layers, the
 inputs of --intermediate layers handed to the projector (1280·(K+1) → 4096). Weights are
 N(0, 1/fan_in), so activations stay near unit size. The same text weights (same seeds, the
@@ -33,7 +35,8 @@ Measured, each variant in a fresh process, in a rotating order over --rounds rou
   transformers' MllamaImageProcessor; the first image in the process, as for the engine.
 
 Ratios are taken within each round, then their median reported. Finally a projection for the
-full 11B (40 text layers of which 8 cross; 32 + 8 vision layers): memory (text weights at --qtype
+full model (11B: 40 text layers of which 8 cross; 90B: 100 of which 20; both 32 + 8 vision
+layers): memory (text weights at --qtype
 by the quantizer's own type plan, the F16 vision tower, the caches at 4k context, the measured
 compute overhead) and tokens/s and encoding time, from the measured per-layer costs (decode
 split by the bytes each layer reads, prompt by layer, encoding by FLOPs); the arithmetic is
@@ -85,6 +88,7 @@ D_VISION, N_HEAD_VISION, FFN_VISION = 1280, 16, 5120
 TILE, PATCH, MAX_TILES = 560, 14, 4
 FULL_TEXT_LAYERS, FULL_CROSS = 40, (3, 8, 13, 18, 23, 28, 33, 38)
 FULL_VISION_LAYERS, FULL_GLOBAL, FULL_INTERMEDIATE = 32, 8, (3, 7, 15, 23, 30)
+MODEL = "11B"  # the published model whose widths are built (--widths)
 N_CTX = 4096
 PICTURE = (1120, 1120)  # 2×2 tiles of 560: aspect-ratio id 6, all 4 tiles real
 DEFAULT_QTYPE = "Q4_K_M"
@@ -100,6 +104,15 @@ BLOCK = 1 << 22  # elements generated and written at a time (16 MB of float32)
 
 
 
+def _widths_90b() -> None:
+    """--widths 90b: the published 90B's text widths and depth
+    (meta-llama/Llama-3.2-90B-Vision-Instruct config.json); its vision tower is the 11B's."""
+    global D_TEXT, N_HEAD, FFN, FULL_TEXT_LAYERS, FULL_CROSS, MODEL
+    D_TEXT, N_HEAD, FFN = 8192, 64, 28672
+    FULL_TEXT_LAYERS, FULL_CROSS = 100, tuple(range(3, 100, 5))
+    MODEL = "90B"
+
+
 def _smoke_widths() -> None:
     """--smoke: tiny widths (same structure, vocabulary and tokenizer), to check the whole
     pipeline in a minute; its figures mean nothing."""
@@ -113,7 +126,8 @@ def _smoke_widths() -> None:
 
 @dataclass(frozen=True)
 class Spec:
-    """The shape of the model built: the 11B's widths, --text-layers and the rest's layers."""
+    """The shape of the model built: the 11B's (or 90B's) widths, --text-layers and the rest's
+    layers."""
 
     text_layers: int
     cross_layers: tuple[int, ...]
@@ -136,8 +150,9 @@ class Spec:
         """A short name for the cache folder, unique per shape and seed."""
         key = asdict(self) | {"widths": [D_TEXT, FFN, D_VISION, FFN_VISION, TILE]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        smoke = "smoke-" if D_TEXT != 4096 else ""
-        return (f"{smoke}t{self.text_layers}x{len(self.cross_layers)}-v{self.vision_layers}"
+        # The 11B's folders keep the names they had before --widths existed.
+        prefix = {4096: "", 8192: "w90b-"}.get(D_TEXT, "smoke-")
+        return (f"{prefix}t{self.text_layers}x{len(self.cross_layers)}-v{self.vision_layers}"
                 f"g{self.global_layers}-{digest[:8]}")
 
     def check(self) -> None:
@@ -689,7 +704,8 @@ def in_subprocess(name: str, args: argparse.Namespace, prompts_file: Path) -> li
         [sys.executable, __file__, "--worker", name, "--mllama", args.mllama,
          "--checkpoint", args.checkpoint, "--threads", str(args.threads),
          "--gen-tokens", str(args.gen_tokens), "--reps", str(args.reps),
-         "--prompts", str(prompts_file), *(["--smoke"] if args.smoke else [])],
+         "--prompts", str(prompts_file), "--widths", args.widths,
+         *(["--smoke"] if args.smoke else [])],
         capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -761,7 +777,7 @@ def ratios(samples: dict[str, list[Sample]], a: str, b: str, key: str, key_b: st
             "range": [round(min(values), 3), round(max(values), 3)]}
 
 
-# -- the projection to the full 11B ------------------------------------------------------------
+# -- the projection to the full model ----------------------------------------------------------
 
 
 def _type_bytes(type_name: str, elements: int) -> int:
@@ -883,7 +899,7 @@ def vision_flops(spec: Spec, tiles: int = MAX_TILES) -> dict[str, float]:
 
 
 def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[str, Any]:
-    """The full 11B's memory, tokens/s and encoding time from this run's per-layer costs."""
+    """The full model's memory, tokens/s and encoding time from this run's per-layer costs."""
     from llmkit.gguf_file import read_header
 
     full = Spec(FULL_TEXT_LAYERS, FULL_CROSS, FULL_VISION_LAYERS, FULL_GLOBAL,
@@ -936,7 +952,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"MiB, self layers {g_small['self'] / n_self / 2**20:.0f} MiB each)",
             f"decode, image: {t_img:.1f} ms/token → a cross layer costs ({t_img:.1f} − "
             f"{t_text:.1f}) / {n_cross} = {cross_ms:.1f} ms",
-            f"full 11B decode: {head_ms:.1f} + {f_self} × {self_full:.1f} = {full_text_ms:.0f} "
+            f"full {MODEL} decode: {head_ms:.1f} + {f_self} × {self_full:.1f} = {full_text_ms:.0f} "
             f"ms/token text only ({1000 / full_text_ms:.2f} t/s); + {f_cross} × "
             f"{cross_ms * cross_scale:.1f} = {full_img_ms:.0f} ms/token with an image "
             f"({1000 / full_img_ms:.2f} t/s)"]
@@ -950,7 +966,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
                          "full_text_tps": 1000 / full_p_text, "full_image_tps": 1000 / full_p_img}
         lines.append(
             f"prompt: {p_text:.2f} ms/token / {n_self} = {self_p:.2f} per self layer; cross "
-            f"({p_img:.2f} − {p_text:.2f}) / {n_cross} = {cross_p:.2f}; full 11B {f_self} × "
+            f"({p_img:.2f} − {p_text:.2f}) / {n_cross} = {cross_p:.2f}; full {MODEL} {f_self} × "
             f"{self_p:.2f} (+ {f_cross} × {cross_p:.2f}) = {full_p_text:.1f} ({full_p_img:.1f}) "
             f"ms/token → {1000 / full_p_text:.1f} ({1000 / full_p_img:.1f}) t/s")
     # Encoding (compute-bound): split by FLOPs.
@@ -972,7 +988,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"encode ({variant}): {m['encode_ms'] / 1000:.1f} s for {total_small / 1e12:.2f} "
             f"TFLOP ({spec.vision_layers + spec.global_layers} layers × "
             f"{fl_small['per_layer'] / 1e9:.0f} GFLOP + projector, patches, cross K/V) = "
-            f"{layer_ms / 1000:.2f} s a layer; full 11B {total_full / 1e12:.2f} TFLOP → "
+            f"{layer_ms / 1000:.2f} s a layer; full {MODEL} {total_full / 1e12:.2f} TFLOP → "
             f"{ms_per_gflop * total_full / 1e12:.0f} s")
     # Memory: weights by the plan, caches at 4k context, the overhead measured here. The
     # token embedding is mapped but hardly resident (a prompt reads only its own rows).
@@ -999,7 +1015,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"= weights without the embedding {resident_small / 2**30:.2f} GiB + caches "
             f"{caches_small / 2**20:.0f} MiB + {overhead / 2**20:.0f} MiB other (compute "
             f"buffers, Python, tokenizer)",
-            f"full 11B memory: text {QTYPE} {text_full / 2**30:.2f} GiB (of it the embedding "
+            f"full {MODEL} memory: text {QTYPE} {text_full / 2**30:.2f} GiB (of it the embedding "
             f"{g_full['embedding'] / 2**20:.0f} MiB, mapped, hardly resident) + vision F16/F32 "
             f"{vision_full / 2**30:.2f} GiB → GGUF {weights_full / 2**30:.2f} GiB; peak RSS "
             f"{(weights_full - g_full['embedding']) / 2**30:.2f} + self KV (4k, f16) "
@@ -1007,7 +1023,7 @@ def project(spec: Spec, mllama_path: Path, medians: dict[str, Sample]) -> dict[s
             f"{max(0, overhead) / 2**20:.0f} MiB = {full_total / 2**30:.2f} GiB"]
     else:
         lines.append(
-            f"full 11B memory: text {QTYPE} {text_full / 2**30:.2f} GiB + vision F16/F32 "
+            f"full {MODEL} memory: text {QTYPE} {text_full / 2**30:.2f} GiB + vision F16/F32 "
             f"{vision_full / 2**30:.2f} GiB + self KV (4k, f16) {self_kv / 2**20:.0f} MiB + "
             f"cross KV {cross_kv / 2**20:.0f} MiB")
     out["memory"] = memory
@@ -1029,7 +1045,7 @@ GPUS = (("RTX 4090 (24 GB, 1.01 TB/s, 165 TFLOP/s f16·f32)", 1.008e12, 165e12, 
 
 def gpu_projection(g_full: dict[str, int], cross_kv_read: int, full: Spec, needed: int
                    ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Roofline projection of the full 11B on two GPUs from bytes and FLOPs alone."""
+    """Roofline projection of the full model on two GPUs from bytes and FLOPs alone."""
     text_bytes = g_full["head"] + g_full["self"]
     image_bytes = text_bytes + g_full["cross_decode"] + cross_kv_read
     flops = vision_flops(full)
@@ -1097,6 +1113,9 @@ def main() -> None:
                              "end to end (the issue asks for 20), with its peak RSS")
     parser.add_argument("--caption-tokens", type=int, default=32,
                         help="--max-tokens of each caption")
+    parser.add_argument("--widths", choices=("11b", "90b"), default="11b",
+                        help="the published model whose widths are built (90b: ~13 GB of "
+                             "checkpoint at 5 text layers, ~30 min to build)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny widths: checks the pipeline in a minute (figures meaningless)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1106,6 +1125,8 @@ def main() -> None:
     args = parser.parse_args()
     global QTYPE
     QTYPE = args.qtype
+    if args.widths == "90b":
+        _widths_90b()
     if args.smoke:
         _smoke_widths()
     if args.worker:
@@ -1258,7 +1279,8 @@ def main() -> None:
           f"× if bandwidth-bound), {read['mllama_image'] / 2**20:.0f} MiB (after the image, "
           f"cross layers and the image's K/V included: {ideal['mllama_image']:.3f}×)")
     projection = project(spec, mllama, medians)
-    print("\nprojection for the full 11B (40 text layers, 8 cross; 32 + 8 vision layers):")
+    print(f"\nprojection for the full {MODEL} ({FULL_TEXT_LAYERS} text layers, {len(FULL_CROSS)} "
+          f"cross; {FULL_VISION_LAYERS} + {FULL_GLOBAL} vision layers):")
     for line in projection["arithmetic"]:
         print(f"  {line}")
     loads = [s["foreign_cores"] for rows in samples.values() for s in rows
