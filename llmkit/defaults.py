@@ -14,6 +14,12 @@ from llmkit.errors import CatalogError
 # Context length when neither the user nor the model asks for another: enough for a chat or a
 # chunk of a document, small enough that the KV cache of a 1B model stays well under 1 GiB.
 DEFAULT_CTX = 4096
+# Sequences a batch command decodes together (--parallel) when none is asked for, measured
+# (benchmarks/bench_parallel.py): on 2 CPU cores a 1B model's aggregate decode rises 1.5× by 4
+# sequences and little after; a GPU keeps gaining to 8 and beyond. Each sequence has its own
+# --ctx of KV cache, so the total is at most this many times the context.
+DEFAULT_PARALLEL_CPU = 4
+DEFAULT_PARALLEL_GPU = 8
 
 Role = Literal["text", "vision", "guard"]
 """What a default model is for: chat and text commands, images, safety checks."""

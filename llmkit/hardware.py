@@ -120,6 +120,7 @@ def physical_cores() -> int:
 # GGML_MAX_N_THREADS (ggml.h): the most threads ggml's CPU backend is built for. Past it the
 # count would only be a typo, and values past 2**31 would wrap in llama.cpp's int32 fields.
 MAX_THREADS = 512
+MAX_PARALLEL = 64  # sequences decoded together (llama.cpp allows 256)
 THREADS_ENV = "LLMKIT_THREADS"
 
 

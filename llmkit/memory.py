@@ -593,13 +593,13 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
                cpu: Available | None, gpu: Available | None = None,
                n_ubatch: int = DEFAULT_UBATCH,
                plan: Callable[[str, list[str]], Callable[[str, tuple[int, ...], str], str]]
-               | None = None) -> Estimate:
+               | None = None, parallel: int = 1) -> Estimate:
     """Refuse, before anything is loaded, a model that cannot fit the memory there is.
 
     Args:
         fp: from :func:`footprint`.
         name: the model's name for the message.
-        n_ctx: the context the engine will open.
+        n_ctx: the context the engine will open (each sequence's, with ``parallel``).
         gpu_layers: as :func:`estimate` (what the device choice resolved to).
         cpu: RAM available (None: unknown, not checked).
         gpu: GPU memory free (None: no GPU, or unknown).
@@ -607,6 +607,8 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
         plan: ``ftype → (tensor names → per-tensor type)`` for the smaller quantizations a
             refusal suggests (None: none suggested); one that does not make the weights
             smaller (the file's own) is never suggested.
+        parallel: sequences decoded together, each with a KV cache of ``n_ctx`` cells; a
+            refusal then also suggests the largest ``--parallel`` that fits.
 
     Returns:
         The estimate, when the model fits.
@@ -615,7 +617,7 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
         NotEnoughMemoryError: the estimate exceeds what is available by more than
             :data:`MARGIN`; the message names the figures and what would fit.
     """
-    est = estimate(fp, n_ctx, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
+    est = estimate(fp, n_ctx * parallel, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
     on_gpu = est.gpu.total > 0
     short_gpu = on_gpu and _refused(est.gpu.total, gpu)
     short_cpu = _refused(est.cpu.total, cpu)
@@ -631,7 +633,7 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
         # The largest power of two from ``top`` down to CTX_FLOOR at which ``model`` fits.
         ctx = 1 << (top.bit_length() - 1)
         while ctx >= CTX_FLOOR:
-            e = estimate(model, ctx, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
+            e = estimate(model, ctx * parallel, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
             if fits(e):
                 return ctx, e
             ctx //= 2
@@ -641,16 +643,21 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
     shorter = largest_ctx(fp, n_ctx - 1) if n_ctx > 1 else None
     if shorter is not None:
         tries.append(f"--ctx {shorter[0]} (needs {human_gib(_total(shorter[1], where))})")
+    for fewer in range(parallel - 1, 0, -1):
+        e = estimate(fp, n_ctx * fewer, gpu_layers=gpu_layers, n_ubatch=n_ubatch)
+        if fits(e):
+            tries.append(f"--parallel {fewer} (needs {human_gib(_total(e, where))})")
+            break
     if on_gpu:
         # Fewer layers on the GPU, the rest in RAM; or the CPU alone.
         if not fp.own_engine:
             for layers in range(fp.n_layer, 0, -1):
-                part = estimate(fp, n_ctx, gpu_layers=layers, n_ubatch=n_ubatch)
+                part = estimate(fp, n_ctx * parallel, gpu_layers=layers, n_ubatch=n_ubatch)
                 if fits(part):
                     tries.append(f"--gpu-layers {layers} ({human_gib(part.gpu.total)} on the "
                                  f"GPU, {human_gib(part.cpu.total)} in RAM)")
                     break
-        alone = estimate(fp, n_ctx, gpu_layers=0, n_ubatch=n_ubatch)
+        alone = estimate(fp, n_ctx * parallel, gpu_layers=0, n_ubatch=n_ubatch)
         if _fits(alone.cpu.total, cpu):
             tries.append(f"--device cpu (needs {human_gib(alone.cpu.total)} of RAM)")
     if plan is not None:
@@ -673,7 +680,8 @@ def check_fits(fp: Footprint, name: str, n_ctx: int, *, gpu_layers: int,
         if best is not None and (shorter is None or best[0] > shorter[0]):
             tries.append(f"a smaller quantization with a smaller context ({best[1]} and --ctx "
                          f"{best[0]}, needs {human_gib(_total(best[2], where))})")
-    kv = (f"KV cache for --ctx {n_ctx} {human_gib(parts.kv)}" if not fp.own_engine else
+    each = f"--ctx {n_ctx}" + (f" × --parallel {parallel}" if parallel > 1 else "")
+    kv = (f"KV cache for {each} {human_gib(parts.kv)}" if not fp.own_engine else
           f"KV caches for --ctx {n_ctx} and one image {human_gib(parts.kv)}")
     figures = (f"weights {human_gib(parts.weights)}, {kv}, compute "
                f"{human_gib(parts.compute)}")

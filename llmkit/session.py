@@ -23,6 +23,25 @@ class EngineOptions:
     device: str = "auto"
     gpu_layers: int | None = None
     verbose: bool = False
+    parallel: int = 1  # sequences a batch command decodes together
+
+
+def with_parallel(options: EngineOptions, parallel: int | None) -> EngineOptions:
+    """``options`` for a batch command: ``parallel`` sequences (None: the measured default,
+    :data:`~llmkit.defaults.DEFAULT_PARALLEL_GPU` when the model will be offloaded to a GPU,
+    else :data:`~llmkit.defaults.DEFAULT_PARALLEL_CPU`)."""
+    import dataclasses
+
+    from llmkit.defaults import DEFAULT_PARALLEL_CPU, DEFAULT_PARALLEL_GPU
+
+    if parallel is None:
+        gpu = False
+        if options.device != "cpu" and options.gpu_layers != 0:
+            from llmkit.engines.llama_cpp import gpu_offload_supported
+
+            gpu = gpu_offload_supported()
+        parallel = DEFAULT_PARALLEL_GPU if gpu else DEFAULT_PARALLEL_CPU
+    return dataclasses.replace(options, parallel=parallel)
 
 
 def load_with_options(path: str | Path, options: EngineOptions, name: str,
@@ -30,7 +49,7 @@ def load_with_options(path: str | Path, options: EngineOptions, name: str,
     """Load a GGUF (and its projector) with the user's hardware and context settings."""
     return load_engine(path, n_ctx=options.ctx, threads=options.threads, device=options.device,
                        gpu_layers=options.gpu_layers, verbose=options.verbose, name=name,
-                       mmproj=mmproj)
+                       mmproj=mmproj, parallel=options.parallel)
 
 
 def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Resolution]:

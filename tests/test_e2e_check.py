@@ -55,6 +55,14 @@ def records(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def by_line(text: str) -> list[dict[str, Any]]:
+    """A batch's records in input order: checked together, they are written as they finish,
+    each naming its line (once)."""
+    out = sorted(records(text), key=lambda r: r["line"])
+    assert len({r["line"] for r in out}) == len(out)
+    return out
+
+
 # -- one check -----------------------------------------------------------------------------------
 
 
@@ -267,7 +275,7 @@ def test_batch_file(smol: str, tmp_path: Path) -> None:
     path.write_text("\n".join(BATCH) + "\n")
     proc = check(smol, "--threshold", "0", "--batch", str(path))
     assert proc.returncode == 3, proc.stderr
-    out = records(proc.stdout)
+    out = by_line(proc.stdout)
     assert [r["line"] for r in out] == [1, 2, 4]  # one record per non-blank line
     assert out[0]["id"] == "a" and "id" not in out[1]
     assert [r["role"] for r in out] == ["User", "Agent", "User"]
@@ -275,11 +283,11 @@ def test_batch_file(smol: str, tmp_path: Path) -> None:
     assert proc.stderr == "llmkit: 3 records: 0 safe, 3 flagged, 0 errors\n"
     safe = check(smol, "--threshold", "1", "--batch", str(path))
     assert safe.returncode == 0
-    assert [r["verdict"] for r in records(safe.stdout)] == ["safe"] * 3
+    assert [r["verdict"] for r in by_line(safe.stdout)] == ["safe"] * 3
     assert safe.stderr == "llmkit: 3 records: 3 safe, 0 flagged, 0 errors\n"
     # Scores match single checks of the same text.
     single = check_json(smol, "--threshold", "1", "How do I bake bread?")
-    assert records(safe.stdout)[0]["score"] == single["score"]
+    assert by_line(safe.stdout)[0]["score"] == single["score"]
 
 
 def test_batch_with_bad_lines_exits_1(smol: str, tmp_path: Path) -> None:
@@ -287,7 +295,7 @@ def test_batch_with_bad_lines_exits_1(smol: str, tmp_path: Path) -> None:
     path.write_text("\n".join([BATCH[0], "{oops", json.dumps({"txt": "typo"}), BATCH[1]]) + "\n")
     proc = check(smol, "--threshold", "0", "--batch", str(path))
     assert proc.returncode == 1
-    out = records(proc.stdout)
+    out = by_line(proc.stdout)
     assert [r["line"] for r in out] == [1, 2, 3, 4]
     assert [r["flagged"] for r in out] == [True, None, None, True]
     assert out[1]["error"].startswith("line 2 is not JSON: ")
@@ -344,7 +352,7 @@ def test_batch_from_stdin_answers_each_line_as_it_arrives(smol: str) -> None:
 def test_batch_from_stdin_piped(smol: str) -> None:
     proc = check(smol, "--threshold", "1", "--batch", "-", input="\n".join(BATCH) + "\n")
     assert proc.returncode == 0, proc.stderr
-    assert [r["line"] for r in records(proc.stdout)] == [1, 2, 4]
+    assert [r["line"] for r in by_line(proc.stdout)] == [1, 2, 4]
     empty = check(smol, "--batch", "-", input="\n\n")
     assert (empty.returncode, empty.stdout, empty.stderr) == (
         1, "", "llmkit: error: stdin has no records\n")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmkit.errors import EXIT_FLAGGED
-from llmkit.hardware import INT32_MAX, MAX_THREADS
+from llmkit.hardware import INT32_MAX, MAX_PARALLEL, MAX_THREADS
 
 if TYPE_CHECKING:
     from llmkit.session import EngineOptions
@@ -81,6 +81,10 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 CtxOpt = Annotated[int | None, typer.Option(
     "--ctx", "-c", min=16, max=INT32_MAX,
     help="Context size in tokens (default: min(4096, the model's)).", show_default=False)]
+ParallelOpt = Annotated[int | None, typer.Option(
+    "--parallel", "-P", min=1, max=MAX_PARALLEL, show_default=False,
+    help="Items decoded together, each with its own --ctx (default: 4 on CPU, 8 on a GPU; "
+         "1 is one at a time).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Show llama.cpp's log on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes or progress on stderr.")]

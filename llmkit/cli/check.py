@@ -14,6 +14,7 @@ from llmkit.cli._options import (
     DeviceOpt,
     GpuLayersOpt,
     ModelOpt,
+    ParallelOpt,
     QuietOpt,
     TextFormat,
     ThreadsOpt,
@@ -65,6 +66,7 @@ def check(
         "--format", "-f", help="text: safe / unsafe: S1 Violent Crimes; json: verdict, "
         "categories, score, timings.")] = TextFormat.text,
     ctx: CtxOpt = None,
+    parallel: ParallelOpt = None,
     device: DeviceOpt = Device.auto,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
@@ -77,6 +79,10 @@ def check(
 
     With --image the picture is judged with the text (-m llama-guard3:11b-vision); in --batch
     a record's "image" path does the same.
+
+    With --batch, --parallel records are checked together (default 4 on CPU), their common
+    policy prompt evaluated once; each line is written when its check finishes, with its
+    "line" number.
 
     Exit codes: 0 safe, 3 flagged (unsafe), 1 error (including an answer that is not a
     verdict: never taken as safe), 2 usage. With --batch: 1 if any record failed, else 3 if
@@ -108,8 +114,13 @@ def check(
         raise UsageError("--image checks one picture; --batch takes each record's own",
                          hint='give each JSONL record an "image" path: {"image": "photo.jpg", '
                               '"text": "…"}')
+    if parallel is not None and batch is None:
+        raise UsageError("--parallel is for --batch", hint="a single check is one sequence")
     if batch is not None:
-        _run_batch(batch, model, options, exclude, categories, threshold, ctx)
+        from llmkit.session import with_parallel
+
+        _run_batch(batch, model, with_parallel(options, parallel), exclude, categories,
+                   threshold, ctx)
         return
     if conversation is not None:
         messages = load_conversation(conversation)
@@ -172,7 +183,7 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
     from llmkit.errors import InputError
     from llmkit.io import batch_line_limit, numbered_lines
     from llmkit.session import open_guard
-    from llmkit.tasks.safety import CheckTally, check_jsonl_line
+    from llmkit.tasks.safety import CheckTally, check_jsonl_lines
 
     # A file is streamed as stdin is: one bad or over-long line is that line's error record.
     lines = numbered_lines(source, limit=batch_line_limit(ctx))
@@ -186,8 +197,9 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
         out.note(note)
     tally = CheckTally()
     with guard:
-        for number, line in itertools.chain([first], lines):
-            record = check_jsonl_line(guard, line, number)
+        # Several records are checked together (--parallel): each is written as it
+        # finishes, naming its input line.
+        for record in check_jsonl_lines(guard, itertools.chain([first], lines)):
             tally.add(record)
             out.write_jsonl(record)
     out.note(tally.summary())

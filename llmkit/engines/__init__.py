@@ -38,7 +38,8 @@ def reads_images_itself(architecture: str) -> bool:
 def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
                 threads: int | None = None, device: str = "auto",
                 gpu_layers: int | None = None, verbose: bool = False, name: str | None = None,
-                mmproj: str | Path | None = None, n_batch: int | None = None) -> Engine:
+                mmproj: str | Path | None = None, n_batch: int | None = None,
+                parallel: int = 1) -> Engine:
     """Load a GGUF model (and its projector) in the engine its architecture needs.
 
     Args:
@@ -51,6 +52,8 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
         name: the model's name for reports (default: the file name).
         mmproj: the vision projector GGUF, for models that read images through one.
         n_batch: tokens per prompt-evaluation batch (None: the engine's default).
+        parallel: sequences the engine's ``generate_many`` decodes together, each with a
+            context of ``n_ctx`` (llama.cpp's engine; the Vision engine decodes one).
 
     Returns:
         The loaded engine; close it (or use it as a context manager) to free the memory.
@@ -69,8 +72,10 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
     architecture, header = check_model_header(path)
     if architecture == "mllama" and mmproj is not None:
         raise _no_projector(path)
+    if architecture == "mllama":
+        parallel = 1
     check_memory(header, architecture, n_ctx=n_ctx, device=device, gpu_layers=gpu_layers,
-                 name=name or path.name, mmproj=mmproj, n_batch=n_batch)
+                 name=name or path.name, mmproj=mmproj, n_batch=n_batch, parallel=parallel)
     if architecture == "mllama":
         return _load_mllama(path, n_ctx=n_ctx, threads=threads, device=device,
                             gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
@@ -78,7 +83,7 @@ def load_engine(model_path: str | Path, *, n_ctx: int | None = None,
     batch = {} if n_batch is None else {"n_batch": n_batch}
     return LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, device=device,
                           gpu_layers=gpu_layers, verbose=verbose, name=name, mmproj=mmproj,
-                          checked=True, **batch)
+                          checked=True, parallel=parallel, **batch)
 
 
 def check_memory(source: Path | Header, architecture: str, *, n_ctx: int | None, device: str,
@@ -86,7 +91,7 @@ def check_memory(source: Path | Header, architecture: str, *, n_ctx: int | None,
                  n_batch: int | None = None,
                  cpu: Available | Callable[[], Available | None] | None = None,
                  gpus: Callable[[], list[GpuMemory]] | None = None,
-                 gpu_offload: bool | None = None) -> None:
+                 gpu_offload: bool | None = None, parallel: int = 1) -> None:
     """Refuse a model that cannot fit, from its header alone, before its engine loads it.
 
     Args:
@@ -98,6 +103,7 @@ def check_memory(source: Path | Header, architecture: str, *, n_ctx: int | None,
         gpus: the GPUs and their free memory (default: ggml's backend registry, asked only
             when layers would be offloaded).
         gpu_offload: whether the llama.cpp build offloads (default: ask it).
+        parallel: sequences decoded together, each with ``n_ctx`` of KV cache.
 
     Raises:
         NotEnoughMemoryError: it needs more than there is (see :func:`memory.check_fits`).
@@ -164,7 +170,7 @@ def check_memory(source: Path | Header, architecture: str, *, n_ctx: int | None,
         from llmkit.engines.llama_cpp import DEFAULT_BATCH as batch
     memory.check_fits(fp, name, n_ctx or fp.default_ctx(DEFAULT_CTX),
                       gpu_layers=choice.n_gpu_layers, cpu=have, gpu=gpu, n_ubatch=batch,
-                      plan=plan)
+                      plan=plan, parallel=parallel)
 
 
 def gpu_memory() -> list[GpuMemory]:

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +27,7 @@ from llmkit.engines.base import (
     RGBImage,
     SamplingParams,
 )
+from llmkit.engines.parallel import Job, ParallelDecoder, Result
 from llmkit.errors import (
     ContextOverflowError,
     InputError,
@@ -35,7 +36,7 @@ from llmkit.errors import (
     SchemaError,
 )
 from llmkit.gguf_file import check_model_file, check_projector_file
-from llmkit.hardware import INT32_MAX, ThreadGovernor, resolve_device
+from llmkit.hardware import INT32_MAX, MAX_PARALLEL, ThreadGovernor, resolve_device
 
 DEFAULT_BATCH = 512
 
@@ -161,6 +162,7 @@ class LlamaCppEngine(VocabText):
         name: str | None = None,
         mmproj: str | Path | None = None,
         checked: bool = False,
+        parallel: int = 1,
     ) -> None:
         """Load a model and create its context.
 
@@ -177,6 +179,8 @@ class LlamaCppEngine(VocabText):
             mmproj: the vision projector GGUF that lets the model see images.
             checked: the model file has just passed :func:`check_model_file` (engine
                 selection reads it), so it is not parsed a second time.
+            parallel: sequences :meth:`generate_many` decodes together; the KV cache then
+                holds ``parallel × n_ctx`` cells, ``n_ctx`` for each sequence.
 
         Raises:
             InvalidModelFileError: not a GGUF, truncated, corrupt, or an unsupported architecture;
@@ -192,6 +196,9 @@ class LlamaCppEngine(VocabText):
             check_projector_file(projector)
         if n_ctx is not None and n_ctx < 16:
             raise InputError(f"--ctx {n_ctx} is too small", hint="use at least 16 tokens")
+        if not 1 <= parallel <= MAX_PARALLEL:
+            raise InputError(f"--parallel {parallel} is out of range",
+                             hint=f"use 1 to {MAX_PARALLEL} sequences")
         if n_ctx is not None and n_ctx > INT32_MAX:
             # llama.cpp's context size is a uint32 that it adds to: larger would wrap around.
             raise InputError(f"--ctx {n_ctx} is larger than llama.cpp can hold",
@@ -223,10 +230,22 @@ class LlamaCppEngine(VocabText):
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
         if n_ctx is None:
             n_ctx = min(DEFAULT_CTX, self.n_ctx_train) if self.n_ctx_train > 0 else DEFAULT_CTX
+        if n_ctx * parallel > INT32_MAX:
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise InputError(f"--ctx {n_ctx} × --parallel {parallel} is more than llama.cpp "
+                             "can hold", hint="lower --ctx or --parallel")
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * parallel
         cparams.n_batch = min(n_batch, n_ctx)
         cparams.n_ubatch = min(n_batch, n_ctx)
+        if parallel > 1:
+            # A cache of its own for each sequence (llama.cpp's "streams"): each attends
+            # over its own cells only, as a lone sequence does, so it computes exactly what
+            # the one-sequence path computes. (A unified cache measured different greedy
+            # answers.) A shared prefix is copied between them instead of shared.
+            cparams.n_seq_max = parallel
+            cparams.kv_unified = False
         cparams.n_threads = self._threads.threads
         cparams.n_threads_batch = self._threads.threads
         try:
@@ -244,11 +263,17 @@ class LlamaCppEngine(VocabText):
             )
         # llama.cpp rounds the context up (to a multiple of 256); keep to what was asked, so
         # --ctx 64 refuses a 200-token prompt instead of quietly using a bigger window.
-        self.n_ctx = min(n_ctx, int(lc.llama_n_ctx(self._ctx)))
+        self.n_ctx = min(n_ctx, int(lc.llama_n_ctx(self._ctx)) // parallel)
+        self.parallel = parallel
         self.n_batch = min(n_batch, n_ctx)
         self._retune_threads(min_window=0.0)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self._cached: list[int] = []
+        # len(_cached) when the context's last logits row is the one after _cached[-1] (from
+        # the decode that wrote it), else -1: a prompt the cache holds whole is not
+        # evaluated again, so a check's answer is sampled from the very row it was scored at.
+        self._logits_at = -1
+        self.last_decoder: ParallelDecoder | None = None
         self._marker = new_media_marker()
         self.mmproj = projector
         self._mrope = False
@@ -342,6 +367,7 @@ class LlamaCppEngine(VocabText):
         lc = self._lc
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
         self._cached.clear()
+        self._logits_at = -1
 
     # -- images ---------------------------------------------------------------------------
 
@@ -459,6 +485,7 @@ class LlamaCppEngine(VocabText):
 
         import llama_cpp.mtmd_cpp as mtmd
 
+        self._logits_at = -1
         if self._mtmd is None:
             raise LlmkitError(f"{self.model_name} has no vision projector loaded")
         text, escapes = self._render_prompt(messages)
@@ -570,6 +597,23 @@ class LlamaCppEngine(VocabText):
 
     # -- generation -----------------------------------------------------------------------
 
+    def generate_many(self, jobs: Iterable[Job]) -> Iterator[Result]:
+        """Generate ``jobs`` up to :attr:`parallel` at a time in one batch per step, yielding
+        each result as it finishes (see :class:`llmkit.engines.parallel.ParallelDecoder`).
+
+        The cache the other calls reuse is emptied first and after.
+        """
+        self._cached.clear()
+        self._logits_at = -1
+        decoder = ParallelDecoder(self._lc, self._ctx, self._vocab, n_seq=self.parallel,
+                                  n_ctx_seq=self.n_ctx, n_batch=self.n_batch,
+                                  make_sampler=self._sampler, retune=self._retune_threads)
+        self.last_decoder = decoder
+        try:
+            yield from decoder.run(jobs)
+        finally:
+            self._cached.clear()
+
     def _decode_prompt(self, tokens: Sequence[int]) -> None:
         lc = self._lc
         for start in range(0, len(tokens), self.n_batch):
@@ -578,12 +622,18 @@ class LlamaCppEngine(VocabText):
             arr = (lc.llama_token * len(chunk))(*chunk)
             rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
             if rc != 0:
+                self._logits_at = -1
                 raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
             self._cached.extend(chunk)
+            self._logits_at = len(self._cached)
 
     def _prepare(self, prompt: Sequence[int]) -> int:
-        """Keep the cached prefix of ``prompt``; return how many tokens are kept."""
-        return self._keep(self.cached_prefix_length(prompt), len(prompt))
+        """Keep the cached prefix of ``prompt``; return how many tokens are kept (all of them
+        when the cache holds exactly ``prompt`` and the logits after it)."""
+        keep = self.cached_prefix_length(prompt)
+        if keep == len(prompt) == len(self._cached) == self._logits_at:
+            return keep
+        return self._keep(keep, len(prompt))
 
     def _keep(self, keep: int, length: int) -> int:
         """Drop the KV cache after ``keep`` tokens of a ``length``-token prompt; return what
@@ -595,6 +645,7 @@ class LlamaCppEngine(VocabText):
             lc.llama_memory_clear(mem, True)
             keep = 0
         del self._cached[keep:]
+        self._logits_at = -1
         return keep
 
     def next_token_logits(self, prompt: Sequence[int], *,
@@ -701,6 +752,7 @@ class LlamaCppEngine(VocabText):
         sample, is_eog, decode, push = (
             lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_decode, stream.push)
         ctx, vocab, cached, retune = self._ctx, self._vocab, self._cached, self._retune_threads
+        self._logits_at = -1
         try:
             while len(generated) < limit:
                 retune()
@@ -722,6 +774,8 @@ class LlamaCppEngine(VocabText):
                 if params.max_tokens is None or params.max_tokens > room:
                     out.finish = "context"
             stream.finish()
+            if not explicit_pos:
+                self._logits_at = len(cached)  # the row after the last token decoded
         except KeyboardInterrupt:
             out.finish = "interrupted"
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,22 @@ def _round(value: float | None) -> float | None:
 
 # -- running the model --------------------------------------------------------------------
 
+# The answer is greedy and short ("unsafe\nS1,S10"); the score is read at its first word, at
+# most this many steps in (past the blank line Llama Guard writes first).
+ANSWER_PARAMS = SamplingParams(temperature=0.0, max_tokens=20)
+ANSWER_RESERVE = 24
+SCORE_STEPS = 4
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """One check's prompt: its tokens, the role assessed and the picture's size."""
+
+    tokens: list[int]
+    role: str
+    image: dict[str, int] | None = None
+
+
 class Guard:
     """A guard model with its policy: checks messages and conversations, one at a time."""
 
@@ -195,28 +211,72 @@ class Guard:
         """
         import numpy as np
 
-        if image is not None and not self.vision:
-            raise ImagesNotCheckableError(self.engine.model_name)
-        turns = check_conversation(messages, image=image is not None)
+        plan = self.plan(messages, image)
         images = () if image is None else (image,)
         t0 = time.perf_counter()
-        tokens = self.prompt_tokens(turns, image=image is not None)
-        if len(tokens) + 24 > self.engine.n_ctx:
-            raise ContextOverflowError(len(tokens), self.engine.n_ctx, reserve=24)
+        tokens = plan.tokens
         # The answer's first word decides: step over the blank line the model writes after
         # its header, then compare the two words' probabilities there.
         probe = list(tokens)
         kept = min(self.engine.cached_prefix_length(tokens, images=images), len(tokens) - 1)
         logits = self.engine.next_token_logits(probe, images=images)
-        for _ in range(3):
+        for _ in range(SCORE_STEPS - 1):
             best = int(np.argmax(logits))
-            piece = self.engine.detokenize([best])
-            # Only a token that is whitespace is stepped over: an end-of-turn token also
-            # reads as "" but ends the answer, so the score is taken where it stands.
-            if not piece or piece.strip():
+            if self._answer_starts(best):
                 break
             probe.append(best)
             logits = self.engine.next_token_logits(probe, images=images)
+        t_scored = time.perf_counter()
+        generation = self.engine.generate(tokens, ANSWER_PARAMS, images=images)
+        t_end = time.perf_counter()
+        return self.verdict(plan, logits, generation.text, len(tokens) - kept,
+                            {"score_ms": round((t_scored - t0) * 1000, 2),
+                             "answer_ms": round((t_end - t_scored) * 1000, 2),
+                             "total_ms": round((t_end - t0) * 1000, 2)})
+
+    def plan(self, messages: Sequence[Message], image: RGBImage | None = None) -> CheckPlan:
+        """The prompt of one check, checked to fit (the first half of :meth:`check`).
+
+        Raises:
+            As :meth:`check`, but for the verdict.
+        """
+        if image is not None and not self.vision:
+            raise ImagesNotCheckableError(self.engine.model_name)
+        turns = check_conversation(messages, image=image is not None)
+        tokens = self.prompt_tokens(turns, image=image is not None)
+        if len(tokens) + ANSWER_RESERVE > self.engine.n_ctx:
+            raise ContextOverflowError(len(tokens), self.engine.n_ctx, reserve=ANSWER_RESERVE)
+        return CheckPlan(tokens, conversation_role(turns),
+                         None if image is None else {"width": image.width,
+                                                     "height": image.height})
+
+    def _answer_starts(self, token: int) -> bool:
+        """Whether the answer's first word is at ``token``: only a token that is whitespace is
+        stepped over (an end-of-turn token also reads as "" but ends the answer, so the score
+        is taken where it stands)."""
+        piece = self.engine.detokenize([token])
+        return not piece or bool(piece.strip())
+
+    def scored_logits(self, rows: Sequence[Any]) -> Any:
+        """Of a greedy answer's first logits rows (one per step, the prompt's first), the
+        row :meth:`check` scores at: where the first word starts."""
+        import numpy as np
+
+        for row in rows[:SCORE_STEPS - 1]:
+            if self._answer_starts(int(np.argmax(row))):
+                return row
+        return rows[min(len(rows), SCORE_STEPS) - 1]
+
+    def verdict(self, plan: CheckPlan, logits: Any, raw: str, evaluated: int,
+                timings: dict[str, float]) -> Verdict:
+        """The verdict of a check from the logits it scores at and the model's answer (the
+        second half of :meth:`check`).
+
+        Raises:
+            VerdictError: the answer is not a verdict (and no threshold decides).
+        """
+        import numpy as np
+
         # In float64 and from the log-probabilities: a model standing in for Llama Guard can
         # put both words so far below its favourite that float32 probabilities underflow to 0.
         log_probs = np.asarray(logits, dtype=np.float64)
@@ -233,18 +293,11 @@ class Guard:
         # as below any threshold, and so pass as safe.
         p_safe, p_unsafe, score = (v if v is not None and math.isfinite(v) else None
                                    for v in (p_safe, p_unsafe, score))
-        t_scored = time.perf_counter()
-        generation = self.engine.generate(
-            tokens, SamplingParams(temperature=0.0, max_tokens=20), images=images)
-        raw = generation.text
-        role = conversation_role(turns)
         verdict = Verdict(flagged=False, categories=[], score=score, p_safe=p_safe,
-                          p_unsafe=p_unsafe, role=role, model=self.engine.model_name, raw=raw,
-                          decided_by="answer", threshold=self.threshold,
-                          prompt_tokens=len(tokens),
-                          prompt_tokens_evaluated=len(tokens) - kept,
-                          image=None if image is None else {"width": image.width,
-                                                            "height": image.height})
+                          p_unsafe=p_unsafe, role=plan.role, model=self.engine.model_name,
+                          raw=raw, decided_by="answer", threshold=self.threshold,
+                          prompt_tokens=len(plan.tokens), prompt_tokens_evaluated=evaluated,
+                          image=plan.image)
         try:
             parsed: Parsed | None = parse_verdict(raw)
         except VerdictError:
@@ -258,10 +311,7 @@ class Guard:
             verdict.flagged = bool(parsed and parsed.unsafe)
         if verdict.flagged and parsed is not None:
             verdict.categories = name_categories(parsed.codes, self.categories)
-        t_end = time.perf_counter()
-        verdict.timings = {"score_ms": round((t_scored - t0) * 1000, 2),
-                           "answer_ms": round((t_end - t_scored) * 1000, 2),
-                           "total_ms": round((t_end - t0) * 1000, 2)}
+        verdict.timings = timings
         return verdict
 
     def check_text(self, text: str, image: RGBImage | None = None) -> Verdict:
@@ -444,32 +494,105 @@ def check_jsonl_line(guard: Guard, line: str | LlmkitError, number: int) -> dict
     it gave (not UTF-8, too long: see :func:`llmkit.io.numbered_lines`), which is that
     line's record too.
     """
+    head, read = _read_line(guard, line, number)
+    if isinstance(read, LlmkitError):
+        return _failed(head, read)
+    messages, picture = read
+    try:
+        verdict = guard.check(messages, None if picture is None else picture[1])
+    except LlmkitError as exc:
+        return _failed(head, exc)
+    record = {**head, **verdict.to_dict()}
+    if picture is not None and verdict.image is not None:
+        record["image"] = {"path": picture[0], **verdict.image}
+    return record
+
+
+def _failed(head: dict[str, Any], exc: LlmkitError) -> dict[str, Any]:
+    """The record of a line that failed: the raw answer too when it was no verdict."""
+    if isinstance(exc, VerdictError):
+        return {**head, "verdict": None, "flagged": None, "raw": exc.raw, "error": str(exc)}
+    return {**head, "verdict": None, "flagged": None, "error": str(exc)}
+
+
+def _read_line(guard: Guard, line: str | LlmkitError, number: int
+               ) -> tuple[dict[str, Any], tuple[list[Message], tuple[str, RGBImage] | None]
+                          | LlmkitError]:
+    """A JSONL line's record head (``line``, ``id``) and what it asks to check, or why it
+    cannot be checked."""
     from llmkit.io import parse_json
 
     head: dict[str, Any] = {"line": number}
     if isinstance(line, LlmkitError):
-        return {**head, "verdict": None, "flagged": None, "error": str(line)}
+        return head, line
     try:
         # Strict JSON: an "id" of NaN would be written back out as NaN, which is not JSON, and
         # a line of 100,000 nested arrays is this line's error, not the batch's end.
         item = parse_json(line)
     except ValueError as exc:
-        return {**head, "verdict": None, "flagged": None,
-                "error": f"line {number} is not JSON: {exc}"}
+        return head, InputError(f"line {number} is not JSON: {exc}")
     if isinstance(item, dict) and "id" in item:
         head["id"] = item["id"]
     try:
-        messages = record_messages(item, number)
-        picture = record_image(guard, item, number)
-        verdict = guard.check(messages, None if picture is None else picture[1])
-    except VerdictError as exc:
-        return {**head, "verdict": None, "flagged": None, "raw": exc.raw, "error": str(exc)}
+        return head, (record_messages(item, number), record_image(guard, item, number))
     except LlmkitError as exc:
-        return {**head, "verdict": None, "flagged": None, "error": str(exc)}
-    record = {**head, **verdict.to_dict()}
-    if picture is not None and verdict.image is not None:
-        record["image"] = {"path": picture[0], **verdict.image}
-    return record
+        return head, exc
+
+
+def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError]]
+                      ) -> Iterator[dict[str, Any]]:
+    """The records of :func:`check_jsonl_line` for many lines, each as its check finishes:
+    with an engine that decodes several sequences at once (``parallel`` > 1) up to that
+    many checks run together, their common prompt (the policy) evaluated once; otherwise one
+    line at a time, in order. Each record names its ``line``.
+    """
+    from llmkit.engines.parallel import Job
+
+    many = getattr(guard.engine, "generate_many", None)
+    if getattr(guard.engine, "parallel", 1) <= 1 or many is None:
+        for number, line in lines:
+            yield check_jsonl_line(guard, line, number)
+        return
+
+    def jobs() -> Iterator[Job]:
+        for number, line in lines:
+            head, read = _read_line(guard, line, number)
+            if not isinstance(read, LlmkitError):
+                messages, picture = read
+                if picture is not None:
+                    # Pictures need the Vision engine, which checks one at a time.
+                    read = InputError(f'line {number}: a record with an "image" is checked '
+                                      "with --parallel 1")
+                else:
+                    try:
+                        plan = guard.plan(messages)
+                    except LlmkitError as exc:
+                        read = exc
+            if isinstance(read, LlmkitError):
+                yield Job((_failed(head, read), None), None)
+            else:
+                yield Job((head, plan), plan.tokens, ANSWER_PARAMS, logits_steps=SCORE_STEPS)
+
+    for result in many(jobs()):
+        head, plan = result.job.key
+        generation = result.generation
+        if plan is None:
+            yield head
+            continue
+        if result.error is not None or generation is None or not result.logits:
+            yield _failed(head, result.error or LlmkitError("the guard gave no answer"))
+            continue
+        total = generation.prompt_ms + generation.generation_ms
+        timings = {"score_ms": round(generation.first_token_ms, 2),
+                   "answer_ms": round(total - generation.first_token_ms, 2),
+                   "total_ms": round(total, 2)}
+        try:
+            verdict = guard.verdict(plan, guard.scored_logits(result.logits), generation.text,
+                                    generation.prompt_tokens_evaluated, timings)
+        except VerdictError as exc:
+            yield _failed(head, exc)
+            continue
+        yield {**head, **verdict.to_dict()}
 
 
 @dataclass

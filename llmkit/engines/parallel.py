@@ -1,0 +1,423 @@
+"""Continuous batching: many sequences decoded together in one llama.cpp context."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.engines._llama_vocab import Sampled, TextStream
+from llmkit.engines.base import Generation, SamplingParams
+from llmkit.errors import ContextOverflowError, InputError, LlmkitError
+
+
+@dataclass
+class Job:
+    """One sequence to generate: its prompt tokens and sampling settings.
+
+    ``key`` is the caller's handle (it comes back with the result). ``logits_steps`` asks for
+    a copy of the next-token logits of the first that many steps (the first is the prompt's
+    own), which a guard scores from. A job without a ``prompt`` (None) carries no work: it
+    comes back at once, in its turn, so that a caller's bad input keeps its place.
+    """
+
+    key: Any
+    prompt: Sequence[int] | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    logits_steps: int = 0
+
+
+@dataclass
+class Result:
+    """What a job gave: its generation (None for a job without work or one that failed),
+    the logits it asked for, and the error that made it fail."""
+
+    job: Job
+    generation: Generation | None = None
+    logits: list[Any] = field(default_factory=list)
+    error: LlmkitError | None = None
+
+
+@dataclass
+class _Slot:
+    """A sequence id of the context and what its cells hold."""
+
+    seq: int
+    cells: list[int] = field(default_factory=list)  # the tokens in its KV cells, by position
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    next_token: int | None = None  # sampled, not yet evaluated
+    sampler: Any = None
+    stream: TextStream | None = None
+    generated: list[int] = field(default_factory=list)
+    logits: list[Any] = field(default_factory=list)
+    limit: int = 0
+    room: int = 0
+    evaluated: int = 0
+    t0: float = 0.0
+    t_prompt: float = 0.0
+    t_first: float = 0.0
+
+
+class _Feed:
+    """The jobs, pulled by a thread so that a slow source (stdin) never stalls the sequences
+    in flight: the scheduler waits for a job only when it has nothing else to do."""
+
+    _END = object()
+
+    def __init__(self, jobs: Iterable[Job], size: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self.done = False
+        self._thread = threading.Thread(target=self._pull, args=(iter(jobs),), daemon=True,
+                                        name="llmkit-jobs")
+        self._thread.start()
+
+    def _pull(self, jobs: Iterator[Job]) -> None:
+        try:
+            for job in jobs:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(job, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the scheduler's thread, raised there
+            self._put_final(exc)
+            return
+        self._put_final(self._END)
+
+    def _put_final(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, block: bool) -> Job | None:
+        """The next job, or None (none ready without ``block``, or the source is done)."""
+        if self.done:
+            return None
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if item is self._END:
+            self.done = True
+            return None
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        job: Job = item
+        return job
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# A prefix held by another sequence is copied when it saves this many tokens of evaluation:
+# the copy moves that sequence's whole cache (n_ctx_seq cells), a few milliseconds.
+MIN_COPY = 16
+
+
+class ParallelDecoder:
+    """Decodes up to ``n_seq`` jobs at once in one llama.cpp context (``n_seq_max`` sequences
+    over a unified KV cache): each step is one ``llama_batch`` holding the next token of every
+    sequence that is generating and prompt chunks of those just admitted; a finished job's
+    sequence takes the next job at once. Each sequence has its own sampler chain (grammar
+    included), sampled inside llama.cpp from its row of the batch's logits.
+
+    Each sequence has a KV cache of its own (``n_ctx_seq`` cells), so it computes what a
+    sequence decoded alone computes. A new job's prompt starts from the longest prefix any
+    sequence already holds (a guard's policy, a shared instruction): that sequence's cache is
+    copied with ``llama_memory_seq_cp`` and cut back to the prefix, which is not evaluated
+    again.
+
+    Args:
+        lc: the llama_cpp bindings.
+        ctx: a context created with ``n_seq_max`` = ``n_seq`` and ``kv_unified`` off, whose
+            KV cache holds ``n_seq × n_ctx_seq`` cells.
+        vocab: the model's llama_vocab.
+        n_seq: sequences decoded together.
+        n_ctx_seq: the context each job may use (prompt and generation).
+        n_batch: tokens per ``llama_decode`` call (the context's n_batch).
+        make_sampler: a sampler chain for a job's params (freed here).
+        retune: called before each step (the engine's thread governor).
+    """
+
+    def __init__(self, lc: Any, ctx: Any, vocab: Any, *, n_seq: int, n_ctx_seq: int,
+                 n_batch: int, make_sampler: Callable[[SamplingParams], Any],
+                 retune: Callable[[], None] = lambda: None) -> None:
+        if n_seq < 1:
+            raise InputError(f"--parallel {n_seq} is too small", hint="use at least 1")
+        self._lc, self._ctx, self._vocab = lc, ctx, vocab
+        self.n_seq, self.n_ctx_seq, self.n_batch = n_seq, n_ctx_seq, max(n_batch, n_seq)
+        self._make_sampler, self._retune = make_sampler, retune
+        self._slots = [_Slot(seq) for seq in range(n_seq)]
+        self._held: Job | None = None  # admitted next, once the prefix it shares is held
+        self.steps = 0
+        self.shared_tokens = 0  # prompt tokens not evaluated: held already
+        self.python_s = 0.0  # time in this loop outside llama_decode (per-token overhead)
+        self.decode_s = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[Result]:
+        """Decode ``jobs``, yielding each result as its job finishes (not in input order).
+
+        A KeyboardInterrupt stops admitting jobs; the jobs in flight finish, are yielded, and
+        then the interrupt is raised again. A second one ends those jobs too, with
+        finish_reason "interrupted".
+        """
+        lc = self._lc
+        mem = lc.llama_get_memory(self._ctx)
+        lc.llama_memory_clear(mem, True)
+        for slot in self._slots:
+            slot.cells = []
+        feed = _Feed(jobs, self.n_seq)
+        batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        interrupted = 0
+        try:
+            while True:
+                try:
+                    if not interrupted:
+                        yield from self._admit(feed, mem)
+                    active = [s for s in self._slots if s.job is not None]
+                    if not active:
+                        break
+                    yield from self._step(batch, active)
+                except KeyboardInterrupt:
+                    interrupted += 1
+                    if interrupted > 1:
+                        yield from self._interrupt_all()
+                        break
+            if interrupted:
+                raise KeyboardInterrupt
+        finally:
+            feed.close()
+            lc.llama_batch_free(batch)
+            for slot in self._slots:
+                self._release(slot)
+            lc.llama_memory_clear(mem, True)
+            for slot in self._slots:
+                slot.cells = []
+
+    def _admit(self, feed: _Feed, mem: Any) -> Iterator[Result]:
+        """Give free sequences the next jobs (waiting for one only when none is in flight).
+
+        A job whose prompt begins with what another sequence is still evaluating waits for
+        it (and the jobs after it wait too, keeping their order): it then copies that
+        prefix instead of evaluating it again.
+        """
+        while True:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            busy = len(free) < len(self._slots)
+            job = self._held
+            self._held = None
+            if job is None:
+                if feed.done:
+                    return
+                job = feed.get(block=not busy)
+                if job is None:
+                    return
+            if job.prompt is None:
+                yield Result(job)
+                continue
+            error = self._refusal(job)
+            if error is not None:
+                yield Result(job, error=error)
+                continue
+            if busy and self._prefix_coming(job.prompt):
+                self._held = job
+                return
+            self._start(self._pick(free, job.prompt), job, mem)
+
+    def _prefix_coming(self, prompt: Sequence[int]) -> bool:
+        """Whether a sequence still evaluating its prompt will soon hold more of ``prompt``
+        than any sequence holds now."""
+        held = max(_common_prefix(s.cells, prompt) for s in self._slots)
+        for slot in self._slots:
+            if slot.job is not None and slot.pending:
+                coming = _common_prefix([*slot.cells, *slot.pending], prompt)
+                if min(coming, len(prompt) - 1) >= held + MIN_COPY:
+                    return True
+        return False
+
+    def _refusal(self, job: Job) -> LlmkitError | None:
+        assert job.prompt is not None
+        if not job.prompt:
+            return InputError("the prompt is empty")
+        if len(job.prompt) >= self.n_ctx_seq:
+            return ContextOverflowError(len(job.prompt), self.n_ctx_seq)
+        return None
+
+    def _pick(self, free: list[_Slot], prompt: Sequence[int]) -> _Slot:
+        """The free sequence whose stale cells share the most with ``prompt`` (reused in
+        place), else the first."""
+        return max(free, key=lambda s: _common_prefix(s.cells, prompt))
+
+    def _start(self, slot: _Slot, job: Job, mem: Any) -> None:
+        lc = self._lc
+        assert job.prompt is not None
+        prompt = list(job.prompt)
+        # The longest prefix held anywhere (the last prompt token is always evaluated, for
+        # its logits): this sequence's own stale cells are cut back to it; another's are
+        # copied, whole (llama.cpp copies between sequences' caches only whole), then cut.
+        own = min(_common_prefix(slot.cells, prompt), len(prompt) - 1)
+        source, shared = slot, own
+        for other in self._slots:
+            n = min(_common_prefix(other.cells, prompt), len(prompt) - 1)
+            if other is not slot and n >= shared + MIN_COPY:
+                source, shared = other, n
+        if source is not slot:
+            lc.llama_memory_seq_cp(mem, source.seq, slot.seq, -1, -1)
+        if not lc.llama_memory_seq_rm(mem, slot.seq, shared, -1):
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            shared = 0
+        self.shared_tokens += shared
+        slot.cells = (source.cells if source is not slot else slot.cells)[:shared]
+        assert slot.cells == prompt[:shared]
+        slot.pending = prompt[shared:]
+        slot.job = job
+        slot.sampler = self._make_sampler(job.params)
+        slot.stream = TextStream(lc, self._vocab, None)
+        slot.generated, slot.logits, slot.next_token = [], [], None
+        slot.room = self.n_ctx_seq - len(prompt)
+        max_tokens = job.params.max_tokens
+        slot.limit = slot.room if max_tokens is None else min(max_tokens, slot.room)
+        slot.evaluated = len(slot.pending)
+        slot.t0 = time.perf_counter()
+        slot.t_prompt = slot.t_first = 0.0
+
+    def _step(self, batch: Any, active: list[_Slot]) -> list[Result]:
+        """One step: the next token of every generating sequence in one llama_decode, then
+        one prompt chunk of the earliest admitted sequence still evaluating its prompt, in a
+        call of its own (so a prompt is evaluated in the chunks, and with the kernels, a
+        sequence alone would have: the answers are the same tokens). Returns the jobs it
+        finished."""
+        t_start, decode_before = time.perf_counter(), self.decode_s
+        self._retune()
+        tokens, pos, n_seq_id, seq_id, logits = (batch.token, batch.pos, batch.n_seq_id,
+                                                 batch.seq_id, batch.logits)
+        finished: list[Result] = []
+        decoding = [s for s in active if s.next_token is not None]
+        if decoding:
+            for n, slot in enumerate(decoding):
+                token = slot.next_token
+                assert token is not None
+                tokens[n], pos[n], n_seq_id[n], logits[n] = token, len(slot.cells), 1, 1
+                seq_id[n][0] = slot.seq
+                slot.cells.append(token)
+                slot.next_token = None
+            batch.n_tokens = len(decoding)
+            t_done = self._decode(batch)
+            for n, slot in enumerate(decoding):
+                result = self._sample(slot, n, t_done)
+                if result is not None:
+                    finished.append(result)
+        prompting = next((s for s in active if s.pending), None)
+        if prompting is not None:
+            take = prompting.pending[:self.n_batch]
+            del prompting.pending[:len(take)]
+            base = len(prompting.cells)
+            for i, token in enumerate(take):
+                tokens[i], pos[i], n_seq_id[i], logits[i] = token, base + i, 1, 0
+                seq_id[i][0] = prompting.seq
+            prompting.cells.extend(take)
+            logits[len(take) - 1] = 1
+            batch.n_tokens = len(take)
+            t_done = self._decode(batch)
+            if not prompting.pending:
+                result = self._sample(prompting, len(take) - 1, t_done)
+                if result is not None:
+                    finished.append(result)
+        self.python_s += (time.perf_counter() - t_start) - (self.decode_s - decode_before)
+        return finished
+
+    def _decode(self, batch: Any) -> float:
+        """llama_decode of ``batch``; returns when it finished."""
+        t0 = time.perf_counter()
+        rc = self._lc.llama_decode(self._ctx, batch)
+        t1 = time.perf_counter()
+        self.decode_s += t1 - t0
+        self.steps += 1
+        if rc != 0:
+            raise LlmkitError(f"llama.cpp failed to evaluate a batch of {batch.n_tokens} "
+                              f"tokens (code {rc})")
+        return t1
+
+    def _sample(self, slot: _Slot, index: int, now: float) -> Result | None:
+        lc = self._lc
+        job = slot.job
+        assert job is not None and slot.stream is not None
+        if not slot.t_prompt:
+            slot.t_prompt = now
+        if len(slot.logits) < job.logits_steps:
+            import numpy as np
+
+            n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+            row = lc.llama_get_logits_ith(self._ctx, index)
+            slot.logits.append(np.ctypeslib.as_array(row, shape=(n_vocab,)).copy())
+        if len(slot.generated) >= slot.limit:
+            finish = "length" if (job.params.max_tokens is not None
+                                  and job.params.max_tokens <= slot.room) else "context"
+            return self._finish(slot, finish)
+        token = lc.llama_sampler_sample(slot.sampler, self._ctx, index)
+        if lc.llama_vocab_is_eog(self._vocab, token):
+            return self._finish(slot, "stop")
+        if not slot.generated:
+            slot.t_first = time.perf_counter()
+        slot.generated.append(token)
+        slot.stream.push(token)
+        if len(slot.generated) >= slot.limit:
+            finish = "length" if (job.params.max_tokens is not None
+                                  and job.params.max_tokens <= slot.room) else "context"
+            return self._finish(slot, finish)
+        slot.next_token = token
+        return None
+
+    def _finish(self, slot: _Slot, finish: str) -> Result:
+        job = slot.job
+        assert job is not None and slot.stream is not None
+        slot.stream.finish()
+        prompt_len = len(job.prompt or ())
+        out = Sampled(slot.stream.pieces, slot.generated, finish, slot.t_first or slot.t_prompt)
+        generation = out.generation(prompt_len, slot.evaluated, slot.t0, slot.t_prompt)
+        result = Result(job, generation, slot.logits)
+        self._release(slot)
+        return result
+
+    def _release(self, slot: _Slot) -> None:
+        """Free the sequence for the next job; its cells stay (a later prompt may share
+        them) until that job takes it."""
+        if slot.sampler is not None:
+            self._lc.llama_sampler_free(slot.sampler)
+        slot.sampler = None
+        slot.job = None
+        slot.stream = None
+        slot.pending = []
+        slot.next_token = None
+
+    def _interrupt_all(self) -> Iterator[Result]:
+        for slot in self._slots:
+            if slot.job is not None:
+                if not slot.t_prompt:
+                    slot.t_prompt = time.perf_counter()
+                yield self._finish(slot, "interrupted")
+

@@ -1,0 +1,198 @@
+"""Parallel sequences (engines/parallel.py) on the real SmolLM2 through llama.cpp: the same
+greedy tokens as one at a time, shared prefixes, continuous batching, and per-job limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmkit.engines.base import SamplingParams
+from llmkit.engines.llama_cpp import LlamaCppEngine
+from llmkit.engines.parallel import Job, Result
+from llmkit.errors import ContextOverflowError, InputError
+from tests.conftest import run_llmkit
+
+PROMPTS = ["Write a poem about the sea.", "What is 2+2?", "Name three colors.",
+           "Tell me a joke about cats.", "Explain gravity briefly.", "List the planets.",
+           "Why is the sky blue?", "Say hello in French.", "What is a GGUF file?"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def prompts_and_answers(smollm2_path: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """Every prompt's tokens and its greedy answer, one at a time (the sequential path)."""
+    with LlamaCppEngine(smollm2_path, n_ctx=1024, threads=2, device="cpu") as engine:
+        prompts = [engine.chat_tokens([{"role": "user", "content": p}]) for p in PROMPTS]
+        answers = []
+        for tokens in prompts:
+            engine.forget()
+            answers.append(engine.generate(tokens, GREEDY).tokens)
+    return prompts, answers
+
+
+def _run(engine: LlamaCppEngine, jobs: list[Job]) -> dict[object, Result]:
+    results = list(engine.generate_many(jobs))
+    assert len(results) == len(jobs)
+    return {r.job.key: r for r in results}
+
+
+@pytest.mark.parametrize("n_seq", [1, 2, 4, 8])
+def test_greedy_answers_are_the_one_at_a_time_tokens(
+        smollm2_path: Path, n_seq: int,
+        prompts_and_answers: tuple[list[list[int]], list[list[int]]]) -> None:
+    prompts, answers = prompts_and_answers
+    with LlamaCppEngine(smollm2_path, n_ctx=1024, threads=2, device="cpu",
+                        parallel=n_seq) as engine:
+        assert engine.n_ctx == 1024 and engine.parallel == n_seq
+        got = _run(engine, [Job(i, p, GREEDY) for i, p in enumerate(prompts)])
+        decoder = engine.last_decoder
+    for i, answer in enumerate(answers):
+        generation = got[i].generation
+        assert generation is not None and got[i].error is None
+        assert generation.tokens == answer, PROMPTS[i]
+        assert generation.finish_reason in ("stop", "length")
+        assert generation.completion_tokens == len(answer)
+    # The chat template's system prompt, the same in every prompt, is evaluated once per
+    # sequence at most: later jobs start from a sequence that holds it.
+    assert decoder.shared_tokens >= (len(prompts) - n_seq) * 16
+    assert sum(r.generation.prompt_tokens_evaluated for r in got.values()
+               if r.generation is not None) < sum(len(p) for p in prompts)
+    if n_seq > 1:
+        # Sequences decode together: fewer steps than tokens generated.
+        assert decoder.steps < sum(len(a) for a in answers)
+
+
+def test_each_job_keeps_its_own_limits_and_sampler(smollm2_path: Path) -> None:
+    with LlamaCppEngine(smollm2_path, n_ctx=96, threads=2, device="cpu", parallel=3) as engine:
+        short = engine.chat_tokens([{"role": "user", "content": "Count to a hundred."}])
+        long = engine.tokenize("word " * 200)
+        schema = ('root ::= "{" ws "\\"n\\":" ws [0-9]+ ws "}"\nws ::= [ \\t\\n]*')
+        jobs = [Job("two", short, SamplingParams(temperature=0.0, max_tokens=2)),
+                Job("none", None),
+                Job("long", long, GREEDY),
+                Job("empty", [], GREEDY),
+                Job("context", short, SamplingParams(temperature=0.0)),
+                Job("json", short, SamplingParams(temperature=0.7, seed=3, max_tokens=30,
+                                                 grammar=schema)),
+                Job("logits", short, GREEDY, logits_steps=3)]
+        got = _run(engine, jobs)
+        n_vocab = engine._lc.llama_vocab_n_tokens(engine._vocab)
+    two = got["two"].generation
+    assert two is not None and (two.completion_tokens, two.finish_reason) == (2, "length")
+    assert got["none"].generation is None and got["none"].error is None
+    assert isinstance(got["long"].error, ContextOverflowError)
+    assert isinstance(got["empty"].error, InputError)
+    full = got["context"].generation
+    assert full is not None and full.finish_reason in ("context", "stop")
+    if full.finish_reason == "context":
+        assert len(short) + full.completion_tokens == 96
+    answer = got["json"].generation
+    assert answer is not None
+    assert isinstance(json.loads(answer.text)["n"], int)
+    rows = got["logits"].logits
+    assert len(rows) == 3 and all(r.shape == (n_vocab,) for r in rows)
+    logits_answer = got["logits"].generation
+    assert logits_answer is not None
+    # Greedy: each kept row's best token is the token generated there.
+    assert [int(r.argmax()) for r in rows] == logits_answer.tokens[:3]
+
+
+def test_a_slow_source_does_not_stall_the_sequences_in_flight(smollm2_path: Path) -> None:
+    # The second job is only made once the first has finished: a scheduler that waited for
+    # its source before decoding would never finish the first.
+    first_done = threading.Event()
+
+    def jobs(tokens: list[int]) -> Iterator[Job]:
+        yield Job(1, tokens, SamplingParams(temperature=0.0, max_tokens=8))
+        assert first_done.wait(timeout=60)
+        yield Job(2, tokens, SamplingParams(temperature=0.0, max_tokens=8))
+
+    with LlamaCppEngine(smollm2_path, n_ctx=256, threads=2, device="cpu", parallel=4) as engine:
+        tokens = engine.chat_tokens([{"role": "user", "content": "Hello!"}])
+        order = []
+        for result in engine.generate_many(jobs(tokens)):
+            order.append(result.job.key)
+            first_done.set()
+    assert order == [1, 2]
+
+
+def test_an_interrupt_finishes_the_jobs_in_flight_then_stops(smollm2_path: Path) -> None:
+    def jobs(tokens: list[int]) -> Iterator[Job]:
+        yield Job(1, tokens, SamplingParams(temperature=0.0, max_tokens=6))
+        yield Job(2, tokens, SamplingParams(temperature=0.0, max_tokens=6))
+        raise KeyboardInterrupt  # Ctrl-C while the batch runs
+
+    with LlamaCppEngine(smollm2_path, n_ctx=256, threads=2, device="cpu", parallel=4) as engine:
+        tokens = engine.chat_tokens([{"role": "user", "content": "Hello!"}])
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            for result in engine.generate_many(jobs(tokens)):
+                done.append(result)
+        # The engine is usable afterwards, its cache emptied.
+        again = engine.generate(tokens, SamplingParams(temperature=0.0, max_tokens=6))
+    assert sorted(r.job.key for r in done) == [1, 2]
+    assert all(r.generation is not None and r.generation.finish_reason != "interrupted"
+               for r in done)
+    assert again.tokens == done[0].generation.tokens  # type: ignore[union-attr]
+
+
+def test_a_failing_source_raises_its_error(smollm2_path: Path) -> None:
+    def jobs() -> Iterator[Job]:
+        yield Job(1, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2))
+        raise InputError("line 2 cannot be read")
+
+    with LlamaCppEngine(smollm2_path, n_ctx=64, threads=1, device="cpu", parallel=2) as engine:
+        with pytest.raises(InputError, match="line 2 cannot be read"):
+            list(engine.generate_many(jobs()))
+
+
+def test_parallel_is_bounded(smollm2_path: Path) -> None:
+    with pytest.raises(InputError, match="--parallel 0 is out of range"):
+        LlamaCppEngine(smollm2_path, n_ctx=64, parallel=0)
+    with pytest.raises(InputError, match="more than llama.cpp can hold"):
+        LlamaCppEngine(smollm2_path, n_ctx=1 << 30, parallel=4)
+
+
+# -- check --batch --------------------------------------------------------------------------------
+
+BATCH = [json.dumps({"id": i, "text": text}) for i, text in enumerate([
+    "How do I bake bread?", "What is 2+2?", "Tell me about the weather in Paris.",
+    "Write a haiku about rain.", "How do I pick a lock?", "Which mushrooms are edible?",
+    "Summarize the plot of Hamlet.", "How do vaccines work?"])] + [
+    "not json", json.dumps({"prompt": "Hi", "response": "Hello, how can I help?"})]
+
+
+def _records(text: str) -> list[dict[str, object]]:
+    out = [json.loads(line) for line in text.splitlines()]
+    for record in out:
+        # How long each took, and how much of its prompt was already held, are the run's.
+        record.pop("timings", None)
+        usage = record.get("usage")
+        if isinstance(usage, dict):
+            usage.pop("prompt_tokens_evaluated")
+    return sorted(out, key=lambda r: int(str(r["line"])))
+
+
+def test_check_batch_in_parallel_gives_the_one_at_a_time_records(smollm2_path: Path,
+                                                                 tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(BATCH) + "\n")
+    runs = {}
+    for n in ("1", "4"):
+        proc = run_llmkit(["check", "-m", str(smollm2_path), "--batch", str(source),
+                           "--threshold", "0.5", "--parallel", n, "-t", "2"])
+        assert proc.returncode in (0, 1, 3), proc.stderr
+        runs[n] = (proc.returncode, _records(proc.stdout), proc.stderr)
+    assert runs["1"] == runs["4"]
+    assert [r["line"] for r in runs["4"][1]] == list(range(1, len(BATCH) + 1))
+
+
+def test_parallel_is_for_batches() -> None:
+    proc = run_llmkit(["check", "--parallel", "2", "some text"])
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("llmkit: error: --parallel is for --batch (a single check is one "
+                           "sequence)\n")
