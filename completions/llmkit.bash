@@ -35,8 +35,8 @@ __llmkit_spec() {
             npos=1 variadic=1 ;;
         'check')
             subs=''
-            opts='-m --model --file --prompt --response --conversation --batch -i --image --exclude --categories --threshold -f --format -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model --file --prompt --response --conversation --batch -i --image --exclude --categories --threshold -f --format -c --ctx -P --parallel --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 -P=1 --parallel=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'list')
             subs=''
