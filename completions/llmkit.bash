@@ -30,8 +30,8 @@ __llmkit_spec() {
             npos=1 variadic=1 ;;
         'summarize')
             subs=''
-            opts='-m --model -l --length -w --words --style --focus --language --as -r --recursive --max-bytes -f --format -o --out --skip-existing -s --system --temperature --top-p --seed -n --max-tokens -c --ctx --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 -l=1 --length=1 -w=1 --words=1 --style=1 --focus=1 --language=1 --as=1 --max-bytes=1 -f=1 --format=1 -o=1 --out=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model -l --length -w --words --style --focus --language --as -r --recursive --max-bytes -f --format -o --out --skip-existing -s --system --temperature --top-p --seed -n --max-tokens -c --ctx -P --parallel --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 -l=1 --length=1 -w=1 --words=1 --style=1 --focus=1 --language=1 --as=1 --max-bytes=1 -f=1 --format=1 -o=1 --out=1 -s=1 --system=1 --temperature=1 --top-p=1 --seed=1 -n=1 --max-tokens=1 -c=1 --ctx=1 -P=1 --parallel=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'check')
             subs=''

@@ -2,7 +2,7 @@
 
 ``python -m tests.record_tokens ARGS…`` is ``llmkit ARGS…`` with ``llama_decode`` wrapped: each
 call appends one JSON line to the file named by ``LLMKIT_RECORD_TOKENS``:
-``{"ctx": <context address>, "ids": [...], "generated": <the batch is a sampled token>}``.
+``{"ctx": <context address>, "ids": [...], "generated": <the batch is sampled tokens>}``.
 Image embeddings that mtmd evaluates inside llama.cpp carry no ids and are not recorded.
 """
 
@@ -19,21 +19,34 @@ def main() -> None:
     import llama_cpp
 
     path = os.environ["LLMKIT_RECORD_TOKENS"]
-    state = {"sampled": False}
+    # Tokens sampled and not yet evaluated: a batch made of them (one sequence's next token,
+    # or every parallel sequence's) is generated; a prompt chunk evaluated between a sample and
+    # its token's evaluation is not.
+    pending: list[int] = []
     real_decode, real_sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
 
     def decode(ctx: Any, batch: Any) -> Any:
         ids = [int(batch.token[i]) for i in range(batch.n_tokens)] if batch.token else []
+        left = list(pending)
+        generated = bool(ids)
+        for token in ids:
+            if token in left:
+                left.remove(token)
+            else:
+                generated = False
+                break
+        if generated:
+            pending[:] = left
         record = {"ctx": ctypes.cast(ctx, ctypes.c_void_p).value, "ids": ids,
-                  "generated": state["sampled"]}
+                  "generated": generated}
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        state["sampled"] = False
         return real_decode(ctx, batch)
 
     def sample(*args: Any) -> Any:
-        state["sampled"] = True
-        return real_sample(*args)
+        token = real_sample(*args)
+        pending.append(int(token))
+        return token
 
     llama_cpp.llama_decode = decode
     llama_cpp.llama_sampler_sample = sample

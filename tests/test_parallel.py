@@ -145,15 +145,15 @@ def test_a_failing_source_raises_its_error(smollm2_path: Path) -> None:
         yield Job(1, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2))
         raise InputError("line 2 cannot be read")
 
-    with LlamaCppEngine(smollm2_path, n_ctx=64, threads=1, device="cpu", parallel=2) as engine:
-        with pytest.raises(InputError, match="line 2 cannot be read"):
-            list(engine.generate_many(jobs()))
+    with (LlamaCppEngine(smollm2_path, n_ctx=64, threads=1, device="cpu", parallel=2) as engine,
+          pytest.raises(InputError, match="line 2 cannot be read")):
+        list(engine.generate_many(jobs()))
 
 
 def test_parallel_is_bounded(smollm2_path: Path) -> None:
     with pytest.raises(InputError, match="--parallel 0 is out of range"):
         LlamaCppEngine(smollm2_path, n_ctx=64, parallel=0)
-    with pytest.raises(InputError, match="more than llama.cpp can hold"):
+    with pytest.raises(InputError, match=r"more than llama\.cpp can hold"):
         LlamaCppEngine(smollm2_path, n_ctx=1 << 30, parallel=4)
 
 
@@ -196,3 +196,26 @@ def test_parallel_is_for_batches() -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("llmkit: error: --parallel is for --batch (a single check is one "
                            "sequence)\n")
+
+
+# -- summarize ------------------------------------------------------------------------------------
+
+
+def test_summarize_writes_a_long_document_s_partial_summaries_together(
+        smollm2_path: Path) -> None:
+    from llmkit.tasks.summarize import Summarizer, SummaryOptions
+
+    text = "\n\n".join(f"Paragraph {i} says that the river rose by {i} centimetres on day {i} "
+                       "of the flood, and that the bridge stayed open." for i in range(36))
+    progress: list[tuple[str, int, int]] = []
+    with LlamaCppEngine(smollm2_path, n_ctx=640, threads=2, device="cpu", parallel=4) as engine:
+        summary = Summarizer(engine, SummaryOptions(params=SamplingParams(temperature=0.0)),
+                             on_progress=lambda *a: progress.append(a)).summarize(text)
+        decoder = engine.last_decoder
+    assert summary.chunks > 4 and summary.text
+    assert summary.calls == summary.chunks + summary.merges + 1
+    chunks = [p for p in progress if p[0] == "chunk"]
+    assert [p[1] for p in chunks] == list(range(1, summary.chunks + 1))
+    # Sequences decoded together (fewer steps than tokens), the instruction shared.
+    assert decoder is not None and decoder.shared_tokens > 0
+    assert summary.prompt_tokens_evaluated < summary.prompt_tokens

@@ -199,7 +199,8 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
     with guard:
         # Several records are checked together (--parallel): each is written as it
         # finishes, naming its input line.
-        for record in check_jsonl_lines(guard, itertools.chain([first], lines)):
+        for record in check_jsonl_lines(guard, itertools.chain([first], lines),
+                                        live=source == "-"):
             tally.add(record)
             out.write_jsonl(record)
     out.note(tally.summary())

@@ -20,6 +20,7 @@ from llmkit.cli._options import (
     GuardOpt,
     GuardThresholdOpt,
     ModelOpt,
+    ParallelOpt,
     QuietOpt,
     SeedOpt,
     SystemOpt,
@@ -106,6 +107,7 @@ def summarize(
         "--max-tokens", "-n", min=1, show_default=False,
         help="Most tokens in the final summary (default: from the length).")] = None,
     ctx: CtxOpt = None,
+    parallel: ParallelOpt = None,
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
@@ -119,6 +121,9 @@ def summarize(
 
     Example: llmkit summarize report.md --length short
 
+    The pieces of a long document are summarized --parallel at a time (default 4 on CPU),
+    the instruction evaluated once; each merge level waits for the one before.
+
     Exit codes: 0 all summarized or skipped, 1 a document or the model failed, 2 usage,
     3 a document or its summary was flagged (--guard), 130 Ctrl-C.
     """
@@ -126,7 +131,12 @@ def summarize(
     from llmkit.documents import DOCUMENT_SUFFIXES
     from llmkit.errors import UsageError
     from llmkit.io import collect_paths, parse_size, stdin_is_tty
-    from llmkit.session import default_system_prompt, open_engine, sampling_params
+    from llmkit.session import (
+        default_system_prompt,
+        open_engine,
+        sampling_params,
+        with_parallel,
+    )
     from llmkit.tasks.summarize import (
         SummaryJob,
         SummaryOptions,
@@ -164,7 +174,7 @@ def summarize(
             return
         settings = engine_options(ctx, threads, device, gpu_layers, verbose)
         checker = open_cli_guard(guard, guard_model, guard_threshold, settings)
-        engine, resolution = open_engine(model, settings)
+        engine, resolution = open_engine(model, with_parallel(settings, parallel))
         if resolution.note:
             out.note(resolution.note)
         spec = resolution.spec

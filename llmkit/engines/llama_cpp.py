@@ -597,22 +597,24 @@ class LlamaCppEngine(VocabText):
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate_many(self, jobs: Iterable[Job]) -> Iterator[Result]:
+    def generate_many(self, jobs: Iterable[Job], *, live: bool = False) -> Iterator[Result]:
         """Generate ``jobs`` up to :attr:`parallel` at a time in one batch per step, yielding
         each result as it finishes (see :class:`llmkit.engines.parallel.ParallelDecoder`).
 
-        The cache the other calls reuse is emptied first and after.
+        Each job starts from the cache the one before it left, as one :meth:`generate` after
+        another would; the cache is then the last job's. ``live``: jobs from a source that
+        may keep one waiting (stdin), each admitted as it arrives.
         """
-        self._cached.clear()
         self._logits_at = -1
         decoder = ParallelDecoder(self._lc, self._ctx, self._vocab, n_seq=self.parallel,
                                   n_ctx_seq=self.n_ctx, n_batch=self.n_batch,
                                   make_sampler=self._sampler, retune=self._retune_threads)
         self.last_decoder = decoder
         try:
-            yield from decoder.run(jobs)
+            yield from decoder.run(jobs, held=list(self._cached), live=live)
         finally:
-            self._cached.clear()
+            # Sequence 0, the one the other calls use, holds what they would have left.
+            self._cached[:] = decoder.held
 
     def _decode_prompt(self, tokens: Sequence[int]) -> None:
         lc = self._lc

@@ -47,6 +47,7 @@ class _Slot:
 
     seq: int
     cells: list[int] = field(default_factory=list)  # the tokens in its KV cells, by position
+    prompt: list[int] = field(default_factory=list)  # its (last) job's prompt
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
     next_token: int | None = None  # sampled, not yet evaluated
@@ -121,17 +122,43 @@ class _Feed:
         self._stop.set()
 
 
+def parallel_generate(engine: object) -> Callable[..., Iterator[Result]] | None:
+    """``engine.generate_many`` when the engine decodes several sequences at once (loaded
+    with ``parallel`` > 1), else None: the caller goes one item at a time, as always."""
+    many = getattr(engine, "generate_many", None)
+    if getattr(engine, "parallel", 1) <= 1 or many is None:
+        return None
+    generate: Callable[..., Iterator[Result]] = many
+    return generate
+
+
+class _SyncFeed:
+    """The jobs, pulled when needed: a source that never keeps the scheduler waiting (a
+    list, a file) makes every run admit the same jobs at the same steps, so it is repeatable
+    to the bit."""
+
+    def __init__(self, jobs: Iterable[Job]) -> None:
+        self._jobs = iter(jobs)
+        self.done = False
+
+    def get(self, block: bool) -> Job | None:
+        """The next job, or None once the source is done."""
+        if self.done:
+            return None
+        job = next(self._jobs, None)
+        self.done = job is None
+        return job
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-# A prefix held by another sequence is copied when it saves this many tokens of evaluation:
-# the copy moves that sequence's whole cache (n_ctx_seq cells), a few milliseconds.
-MIN_COPY = 16
 
 
 class ParallelDecoder:
@@ -142,10 +169,10 @@ class ParallelDecoder:
     included), sampled inside llama.cpp from its row of the batch's logits.
 
     Each sequence has a KV cache of its own (``n_ctx_seq`` cells), so it computes what a
-    sequence decoded alone computes. A new job's prompt starts from the longest prefix any
-    sequence already holds (a guard's policy, a shared instruction): that sequence's cache is
-    copied with ``llama_memory_seq_cp`` and cut back to the prefix, which is not evaluated
-    again.
+    sequence decoded alone computes. A new job's prompt starts from the prefix it shares with
+    the job before it (a guard's policy, a shared instruction), as one at a time it would:
+    that job's cache is copied with ``llama_memory_seq_cp`` (a few milliseconds) and cut
+    back to the prefix, which is not evaluated again.
 
     Args:
         lc: the llama_cpp bindings.
@@ -169,6 +196,8 @@ class ParallelDecoder:
         self._make_sampler, self._retune = make_sampler, retune
         self._slots = [_Slot(seq) for seq in range(n_seq)]
         self._held: Job | None = None  # admitted next, once the prefix it shares is held
+        self._last = self._slots[0]  # the slot of the job admitted last
+        self.held: list[int] = []  # what sequence 0 holds after a run
         self.steps = 0
         self.shared_tokens = 0  # prompt tokens not evaluated: held already
         self.python_s = 0.0  # time in this loop outside llama_decode (per-token overhead)
@@ -176,8 +205,15 @@ class ParallelDecoder:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[Result]:
+    def run(self, jobs: Iterable[Job], held: Sequence[int] = (), *, live: bool = False
+            ) -> Iterator[Result]:
         """Decode ``jobs``, yielding each result as its job finishes (not in input order).
+
+        ``live``: the jobs come from a source that may keep one waiting (stdin): a thread
+        pulls them, and a job is admitted when it arrives, without stalling the others.
+
+        ``held`` is what sequence 0 holds already (the one-sequence path's cache): the first
+        job starts from it. Afterwards sequence 0 holds the last job's cells, :attr:`held`.
 
         A KeyboardInterrupt stops admitting jobs; the jobs in flight finish, are yielded, and
         then the interrupt is raised again. A second one ends those jobs too, with
@@ -185,10 +221,12 @@ class ParallelDecoder:
         """
         lc = self._lc
         mem = lc.llama_get_memory(self._ctx)
-        lc.llama_memory_clear(mem, True)
-        for slot in self._slots:
+        for slot in self._slots[1:]:
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             slot.cells = []
-        feed = _Feed(jobs, self.n_seq)
+        self._slots[0].cells = list(held)
+        self._last = self._slots[0]
+        feed: _Feed | _SyncFeed = _Feed(jobs, self.n_seq) if live else _SyncFeed(jobs)
         batch = lc.llama_batch_init(self.n_batch, 0, 1)
         interrupted = 0
         try:
@@ -212,16 +250,29 @@ class ParallelDecoder:
             lc.llama_batch_free(batch)
             for slot in self._slots:
                 self._release(slot)
-            lc.llama_memory_clear(mem, True)
-            for slot in self._slots:
-                slot.cells = []
+            self._settle(mem)
 
-    def _admit(self, feed: _Feed, mem: Any) -> Iterator[Result]:
-        """Give free sequences the next jobs (waiting for one only when none is in flight).
+    def _settle(self, mem: Any) -> None:
+        """Leave sequence 0 holding the last admitted job's cells (what the one-sequence
+        path's cache would hold after it), and the other sequences empty."""
+        lc = self._lc
+        last = self._last
+        if last is not self._slots[0] and last.cells:
+            lc.llama_memory_seq_cp(mem, last.seq, 0, -1, -1)
+        self.held = list(last.cells)
+        for slot in self._slots[1:]:
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            slot.cells = []
+        self._slots[0].cells = list(self.held)
 
-        A job whose prompt begins with what another sequence is still evaluating waits for
-        it (and the jobs after it wait too, keeping their order): it then copies that
-        prefix instead of evaluating it again.
+    def _admit(self, feed: _Feed | _SyncFeed, mem: Any) -> Iterator[Result]:
+        """Give free sequences the next jobs, in order (waiting for one only when none is in
+        flight).
+
+        Each job starts from the prefix it shares with the job before it, as it would one at
+        a time (so its prompt is evaluated from the same place, in the same chunks, and
+        gives the same tokens): that job's cells are copied. A job whose shared prefix that
+        job is still evaluating waits for it, and the jobs after it wait too.
         """
         while True:
             free = [s for s in self._slots if s.job is None]
@@ -243,21 +294,17 @@ class ParallelDecoder:
             if error is not None:
                 yield Result(job, error=error)
                 continue
-            if busy and self._prefix_coming(job.prompt):
-                self._held = job
+            # What the job before it leaves: its prompt (it may still be evaluating it), or,
+            # once finished, its cells (its answer too, as a one-at-a-time cache holds it).
+            source = self._last
+            before = source.prompt if source.job is not None else source.cells
+            shared = min(_common_prefix(before, job.prompt), len(job.prompt) - 1)
+            if len(source.cells) < shared:
+                self._held = job  # the prefix is still being evaluated there
                 return
-            self._start(self._pick(free, job.prompt), job, mem)
-
-    def _prefix_coming(self, prompt: Sequence[int]) -> bool:
-        """Whether a sequence still evaluating its prompt will soon hold more of ``prompt``
-        than any sequence holds now."""
-        held = max(_common_prefix(s.cells, prompt) for s in self._slots)
-        for slot in self._slots:
-            if slot.job is not None and slot.pending:
-                coming = _common_prefix([*slot.cells, *slot.pending], prompt)
-                if min(coming, len(prompt) - 1) >= held + MIN_COPY:
-                    return True
-        return False
+            slot = source if source in free else free[0]
+            self._start(slot, job, mem, source, shared)
+            self._last = slot
 
     def _refusal(self, job: Job) -> LlmkitError | None:
         assert job.prompt is not None
@@ -267,32 +314,25 @@ class ParallelDecoder:
             return ContextOverflowError(len(job.prompt), self.n_ctx_seq)
         return None
 
-    def _pick(self, free: list[_Slot], prompt: Sequence[int]) -> _Slot:
-        """The free sequence whose stale cells share the most with ``prompt`` (reused in
-        place), else the first."""
-        return max(free, key=lambda s: _common_prefix(s.cells, prompt))
-
-    def _start(self, slot: _Slot, job: Job, mem: Any) -> None:
+    def _start(self, slot: _Slot, job: Job, mem: Any, source: _Slot, shared: int) -> None:
+        """Put ``job`` on ``slot``, its first ``shared`` tokens taken from ``source``'s
+        cells: cut back in place, or copied (llama.cpp copies between sequences' caches
+        only whole) and then cut."""
         lc = self._lc
         assert job.prompt is not None
         prompt = list(job.prompt)
-        # The longest prefix held anywhere (the last prompt token is always evaluated, for
-        # its logits): this sequence's own stale cells are cut back to it; another's are
-        # copied, whole (llama.cpp copies between sequences' caches only whole), then cut.
-        own = min(_common_prefix(slot.cells, prompt), len(prompt) - 1)
-        source, shared = slot, own
-        for other in self._slots:
-            n = min(_common_prefix(other.cells, prompt), len(prompt) - 1)
-            if other is not slot and n >= shared + MIN_COPY:
-                source, shared = other, n
-        if source is not slot:
+        if source is not slot and shared:
             lc.llama_memory_seq_cp(mem, source.seq, slot.seq, -1, -1)
+            slot.cells = source.cells[:shared]
+        elif source is not slot:
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            slot.cells = []
         if not lc.llama_memory_seq_rm(mem, slot.seq, shared, -1):
             lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             shared = 0
+        del slot.cells[shared:]
         self.shared_tokens += shared
-        slot.cells = (source.cells if source is not slot else slot.cells)[:shared]
-        assert slot.cells == prompt[:shared]
+        slot.prompt = prompt
         slot.pending = prompt[shared:]
         slot.job = job
         slot.sampler = self._make_sampler(job.params)

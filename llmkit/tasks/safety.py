@@ -539,17 +539,18 @@ def _read_line(guard: Guard, line: str | LlmkitError, number: int
         return head, exc
 
 
-def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError]]
-                      ) -> Iterator[dict[str, Any]]:
+def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError]], *,
+                      live: bool = False) -> Iterator[dict[str, Any]]:
     """The records of :func:`check_jsonl_line` for many lines, each as its check finishes:
     with an engine that decodes several sequences at once (``parallel`` > 1) up to that
     many checks run together, their common prompt (the policy) evaluated once; otherwise one
-    line at a time, in order. Each record names its ``line``.
+    line at a time, in order. Each record names its ``line``. ``live``: the lines come from
+    stdin, each checked as it arrives.
     """
-    from llmkit.engines.parallel import Job
+    from llmkit.engines.parallel import Job, parallel_generate
 
-    many = getattr(guard.engine, "generate_many", None)
-    if getattr(guard.engine, "parallel", 1) <= 1 or many is None:
+    many = parallel_generate(guard.engine)
+    if many is None:
         for number, line in lines:
             yield check_jsonl_line(guard, line, number)
         return
@@ -573,7 +574,7 @@ def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError
             else:
                 yield Job((head, plan), plan.tokens, ANSWER_PARAMS, logits_steps=SCORE_STEPS)
 
-    for result in many(jobs()):
+    for result in many(jobs(), live=live):
         head, plan = result.job.key
         generation = result.generation
         if plan is None:

@@ -185,16 +185,53 @@ class Summarizer:
 
     # -- model calls ----------------------------------------------------------------------
 
-    def _call(self, instruction: str, body: str, max_tokens: int) -> Generation:
-        if not self.options.reuse_prefix:
-            self.engine.forget()
+    def _prompt(self, instruction: str, body: str, max_tokens: int) -> list[int]:
         tokens = self.engine.chat_tokens(self._messages(instruction, body))
         if len(tokens) + max_tokens > self.engine.n_ctx:
             # The plan keeps every prompt within budget; this guards the arithmetic.
             raise LlmkitError(f"internal error: a {len(tokens)}-token prompt was planned for a "
                               f"{self.engine.n_ctx}-token context")
+        return tokens
+
+    def _call(self, instruction: str, body: str, max_tokens: int) -> Generation:
+        if not self.options.reuse_prefix:
+            self.engine.forget()
+        tokens = self._prompt(instruction, body, max_tokens)
         params = replace(self.options.params, max_tokens=max_tokens)
         generation = self.engine.generate(tokens, params)
+        self._count(generation)
+        return generation
+
+    def _calls(self, instruction: str, bodies: Sequence[str], max_tokens: int,
+               stage: str) -> list[Generation]:
+        """One call per body, in their order; with an engine that decodes several sequences
+        at once (``parallel`` > 1), up to that many together, the instruction evaluated once
+        (each body's progress is reported as it finishes)."""
+        from llmkit.engines.parallel import Job, parallel_generate
+
+        many = parallel_generate(self.engine)
+        if many is None or len(bodies) == 1 or not self.options.reuse_prefix:
+            out = []
+            for i, body in enumerate(bodies):
+                self._progress(stage, i + 1, len(bodies))
+                out.append(self._call(instruction, body, max_tokens))
+            return out
+        params = replace(self.options.params, max_tokens=max_tokens)
+        jobs = [Job(i, self._prompt(instruction, body, max_tokens), params)
+                for i, body in enumerate(bodies)]
+        found: dict[int, Generation] = {}
+        for result in many(jobs):
+            if result.error is not None:
+                raise result.error
+            assert result.generation is not None
+            found[result.job.key] = result.generation
+            self._progress(stage, len(found), len(bodies))
+        generations = [found[i] for i in range(len(bodies))]
+        for generation in generations:
+            self._count(generation)
+        return generations
+
+    def _count(self, generation: Generation) -> None:
         if generation.finish_reason == "interrupted":
             raise KeyboardInterrupt
         stats = self._stats
@@ -202,7 +239,6 @@ class Summarizer:
         stats["prompt"] += generation.prompt_tokens
         stats["evaluated"] += generation.prompt_tokens_evaluated
         stats["output"] += generation.completion_tokens
-        return generation
 
     def _progress(self, stage: str, i: int, n: int) -> None:
         if self.on_progress is not None:
@@ -259,11 +295,9 @@ class Summarizer:
             self.on_progress("plan", len(chunks), chunk_budget)
         if self.on_plan is not None:
             self.on_plan(plan)
-        partials: list[str] = []
-        for c in chunks:
-            self._progress("chunk", c.index + 1, len(chunks))
-            generation = self._call(part, text[c.context_start:c.end], partial)
-            partials.append(_complete_sentences(generation.text.strip()) or "(nothing)")
+        partials = [_complete_sentences(g.text.strip()) or "(nothing)"
+                    for g in self._calls(part, [text[c.context_start:c.end] for c in chunks],
+                                         partial, "chunk")]
         levels = 1
         while True:
             joined = "\n\n".join(partials)
@@ -271,16 +305,15 @@ class Summarizer:
                 break
             groups = group_for_merge(partials, self.tokenizer, self.budget(merge, partial))
             levels += 1
-            merged: list[str] = []
-            for i, group in enumerate(groups):
-                self._progress(f"merge level {levels}", i + 1, len(groups))
-                if len(group) == 1:
-                    merged.append(partials[group[0]])
-                    continue
-                body = "\n\n".join(partials[j] for j in group)
-                generation = self._call(merge, body, partial)
-                self._stats["merges"] += 1
-                merged.append(_complete_sentences(generation.text.strip()) or "(nothing)")
+            # A level's merges run together; the next level waits for all of them.
+            bodies = ["\n\n".join(partials[j] for j in group) for group in groups
+                      if len(group) > 1]
+            done = iter(self._calls(merge, bodies, partial, f"merge level {levels}"))
+            self._stats["merges"] += len(bodies)
+            merged: list[str] = [
+                partials[group[0]] if len(group) == 1
+                else _complete_sentences(next(done).text.strip()) or "(nothing)"
+                for group in groups]
             if len(merged) >= len(partials):  # cannot happen with thirds; never loop forever
                 raise LlmkitError("the partial summaries do not get shorter when merged",
                                   hint="raise --ctx")
