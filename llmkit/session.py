@@ -24,6 +24,7 @@ class EngineOptions:
     gpu_layers: int | None = None
     verbose: bool = False
     parallel: int = 1  # sequences a batch command decodes together
+    parallel_chosen: bool = False  # parallel is llmkit's default, not the user's --parallel
 
 
 def with_parallel(options: EngineOptions, parallel: int | None) -> EngineOptions:
@@ -40,16 +41,31 @@ def with_parallel(options: EngineOptions, parallel: int | None) -> EngineOptions
             from llmkit.engines.llama_cpp import gpu_offload_supported
 
             gpu = gpu_offload_supported()
-        parallel = DEFAULT_PARALLEL_GPU if gpu else DEFAULT_PARALLEL_CPU
+        return dataclasses.replace(options, parallel=DEFAULT_PARALLEL_GPU if gpu
+                                   else DEFAULT_PARALLEL_CPU, parallel_chosen=True)
     return dataclasses.replace(options, parallel=parallel)
 
 
 def load_with_options(path: str | Path, options: EngineOptions, name: str,
                       mmproj: Path | None = None) -> Engine:
-    """Load a GGUF (and its projector) with the user's hardware and context settings."""
-    return load_engine(path, n_ctx=options.ctx, threads=options.threads, device=options.device,
-                       gpu_layers=options.gpu_layers, verbose=options.verbose, name=name,
-                       mmproj=mmproj, parallel=options.parallel)
+    """Load a GGUF (and its projector) with the user's hardware and context settings.
+
+    A default number of parallel sequences (not the user's ``--parallel``) that the memory
+    cannot hold, each with its ``--ctx``, is lowered to what fits, down to one.
+    """
+    from llmkit.errors import NotEnoughMemoryError
+
+    parallel = options.parallel
+    while True:
+        try:
+            return load_engine(path, n_ctx=options.ctx, threads=options.threads,
+                               device=options.device, gpu_layers=options.gpu_layers,
+                               verbose=options.verbose, name=name, mmproj=mmproj,
+                               parallel=parallel)
+        except NotEnoughMemoryError:
+            if not options.parallel_chosen or parallel <= 1:
+                raise
+            parallel //= 2
 
 
 def open_engine(model: str | None, options: EngineOptions) -> tuple[Engine, Resolution]:

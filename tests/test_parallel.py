@@ -219,3 +219,29 @@ def test_summarize_writes_a_long_document_s_partial_summaries_together(
     # Sequences decoded together (fewer steps than tokens), the instruction shared.
     assert decoder is not None and decoder.shared_tokens > 0
     assert summary.prompt_tokens_evaluated < summary.prompt_tokens
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def test_a_default_that_does_not_fit_is_lowered_and_an_asked_one_refused(
+        smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmkit import memory
+    from llmkit.errors import NotEnoughMemoryError
+    from llmkit.session import EngineOptions, load_with_options
+
+    fp = memory.footprint(smollm2_path)
+    two = memory.estimate(fp, 2 * 4096).all.total
+    four = memory.estimate(fp, 4 * 4096).all.total
+    assert four > two * (1 + memory.MARGIN)
+    room = memory.Available(int(two * 1.05), "MemAvailable")
+    monkeypatch.setattr(memory, "cpu_available", lambda: room)
+    chosen = EngineOptions(ctx=4096, threads=1, device="cpu", parallel=4, parallel_chosen=True)
+    with load_with_options(smollm2_path, chosen, "smol") as engine:
+        assert engine.parallel == 2  # type: ignore[attr-defined]
+    asked = EngineOptions(ctx=4096, threads=1, device="cpu", parallel=4)
+    with pytest.raises(NotEnoughMemoryError) as refused:
+        load_with_options(smollm2_path, asked, "smol")
+    message = str(refused.value)
+    assert "KV cache for --ctx 4096 × --parallel 4" in message
+    assert "--parallel 2 (needs" in message
