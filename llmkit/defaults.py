@@ -15,9 +15,10 @@ from llmkit.errors import CatalogError
 # chunk of a document, small enough that the KV cache of a 1B model stays well under 1 GiB.
 DEFAULT_CTX = 4096
 # Sequences a batch command decodes together (--parallel) when none is asked for, measured
-# (benchmarks/bench_parallel.py): on 2 CPU cores a 1B model's aggregate decode rises 1.5× by 4
-# sequences and little after; a GPU keeps gaining to 8 and beyond. Each sequence has its own
-# --ctx of KV cache, so the total is at most this many times the context.
+# (benchmarks/bench_parallel.py, 2 cores): a 1B model's aggregate decode rises 1.42× by 4
+# sequences and 1.72× by 8, but a check is mostly prompt (check --batch: 1.11× at 4, 1.13× at
+# 8) and every sequence holds its own --ctx of KV cache (92 MiB each for SmolLM2 at 4096), so 4
+# is the CPU default; a GPU keeps gaining to 8 and beyond.
 DEFAULT_PARALLEL_CPU = 4
 DEFAULT_PARALLEL_GPU = 8
 
