@@ -114,7 +114,7 @@ def test_a_slow_source_does_not_stall_the_sequences_in_flight(smollm2_path: Path
     with LlamaCppEngine(smollm2_path, n_ctx=256, threads=2, device="cpu", parallel=4) as engine:
         tokens = engine.chat_tokens([{"role": "user", "content": "Hello!"}])
         order = []
-        for result in engine.generate_many(jobs(tokens)):
+        for result in engine.generate_many(jobs(tokens), live=True):
             order.append(result.job.key)
             first_done.set()
     assert order == [1, 2]
@@ -212,7 +212,7 @@ def test_summarize_writes_a_long_document_s_partial_summaries_together(
         summary = Summarizer(engine, SummaryOptions(params=SamplingParams(temperature=0.0)),
                              on_progress=lambda *a: progress.append(a)).summarize(text)
         decoder = engine.last_decoder
-    assert summary.chunks > 4 and summary.text
+    assert summary.chunks >= 3 and summary.text
     assert summary.calls == summary.chunks + summary.merges + 1
     chunks = [p for p in progress if p[0] == "chunk"]
     assert [p[1] for p in chunks] == list(range(1, summary.chunks + 1))
