@@ -349,6 +349,34 @@ def test_batch_from_stdin_answers_each_line_as_it_arrives(smol: str) -> None:
             proc.wait()
 
 
+def test_batch_from_a_fifo_answers_each_line_as_it_arrives(smol: str, tmp_path: Path) -> None:
+    # A named pipe is read as stdin is: the first record comes back before the second line
+    # is written, though several records are checked together.
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmkit", "check", "-m", smol, "--threshold", "0", "--batch",
+         str(fifo)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(os.environ))
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        with fifo.open("w", encoding="utf-8") as writer:
+            writer.write(BATCH[0] + "\n")
+            writer.flush()
+            first = json.loads(lines.get(timeout=120))
+            assert first["line"] == 1 and first["flagged"] is True
+            writer.write(BATCH[1] + "\n")
+        second = json.loads(lines.get(timeout=120))
+        assert second["line"] == 2
+        assert proc.wait(timeout=60) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_batch_from_stdin_piped(smol: str) -> None:
     proc = check(smol, "--threshold", "1", "--batch", "-", input="\n".join(BATCH) + "\n")
     assert proc.returncode == 0, proc.stderr

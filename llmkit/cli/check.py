@@ -199,8 +199,10 @@ def _run_batch(source: str, model: str | None, options: EngineOptions, exclude: 
     with guard:
         # Several records are checked together (--parallel): each is written as it
         # finishes, naming its input line.
-        for record in check_jsonl_lines(guard, itertools.chain([first], lines),
-                                        live=source == "-"):
+        # A source that can keep one waiting (stdin, a FIFO, a device) is read by a thread,
+        # so the checks in flight are answered before the next line arrives.
+        live = source == "-" or not Path(source).is_file()
+        for record in check_jsonl_lines(guard, itertools.chain([first], lines), live=live):
             tally.add(record)
             out.write_jsonl(record)
     out.note(tally.summary())

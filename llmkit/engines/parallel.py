@@ -80,26 +80,22 @@ class _Feed:
     def _pull(self, jobs: Iterator[Job]) -> None:
         try:
             for job in jobs:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(job, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(job):
                     return
         except BaseException as exc:  # handed to the scheduler's thread, raised there
-            self._put_final(exc)
+            self._put(exc)
             return
-        self._put_final(self._END)
+        self._put(self._END)
 
-    def _put_final(self, item: Any) -> None:
+    def _put(self, item: Any) -> bool:
+        """Queue ``item`` once there is room; False if the scheduler stopped first."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def get(self, block: bool) -> Job | None:
         """The next job, or None (none ready without ``block``, or the source is done)."""
@@ -415,9 +411,7 @@ class ParallelDecoder:
             row = lc.llama_get_logits_ith(self._ctx, index)
             slot.logits.append(np.ctypeslib.as_array(row, shape=(n_vocab,)).copy())
         if len(slot.generated) >= slot.limit:
-            finish = "length" if (job.params.max_tokens is not None
-                                  and job.params.max_tokens <= slot.room) else "context"
-            return self._finish(slot, finish)
+            return self._finish(slot, self._at_limit(slot))
         token = lc.llama_sampler_sample(slot.sampler, self._ctx, index)
         if lc.llama_vocab_is_eog(self._vocab, token):
             return self._finish(slot, "stop")
@@ -426,11 +420,16 @@ class ParallelDecoder:
         slot.generated.append(token)
         slot.stream.push(token)
         if len(slot.generated) >= slot.limit:
-            finish = "length" if (job.params.max_tokens is not None
-                                  and job.params.max_tokens <= slot.room) else "context"
-            return self._finish(slot, finish)
+            return self._finish(slot, self._at_limit(slot))
         slot.next_token = token
         return None
+
+    @staticmethod
+    def _at_limit(slot: _Slot) -> str:
+        """Why a job that reached its limit ended: its max_tokens, or the full context."""
+        assert slot.job is not None
+        wanted = slot.job.params.max_tokens
+        return "length" if wanted is not None and wanted <= slot.room else "context"
 
     def _finish(self, slot: _Slot, finish: str) -> Result:
         job = slot.job
