@@ -374,8 +374,11 @@ def run_batch(
     on_skip: Callable[[str], None] | None = None,
     before_save: Callable[[dict[str, Any]], None] | None = None,
     error_record: Callable[[str, str], dict[str, Any]] | None = None,
+    work_many: Callable[[list[str]], Iterable[tuple[str, dict[str, Any]]]] | None = None,
 ) -> BatchSummary:
-    """Process items one at a time, saving each result the moment it exists.
+    """Process items, saving each result the moment it exists: one at a time with
+    ``work``, or all those to do handed to ``work_many``, which yields ``(path, record)``
+    as each finishes (in any order; refused and skipped items are settled first).
 
     Args:
         items: input paths.
@@ -388,23 +391,14 @@ def run_batch(
         before_save: may remove fields meant for the screen only, on a copy saved to the log.
         error_record: the record of an item refused before ``work`` (its sidecar would hit
             an input); by default ``path``, ``text_field`` (null) and ``error``.
+        work_many: many items at once (parallel sequences); ``work`` is then not called.
 
     Returns:
         How many items were done, skipped and failed.
     """
     summary = BatchSummary()
-    for path in items:
-        refusal = output.sidecars.refusal(path) if output.sidecars is not None else None
-        if refusal is None and should_skip(path, output):
-            summary.skipped += 1
-            if on_skip is not None:
-                on_skip(path)
-            continue
-        if refusal is not None:  # no model time for a result that could not be saved
-            record = (error_record(path, refusal) if error_record is not None
-                      else {"path": path, text_field: None, "error": refusal})
-        else:
-            record = work(path)
+
+    def save(path: str, record: dict[str, Any]) -> None:
         if not record.get("error") and not record.get("flagged") and output.sidecars is not None:
             try:
                 output.sidecars.write(path, str(record.get(text_field) or ""))
@@ -424,5 +418,24 @@ def run_batch(
             output.log.append(saved)
         if on_record is not None:
             on_record(record)
+
+    todo: list[str] = []
+    for path in items:
+        refusal = output.sidecars.refusal(path) if output.sidecars is not None else None
+        if refusal is None and should_skip(path, output):
+            summary.skipped += 1
+            if on_skip is not None:
+                on_skip(path)
+            continue
+        if refusal is not None:  # no model time for a result that could not be saved
+            save(path, error_record(path, refusal) if error_record is not None
+                 else {"path": path, text_field: None, "error": refusal})
+        elif work_many is not None:
+            todo.append(path)
+        else:
+            save(path, work(path))
+    if todo and work_many is not None:
+        for path, record in work_many(todo):
+            save(path, record)
     return summary
 

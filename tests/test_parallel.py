@@ -221,6 +221,80 @@ def test_summarize_writes_a_long_document_s_partial_summaries_together(
     assert summary.prompt_tokens_evaluated < summary.prompt_tokens
 
 
+def _summaries(stdout: str) -> list[dict[str, object]]:
+    records = json.loads(stdout)
+    for record in records:
+        record.pop("timings", None)
+        record.get("usage", {}).pop("prompt_tokens_evaluated", None)
+    return list(records)
+
+
+def test_summarize_of_many_documents_in_parallel_gives_the_one_at_a_time_records(
+        smollm2_path: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"note{i}.txt").write_text(
+            f"Note {i}. The ferry to island {i} leaves at {7 + i} o'clock and the fare is "
+            f"{3 + i} euros. Bicycles travel free on weekdays.\n")
+    # One longer than the context: its chunks and merges share the sequences with the rest.
+    (folder / "long.txt").write_text("\n\n".join(
+        f"Paragraph {i} says that the river rose by {i} centimetres on day {i} of the flood, "
+        "and that the bridge stayed open." for i in range(30)))
+    (folder / "empty.txt").write_text("   \n")
+    runs = {}
+    for n in ("1", "4"):
+        out_file = tmp_path / f"out{n}.jsonl"
+        proc = run_llmkit(["summarize", str(folder), "-m", str(smollm2_path), "--ctx", "640",
+                           "--temperature", "0", "--parallel", n, "-t", "2", "--format",
+                           "json", "--out", str(out_file)])
+        assert proc.returncode == 1, proc.stderr  # the empty document
+        runs[n] = _summaries(proc.stdout)
+        saved = [json.loads(line) for line in out_file.read_text().splitlines()]
+        assert sorted(r["path"] for r in saved) == sorted(r["path"] for r in runs[n])
+    paths = [r["path"] for r in runs["4"]]
+    assert paths == sorted(paths) == [r["path"] for r in runs["1"]]  # json: input order
+    # The long document's pieces pass 256 cells a sequence, where llama.cpp's CPU flash
+    # attention splits a lone sequence's KV (not several sequences' in one batch), so its
+    # greedy text may differ at a near-tie; everything else is the same tokens.
+    long = [next(r for r in runs[n] if str(r["path"]).endswith("long.txt")) for n in runs]
+    assert long[0]["chunks"] == long[1]["chunks"] and int(str(long[1]["chunks"])) >= 2
+    assert all(r["summary"] for r in long)
+    assert ([r for r in runs["1"] if r not in long] == [r for r in runs["4"] if r not in long])
+    empty = next(r for r in runs["4"] if str(r["path"]).endswith("empty.txt"))
+    assert empty["summary"] is None and "empty" in str(empty["error"])
+
+
+def test_tasks_share_the_sequences_and_each_outcome_comes_once(smollm2_path: Path) -> None:
+    from llmkit.engines.parallel import run_tasks
+
+    with LlamaCppEngine(smollm2_path, n_ctx=512, threads=2, device="cpu",
+                        parallel=3) as engine:
+        prompts = [engine.chat_tokens([{"role": "user", "content": p}]) for p in PROMPTS[:5]]
+        expected = []
+        for tokens in prompts:
+            engine.forget()
+            expected.append(engine.generate(tokens, GREEDY).tokens)
+
+        def task(k: int) -> Iterator[object]:
+            # Two steps: two prompts together, then one more made from their answers' lengths.
+            first = yield [(engine, Job("a", prompts[k], GREEDY)),
+                           (engine, Job("b", prompts[(k + 1) % 5], GREEDY))]
+            assert [r.job.key for r in first] == ["a", "b"]
+            got = [r.generation.tokens for r in first if r.generation is not None]
+            nothing = yield []  # a step without jobs is answered at once
+            assert nothing == []
+            second = yield [(engine, Job("c", prompts[(k + 2) % 5], GREEDY))]
+            got += [r.generation.tokens for r in second if r.generation is not None]
+            return k, got
+
+        outcomes = list(run_tasks(((k, task(k)) for k in range(5)), window=3))
+    assert sorted(key for key, _ in outcomes) == list(range(5))
+    for key, (k, got) in outcomes:
+        assert key == k
+        assert got == [expected[k], expected[(k + 1) % 5], expected[(k + 2) % 5]]
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 

@@ -45,19 +45,30 @@ def note_all_skipped(count: int, noun: str) -> None:
 def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
                   output: BatchOutput, *, fmt: BatchFormat, single: bool, text_field: str,
                   noun: str, clear: Callable[[], None],
-                  error_record: Callable[[str, str], dict[str, Any]] | None = None) -> None:
+                  error_record: Callable[[str, str], dict[str, Any]] | None = None,
+                  work_many: Callable[[list[str]], Iterable[tuple[str, dict[str, Any]]]]
+                  | None = None) -> None:
     """Run a batch, printing each record as it is saved, then the summary; exits non-zero
     (1 failed, ``EXIT_FLAGGED`` flagged) the way the command's help says.
 
     Text format prints the result alone for a single input, ``==> path <==`` blocks for
     several; failures and flagged items are reported on stderr in text format (and always
     for a single input). JSON prints one array at the end (after Ctrl-C too: the records
-    finished so far), JSONL one line per record. A closed stdout ends the batch (exit 141);
+    finished so far, in input order whatever order they finished in), JSONL one line per
+    record as it finishes. ``work_many``: as :func:`llmkit.batch.run_batch`'s. A closed
+    stdout ends the batch (exit 141);
     what is already in ``--out`` and the sidecars stays.
     """
     from llmkit.batch import run_batch
 
+    items = list(items)
     records: list[dict[str, Any]] = []
+    place: dict[str, int] = {}
+    for index, path in enumerate(items):
+        place.setdefault(path, index)
+
+    def in_order() -> list[dict[str, Any]]:
+        return sorted(records, key=lambda r: place.get(str(r.get("path")), len(place)))
 
     def emit(record: dict[str, Any]) -> None:
         clear()
@@ -76,14 +87,15 @@ def run_cli_batch(items: Iterable[str], work: Callable[[str], dict[str, Any]],
     try:
         summary: BatchSummary = run_batch(
             items, work, output, text_field=text_field, on_record=emit,
-            before_save=lambda r: r.pop("flagged_note", None), error_record=error_record)
+            before_save=lambda r: r.pop("flagged_note", None), error_record=error_record,
+            work_many=work_many)
     except BaseException as exc:
         clear()
         if isinstance(exc, KeyboardInterrupt) and fmt == BatchFormat.json:
-            out.write_json(records)  # what finished is saved: stdout must not lose it either
+            out.write_json(in_order())  # what finished is saved: stdout must not lose it either
         raise  # Ctrl-C ends the command in app.py, as everywhere
     if fmt == BatchFormat.json:
-        out.write_json(records)
+        out.write_json(in_order())
     if not single or summary.skipped:
         out.note(summary.line(noun))
     if summary.exit_code:

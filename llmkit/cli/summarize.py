@@ -33,6 +33,8 @@ from llmkit.cli._options import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from llmkit.documents import Document
 
 
@@ -121,8 +123,9 @@ def summarize(
 
     Example: llmkit summarize report.md --length short
 
-    The pieces of a long document are summarized --parallel at a time (default 4 on CPU),
-    the instruction evaluated once; each merge level waits for the one before.
+    --parallel documents are summarized at a time (default 4 on CPU), and the pieces of a
+    long one side by side, the instruction evaluated once; a merge level waits only for the
+    pieces it merges. Records are written as each document is done.
 
     Exit codes: 0 all summarized or skipped, 1 a document or the model failed, 2 usage,
     3 a document or its summary was flagged (--guard), 130 Ctrl-C.
@@ -143,6 +146,7 @@ def summarize(
         check_options,
         document_label,
         summarize_file,
+        summarize_files,
         summary_temperature,
     )
 
@@ -197,9 +201,20 @@ def summarize(
                 on_warning=out.warn, on_progress=_Progress(label).show,
                 on_plan=(lambda plan: _show_plan(label, plan)) if show_plan else None)
 
+        def work_many(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+            # Several documents at once: each one's pieces are reported as they finish.
+            documents = {"-": stdin_doc} if stdin_doc is not None else {}
+            return summarize_files(
+                engine, paths, job, documents=documents, guard=checker, on_warning=out.warn,
+                on_progress=lambda path: _Progress(document_label(path)).show,
+                on_plan=(lambda path, plan: _show_plan(document_label(path), plan))
+                if show_plan else None)
+
+        many = len(todo) > 1 and getattr(engine, "parallel", 1) > 1
         with engine:
             run_cli_batch(items, work, output, fmt=format or BatchFormat.text, single=single,
-                          text_field="summary", noun="document", clear=out.progress_clear)
+                          text_field="summary", noun="document", clear=out.progress_clear,
+                          work_many=work_many if many else None)
     finally:
         if log is not None:
             log.close()

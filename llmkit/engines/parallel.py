@@ -5,8 +5,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmkit.engines._llama_vocab import Sampled, TextStream
@@ -149,6 +150,40 @@ class _SyncFeed:
         """Nothing to stop."""
 
 
+class JobQueue:
+    """Jobs a caller adds while the run goes on (an item's next jobs, made from the results
+    of its last ones). With none waiting and the queue open, the run yields :data:`IDLE`
+    instead of ending, so the caller can add more; it ends once the queue is closed."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self.closed = False
+
+    def put(self, job: Job) -> None:
+        """Add ``job`` after those waiting."""
+        self._jobs.append(job)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def done(self) -> bool:
+        """Closed, and every job taken."""
+        return self.closed and not self._jobs
+
+    def get(self, block: bool) -> Job | None:
+        """The next job waiting, or None."""
+        return self._jobs.popleft() if self._jobs else None
+
+    def close(self) -> None:
+        """No more jobs will come."""
+        self.closed = True
+
+
+# What a run fed by a JobQueue yields when it has nothing to do: not a job's result.
+IDLE = Result(Job(None, None))
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -222,7 +257,9 @@ class ParallelDecoder:
             slot.cells = []
         self._slots[0].cells = list(held)
         self._last = self._slots[0]
-        feed: _Feed | _SyncFeed = _Feed(jobs, self.n_seq) if live else _SyncFeed(jobs)
+        feed: _Feed | _SyncFeed | JobQueue = (
+            jobs if isinstance(jobs, JobQueue)
+            else _Feed(jobs, self.n_seq) if live else _SyncFeed(jobs))
         batch = lc.llama_batch_init(self.n_batch, 0, 1)
         interrupted = 0
         try:
@@ -232,7 +269,10 @@ class ParallelDecoder:
                         yield from self._admit(feed, mem)
                     active = [s for s in self._slots if s.job is not None]
                     if not active:
-                        break
+                        if interrupted or not isinstance(feed, JobQueue) or feed.done:
+                            break
+                        yield IDLE  # the caller adds jobs, or closes the queue
+                        continue
                     yield from self._step(batch, active)
                 except KeyboardInterrupt:
                     interrupted += 1
@@ -261,7 +301,7 @@ class ParallelDecoder:
             slot.cells = []
         self._slots[0].cells = list(self.held)
 
-    def _admit(self, feed: _Feed | _SyncFeed, mem: Any) -> Iterator[Result]:
+    def _admit(self, feed: _Feed | _SyncFeed | JobQueue, mem: Any) -> Iterator[Result]:
         """Give free sequences the next jobs, in order (waiting for one only when none is in
         flight).
 
@@ -460,3 +500,128 @@ class ParallelDecoder:
                     slot.t_prompt = time.perf_counter()
                 yield self._finish(slot, "interrupted")
 
+
+
+# A task: an item's work, as a generator that yields the jobs it needs next, each with the
+# engine to run it on, receives their results in the same order, and returns the item's
+# outcome.
+Task = Generator[list[tuple[Any, Job]], list[Result], Any]
+
+
+@dataclass
+class _Running:
+    id: int
+    key: Any
+    task: Task
+    jobs: list[Job] = field(default_factory=list)
+    results: list[Result | None] = field(default_factory=list)
+    waiting: int = 0
+
+
+class _Stream:
+    """One engine's parallel run, fed from a queue."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.queue = JobQueue()
+        self.run: Iterator[Result] = engine.generate_many(self.queue)
+        self.outstanding = 0  # jobs put and not yet given back
+
+
+def run_tasks(tasks: Iterable[tuple[Any, Task]], *, window: int,
+              on_result: Callable[[Any, Result], None] | None = None
+              ) -> Iterator[tuple[Any, Any]]:
+    """Run many items' tasks together, yielding ``(key, outcome)`` as each task returns.
+
+    The jobs of every task in progress share their engine's parallel run (one
+    :class:`ParallelDecoder` per engine, fed from a :class:`JobQueue`): a long document's
+    chunks and another document's single call decode side by side, and a task's next jobs
+    (a merge level) join as soon as its last ones are done. New tasks start, in order, while
+    fewer than ``window`` jobs wait to be admitted, so the sequences stay busy and what is in
+    flight stays bounded. With two engines (a model and its guard), each runs until one of
+    its jobs finishes, in turn.
+
+    ``on_result`` is called with a task's key and each of its job's results as it comes
+    (progress), before the task sees them.
+
+    A task's exception ends the whole run (its own errors are its to turn into outcomes);
+    a KeyboardInterrupt too, after the runs have stopped.
+    """
+    source = iter(tasks)
+    streams: dict[int, _Stream] = {}
+    running: dict[int, _Running] = {}
+    order: list[_Stream] = []
+    next_id = 0
+    exhausted = False
+
+    def advance(state: _Running, sent: list[Result] | None) -> tuple[Any, Any] | None:
+        """Run ``state``'s task to its next jobs (queued), or to its outcome (returned)."""
+        try:
+            wanted = next(state.task) if sent is None else state.task.send(sent)
+        except StopIteration as stop:
+            return state.key, stop.value
+        while not wanted:  # nothing asked: answered at once
+            try:
+                wanted = state.task.send([])
+            except StopIteration as stop:
+                return state.key, stop.value
+        state.jobs = [job for _, job in wanted]
+        state.results = [None] * len(wanted)
+        state.waiting = len(wanted)
+        for index, (engine, job) in enumerate(wanted):
+            stream = streams.get(id(engine))
+            if stream is None:
+                stream = streams[id(engine)] = _Stream(engine)
+                order.append(stream)
+            stream.queue.put(replace(job, key=(state.id, index)))
+            stream.outstanding += 1
+        return None
+
+    def waiting() -> int:
+        return sum(len(s.queue) for s in order)
+
+    turn = 0
+    try:
+        while True:
+            while not exhausted and waiting() < window:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                state = running[next_id] = _Running(next_id, item[0], item[1])
+                next_id += 1
+                done = advance(state, None)
+                if done is not None:
+                    del running[state.id]
+                    yield done
+            if exhausted and not running:
+                return
+            busy = [s for s in order if s.outstanding]
+            if not busy:
+                raise LlmkitError("internal error: tasks wait for jobs that none runs")
+            stream = busy[turn % len(busy)]
+            turn += 1
+            result = next(stream.run)
+            if result is IDLE:
+                continue
+            tid, index = result.job.key
+            stream.outstanding -= 1
+            state = running[tid]
+            state.results[index] = given_one = Result(state.jobs[index], result.generation,
+                                                      result.logits, result.error)
+            if on_result is not None:
+                on_result(state.key, given_one)
+            state.waiting -= 1
+            if state.waiting:
+                continue
+            given = [r for r in state.results if r is not None]
+            done = advance(state, given)
+            if done is not None:
+                del running[tid]
+                yield done
+    finally:
+        for stream in order:
+            stream.queue.close()
+            close = getattr(stream.run, "close", None)
+            if close is not None:
+                close()

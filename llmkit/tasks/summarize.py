@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmkit.chunking import EngineTokenizer
 from llmkit.documents import DEFAULT_MAX_BYTES
@@ -16,6 +16,7 @@ from llmkit.errors import InputError, LlmkitError
 
 if TYPE_CHECKING:
     from llmkit.documents import Document
+    from llmkit.engines.parallel import Job, Result, Task
     from llmkit.tasks.safety import Guard
 
 LENGTHS = {"short": 50, "medium": 120, "long": 300}  # target words of the final summary
@@ -152,6 +153,39 @@ class Summary:
 ProgressFn = Callable[[str, int, int], None]
 
 
+@dataclass
+class Calls:
+    """One step of a summary: model calls that do not depend on each other (a document's
+    chunks, a merge level), each a prompt's tokens, all sampled with ``params``."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    stage: str  # what progress calls them: "chunk", "merge level 2", "summary"
+
+
+# A summary's work, step by step: yields Calls, is sent their generations, returns T.
+Steps = Generator[Calls, list[Generation], "Summary"]
+T = TypeVar("T")
+
+
+def drive(steps: Generator[Calls, list[Generation], T],
+          run: Callable[[Calls], list[Generation]]) -> T:
+    """Run ``steps`` to its end with ``run`` answering each step (one document at a time);
+    an error of a call is raised inside ``steps``, which may turn it into its outcome."""
+    try:
+        calls = next(steps)
+        while True:
+            try:
+                generations = run(calls)
+            except LlmkitError as exc:
+                calls = steps.throw(exc)
+                continue
+            calls = steps.send(generations)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
 class Summarizer:
     """Summarizes texts with one engine; plans chunks with the engine's own tokenizer."""
 
@@ -193,40 +227,47 @@ class Summarizer:
                               f"{self.engine.n_ctx}-token context")
         return tokens
 
-    def _call(self, instruction: str, body: str, max_tokens: int) -> Generation:
-        if not self.options.reuse_prefix:
-            self.engine.forget()
-        tokens = self._prompt(instruction, body, max_tokens)
-        params = replace(self.options.params, max_tokens=max_tokens)
-        generation = self.engine.generate(tokens, params)
-        self._count(generation)
-        return generation
-
     def _calls(self, instruction: str, bodies: Sequence[str], max_tokens: int,
-               stage: str) -> list[Generation]:
-        """One call per body, in their order; with an engine that decodes several sequences
-        at once (``parallel`` > 1), up to that many together, the instruction evaluated once
-        (each body's progress is reported as it finishes)."""
+               stage: str) -> Calls:
+        """The model calls of one step: one per body, all with this instruction."""
+        params = replace(self.options.params, max_tokens=max_tokens)
+        return Calls([self._prompt(instruction, body, max_tokens) for body in bodies], params,
+                     stage)
+
+    def run_calls(self, calls: Calls) -> list[Generation]:
+        """Run one step's calls on this summarizer's engine, in their order; with an engine
+        that decodes several sequences at once (``parallel`` > 1), up to that many together,
+        the instruction evaluated once (each call's progress is reported as it finishes)."""
         from llmkit.engines.parallel import Job, parallel_generate
 
+        prompts, n = calls.prompts, len(calls.prompts)
         many = parallel_generate(self.engine)
-        if many is None or len(bodies) == 1 or not self.options.reuse_prefix:
+        if many is None or n == 1 or not self.options.reuse_prefix:
             out = []
-            for i, body in enumerate(bodies):
-                self._progress(stage, i + 1, len(bodies))
-                out.append(self._call(instruction, body, max_tokens))
+            for i, tokens in enumerate(prompts):
+                self._progress(calls.stage, i + 1, n)
+                if not self.options.reuse_prefix:
+                    self.engine.forget()
+                out.append(self.engine.generate(tokens, calls.params))
             return out
-        params = replace(self.options.params, max_tokens=max_tokens)
-        jobs = [Job(i, self._prompt(instruction, body, max_tokens), params)
-                for i, body in enumerate(bodies)]
         found: dict[int, Generation] = {}
-        for result in many(jobs):
+        for result in many([Job(i, tokens, calls.params) for i, tokens in enumerate(prompts)]):
             if result.error is not None:
                 raise result.error
             assert result.generation is not None
             found[result.job.key] = result.generation
-            self._progress(stage, len(found), len(bodies))
-        generations = [found[i] for i in range(len(bodies))]
+            self._progress(calls.stage, len(found), n)
+        return [found[i] for i in range(n)]
+
+    def jobs(self, engine_key: Any, calls: Calls) -> list[tuple[Any, Job]]:
+        """One step's calls as jobs for :func:`llmkit.engines.parallel.run_tasks`."""
+        from llmkit.engines.parallel import Job
+
+        n = len(calls.prompts)
+        return [(engine_key, Job((calls.stage, i, n), tokens, calls.params))
+                for i, tokens in enumerate(calls.prompts)]
+
+    def _counted(self, generations: list[Generation]) -> list[Generation]:
         for generation in generations:
             self._count(generation)
         return generations
@@ -247,7 +288,14 @@ class Summarizer:
     # -- the algorithm --------------------------------------------------------------------
 
     def summarize(self, text: str) -> Summary:
-        """Summarize ``text``, splitting and merging as its length requires.
+        """Summarize ``text``, splitting and merging as its length requires (see
+        :meth:`steps`), running its calls on the engine."""
+        return drive(self.steps(text), self.run_calls)
+
+    def steps(self, text: str) -> Steps:
+        """Summarize ``text``, splitting and merging as its length requires: a generator
+        that yields each step's model calls (:class:`Calls`; the calls of one step are
+        independent) and is sent their generations, in order; it returns the Summary.
 
         Raises:
             InputError: the text is empty.
@@ -266,8 +314,8 @@ class Summarizer:
         answer = options.answer_tokens()
         final_whole = final_instruction(options, from_parts=False)
         if n_input <= self.budget(final_whole, answer):
-            self._progress("summary", 1, 1)
-            generation = self._call(final_whole, text, answer)
+            generation, = self._counted((yield self._calls(final_whole, [text], answer,
+                                                           "summary")))
             return self._result(generation, n_input, 1, 0, started, [])
 
         part = part_instruction(options)
@@ -295,9 +343,9 @@ class Summarizer:
             self.on_progress("plan", len(chunks), chunk_budget)
         if self.on_plan is not None:
             self.on_plan(plan)
-        partials = [_complete_sentences(g.text.strip()) or "(nothing)"
-                    for g in self._calls(part, [text[c.context_start:c.end] for c in chunks],
-                                         partial, "chunk")]
+        pieces = self._counted((yield self._calls(
+            part, [text[c.context_start:c.end] for c in chunks], partial, "chunk")))
+        partials = [_complete_sentences(g.text.strip()) or "(nothing)" for g in pieces]
         levels = 1
         while True:
             joined = "\n\n".join(partials)
@@ -308,7 +356,8 @@ class Summarizer:
             # A level's merges run together; the next level waits for all of them.
             bodies = ["\n\n".join(partials[j] for j in group) for group in groups
                       if len(group) > 1]
-            done = iter(self._calls(merge, bodies, partial, f"merge level {levels}"))
+            done = iter(self._counted((yield self._calls(merge, bodies, partial,
+                                                         f"merge level {levels}"))))
             self._stats["merges"] += len(bodies)
             merged: list[str] = [
                 partials[group[0]] if len(group) == 1
@@ -318,8 +367,8 @@ class Summarizer:
                 raise LlmkitError("the partial summaries do not get shorter when merged",
                                   hint="raise --ctx")
             partials = merged
-        self._progress("summary", 1, 1)
-        generation = self._call(final_parts, "\n\n".join(partials), answer)
+        generation, = self._counted((yield self._calls(final_parts, ["\n\n".join(partials)],
+                                                       answer, "summary")))
         return self._result(generation, n_input, len(chunks), levels, started, plan)
 
     def _result(self, generation: Generation, n_input: int, chunks: int, levels: int,
@@ -421,8 +470,99 @@ def summarize_file(
     Returns:
         The document's record.
     """
+    summarizer = Summarizer(engine, job.options, on_progress=on_progress, on_plan=on_plan)
+    return drive(_file_steps(summarizer, path, job, document, guard, on_warning),
+                 summarizer.run_calls)
+
+
+def summarize_files(
+    engine: Engine,
+    paths: Sequence[str],
+    job: SummaryJob,
+    *,
+    documents: dict[str, Document] | None = None,
+    guard: Guard | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], ProgressFn] | None = None,
+    on_plan: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """:func:`summarize_file` for many documents at once, yielding ``(path, record)`` as
+    each is done (not in input order): the calls of every document in progress (chunks,
+    merge levels, final summaries) share the engine's parallel sequences, so documents
+    shorter than the context run ``parallel`` at a time and a long one's pieces fill what
+    the others leave. With an engine that decodes one sequence at a time, one after another.
+    ``on_progress`` gives a document's progress function (:class:`Summarizer`'s), told of
+    each call as it finishes.
+    """
+    from llmkit.engines.parallel import parallel_generate, run_tasks
+
+    documents = documents or {}
+    if parallel_generate(engine) is None or not job.options.reuse_prefix:
+        for path in paths:
+            yield path, summarize_file(
+                engine, path, job, document=documents.get(path), guard=guard,
+                on_warning=on_warning, on_progress=on_progress(path) if on_progress else None,
+                on_plan=_for(on_plan, path))
+        return
+    shown: dict[str, ProgressFn] = {}
+    counts: dict[tuple[str, str], int] = {}
+
+    def tasks() -> Iterator[tuple[str, Task]]:
+        for path in paths:
+            progress = on_progress(path) if on_progress is not None else None
+            if progress is not None:
+                shown[path] = progress
+            summarizer = Summarizer(engine, job.options, on_progress=progress,
+                                    on_plan=_for(on_plan, path))
+            yield path, _as_task(engine, summarizer, _file_steps(
+                summarizer, path, job, documents.get(path), guard, on_warning))
+
+    def on_result(path: str, result: Result) -> None:
+        progress = shown.get(path)
+        if progress is not None and result.error is None:
+            stage, _, n = result.job.key
+            count = counts[path, stage] = counts.get((path, stage), 0) + 1
+            progress(stage, count, n)
+            if count == n:
+                del counts[path, stage]  # a later merge level counts afresh
+
+    yield from run_tasks(tasks(), window=getattr(engine, "parallel", 1), on_result=on_result)
+
+
+def _for(on_plan: Callable[[str, list[dict[str, Any]]], None] | None, path: str
+         ) -> Callable[[list[dict[str, Any]]], None] | None:
+    if on_plan is None:
+        return None
+    return lambda plan: on_plan(path, plan)
+
+
+def _as_task(engine: Engine, summarizer: Summarizer,
+             steps: Generator[Calls, list[Generation], dict[str, Any]]
+             ) -> Generator[list[tuple[Any, Job]], list[Any], dict[str, Any]]:
+    """``steps`` as a task of :func:`llmkit.engines.parallel.run_tasks`: each step's calls
+    become jobs on ``engine``; a job's error is raised inside ``steps``."""
+    try:
+        calls = next(steps)
+        while True:
+            results = yield summarizer.jobs(engine, calls)
+            error = next((r.error for r in results if r.error is not None), None)
+            if error is not None:
+                calls = steps.throw(error)
+            else:
+                calls = steps.send([r.generation for r in results])
+    except StopIteration as stop:
+        record: dict[str, Any] = stop.value
+        return record
+
+
+def _file_steps(summarizer: Summarizer, path: str, job: SummaryJob,
+                document: Document | None, guard: Guard | None,
+                on_warning: Callable[[str], None] | None,
+                ) -> Generator[Calls, list[Generation], dict[str, Any]]:
+    """:func:`summarize_file`'s work, step by step (see :meth:`Summarizer.steps`)."""
     from llmkit.documents import read_document
 
+    engine = summarizer.engine
     try:
         doc = document if document is not None else read_document(
             Path(path), format=job.format, max_bytes=job.max_bytes)
@@ -440,9 +580,8 @@ def summarize_file(
             return checked.apply_to(summary_record(path, None, model=engine.model_name,
                                                    fmt=doc.format, warnings=doc.warnings),
                                     "summary")
-    summarizer = Summarizer(engine, job.options, on_progress=on_progress, on_plan=on_plan)
     try:
-        result = summarizer.summarize(doc.text)
+        result = yield from summarizer.steps(doc.text)
     except LlmkitError as exc:
         return summary_record(path, None, model=engine.model_name, fmt=doc.format,
                               error=f"{document_label(path)}: {exc}", warnings=doc.warnings)
