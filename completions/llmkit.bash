@@ -25,8 +25,8 @@ __llmkit_spec() {
             npos=0 variadic=0 ;;
         'caption')
             subs=''
-            opts='-m --model --mmproj -p --prompt --style -r --recursive -f --format -o --out --sidecar --sidecar-ext --skip-existing -n --max-tokens --temperature --top-p --seed --max-side -c --ctx --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 --mmproj=1 -p=1 --prompt=1 --style=1 -f=1 --format=1 -o=1 --out=1 --sidecar-ext=1 -n=1 --max-tokens=1 --temperature=1 --top-p=1 --seed=1 --max-side=1 -c=1 --ctx=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model --mmproj -p --prompt --style -r --recursive -f --format -o --out --sidecar --sidecar-ext --skip-existing -n --max-tokens --temperature --top-p --seed --max-side -c --ctx -P --parallel --guard --guard-model --guard-threshold --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --mmproj=1 -p=1 --prompt=1 --style=1 -f=1 --format=1 -o=1 --out=1 --sidecar-ext=1 -n=1 --max-tokens=1 --temperature=1 --top-p=1 --seed=1 --max-side=1 -c=1 --ctx=1 -P=1 --parallel=1 --guard-model=1 --guard-threshold=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
         'summarize')
             subs=''

@@ -66,8 +66,11 @@ def test_batch_of_every_kind(vlm: Path, pictures: dict[str, Path], tmp_path: Pat
                        "--format", "jsonl", "--out", str(out), "--max-tokens", "6"])
     assert proc.returncode == 1, proc.stderr  # some images failed
     records = _records(proc.stdout)
-    assert [r["path"] for r in records] == [str(pictures[k]) for k in order]
     assert _records(out.read_text()) == records
+    # Images are captioned --parallel at a time: each line names its image, in finish order.
+    inputs = [str(pictures[k]) for k in order]
+    records.sort(key=lambda r: inputs.index(str(r["path"])))
+    assert [r["path"] for r in records] == inputs
     by_kind = dict(zip(order, records, strict=True))
     for kind in GOOD:
         record = by_kind[kind]
@@ -162,10 +165,12 @@ def _camera_roll(folder: Path, count: int, pictures: dict[str, Path]) -> None:
 def test_killed_batch_resumes_without_duplicates(vlm: Path, pictures: dict[str, Path],
                                                  tmp_path: Path) -> None:
     folder = tmp_path / "many"
-    _camera_roll(folder, 8, pictures)
+    # Enough images, and long enough captions, that the kill lands mid-batch even with
+    # --parallel's default decoding several captions at once.
+    _camera_roll(folder, 40, pictures)
     out = tmp_path / "records.jsonl"
     args = ["caption", str(folder), "-m", str(vlm), "--out", str(out), "--skip-existing",
-            "--max-tokens", "8", "-q"]
+            "--max-tokens", "32", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "llmkit", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=dict(os.environ))
     deadline = time.monotonic() + 120
@@ -176,7 +181,7 @@ def test_killed_batch_resumes_without_duplicates(vlm: Path, pictures: dict[str, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(_records(out.read_text()))
-    assert 2 <= done_before < 8, "the batch was not caught midway"
+    assert 2 <= done_before < 40, "the batch was not caught midway"
     rerun = run_llmkit(args)
     assert rerun.returncode == 0, rerun.stderr
     records = _records(out.read_text())
@@ -282,3 +287,26 @@ def test_default_vision_model_not_pulled(pictures: dict[str, Path]) -> None:
     assert proc.returncode == 1
     assert proc.stderr == ("llmkit: error: model 'gemma3:4b' is in the catalog but not on this "
                            "machine (run `llmkit pull gemma3:4b`)\n")
+
+
+def _comparable(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in r.items() if k != "timings"} for r in records]
+
+
+def test_captions_in_parallel_are_the_one_at_a_time_records(
+        vlm: Path, pictures: dict[str, Path], tmp_path: Path) -> None:
+    order = GOOD + list(BAD)
+    inputs = [str(pictures[k]) for k in order]
+    runs = {}
+    for n in ("1", "4"):
+        out = tmp_path / f"captions{n}.jsonl"
+        proc = run_llmkit(["caption", *inputs, "-m", str(vlm), "--format", "json", "--out",
+                           str(out), "--max-tokens", "12", "--temperature", "0",
+                           "--parallel", n, "-t", "2"])
+        assert proc.returncode == 1, proc.stderr  # the bad files
+        runs[n] = _comparable(json.loads(proc.stdout))
+        assert [r["path"] for r in runs[n]] == inputs  # --format json: input order
+        saved = _comparable(_records(out.read_text()))
+        assert sorted(saved, key=lambda r: inputs.index(str(r["path"]))) == runs[n]
+    assert runs["1"] == runs["4"]
+    assert sum(1 for r in runs["4"] if r["caption"]) == len(GOOD)

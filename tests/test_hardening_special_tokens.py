@@ -297,7 +297,8 @@ def test_image_prompts_tokenize_as_before(vlm_path: Path, picture: Path) -> None
                     {"role": "user", "content": engine.media_marker + "\nWhat is in it?"}]
         seen: list[list[int]] = []
         real = engine._decode_at
-        engine._decode_at = lambda tokens, pos: (seen.append(list(tokens)), real(tokens, pos))
+        engine._decode_at = lambda tokens, pos, *rest: (seen.append(list(tokens)),
+                                                         real(tokens, pos, *rest))
         from llmkit.engines import SamplingParams
 
         engine.generate_with_images(messages, [image], SamplingParams(temperature=0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,7 @@ from llmkit.cli._options import (
     GuardThresholdOpt,
     MmprojOpt,
     ModelOpt,
+    ParallelOpt,
     QuietOpt,
     SeedOpt,
     TemperatureOpt,
@@ -29,6 +30,9 @@ from llmkit.cli._options import (
     engine_options,
     utf8_text,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class Style(str, Enum):
@@ -77,6 +81,7 @@ def caption(
     max_side: Annotated[int, typer.Option(
         "--max-side", min=64, help="Downscale images whose longest side is larger.")] = 2048,
     ctx: CtxOpt = None,
+    parallel: ParallelOpt = None,
     guard: GuardOpt = False,
     guard_model: GuardModelOpt = None,
     guard_threshold: GuardThresholdOpt = None,
@@ -90,17 +95,21 @@ def caption(
 
     Example: llmkit caption photos/ -r --style alt-text --sidecar --skip-existing
 
+    The captions of --parallel images are written together (default 4 on CPU); each image
+    is encoded when a sequence is free for it. Records are written as each image is done.
+
     Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage,
     3 a caption was flagged and withheld (--guard), 130 Ctrl-C.
     """
     from llmkit.batch import BatchOutput, RecordLog, SidecarPlan, should_skip
     from llmkit.io import collect_paths
-    from llmkit.session import open_vision_engine, sampling_params
+    from llmkit.session import open_vision_engine, sampling_params, with_parallel
     from llmkit.tasks.caption import (
         DEFAULT_MAX_TOKENS,
         IMAGE_SUFFIXES,
         CaptionJob,
         caption_file,
+        caption_files,
         caption_record,
         instruction_for,
     )
@@ -136,7 +145,9 @@ def caption(
         checker = open_cli_guard(guard, guard_model, guard_threshold, options)
         if checker is not None and prompt is not None:
             check_input(checker, instruction)  # your own instruction is input too
-        engine, resolution, note = open_vision_engine(model, options, mmproj=mmproj)
+        engine, resolution, note = open_vision_engine(
+            model, with_parallel(options, parallel) if len(todo) > 1 else options,
+            mmproj=mmproj)
         if note:
             out.note(note)
         params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,
@@ -149,10 +160,14 @@ def caption(
             progress.start(path)
             return caption_file(engine, path, job, guard=checker)
 
+        def work_many(todo: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+            return caption_files(engine, todo, job, guard=checker, on_start=progress.start)
+
+        many = len(todo) > 1 and getattr(engine, "parallel", 1) > 1
         with engine:
             run_cli_batch(paths, work, output, fmt=format or BatchFormat.text, single=single,
                           text_field="caption", noun="image", clear=progress.done,
-                          error_record=refused)
+                          error_record=refused, work_many=work_many if many else None)
     finally:
         if log is not None:
             log.close()

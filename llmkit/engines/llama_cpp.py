@@ -7,7 +7,7 @@ import ctypes
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -427,8 +427,10 @@ class LlamaCppEngine(VocabText):
         """
         return self._marker
 
-    def _decode_at(self, tokens: Sequence[int], pos0: int) -> None:
-        """Evaluate ``tokens`` at explicit positions from ``pos0``; logits for the last one."""
+    def _decode_at(self, tokens: Sequence[int], pos0: int, seq: int = 0,
+                   track: bool = True) -> None:
+        """Evaluate ``tokens`` at explicit positions from ``pos0`` into sequence ``seq``;
+        logits for the last one. ``track``: they join the one-sequence cache's tokens."""
         lc = self._lc
         size = max(1, min(self.n_batch, len(tokens)))
         batch = lc.llama_batch_init(size, 0, 1)
@@ -440,16 +442,46 @@ class LlamaCppEngine(VocabText):
                     batch.token[i] = token
                     batch.pos[i] = pos0 + start + i
                     batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
+                    batch.seq_id[i][0] = seq
                     batch.logits[i] = 0
                 batch.logits[len(part) - 1] = 1
                 batch.n_tokens = len(part)
                 rc = lc.llama_decode(self._ctx, batch)
                 if rc != 0:
                     raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
-                self._cached.extend(part)
+                if track:
+                    self._cached.extend(part)
         finally:
             lc.llama_batch_free(batch)
+
+    def _eval_segments(self, segments: Sequence[_Segment], keep: int, seq: int = 0,
+                       track: bool = True) -> int:
+        """Evaluate the segments of an image prompt after the first ``keep`` positions into
+        sequence ``seq`` (text in batches, images through the projector), logits for the last
+        one; return how many cells were evaluated. ``track`` as :meth:`_decode_at`'s."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        evaluated = 0
+        for seg in segments:
+            if seg.end <= keep:
+                continue
+            if seg.chunk is None:
+                skip = max(0, keep - seg.start)
+                self._decode_at(seg.keys[skip:], seg.start + skip, seq, track)
+                evaluated += len(seg.keys) - skip
+                continue
+            new_pos = self._lc.llama_pos(0)
+            with _deferred_interrupt():
+                rc = mtmd.mtmd_helper_eval_chunk_single(
+                    self._mtmd, self._ctx, seg.chunk, seg.start, seq, self.n_batch, False,
+                    ctypes.byref(new_pos))
+            if rc != 0:
+                raise LlmkitError(f"llama.cpp failed to encode an image (code {rc}; "
+                                  f"{_last_error_line() or 'no detail'})")
+            if track:
+                self._cached.extend(seg.keys)
+            evaluated += seg.n_tokens
+        return evaluated
 
     def generate_with_images(
         self,
@@ -481,94 +513,33 @@ class LlamaCppEngine(VocabText):
             InputError: the markers and the images do not pair up.
             ContextOverflowError: the prompt with its images does not fit in the context.
         """
-        import hashlib
-
-        import llama_cpp.mtmd_cpp as mtmd
-
         self._logits_at = -1
         if self._mtmd is None:
             raise LlmkitError(f"{self.model_name} has no vision projector loaded")
         text, escapes = self._render_prompt(messages)
-        marker = self.media_marker
-        if text.count(marker) != len(images):
-            raise InputError(f"the prompt marks {text.count(marker)} image(s) but "
-                             f"{len(images)} were given")
-        lc = self._lc
-        bitmaps = []
-        collections: list[Any] = []
-        segments: list[_Segment] = []
         t0 = time.perf_counter()
         t_prompt = t0
+        prompt = self._media_prompt(text, escapes, images)
         try:
-            keys: list[int] = []
-            for image in images:
-                data = ctypes.cast(ctypes.c_char_p(image.rgb), ctypes.POINTER(ctypes.c_uint8))
-                bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, data)
-                if not bitmap:
-                    raise LlmkitError("llama.cpp could not take an image "
-                                      f"of {image.width}x{image.height} pixels")
-                bitmaps.append(bitmap)
-                digest = hashlib.blake2b(image.rgb, digest_size=8)
-                digest.update(f"{image.width}x{image.height}".encode())
-                image_id = digest.hexdigest()
-                mtmd.mtmd_bitmap_set_id(bitmap, image_id.encode())
-                # Images sit in the cached-token list as a run of one negative id per position,
-                # which no real token matches, so prefix reuse stops at a changed image.
-                keys.append(int(image_id[:7], 16))
-            # The text is tokenized here, never by mtmd (which would parse special tokens in
-            # all of it); mtmd sees each image alone, behind its own marker, and gives the
-            # image's chunks with the wrapper tokens its projector puts around them.
-            for i, run in enumerate(text.split(marker)):
-                tokens = self._text_tokens(run, escapes)
-                if i == 0:
-                    tokens = self._with_bos(tokens)
-                if tokens:
-                    start = segments[-1].end if segments else 0
-                    segments.append(_Segment(start, tokens, len(tokens)))
-                if i < len(images):
-                    chunks = mtmd.mtmd_input_chunks_init()
-                    collections.append(chunks)
-                    self._tokenize_image(mtmd, chunks, bitmaps[i])
-                    segments.extend(_image_segments(mtmd, chunks, keys[i],
-                                                    segments[-1].end if segments else 0))
-            n_cells = sum(seg.n_tokens for seg in segments)
+            n_cells = prompt.n_cells
             if n_cells >= self.n_ctx or n_cells + reserve > self.n_ctx:
                 raise ContextOverflowError(n_cells, self.n_ctx, reserve=reserve)
-            plan = [key for seg in segments for key in seg.keys]
-            keep = self._prepare_media(plan, segments)
+            keep = self._keep(prompt.keep(self.cached_prefix_length(prompt.plan)),
+                              len(prompt.plan))
             sampler = self._sampler(params)
+            evaluated = 0
             try:
-                evaluated = 0
-                for seg in segments:
-                    if seg.end <= keep:
-                        continue
-                    if seg.chunk is None:
-                        skip = max(0, keep - seg.start)
-                        self._decode_at(seg.keys[skip:], seg.start + skip)
-                        evaluated += len(seg.keys) - skip
-                        continue
-                    new_pos = lc.llama_pos(0)
-                    with _deferred_interrupt():
-                        rc = mtmd.mtmd_helper_eval_chunk_single(
-                            self._mtmd, self._ctx, seg.chunk, seg.start, 0, self.n_batch, False,
-                            ctypes.byref(new_pos))
-                    if rc != 0:
-                        raise LlmkitError(f"llama.cpp failed to encode an image (code {rc}; "
-                                          f"{_last_error_line() or 'no detail'})")
-                    self._cached.extend(seg.keys)
-                    evaluated += seg.n_tokens
+                evaluated = self._eval_segments(prompt.segments, keep)
                 t_prompt = time.perf_counter()
                 sampled = self._sample_loop(sampler, params, self.n_ctx - n_cells, on_text,
                                             explicit_pos=self._mrope)
             except KeyboardInterrupt:
                 sampled = Sampled([], [], "interrupted", t_prompt)
             finally:
-                lc.llama_sampler_free(sampler)
+                self._lc.llama_sampler_free(sampler)
         finally:
-            for chunks in collections:
-                mtmd.mtmd_input_chunks_free(chunks)
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
+            prompt.close()
+        segments = prompt.segments
         result = sampled.generation(n_cells, evaluated if t_prompt > t0 else 0, t0, t_prompt)
         result.image_tokens = sum(seg.n_tokens for seg in segments if seg.chunk is not None)
         return result
@@ -587,13 +558,79 @@ class LlamaCppEngine(VocabText):
             raise LlmkitError(f"llama.cpp could not prepare the image prompt (code {rc}; "
                               f"{_last_error_line() or 'no detail'})")
 
-    def _prepare_media(self, plan: list[int], segments: list[_Segment]) -> int:
-        """Keep the cached prefix of ``plan`` that ends on a segment boundary or inside text."""
-        keep = min(self.cached_prefix_length(plan), len(plan) - 1)
-        for seg in segments:
-            if seg.chunk is not None and seg.start < keep < seg.end:
-                keep = seg.start  # half an image cannot be kept
-        return self._keep(keep, len(plan))
+    def _media_prompt(self, text: str, escapes: Any, images: Sequence[RGBImage]
+                      ) -> _MediaPrompt:
+        """The segments of a rendered prompt whose images sit at :attr:`media_marker`: its
+        text tokenized here, never by mtmd (which would parse special tokens in all of it);
+        mtmd sees each image alone, behind its own marker, and gives the image's chunks with
+        the wrapper tokens its projector puts around them. The caller closes it."""
+        import hashlib
+
+        import llama_cpp.mtmd_cpp as mtmd
+
+        marker = self.media_marker
+        if text.count(marker) != len(images):
+            raise InputError(f"the prompt marks {text.count(marker)} image(s) but "
+                             f"{len(images)} were given")
+        prompt = _MediaPrompt()
+        try:
+            keys: list[int] = []
+            for image in images:
+                data = ctypes.cast(ctypes.c_char_p(image.rgb), ctypes.POINTER(ctypes.c_uint8))
+                bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, data)
+                if not bitmap:
+                    raise LlmkitError("llama.cpp could not take an image "
+                                      f"of {image.width}x{image.height} pixels")
+                prompt.bitmaps.append(bitmap)
+                digest = hashlib.blake2b(image.rgb, digest_size=8)
+                digest.update(f"{image.width}x{image.height}".encode())
+                image_id = digest.hexdigest()
+                mtmd.mtmd_bitmap_set_id(bitmap, image_id.encode())
+                # Images sit in the cached-token list as a run of one negative id per position,
+                # which no real token matches, so prefix reuse stops at a changed image.
+                keys.append(int(image_id[:7], 16))
+            segments = prompt.segments
+            for i, run in enumerate(text.split(marker)):
+                tokens = self._text_tokens(run, escapes)
+                if i == 0:
+                    tokens = self._with_bos(tokens)
+                if tokens:
+                    start = segments[-1].end if segments else 0
+                    segments.append(_Segment(start, tokens, len(tokens)))
+                if i < len(images):
+                    chunks = mtmd.mtmd_input_chunks_init()
+                    prompt.collections.append(chunks)
+                    self._tokenize_image(mtmd, chunks, prompt.bitmaps[i])
+                    segments.extend(_image_segments(mtmd, chunks, keys[i],
+                                                    segments[-1].end if segments else 0))
+        except BaseException:
+            prompt.close()
+            raise
+        return prompt
+
+    @property
+    def parallel_images(self) -> bool:
+        """Whether :meth:`media_job` can put images in the parallel sequences (a projector
+        loaded, and its positions one per cell)."""
+        return self.parallel > 1 and self._mtmd is not None and not self._mrope
+
+    def media_job(self, key: Any, messages: Sequence[Message], images: Sequence[RGBImage],
+                  params: SamplingParams) -> Job | None:
+        """A job of :meth:`generate_many` for a conversation with images (as
+        :meth:`generate_with_images` takes it), or None where images cannot share the
+        context's sequences (a projector whose positions run ahead of the cells: M-RoPE).
+        The job's prompt is encoded when its sequence is admitted; ``job.media.close()``
+        frees it once its result is in.
+        """
+        if self._mtmd is None:
+            raise LlmkitError(f"{self.model_name} has no vision projector loaded")
+        if self._mrope:
+            return None
+        text, escapes = self._render_prompt(messages)
+        prompt = self._media_prompt(text, escapes, images)
+        prompt.evaluate = lambda seq, keep: self._eval_segments(prompt.segments, keep, seq,
+                                                                track=False)
+        return Job(key, prompt.plan, params, media=prompt)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -798,6 +835,49 @@ class _Segment:
     @property
     def end(self) -> int:
         return self.start + len(self.keys)
+
+
+@dataclass
+class _MediaPrompt:
+    """A prompt with images, tokenized: its segments and the mtmd objects they point into."""
+
+    segments: list[_Segment] = field(default_factory=list)
+    bitmaps: list[Any] = field(default_factory=list)
+    collections: list[Any] = field(default_factory=list)
+    # evaluate(seq, keep): the segments after ``keep`` positions into sequence ``seq``
+    evaluate: Callable[[int, int], int] = lambda seq, keep: 0
+
+    @property
+    def plan(self) -> list[int]:
+        """One key per position: text tokens, and each image's negative ids."""
+        return [key for seg in self.segments for key in seg.keys]
+
+    @property
+    def n_cells(self) -> int:
+        return sum(seg.n_tokens for seg in self.segments)
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(seg.n_tokens for seg in self.segments if seg.chunk is not None)
+
+    def keep(self, shared: int) -> int:
+        """``shared`` cached positions cut back to a segment boundary or into text: half an
+        image cannot be kept; the last position is always evaluated again."""
+        keep = min(shared, len(self.plan) - 1)
+        for seg in self.segments:
+            if seg.chunk is not None and seg.start < keep < seg.end:
+                keep = seg.start
+        return keep
+
+    def close(self) -> None:
+        """Free the mtmd objects (once)."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        for chunks in self.collections:
+            mtmd.mtmd_input_chunks_free(chunks)
+        for bitmap in self.bitmaps:
+            mtmd.mtmd_bitmap_free(bitmap)
+        self.collections, self.bitmaps = [], []
 
 
 def _image_segments(mtmd: Any, chunks: Any, key: int, pos: int) -> list[_Segment]:

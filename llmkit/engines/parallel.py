@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from llmkit.engines._llama_vocab import Sampled, TextStream
 from llmkit.engines.base import Generation, SamplingParams
@@ -29,6 +29,10 @@ class Job:
     prompt: Sequence[int] | None
     params: SamplingParams = field(default_factory=SamplingParams)
     logits_steps: int = 0
+    # A prompt with images (the engine's media_job): ``prompt`` is then one key per
+    # position, and the media evaluates it into a sequence: evaluate(seq, keep) and
+    # keep(shared), the shared prefix cut back to a place it can start from.
+    media: Any = None
 
 
 @dataclass
@@ -363,6 +367,8 @@ class ParallelDecoder:
         elif source is not slot:
             lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             slot.cells = []
+        if job.media is not None:
+            shared = job.media.keep(shared)  # never half an image
         if not lc.llama_memory_seq_rm(mem, slot.seq, shared, -1):
             lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             shared = 0
@@ -408,7 +414,31 @@ class ParallelDecoder:
                 if result is not None:
                     finished.append(result)
         prompting = next((s for s in active if s.pending), None)
-        if prompting is not None:
+        if prompting is not None and prompting.job is not None and prompting.job.media:
+            # A prompt with images is evaluated whole (the projector encodes each image in
+            # one go), by the engine, into its sequence, from where its cells end.
+            t0 = time.perf_counter()
+            try:
+                prompting.job.media.evaluate(prompting.seq, len(prompting.cells))
+            except LlmkitError as exc:  # this image's error, not the run's
+                job = prompting.job
+                self._release(prompting)
+                self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self._ctx),
+                                             prompting.seq, -1, -1)
+                prompting.cells = []
+                finished.append(Result(job, error=exc))
+                self.python_s += (time.perf_counter() - t_start) - (self.decode_s
+                                                                    - decode_before)
+                return finished
+            t_done = time.perf_counter()
+            self.decode_s += t_done - t0
+            self.steps += 1
+            prompting.cells.extend(prompting.pending)
+            prompting.pending = []
+            result = self._sample(prompting, -1, t_done)
+            if result is not None:
+                finished.append(result)
+        elif prompting is not None:
             take = prompting.pending[:self.n_batch]
             del prompting.pending[:len(take)]
             base = len(prompting.cells)
@@ -620,8 +650,33 @@ def run_tasks(tasks: Iterable[tuple[Any, Task]], *, window: int,
                 del running[tid]
                 yield done
     finally:
+        for state in running.values():
+            state.task.close()  # its own cleanup (an image prompt's native buffers)
         for stream in order:
             stream.queue.close()
             close = getattr(stream.run, "close", None)
             if close is not None:
                 close()
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+T = TypeVar("T")
+
+
+def drive(steps: Generator[A, B, T], run: Callable[[A], B]) -> T:
+    """Run ``steps`` (a generator of requests) to its end one request at a time, ``run``
+    answering each; an LlmkitError of ``run`` is raised inside ``steps``, which may turn it
+    into its outcome. The one-at-a-time counterpart of :func:`run_tasks`."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                answer = run(request)
+            except LlmkitError as exc:
+                request = steps.throw(exc)
+                continue
+            request = steps.send(answer)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +13,7 @@ from llmkit.engines.base import Engine, Generation, Message, RGBImage, SamplingP
 from llmkit.errors import InputError, LlmkitError
 
 if TYPE_CHECKING:
+    from llmkit.engines.parallel import Job, Result, Task
     from llmkit.images import PreparedImage
     from llmkit.tasks.safety import Guard
 
@@ -110,11 +111,18 @@ def caption_image(
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Ask the model one question about one image (image first, then the instruction)."""
+    return engine.generate_with_images(caption_messages(engine, instruction, system), [image],
+                                       params, on_text)
+
+
+def caption_messages(engine: Engine, instruction: str, system: str | None) -> list[Message]:
+    """The conversation that asks for one image's caption (image first, then the
+    instruction), the image at the engine's media marker."""
     messages: list[Message] = []
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": f"{engine.media_marker}\n{instruction}"})
-    return engine.generate_with_images(messages, [image], params, on_text)
+    return messages
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,17 @@ def _image_sizes(image: PreparedImage) -> dict[str, Any]:
 def _caption_file(engine: Engine, path: str, job: CaptionJob,
                   on_text: Callable[[str], None] | None,
                   image: PreparedImage | None) -> dict[str, Any]:
+    from llmkit.engines.parallel import drive
+
+    return drive(_caption_steps(engine, path, job, image),
+                 lambda picture: caption_image(engine, picture, job.instruction, job.params,
+                                               system=job.system, on_text=on_text))
+
+
+def _caption_steps(engine: Engine, path: str, job: CaptionJob, image: PreparedImage | None
+                   ) -> Generator[PreparedImage, Generation, dict[str, Any]]:
+    """One image's record, step by step: yields the prepared image to caption, is sent its
+    generation (or an LlmkitError thrown in), returns the record."""
     from llmkit.images import prepare_image
 
     t0 = time.perf_counter()
@@ -228,8 +247,7 @@ def _caption_file(engine: Engine, path: str, job: CaptionJob,
     t_prepared = time.perf_counter()
     record["image"] = _image_sizes(image)
     try:
-        generation = caption_image(engine, image, job.instruction, job.params,
-                                   system=job.system, on_text=on_text)
+        generation = yield image
     except LlmkitError as exc:
         record["error"] = f"{path}: {exc}"
         return record
@@ -251,4 +269,68 @@ def _caption_file(engine: Engine, path: str, job: CaptionJob,
         "generation_ms": round(generation.generation_ms, 2),
         "total_ms": round((t_end - t0) * 1000, 2),
     }
+    return record
+
+
+def caption_files(engine: Engine, paths: Sequence[str], job: CaptionJob, *,
+                  guard: Guard | None = None, on_start: Callable[[str], None] | None = None
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """:func:`caption_file` for many images, yielding ``(path, record)`` as each is done
+    (not in input order): with an engine that decodes several sequences at once, each image
+    is encoded when a sequence is free for it and the captions of up to ``parallel`` images
+    are decoded together. Otherwise (one sequence, a projector whose positions run ahead of
+    the cells, a guard that reads images) one image after another.
+    """
+    from llmkit.engines.parallel import parallel_generate, run_tasks
+
+    if (parallel_generate(engine) is None or not getattr(engine, "parallel_images", False)
+            or (guard is not None and guard.vision)):
+        for path in paths:
+            if on_start is not None:
+                on_start(path)
+            yield path, caption_file(engine, path, job, guard=guard)
+        return
+
+    def tasks() -> Iterator[tuple[str, Task]]:
+        for path in paths:
+            if on_start is not None:
+                on_start(path)
+            yield path, _caption_task(engine, path, job, guard)
+
+    yield from run_tasks(tasks(), window=getattr(engine, "parallel", 1))
+
+
+def _caption_task(engine: Engine, path: str, job: CaptionJob, guard: Guard | None
+                  ) -> Generator[list[tuple[Any, Job]], list[Result], dict[str, Any]]:
+    """One image's record as a task of :func:`llmkit.engines.parallel.run_tasks`."""
+    steps = _caption_steps(engine, path, job, None)
+    try:
+        image = next(steps)
+        while True:  # one step: the caption
+            media_job = None
+            try:
+                media_job = engine.media_job(  # type: ignore[attr-defined]
+                    path, caption_messages(engine, job.instruction, job.system), [image],
+                    job.params)
+                assert media_job is not None  # parallel_images said so
+                results = yield [(engine, media_job)]
+            except LlmkitError as exc:
+                image = steps.throw(exc)
+                continue
+            finally:
+                if media_job is not None:
+                    media_job.media.close()
+            result = results[0]
+            if result.error is not None or result.generation is None:
+                image = steps.throw(result.error or LlmkitError("the model gave no answer"))
+                continue
+            result.generation.image_tokens = media_job.media.image_tokens
+            image = steps.send(result.generation)
+    except StopIteration as stop:
+        record: dict[str, Any] = stop.value
+    if guard is not None and record.get("caption"):
+        from llmkit.tasks.guarding import guard_batch_output
+
+        record = guard_batch_output(guard, job.instruction, record["caption"]).apply_to(
+            record, "caption")
     return record

@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from llmkit.chunking import EngineTokenizer
 from llmkit.documents import DEFAULT_MAX_BYTES
 from llmkit.engines.base import Engine, Generation, Message, SamplingParams
+from llmkit.engines.parallel import drive
 from llmkit.errors import InputError, LlmkitError
 
 if TYPE_CHECKING:
@@ -165,25 +166,6 @@ class Calls:
 
 # A summary's work, step by step: yields Calls, is sent their generations, returns T.
 Steps = Generator[Calls, list[Generation], "Summary"]
-T = TypeVar("T")
-
-
-def drive(steps: Generator[Calls, list[Generation], T],
-          run: Callable[[Calls], list[Generation]]) -> T:
-    """Run ``steps`` to its end with ``run`` answering each step (one document at a time);
-    an error of a call is raised inside ``steps``, which may turn it into its outcome."""
-    try:
-        calls = next(steps)
-        while True:
-            try:
-                generations = run(calls)
-            except LlmkitError as exc:
-                calls = steps.throw(exc)
-                continue
-            calls = steps.send(generations)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
 
 
 class Summarizer:
