@@ -180,8 +180,8 @@ def main() -> None:
             write_pictures(pictures, args.images)
             results["caption"] = section(args, build_vlm(args.cache), "caption",
                                          [str(pictures)], "caption", documents=args.images)
-    data = {"command": sys.argv, "args": {k: str(v) if isinstance(v, Path) else v
-                                       for k, v in vars(args).items()}, "environment": environment(model),
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    data = {"command": sys.argv, "args": settings, "environment": environment(model),
             "seconds": round(time.time() - started, 1), "results": results}
     path = save("parallel-summarize", data)
     variants = ("1", "default", "8")
