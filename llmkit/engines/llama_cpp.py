@@ -27,6 +27,7 @@ from llmkit.engines.base import (
     RGBImage,
     SamplingParams,
 )
+from llmkit.engines.ggml_cpu import hide_unsafe_buffer_types
 from llmkit.engines.parallel import Job, ParallelDecoder, Result
 from llmkit.errors import (
     ContextOverflowError,
@@ -61,6 +62,8 @@ def llama_module(verbose: bool = False) -> ModuleType:
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
         _state["callback"] = callback  # keep a reference: C holds only the pointer
         llama_cpp.llama_backend_init()
+        # Before the first model load: llama.cpp reads the CPU's extra buffer types there.
+        hide_unsafe_buffer_types(Path(llama_cpp.__file__).parent / "lib")
     return llama_cpp
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engines._log import LogTail
+from llmkit.engines.ggml_cpu import hide_unsafe_buffer_types, library_file
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
@@ -347,21 +348,10 @@ def library_dir() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
         candidate = Path(location) / "lib"
-        if _library_file(candidate, "ggml-base") is not None:
+        if library_file(candidate, "ggml-base") is not None:
             return candidate
     raise GgmlAbiError("llama-cpp-python's ggml libraries were not found",
                        hint=f"install it: pip install 'llama-cpp-python=={PINNED_LLAMA_CPP}'")
-
-
-def _library_file(directory: Path, stem: str) -> Path | None:
-    # The sonames first: they are the names libllama.so's NEEDED entries load, so dlopen hands
-    # back the very handles llama_cpp already holds (one ggml in the process, never two).
-    for name in (f"lib{stem}.so.0", f"lib{stem}.so", f"lib{stem}.0.dylib", f"lib{stem}.dylib",
-                 f"{stem}.dll"):
-        path = directory / name
-        if path.is_file():
-            return path
-    return None
 
 
 def _on_log(level: int, text: bytes | None, _user: Any) -> None:
@@ -427,6 +417,8 @@ def lib() -> Lib:
                 _state["error"] = exc
                 raise
             _install_log(candidate)
+            # Before any weights are placed: the extra buffer types ggml's CPU may offer.
+            hide_unsafe_buffer_types(candidate.directory)
             _state["lib"] = candidate
         return _state["lib"]  # type: ignore[no-any-return]
 
@@ -436,7 +428,7 @@ def _load() -> Lib:
     directory = library_dir()
     handles: list[ctypes.CDLL] = []
     for stem in _LIBRARY_STEMS:
-        path = _library_file(directory, stem)
+        path = library_file(directory, stem)
         if path is None:
             raise _abi_error(version, f"lib{stem} is missing from {directory}")
         try:

@@ -1,0 +1,42 @@
+"""The CPU's extra weight buffers both engines use: AMX, which crashes this ggml, is never one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmkit.engines.ggml_cpu import UNSAFE_EXTRA_BUFTS, hidden_buffer_types
+from tests.checkpoints import build_tiny_llama3
+from tests.conftest import run_llmkit
+
+
+def test_no_unsafe_buffer_type_is_offered_after_either_engine_loads() -> None:
+    from llmkit.engines.llama_cpp import llama_module
+    from llmkit.engines.mllama import _backend, _ggml
+
+    llama_module()
+    f = _ggml.lib().f
+    with _backend.Backend() as backend:
+        names = {(f.ggml_backend_buft_name(b) or b"").decode()
+                 for b in _backend.extra_buffer_types(backend)}
+    assert not names & UNSAFE_EXTRA_BUFTS
+    # Where the processor has AMX, it was there and was taken out.
+    assert set(hidden_buffer_types()) <= UNSAFE_EXTRA_BUFTS
+
+
+def test_k_quant_model_with_rows_of_256_answers(tmp_path: Path) -> None:
+    # Hidden size 256: every matrix qualifies for ggml's AMX kernels, which crashed llama.cpp
+    # on the first prompt on Sapphire Rapids machines (quantize's load check included).
+    ckpt = tmp_path / "ck"
+    build_tiny_llama3(ckpt, hidden=256, ff=512)
+    f16 = tmp_path / "w256.gguf"
+    proc = run_llmkit(["convert", str(ckpt), "-o", str(f16)])
+    assert proc.returncode == 0, proc.stderr
+    for qtype in ("Q4_K_M", "Q4_0", "Q8_0"):
+        out = tmp_path / f"w256-{qtype}.gguf"
+        proc = run_llmkit(["quantize", str(f16), str(out), "--type", qtype, "-t", "2"])
+        assert proc.returncode == 0, proc.stderr
+        proc = run_llmkit(["run", "--model", str(out), "--max-tokens", "4", "--format", "json",
+                           "-t", "2", "hello there, several tokens of prompt"])
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["usage"]["completion_tokens"] == 4
