@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llmkit.engines.ggml_cpu import UNSAFE_EXTRA_BUFTS, hidden_buffer_types
 from tests.checkpoints import build_tiny_llama3
 from tests.conftest import run_llmkit
@@ -40,3 +42,19 @@ def test_k_quant_model_with_rows_of_256_answers(tmp_path: Path) -> None:
                            "-t", "2", "hello there, several tokens of prompt"])
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_the_converter_and_llama_cpp_share_one_ggml_cpu_library() -> None:
+    # The converter's fast casts load libggml-cpu before llama.cpp does (`pull --from-source`):
+    # a second copy of it would be a second CPU backend, with its own list of buffer types.
+    import numpy as np
+
+    from llmkit.convert._fastcast import f32_to_f16
+    from llmkit.engines.llama_cpp import llama_module
+
+    f32_to_f16(np.ones(4, dtype=np.float32))
+    llama_module()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    files = {line.split()[-1] for line in maps if "libggml-cpu" in line}
+    assert len(files) == 1, files

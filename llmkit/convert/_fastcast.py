@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from llmkit.engines.ggml_cpu import library_file
+
 
 @lru_cache(maxsize=1)
 def _ggml_cpu() -> Any:
@@ -20,10 +22,10 @@ def _ggml_cpu() -> Any:
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
-            path = Path(location) / "lib" / name
-            if not path.is_file():
-                continue
+        # By its soname first: the file llama.cpp's own libraries load, so the process holds
+        # one ggml CPU backend (a second copy would have settings of its own).
+        path = library_file(Path(location) / "lib", "ggml-cpu")
+        if path is not None:
             try:
                 lib = ctypes.CDLL(str(path))
                 p = ctypes.c_void_p

@@ -62,27 +62,29 @@ def hidden_buffer_types() -> list[str]:
 
 def _hide(directory: Path) -> list[str]:
     base_path = library_file(directory, "ggml-base")
-    cpu_path = library_file(directory, "ggml-cpu")
-    if base_path is None or cpu_path is None:
-        return []  # a build without a separate CPU library: nothing llmkit knows to edit
+    ggml_path = library_file(directory, "ggml")
+    if base_path is None or ggml_path is None:
+        return []  # not a layout llmkit knows: nothing to edit
     try:
         base = ctypes.CDLL(str(base_path))
-        cpu = ctypes.CDLL(str(cpu_path))
-        reg_fn = cpu.ggml_backend_cpu_reg
+        ggml = ctypes.CDLL(str(ggml_path))
+        # The CPU backend as libggml's registry holds it: the very instance llama.cpp uses,
+        # whichever file of libggml-cpu the process happened to load first.
+        reg_by_name = ggml.ggml_backend_reg_by_name
         dev_get = base.ggml_backend_reg_dev_get
         proc = base.ggml_backend_reg_get_proc_address
         buft_name = base.ggml_backend_buft_name
     except (OSError, AttributeError):
         return []
-    reg_fn.restype = ctypes.c_void_p
-    reg_fn.argtypes = []
+    reg_by_name.restype = ctypes.c_void_p
+    reg_by_name.argtypes = [ctypes.c_char_p]
     dev_get.restype = ctypes.c_void_p
     dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     proc.restype = ctypes.c_void_p
     proc.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     buft_name.restype = ctypes.c_char_p
     buft_name.argtypes = [ctypes.c_void_p]
-    reg = reg_fn()
+    reg = reg_by_name(b"CPU")
     dev = dev_get(reg, 0) if reg else None
     address = proc(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
     if not dev or not address:
