@@ -449,11 +449,14 @@ class LlamaCppEngine(VocabText):
                     batch.logits[i] = 0
                 batch.logits[len(part) - 1] = 1
                 batch.n_tokens = len(part)
-                rc = lc.llama_decode(self._ctx, batch)
+                # Ctrl-C is held until the cells are recorded: llama.cpp logs while it builds
+                # the graph, and an interrupt raised in the log callback would be lost.
+                with _deferred_interrupt():
+                    rc = lc.llama_decode(self._ctx, batch)
+                    if rc == 0 and track:
+                        self._cached.extend(part)
                 if rc != 0:
                     raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
-                if track:
-                    self._cached.extend(part)
         finally:
             lc.llama_batch_free(batch)
 
@@ -662,12 +665,14 @@ class LlamaCppEngine(VocabText):
             self._retune_threads()
             chunk = tokens[start:start + self.n_batch]
             arr = (lc.llama_token * len(chunk))(*chunk)
-            rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
+            with _deferred_interrupt():  # as in _decode_at
+                rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk)))
+                if rc == 0:
+                    self._cached.extend(chunk)
+                    self._logits_at = len(self._cached)
             if rc != 0:
                 self._logits_at = -1
                 raise LlmkitError(f"llama.cpp failed to evaluate the prompt (code {rc})")
-            self._cached.extend(chunk)
-            self._logits_at = len(self._cached)
 
     def _prepare(self, prompt: Sequence[int]) -> int:
         """Keep the cached prefix of ``prompt``; return how many tokens are kept (all of them
@@ -791,8 +796,9 @@ class LlamaCppEngine(VocabText):
             one = (lc.llama_token * 1)()
             batch = lc.llama_batch_get_one(one, 1)
             pos = None
-        sample, is_eog, decode, push = (
-            lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_decode, stream.push)
+        sample, is_eog, decode, push, held = (
+            lc.llama_sampler_sample, lc.llama_vocab_is_eog, lc.llama_decode, stream.push,
+            _deferred_interrupt)
         ctx, vocab, cached, retune = self._ctx, self._vocab, self._cached, self._retune_threads
         self._logits_at = -1
         try:
@@ -809,9 +815,10 @@ class LlamaCppEngine(VocabText):
                 one[0] = token
                 if pos is not None:
                     pos[0] = len(cached)
-                if decode(ctx, batch) != 0:
-                    raise LlmkitError("llama.cpp failed to evaluate a generated token")
-                cached.append(token)
+                with held():  # a Ctrl-C in llama.cpp's log callback is not lost (~6 µs)
+                    if decode(ctx, batch) != 0:
+                        raise LlmkitError("llama.cpp failed to evaluate a generated token")
+                    cached.append(token)
             else:
                 if params.max_tokens is None or params.max_tokens > room:
                     out.finish = "context"

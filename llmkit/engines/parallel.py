@@ -10,7 +10,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from llmkit.engines._llama_vocab import Sampled, TextStream
+from llmkit.engines._llama_vocab import Sampled, TextStream, deferred_interrupt
 from llmkit.engines.base import Generation, SamplingParams
 from llmkit.errors import ContextOverflowError, InputError, LlmkitError
 
@@ -459,7 +459,10 @@ class ParallelDecoder:
     def _decode(self, batch: Any) -> float:
         """llama_decode of ``batch``; returns when it finished."""
         t0 = time.perf_counter()
-        rc = self._lc.llama_decode(self._ctx, batch)
+        # llama.cpp logs while it builds the graph: a Ctrl-C raised inside that callback would
+        # be lost, so it is held until the batch is done (the step then stops as usual).
+        with deferred_interrupt():
+            rc = self._lc.llama_decode(self._ctx, batch)
         t1 = time.perf_counter()
         self.decode_s += t1 - t0
         self.steps += 1
