@@ -310,3 +310,25 @@ def test_captions_in_parallel_are_the_one_at_a_time_records(
         assert sorted(saved, key=lambda r: inputs.index(str(r["path"]))) == runs[n]
     assert runs["1"] == runs["4"]
     assert sum(1 for r in runs["4"] if r["caption"]) == len(GOOD)
+
+
+def test_guarded_captions_in_parallel_are_the_one_at_a_time_records(
+        vlm: Path, pictures: dict[str, Path], smollm2_path: Path) -> None:
+    # --guard in a batch: the guard (loaded with --parallel too) checks several captions at
+    # once, beside the captions still being written; the verdicts are the one-at-a-time ones.
+    inputs = [str(pictures[k]) for k in GOOD]
+    runs = {}
+    for n in ("1", "4"):
+        proc = run_llmkit(["caption", *inputs, "-m", str(vlm), "--format", "json",
+                           "--max-tokens", "12", "--temperature", "0", "--parallel", n,
+                           "-t", "2", "--guard-model", str(smollm2_path),
+                           "--guard-threshold", "0.5"])
+        assert proc.returncode in (0, 3), proc.stderr
+        records = _comparable(json.loads(proc.stdout))
+        for record in records:
+            verdict = record["guard"]["output"]  # type: ignore[index]
+            verdict.pop("timings")
+            verdict["usage"].pop("prompt_tokens_evaluated")
+        runs[n] = (proc.returncode, records)
+    assert runs["1"] == runs["4"]
+    assert [r["path"] for r in runs["4"][1]] == inputs

@@ -319,3 +319,74 @@ def test_a_default_that_does_not_fit_is_lowered_and_an_asked_one_refused(
     message = str(refused.value)
     assert "KV cache for --ctx 4096 × --parallel 4" in message
     assert "--parallel 2 (needs" in message
+
+
+# -- --guard in batches ---------------------------------------------------------------------------
+
+
+def _without_run_figures(record: dict[str, object]) -> dict[str, object]:
+    record = json.loads(json.dumps(record))
+    record.pop("timings", None)
+    usage = record.get("usage")
+    if isinstance(usage, dict):
+        usage.pop("prompt_tokens_evaluated", None)
+    guard = record.get("guard")
+    for verdict in guard.values() if isinstance(guard, dict) else ():
+        verdict.pop("timings", None)
+        verdict["usage"].pop("prompt_tokens_evaluated")
+    return record
+
+
+def _notes(folder: Path, n: int) -> list[str]:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"note{i}.txt").write_text(
+            f"Note {i}. The ferry to island {i} leaves at {7 + i} o'clock and the fare is "
+            f"{3 + i} euros. Bicycles travel free on weekdays.\n")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_guard_checks_of_many_documents_share_the_guard_s_sequences(
+        smollm2_path: Path, tmp_path: Path) -> None:
+    from llmkit.tasks.policy import LLAMA_GUARD_3_CATEGORIES
+    from llmkit.tasks.safety import Guard
+    from llmkit.tasks.summarize import (
+        SummaryJob,
+        SummaryOptions,
+        summarize_file,
+        summarize_files,
+    )
+
+    paths = _notes(tmp_path / "docs", 5)
+    job = SummaryJob(options=SummaryOptions(params=SamplingParams(temperature=0.0)))
+    with LlamaCppEngine(smollm2_path, n_ctx=1024, threads=2, device="cpu", parallel=4) as model, \
+            LlamaCppEngine(smollm2_path, n_ctx=1024, threads=2, device="cpu",
+                           parallel=4, name="guard") as guard_engine:
+        guard = Guard(guard_engine, LLAMA_GUARD_3_CATEGORIES, threshold=0.5)
+        together = dict(summarize_files(model, paths, job, guard=guard))
+        decoder = guard_engine.last_decoder
+        one_by_one = {p: summarize_file(model, p, job, guard=guard) for p in paths}
+    # The guard's checks ran as jobs of its own parallel run, the policy evaluated once.
+    assert decoder is not None and decoder.shared_tokens > 0
+    assert sorted(together) == paths
+    for path in paths:
+        record = together[path]
+        assert set(record["guard"]) == {"input", "output"}, record
+        assert record["guard"]["output"]["role"] == "Agent"
+        assert _without_run_figures(record) == _without_run_figures(one_by_one[path])
+
+
+def test_a_guarded_summary_batch_gives_the_one_at_a_time_records(
+        smollm2_path: Path, tmp_path: Path) -> None:
+    paths = _notes(tmp_path / "docs", 6)
+    runs = {}
+    for n in ("1", "4"):
+        proc = run_llmkit(["summarize", str(tmp_path / "docs"), "-m", str(smollm2_path),
+                           "--guard-model", str(smollm2_path), "--guard-threshold", "0.5",
+                           "--temperature", "0", "--parallel", n, "-t", "2", "--format",
+                           "json"])
+        assert proc.returncode in (0, 3), proc.stderr
+        runs[n] = (proc.returncode, [_without_run_figures(r) for r in json.loads(proc.stdout)])
+    assert runs["1"] == runs["4"]
+    assert [r["path"] for r in runs["4"][1]] == paths
+    assert all("guard" in r for r in runs["4"][1])

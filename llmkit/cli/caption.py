@@ -96,7 +96,8 @@ def caption(
     Example: llmkit caption photos/ -r --style alt-text --sidecar --skip-existing
 
     The captions of --parallel images are written together (default 4 on CPU); each image
-    is encoded when a sequence is free for it. Records are written as each image is done.
+    is encoded when a sequence is free for it; --guard's checks of the captions run as many
+    at a time. Records are written as each image is done.
 
     Exit codes: 0 all captioned or skipped, 1 an image or the model failed, 2 usage,
     3 a caption was flagged and withheld (--guard), 130 Ctrl-C.
@@ -142,12 +143,12 @@ def caption(
                           clear=lambda: None, error_record=refused)
             return
         options = engine_options(ctx, threads, device, gpu_layers, verbose)
-        checker = open_cli_guard(guard, guard_model, guard_threshold, options)
+        # Several images: the captions and the guard's checks of them decode in parallel.
+        batch_options = with_parallel(options, parallel) if len(todo) > 1 else options
+        checker = open_cli_guard(guard, guard_model, guard_threshold, batch_options)
         if checker is not None and prompt is not None:
             check_input(checker, instruction)  # your own instruction is input too
-        engine, resolution, note = open_vision_engine(
-            model, with_parallel(options, parallel) if len(todo) > 1 else options,
-            mmproj=mmproj)
+        engine, resolution, note = open_vision_engine(model, batch_options, mmproj=mmproj)
         if note:
             out.note(note)
         params = sampling_params(resolution, temperature=temperature, top_p=top_p, seed=seed,

@@ -125,7 +125,8 @@ def summarize(
 
     --parallel documents are summarized at a time (default 4 on CPU), and the pieces of a
     long one side by side, the instruction evaluated once; a merge level waits only for the
-    pieces it merges. Records are written as each document is done.
+    pieces it merges; --guard's checks of several documents run side by side too. Records
+    are written as each document is done.
 
     Exit codes: 0 all summarized or skipped, 1 a document or the model failed, 2 usage,
     3 a document or its summary was flagged (--guard), 130 Ctrl-C.
@@ -177,7 +178,9 @@ def summarize(
             note_all_skipped(len(items), "document")
             return
         settings = engine_options(ctx, threads, device, gpu_layers, verbose)
-        checker = open_cli_guard(guard, guard_model, guard_threshold, settings)
+        # With several documents the guard's checks share sequences too (in the same number).
+        checker = open_cli_guard(guard, guard_model, guard_threshold,
+                                 with_parallel(settings, parallel) if len(todo) > 1 else settings)
         engine, resolution = open_engine(model, with_parallel(settings, parallel))
         if resolution.note:
             out.note(resolution.note)

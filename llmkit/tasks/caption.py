@@ -329,8 +329,10 @@ def _caption_task(engine: Engine, path: str, job: CaptionJob, guard: Guard | Non
     except StopIteration as stop:
         record: dict[str, Any] = stop.value
     if guard is not None and record.get("caption"):
-        from llmkit.tasks.guarding import guard_batch_output
+        from llmkit.tasks.guarding import guard_output_steps
 
-        record = guard_batch_output(guard, job.instruction, record["caption"]).apply_to(
-            record, "caption")
+        # The check's jobs share the guard's sequences with the other captions' checks.
+        checked = yield from guard_output_steps(guard, job.instruction, record["caption"],
+                                                batched=True)
+        record = checked.apply_to(record, "caption")
     return record

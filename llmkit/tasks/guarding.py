@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from llmkit.engines.base import Engine, RGBImage, SamplingParams
+from llmkit.engines.parallel import Job, Result, parallel_generate
 from llmkit.errors import FlaggedError, LlmkitError
 from llmkit.tasks.chat import Conversation, Reply, chat_turn
 from llmkit.tasks.safety import Guard, Verdict, verdict_for_parts
@@ -223,4 +224,49 @@ def guard_batch_output(guard: Guard, prompt: str, answer: str,
         verdict = (guard.check_response(prompt, answer, image) if answer.strip() else None)
     except LlmkitError as exc:
         return GuardResult(failure=str(exc))
+    return replace(so_far or GuardResult(), output=verdict)
+
+
+# -- the same, as steps of a batch's task: checks decoded beside the other items' work -----
+
+# The key of a guard job's results (``(GUARD_JOBS, i)``), which progress counters skip.
+GUARD_JOBS = "guard"
+
+GuardSteps = Generator[list[tuple[Any, Job]], list[Result], GuardResult]
+
+
+def _batched(guard: Guard, batched: bool) -> bool:
+    # Pictures need the Vision engine, which checks one at a time; so does a guard loaded
+    # with one sequence.
+    return batched and parallel_generate(guard.engine) is not None
+
+
+def guard_input_steps(guard: Guard, text: str, *, batched: bool) -> GuardSteps:
+    """:func:`guard_batch_input` (text only) as a task's steps for
+    :func:`llmkit.engines.parallel.run_tasks`: with ``batched`` and a guard that decodes
+    several sequences, its checks (a long text's pieces too) are yielded as jobs for the
+    guard's engine, so they share its sequences with the other items' checks; otherwise the
+    check runs at once and nothing is yielded."""
+    if not _batched(guard, batched):
+        return guard_batch_input(guard, text)
+    try:
+        verdict = yield from guard.judged_steps(guard.long_text_plans(text), GUARD_JOBS)
+    except LlmkitError as exc:
+        return GuardResult(failure=str(exc))
+    return GuardResult(input=verdict)
+
+
+def guard_output_steps(guard: Guard, prompt: str, answer: str,
+                       so_far: GuardResult | None = None, *, batched: bool) -> GuardSteps:
+    """:func:`guard_batch_output` (text only) as a task's steps (see
+    :func:`guard_input_steps`)."""
+    if not _batched(guard, batched):
+        return guard_batch_output(guard, prompt, answer, so_far)
+    verdict = None
+    if answer.strip():
+        try:
+            verdict = yield from guard.judged_steps(guard.response_plans(prompt, answer),
+                                                    GUARD_JOBS)
+        except LlmkitError as exc:
+            return GuardResult(failure=str(exc))
     return replace(so_far or GuardResult(), output=verdict)

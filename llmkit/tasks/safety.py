@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmkit.engines.base import Engine, Message, RGBImage, SamplingParams
+from llmkit.engines.parallel import Job, Result
 from llmkit.errors import (
     EXIT_FLAGGED,
     ContextOverflowError,
@@ -209,9 +210,12 @@ class Guard:
             ContextOverflowError: the conversation does not fit the guard's context.
             VerdictError: the model's answer is not a verdict (and no threshold decides).
         """
+        return self._run(self.plan(messages, image), image)
+
+    def _run(self, plan: CheckPlan, image: RGBImage | None) -> Verdict:
+        """One planned check, on the engine directly (score, then the greedy answer)."""
         import numpy as np
 
-        plan = self.plan(messages, image)
         images = () if image is None else (image,)
         t0 = time.perf_counter()
         tokens = plan.tokens
@@ -324,8 +328,7 @@ class Guard:
         Flagged when any piece is; the categories of all flagged pieces are merged. With
         ``image`` every piece is checked together with the picture (encoded once).
         """
-        return self._check_in_pieces(text, lambda piece: [{"role": "user", "content": piece}],
-                                     image=image)
+        return self._judge(self.long_text_plans(text, image), image)
 
     def check_response(self, prompt: str, response: str, image: RGBImage | None = None
                        ) -> Verdict:
@@ -336,21 +339,45 @@ class Guard:
         prompt shortened to its beginning (the context of the answer, not what is judged) and
         the response in pieces; no part of the response goes unchecked.
         """
+        return self._judge(self.response_plans(prompt, response, image), image)
+
+    def long_text_plans(self, text: str, image: RGBImage | None = None) -> list[CheckPlan]:
+        """The checks :meth:`check_long_text` makes (one per piece), planned.
+
+        Raises:
+            As :meth:`plan`.
+        """
+        return self._plans_in_pieces(
+            text, lambda piece: [{"role": "user", "content": piece}], image=image)
+
+    def response_plans(self, prompt: str, response: str, image: RGBImage | None = None
+                       ) -> list[CheckPlan]:
+        """The checks :meth:`check_response` makes (the whole exchange, or the response in
+        pieces), planned.
+
+        Raises:
+            As :meth:`plan`.
+        """
         try:
-            return self.check([{"role": "user", "content": prompt},
-                               {"role": "assistant", "content": response}], image)
+            return [self.plan([{"role": "user", "content": prompt},
+                               {"role": "assistant", "content": response}], image)]
         except ContextOverflowError:
             pass
         context = prompt if len(prompt) <= 1000 else prompt[:1000] + " [...]"
-        return self._check_in_pieces(
+        return self._plans_in_pieces(
             response, lambda piece: [{"role": "user", "content": context},
                                      {"role": "assistant", "content": piece}],
             min_budget=16, image=image)
 
-    def _check_in_pieces(self, text: str, messages_for: Callable[[str], list[Message]], *,
-                         min_budget: int = 1, image: RGBImage | None = None) -> Verdict:
-        """Check ``text`` as the last message of ``messages_for(text)``: whole when it fits the
-        guard's context, else in chunks that do (each checked in the same surroundings).
+    def _judge(self, plans: Sequence[CheckPlan], image: RGBImage | None) -> Verdict:
+        verdicts = [self._run(plan, image) for plan in plans]
+        return verdicts[0] if len(verdicts) == 1 else verdict_for_parts(verdicts)
+
+    def _plans_in_pieces(self, text: str, messages_for: Callable[[str], list[Message]], *,
+                         min_budget: int = 1, image: RGBImage | None = None
+                         ) -> list[CheckPlan]:
+        """Plan checks of ``text`` as the last message of ``messages_for(text)``: whole when it
+        fits the guard's context, else in chunks that do (each in the same surroundings).
 
         Raises:
             ContextOverflowError: the surroundings leave less than ``min_budget`` tokens.
@@ -365,12 +392,48 @@ class Guard:
         if budget < min_budget:
             if min_budget > 1:
                 raise ContextOverflowError(overhead, self.engine.n_ctx, reserve=32)
-            return self.check(messages_for(text), image)  # the overflow for the whole text
+            return [self.plan(messages_for(text), image)]  # the overflow for the whole text
         if tokenizer.count(text) <= budget:
-            return self.check(messages_for(text), image)
+            return [self.plan(messages_for(text), image)]
         pieces = plan_chunks(text, tokenizer, budget, overlap=min(64, budget // 4))
-        return verdict_for_parts([self.check(messages_for(p.text_in(text)), image)
-                                  for p in pieces])
+        return [self.plan(messages_for(p.text_in(text)), image) for p in pieces]
+
+    def jobs(self, plans: Sequence[CheckPlan], key: Any = None) -> list[Job]:
+        """The checks ``plans`` as jobs for the engine's parallel sequences (text only): the
+        job keys are ``(key, i)``; :meth:`result_verdict` reads each result."""
+        return [Job((key, i), plan.tokens, ANSWER_PARAMS, logits_steps=SCORE_STEPS)
+                for i, plan in enumerate(plans)]
+
+    def result_verdict(self, plan: CheckPlan, result: Result) -> Verdict:
+        """The verdict of a check that ran as a job (of :meth:`jobs`).
+
+        Raises:
+            LlmkitError: the job failed, or gave no answer.
+            VerdictError: the answer is not a verdict (and no threshold decides).
+        """
+        generation = result.generation
+        if result.error is not None or generation is None or not result.logits:
+            raise result.error or LlmkitError("the guard gave no answer")
+        total = generation.prompt_ms + generation.generation_ms
+        timings = {"score_ms": round(generation.first_token_ms, 2),
+                   "answer_ms": round(total - generation.first_token_ms, 2),
+                   "total_ms": round(total, 2)}
+        return self.verdict(plan, self.scored_logits(result.logits), generation.text,
+                            generation.prompt_tokens_evaluated, timings)
+
+    def judged_steps(self, plans: Sequence[CheckPlan], key: Any = None
+                     ) -> Generator[list[tuple[Any, Job]], list[Result], Verdict]:
+        """``plans`` judged as one verdict (as :meth:`check_long_text` judges its pieces), as
+        a task's step for :func:`llmkit.engines.parallel.run_tasks`: it yields the checks'
+        jobs for the guard's engine and is sent their results.
+
+        Raises:
+            As :meth:`result_verdict`.
+        """
+        results = yield [(self.engine, job) for job in self.jobs(plans, key)]
+        verdicts = [self.result_verdict(plan, result) for plan, result in zip(plans, results,
+                                                                              strict=True)]
+        return verdicts[0] if len(verdicts) == 1 else verdict_for_parts(verdicts)
 
 
 def _logistic(x: float) -> float:
@@ -547,7 +610,7 @@ def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError
     line at a time, in order. Each record names its ``line``. ``live``: the lines come from
     stdin, each checked as it arrives.
     """
-    from llmkit.engines.parallel import Job, parallel_generate
+    from llmkit.engines.parallel import parallel_generate
 
     many = parallel_generate(guard.engine)
     if many is None:
@@ -572,25 +635,16 @@ def check_jsonl_lines(guard: Guard, lines: Iterable[tuple[int, str | LlmkitError
             if isinstance(read, LlmkitError):
                 yield Job((_failed(head, read), None), None)
             else:
-                yield Job((head, plan), plan.tokens, ANSWER_PARAMS, logits_steps=SCORE_STEPS)
+                yield replace(guard.jobs([plan])[0], key=(head, plan))
 
     for result in many(jobs(), live=live):
         head, plan = result.job.key
-        generation = result.generation
         if plan is None:
             yield head
             continue
-        if result.error is not None or generation is None or not result.logits:
-            yield _failed(head, result.error or LlmkitError("the guard gave no answer"))
-            continue
-        total = generation.prompt_ms + generation.generation_ms
-        timings = {"score_ms": round(generation.first_token_ms, 2),
-                   "answer_ms": round(total - generation.first_token_ms, 2),
-                   "total_ms": round(total, 2)}
         try:
-            verdict = guard.verdict(plan, guard.scored_logits(result.logits), generation.text,
-                                    generation.prompt_tokens_evaluated, timings)
-        except VerdictError as exc:
+            verdict = guard.result_verdict(plan, result)
+        except LlmkitError as exc:
             yield _failed(head, exc)
             continue
         yield {**head, **verdict.to_dict()}

@@ -14,6 +14,7 @@ from llmkit.documents import DEFAULT_MAX_BYTES
 from llmkit.engines.base import Engine, Generation, Message, SamplingParams
 from llmkit.engines.parallel import drive
 from llmkit.errors import InputError, LlmkitError
+from llmkit.tasks.guarding import GUARD_JOBS, guard_input_steps, guard_output_steps
 
 if TYPE_CHECKING:
     from llmkit.documents import Document
@@ -453,8 +454,15 @@ def summarize_file(
         The document's record.
     """
     summarizer = Summarizer(engine, job.options, on_progress=on_progress, on_plan=on_plan)
-    return drive(_file_steps(summarizer, path, job, document, guard, on_warning),
-                 summarizer.run_calls)
+
+    def run(step: Calls | list[tuple[Any, Job]]) -> list[Generation]:
+        # Not batched: the guard checks at once, so every step is the summarizer's.
+        if not isinstance(step, Calls):
+            raise LlmkitError("internal error: a guard job outside a batch")
+        return summarizer.run_calls(step)
+
+    return drive(_file_steps(summarizer, path, job, document, guard, on_warning,
+                             batched=False), run)
 
 
 def summarize_files(
@@ -497,11 +505,11 @@ def summarize_files(
             summarizer = Summarizer(engine, job.options, on_progress=progress,
                                     on_plan=_for(on_plan, path))
             yield path, _as_task(engine, summarizer, _file_steps(
-                summarizer, path, job, documents.get(path), guard, on_warning))
+                summarizer, path, job, documents.get(path), guard, on_warning, batched=True))
 
     def on_result(path: str, result: Result) -> None:
         progress = shown.get(path)
-        if progress is not None and result.error is None:
+        if progress is not None and result.error is None and result.job.key[0] != GUARD_JOBS:
             stage, _, n = result.job.key
             count = counts[path, stage] = counts.get((path, stage), 0) + 1
             progress(stage, count, n)
@@ -518,30 +526,38 @@ def _for(on_plan: Callable[[str, list[dict[str, Any]]], None] | None, path: str
     return lambda plan: on_plan(path, plan)
 
 
-def _as_task(engine: Engine, summarizer: Summarizer,
-             steps: Generator[Calls, list[Generation], dict[str, Any]]
+def _as_task(engine: Engine, summarizer: Summarizer, steps: _FileSteps
              ) -> Generator[list[tuple[Any, Job]], list[Any], dict[str, Any]]:
     """``steps`` as a task of :func:`llmkit.engines.parallel.run_tasks`: each step's calls
-    become jobs on ``engine``; a job's error is raised inside ``steps``."""
+    become jobs on ``engine`` (a job's error is raised inside ``steps``); the guard's checks
+    are jobs already, and get their results."""
     try:
-        calls = next(steps)
+        step = next(steps)
         while True:
-            results = yield summarizer.jobs(engine, calls)
+            if not isinstance(step, Calls):
+                step = steps.send((yield step))
+                continue
+            results = yield summarizer.jobs(engine, step)
             error = next((r.error for r in results if r.error is not None), None)
             if error is not None:
-                calls = steps.throw(error)
+                step = steps.throw(error)
             else:
-                calls = steps.send([r.generation for r in results])
+                step = steps.send([r.generation for r in results])
     except StopIteration as stop:
         record: dict[str, Any] = stop.value
         return record
 
 
+# A document's steps: the summarizer's calls (sent their generations) and, with ``batched``,
+# the guard's checks (sent their results).
+_FileSteps = Generator["Calls | list[tuple[Any, Job]]", Any, dict[str, Any]]
+
+
 def _file_steps(summarizer: Summarizer, path: str, job: SummaryJob,
                 document: Document | None, guard: Guard | None,
-                on_warning: Callable[[str], None] | None,
-                ) -> Generator[Calls, list[Generation], dict[str, Any]]:
-    """:func:`summarize_file`'s work, step by step (see :meth:`Summarizer.steps`)."""
+                on_warning: Callable[[str], None] | None, *, batched: bool) -> _FileSteps:
+    """:func:`summarize_file`'s work, step by step (see :meth:`Summarizer.steps`); with
+    ``batched``, the guard's checks are steps too (:func:`guard_input_steps`)."""
     from llmkit.documents import read_document
 
     engine = summarizer.engine
@@ -555,9 +571,7 @@ def _file_steps(summarizer: Summarizer, path: str, job: SummaryJob,
             on_warning(warning)
     checked = None
     if guard is not None:
-        from llmkit.tasks.guarding import guard_batch_input
-
-        checked = guard_batch_input(guard, doc.text)
+        checked = yield from guard_input_steps(guard, doc.text, batched=batched)
         if checked.withheld:
             return checked.apply_to(summary_record(path, None, model=engine.model_name,
                                                    fmt=doc.format, warnings=doc.warnings),
@@ -570,8 +584,7 @@ def _file_steps(summarizer: Summarizer, path: str, job: SummaryJob,
     record = summary_record(path, result, model=engine.model_name, fmt=doc.format,
                             warnings=doc.warnings)
     if guard is not None:
-        from llmkit.tasks.guarding import guard_batch_output
-
-        record = guard_batch_output(guard, GUARD_PROMPT, result.text, checked).apply_to(
-            record, "summary")
+        checked = yield from guard_output_steps(guard, GUARD_PROMPT, result.text, checked,
+                                                batched=batched)
+        record = checked.apply_to(record, "summary")
     return record
