@@ -22,6 +22,7 @@ def _version(dist: str) -> str:
 def report() -> dict[str, Any]:
     """Gather the facts; loads llama.cpp's library but no model."""
     from llmkit.engines import llama_cpp
+    from llmkit.engines.ggml_cpu import hidden_buffer_types
     from llmkit.errors import StoreError
     from llmkit.store import list_models
 
@@ -44,6 +45,8 @@ def report() -> dict[str, Any]:
         "backends": llama_cpp.backends(),
         "gpu_offload": gpu,
         "system_info": info,
+        # Weight buffers ggml offers that llmkit keeps out of use (AMX: its kernels crash).
+        "cpu_buffers_not_used": hidden_buffer_types(),
         "vision_engine": _vision_engine(),
         "physical_cores": physical_cores(),
         "default_threads": threads.threads,

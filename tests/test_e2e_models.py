@@ -86,6 +86,9 @@ def test_doctor_reports_backend_and_models() -> None:
     assert data["default_threads"] >= 1
     assert "smollm2:135m" in data["models_present"]
     assert data["vision_engine"] == "ok (ggml ABI checked)"
+    # AMX is listed (and so not used) exactly where llama.cpp's build reports it.
+    amx = "AMX_INT8 = 1" in data["system_info"]
+    assert data["cpu_buffers_not_used"] == (["AMX"] if amx else [])
     text = run_llmkit(["doctor"]).stdout
     assert "gpu offload" in text and "llama-cpp-python   0.3.36" in text
     assert "vision engine      ok (ggml ABI checked) (Llama 3.2 Vision)\n" in text

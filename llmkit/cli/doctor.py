@@ -36,6 +36,9 @@ def doctor(
         line("gpu offload", "yes" if data["gpu_offload"] else
              "no (CPU only; see the README to build with CUDA or Metal)"),
         line("cpu features", data["system_info"]),
+        *([line("not used", ", ".join(data["cpu_buffers_not_used"])
+                + " weight buffers (their kernels crash in this llama.cpp build)")]
+          if data["cpu_buffers_not_used"] else []),
         line("vision engine", f"{data['vision_engine']} (Llama 3.2 Vision)"),
         line("physical cores", data["physical_cores"]),
         line("threads", f"{data['default_threads']} ({data['threads_reason']})"),
