@@ -39,7 +39,7 @@ class deferred_interrupt:
     A KeyboardInterrupt raised inside llama.cpp's log callback cannot reach Python code: ctypes
     prints it as "Exception ignored" and the call carries on. llama.cpp logs while it builds a
     graph, so every llama_decode is such a call; SIGINT only sets a flag here. A class, not a
-    generator: it wraps each decoded token (~2 µs).
+    generator: it wraps each decoded token (5.8 µs a use, measured with timeit).
     """
 
     __slots__ = ("_hits", "_previous")

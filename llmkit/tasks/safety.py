@@ -370,8 +370,7 @@ class Guard:
             min_budget=16, image=image)
 
     def _judge(self, plans: Sequence[CheckPlan], image: RGBImage | None) -> Verdict:
-        verdicts = [self._run(plan, image) for plan in plans]
-        return verdicts[0] if len(verdicts) == 1 else verdict_for_parts(verdicts)
+        return _one_verdict([self._run(plan, image) for plan in plans])
 
     def _plans_in_pieces(self, text: str, messages_for: Callable[[str], list[Message]], *,
                          min_budget: int = 1, image: RGBImage | None = None
@@ -431,9 +430,13 @@ class Guard:
             As :meth:`result_verdict`.
         """
         results = yield [(self.engine, job) for job in self.jobs(plans, key)]
-        verdicts = [self.result_verdict(plan, result) for plan, result in zip(plans, results,
-                                                                              strict=True)]
-        return verdicts[0] if len(verdicts) == 1 else verdict_for_parts(verdicts)
+        return _one_verdict([self.result_verdict(plan, result)
+                             for plan, result in zip(plans, results, strict=True)])
+
+
+def _one_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """A text's checks as one verdict: a whole text's own, or its pieces' combined."""
+    return verdicts[0] if len(verdicts) == 1 else verdict_for_parts(verdicts)
 
 
 def _logistic(x: float) -> float:
