@@ -9,7 +9,7 @@ __llmkit_model_names='smollm2:135m llama3.2:1b llama3.2:3b llama-guard3:1b llama
 __llmkit_spec() {
     case "$1" in
         '')
-            subs='run chat caption summarize check list show import rm pull convert quantize doctor completions'
+            subs='run chat caption summarize check serve list show import rm pull convert quantize doctor completions'
             opts='--version -h --help'
             valued=''
             npos=0 variadic=0 ;;
@@ -38,6 +38,11 @@ __llmkit_spec() {
             opts='-m --model --file --prompt --response --conversation --batch -i --image --exclude --categories --threshold -f --format -c --ctx -P --parallel --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
             valued='-m=1 --model=1 --file=1 --prompt=1 --response=1 --conversation=1 --batch=1 -i=1 --image=1 --exclude=1 --categories=1 --threshold=1 -f=1 --format=1 -c=1 --ctx=1 -P=1 --parallel=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=1 variadic=1 ;;
+        'serve')
+            subs=''
+            opts='-m --model --host -p --port -P --parallel --api-key --guard --guard-model --guard-threshold --moderations-only --queue -n --max-tokens --max-body --timeout --shutdown-timeout -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --host=1 -p=1 --port=1 -P=1 --parallel=1 --api-key=1 --guard-model=1 --guard-threshold=1 --queue=1 -n=1 --max-tokens=1 --max-body=1 --timeout=1 --shutdown-timeout=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            npos=0 variadic=0 ;;
         'list')
             subs=''
             opts='-f --format --present -h --help'
@@ -121,6 +126,8 @@ __llmkit_value() {
         'check --categories') __llmkit_files "$3" ;;
         'check -f'|'check --format') __llmkit_words 'text json' "$3" ;;
         'check --device') __llmkit_words 'auto cpu gpu' "$3" ;;
+        'serve -m'|'serve --model') __llmkit_models "$3" ;;
+        'serve --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'list -f'|'list --format') __llmkit_words 'table json' "$3" ;;
         'show -f'|'show --format') __llmkit_words 'text json' "$3" ;;
         'show #0') __llmkit_models "$3" ;;

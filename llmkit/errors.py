@@ -121,6 +121,14 @@ class ContextOverflowError(LlmkitError):
         self.n_ctx = n_ctx
 
 
+class QueueFullError(LlmkitError):
+    """More requests wait for a served model than the server queues (HTTP 429)."""
+
+
+class ShuttingDownError(LlmkitError):
+    """The server is stopping and takes no new work (HTTP 503)."""
+
+
 class DeviceError(LlmkitError):
     """The requested device cannot be used with this llama.cpp build."""
 

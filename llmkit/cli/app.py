@@ -18,6 +18,7 @@ from llmkit.cli.doctor import doctor
 from llmkit.cli.models import import_model, list_models, rm, show
 from llmkit.cli.pull import pull
 from llmkit.cli.run import run
+from llmkit.cli.serve import serve
 from llmkit.cli.summarize import summarize
 from llmkit.errors import EXIT_FLAGGED, Interrupted, LlmkitError
 
@@ -57,6 +58,7 @@ app.command("chat")(chat)
 app.command("caption")(caption)
 app.command("summarize")(summarize)
 app.command("check")(check)
+app.command("serve")(serve)
 app.command("list")(list_models)
 app.command("show")(show)
 app.command("import")(import_model)

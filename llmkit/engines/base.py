@@ -39,7 +39,7 @@ class Generation:
     prompt_tokens: int
     prompt_tokens_evaluated: int
     completion_tokens: int
-    finish_reason: str  # "stop", "length", "context" or "interrupted"
+    finish_reason: str  # "stop", "length", "context", "interrupted" or "cancelled"
     prompt_ms: float
     generation_ms: float
     first_token_ms: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,10 @@ def image_tokens_in_vocab(model_path: Path) -> list[str]:
         lc.llama_model_free(model)
 
 
+# llama.cpp's pooling types (enum llama_pooling_type) that give one vector per text.
+_POOLING_NAMES = {1: "mean", 2: "cls", 3: "last"}
+
+
 def grammar_from_json_schema(schema_text: str) -> str:
     """Turn a JSON schema into a GBNF grammar for constrained output.
 
@@ -222,6 +227,8 @@ class LlamaCppEngine(VocabText):
         _log.clear()
         self._model = None
         self._ctx = None
+        self._embed_ctx: Any = None
+        self._embed_lock = threading.Lock()
         self._mtmd: Any = None
         try:
             with _deferred_interrupt():
@@ -314,6 +321,9 @@ class LlamaCppEngine(VocabText):
 
                 mtmd.mtmd_free(self._mtmd)
                 self._mtmd = None
+            if getattr(self, "_embed_ctx", None):
+                lc.llama_free(self._embed_ctx)
+                self._embed_ctx = None
             if getattr(self, "_ctx", None):
                 lc.llama_free(self._ctx)
                 self._ctx = None
@@ -349,6 +359,91 @@ class LlamaCppEngine(VocabText):
     def n_params(self) -> int:
         """Number of parameters."""
         return int(self._lc.llama_model_n_params(self._model))
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    @property
+    def pooling(self) -> str:
+        """How :meth:`embed` pools a text's token vectors: the model's own pooling (an
+        embedding model's GGUF names it), else the mean, as llama-server's ``--pooling mean``."""
+        return _POOLING_NAMES.get(self._pooling_type(), "mean")
+
+    def _pooling_type(self) -> int:
+        arch = self.metadata("general.architecture") or ""
+        value = self.metadata(f"{arch}.pooling_type")
+        lc = self._lc
+        if value is not None and value.isdigit() and int(value) in (
+                lc.LLAMA_POOLING_TYPE_MEAN, lc.LLAMA_POOLING_TYPE_CLS,
+                lc.LLAMA_POOLING_TYPE_LAST):
+            return int(value)
+        return int(lc.LLAMA_POOLING_TYPE_MEAN)
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One L2-normalised vector per text (as plain text, BOS first), pooled as
+        :attr:`pooling` says, from a context of its own (created at the first call, with one
+        sequence of :attr:`n_ctx` tokens) so that generation is not disturbed.
+
+        Raises:
+            InputError: an empty text.
+            ContextOverflowError: a text longer than the context.
+            LlmkitError: llama.cpp failed.
+        """
+        import numpy as np
+
+        tokenized = [self.tokenize(text, add_special=True) for text in texts]
+        for tokens in tokenized:
+            if len(tokens) > self.n_ctx:
+                raise ContextOverflowError(len(tokens), self.n_ctx)
+            if not tokens:
+                raise InputError("a text to embed is empty")
+        lc = self._lc
+        with self._embed_lock:
+            ctx = self._embedding_context()
+            mem = lc.llama_get_memory(ctx)
+            n_embd = int(lc.llama_model_n_embd(self._model))
+            vectors = []
+            for tokens in tokenized:
+                lc.llama_memory_clear(mem, True)
+                batch = lc.llama_batch_init(len(tokens), 0, 1)
+                try:
+                    for i, token in enumerate(tokens):
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1
+                    batch.n_tokens = len(tokens)
+                    with _deferred_interrupt():
+                        rc = lc.llama_decode(ctx, batch)
+                finally:
+                    lc.llama_batch_free(batch)
+                if rc != 0:
+                    raise LlmkitError(f"llama.cpp failed to embed a text (code {rc})")
+                row = lc.llama_get_embeddings_seq(ctx, 0)
+                if not row:
+                    raise LlmkitError("llama.cpp gave no pooled embedding")
+                vector = np.ctypeslib.as_array(row, shape=(n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(vector))
+                if not np.isfinite(norm):
+                    raise LlmkitError("the model's embedding is not finite (damaged weights?)")
+                vectors.append((vector / norm if norm > 0 else vector).tolist())
+            return vectors
+
+    def _embedding_context(self) -> Any:
+        if self._embed_ctx is None:
+            lc = self._lc
+            cparams = lc.llama_context_default_params()
+            cparams.n_ctx = self.n_ctx
+            cparams.n_batch = cparams.n_ubatch = self.n_ctx  # a text is one batch
+            cparams.embeddings = True
+            cparams.pooling_type = self._pooling_type()
+            cparams.n_threads = cparams.n_threads_batch = self._threads.threads
+            with _deferred_interrupt():
+                self._embed_ctx = lc.llama_init_from_model(self._model, cparams)
+            if not self._embed_ctx:
+                self._embed_ctx = None
+                raise LlmkitError(f"could not create an embedding context for "
+                                  f"{self.model_name}", hint="lower --ctx; the machine may "
+                                  "be short of memory")
+        return self._embed_ctx
 
     # -- the context ----------------------------------------------------------------------
 

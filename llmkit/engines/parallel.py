@@ -33,6 +33,12 @@ class Job:
     # position, and the media evaluates it into a sequence: evaluate(seq, keep) and
     # keep(shared), the shared prefix cut back to a place it can start from.
     media: Any = None
+    # Streaming: called with each complete piece of text as it is generated (on the
+    # decoding thread).
+    on_text: Callable[[str], None] | None = None
+    # Set (from any thread, or by on_text) to end the job at its next step, finish_reason
+    # "cancelled": its sequence is free for the next job at once.
+    cancel: threading.Event | None = None
 
 
 @dataclass
@@ -327,8 +333,8 @@ class ParallelDecoder:
                 job = feed.get(block=not busy)
                 if job is None:
                     return
-            if job.prompt is None:
-                yield Result(job)
+            if job.prompt is None or (job.cancel is not None and job.cancel.is_set()):
+                yield Result(job)  # no work, or cancelled before it started: no generation
                 continue
             error = self._refusal(job)
             if error is not None:
@@ -378,7 +384,7 @@ class ParallelDecoder:
         slot.pending = prompt[shared:]
         slot.job = job
         slot.sampler = self._make_sampler(job.params)
-        slot.stream = TextStream(lc, self._vocab, None)
+        slot.stream = TextStream(lc, self._vocab, job.on_text)
         slot.generated, slot.logits, slot.next_token = [], [], None
         slot.room = self.n_ctx_seq - len(prompt)
         max_tokens = job.params.max_tokens
@@ -398,6 +404,12 @@ class ParallelDecoder:
         tokens, pos, n_seq_id, seq_id, logits = (batch.token, batch.pos, batch.n_seq_id,
                                                  batch.seq_id, batch.logits)
         finished: list[Result] = []
+        cancelled = [s for s in active if s.job is not None and s.job.cancel is not None
+                     and s.job.cancel.is_set()]
+        if cancelled:
+            for slot in cancelled:
+                finished.append(self._cancel(slot))
+            active = [s for s in active if s.job is not None]
         decoding = [s for s in active if s.next_token is not None]
         if decoding:
             for n, slot in enumerate(decoding):
@@ -492,6 +504,8 @@ class ParallelDecoder:
             slot.t_first = time.perf_counter()
         slot.generated.append(token)
         slot.stream.push(token)
+        if job.cancel is not None and job.cancel.is_set():
+            return self._finish(slot, "cancelled")
         if len(slot.generated) >= slot.limit:
             return self._finish(slot, self._at_limit(slot))
         slot.next_token = token
@@ -514,6 +528,14 @@ class ParallelDecoder:
         result = Result(job, generation, slot.logits)
         self._release(slot)
         return result
+
+    def _cancel(self, slot: _Slot) -> Result:
+        """End a job whose caller cancelled it. A prompt not evaluated to its end leaves its
+        sequence's cells as far as they were evaluated."""
+        if not slot.t_prompt:
+            slot.t_prompt = time.perf_counter()
+        slot.pending = []
+        return self._finish(slot, "cancelled")
 
     def _release(self, slot: _Slot) -> None:
         """Free the sequence for the next job; its cells stay (a later prompt may share

@@ -1,0 +1,476 @@
+"""What `llmkit serve` answers, without HTTP: served models, guard checks, generations."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmkit.engines.base import Engine, Generation, SamplingParams
+from llmkit.engines.parallel import Job, Result
+from llmkit.errors import (
+    ContextOverflowError,
+    LlmkitError,
+    QueueFullError,
+    SchemaError,
+    ShuttingDownError,
+    VerdictError,
+)
+from llmkit.server.protocol import (
+    FINISH_REASONS,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+    ModerationRequest,
+    StopMatcher,
+    bad_request,
+    chat_chunk,
+    chat_completion,
+    embedding_list,
+    new_id,
+    now,
+    text_completion,
+    usage_chunk,
+)
+from llmkit.server.worker import EngineWorker
+from llmkit.store import Resolution
+from llmkit.tasks.safety import CheckPlan, Guard, Verdict
+
+# Seconds a queued request may wait for a busy model before 429 (the client retries).
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServedModel:
+    """A loaded model, the names it answers to and its decoding thread."""
+
+    name: str
+    engine: Engine
+    resolution: Resolution | None
+    worker: EngineWorker
+    aliases: frozenset[str] = frozenset()
+    # Rendering a chat template is not thread-safe, and it may take a while (a hostile
+    # template, up to its CPU bound): one thread per model renders and tokenizes.
+    prep: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, "llmkit-prep"))
+
+    def close(self) -> None:
+        self.worker.close()
+        self.prep.shutdown(wait=True)
+        self.engine.close()
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens: int | None = None  # the most tokens one answer may ask for (None: the context)
+    timeout_s: float = 600.0  # a request's whole time, queued and generating
+
+
+@dataclass
+class _Outcome:
+    text: str
+    finish: str
+    generation: Generation | None
+
+
+class Service:
+    """The served models and guard, answering parsed requests with OpenAI-shaped values.
+
+    Generation runs on each model's :class:`EngineWorker` (continuous batching); the coroutines
+    here only wait, so one event loop serves every client.
+    """
+
+    def __init__(self, models: Sequence[ServedModel], *, guard: Guard | None = None,
+                 guard_worker: EngineWorker | None = None, guard_chats: bool = True,
+                 limits: Limits | None = None) -> None:
+        self.models = list(models)
+        self.guard = guard
+        self.guard_worker = guard_worker
+        self.guard_chats = guard_chats and guard is not None
+        self.limits = limits or Limits()
+        self.created = now()
+        self._guard_prep = concurrent.futures.ThreadPoolExecutor(1, "llmkit-guard-prep")
+        self.draining = False
+
+    def close(self) -> None:
+        """Finish what is in flight, then free every model."""
+        self.draining = True
+        for model in self.models:
+            model.close()
+        if self.guard_worker is not None:
+            self.guard_worker.close()
+        self._guard_prep.shutdown(wait=True)
+        if self.guard is not None:
+            self.guard.close()
+
+    # -- names -------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each model's sequences and the requests it has in progress or waiting."""
+        rows = [{"id": m.name, "parallel": m.worker.parallel, "busy": m.worker.busy,
+                 "queue_limit": m.worker.max_waiting} for m in self.models]
+        if self.guard is not None and self.guard_worker is not None:
+            rows.append({"id": self.guard.engine.model_name, "role": "guard",
+                         "parallel": self.guard_worker.parallel,
+                         "busy": self.guard_worker.busy,
+                         "queue_limit": self.guard_worker.max_waiting})
+        return rows
+
+    def model(self, name: str) -> ServedModel:
+        for served in self.models:
+            if name == served.name or name in served.aliases:
+                return served
+        raise ApiError(404, f"the model '{name}' is not served here (served: "
+                       f"{', '.join(self.names())})", code="model_not_found", param="model")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def _in_prep(self, served: ServedModel, function: Any, *args: Any,
+                       param: str = "messages") -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(served.prep, function, *args)
+        except ContextOverflowError as exc:
+            raise _overflow(exc, served.engine.n_ctx, param) from None
+        except LlmkitError as exc:
+            raise bad_request(exc.message if not exc.hint else str(exc)) from None
+
+    def _params(self, served: ServedModel, req: GenerationRequest, prompt_len: int
+                ) -> SamplingParams:
+        from llmkit.engines.llama_cpp import grammar_from_json_schema
+        from llmkit.session import sampling_params
+
+        room = served.engine.n_ctx - prompt_len
+        if room <= 0:
+            raise _overflow(ContextOverflowError(prompt_len, served.engine.n_ctx),
+                            served.engine.n_ctx)
+        cap = self.limits.max_tokens
+        if req.max_tokens is not None and cap is not None and req.max_tokens > cap:
+            raise bad_request(f"max_tokens {req.max_tokens} is more than this server allows "
+                              f"({cap})", "max_tokens")
+        grammar = None
+        if req.response_format.schema is not None:
+            try:
+                grammar = grammar_from_json_schema(req.response_format.schema)
+            except SchemaError as exc:
+                raise bad_request(exc.message, "response_format") from None
+        wanted = req.max_tokens if req.max_tokens is not None else cap
+        resolution = served.resolution
+        if resolution is None:
+            return SamplingParams(
+                temperature=0.8 if req.temperature is None else req.temperature,
+                top_p=0.95 if req.top_p is None else req.top_p, seed=req.seed,
+                max_tokens=wanted, grammar=grammar)
+        return sampling_params(resolution, temperature=req.temperature, top_p=req.top_p,
+                               seed=req.seed, max_tokens=wanted, grammar=grammar)
+
+    async def _generate(self, worker: EngineWorker, prompt: list[int],
+                        params: SamplingParams, stops: Sequence[str]
+                        ) -> AsyncIterator[tuple[str, Any]]:
+        """The generation's events as it decodes: ("text", piece) as stop sequences allow,
+        then ("done", _Outcome). Leaving early (a client gone) cancels the job.
+
+        Raises:
+            ApiError: 429 when the model's queue is full, 503 when shutting down, 504 past
+                the request timeout, 500 when the job failed.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+
+        job = Job(None, prompt, params, on_text=on_text, cancel=cancel)
+        try:
+            future = worker.submit(job)
+        except QueueFullError as exc:
+            raise ApiError(429, f"{exc.message}; retry shortly", type="requests",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDownError:
+            raise ApiError(503, "the server is shutting down", type="server_error",
+                           code="shutting_down") from None
+
+        def done(f: concurrent.futures.Future[Result]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("done", f))
+
+        future.add_done_callback(done)
+        matcher = StopMatcher(stops)
+        deadline = loop.time() + self.limits.timeout_s
+        pieces: list[str] = []
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    cancel.set()
+                    raise ApiError(504, f"the request took longer than the server's "
+                                   f"{self.limits.timeout_s:g} s timeout", type="server_error",
+                                   code="timeout") from None
+                if kind == "text":
+                    shown = matcher.feed(value)
+                    if matcher.stopped:
+                        cancel.set()
+                    if shown:
+                        pieces.append(shown)
+                        yield "text", shown
+                    continue
+                try:
+                    result: Result = value.result()
+                except ShuttingDownError:
+                    raise ApiError(503, "the server is shutting down", type="server_error",
+                                   code="shutting_down") from None
+                except BaseException as exc:
+                    raise ApiError(500, f"generation failed: {exc}", type="server_error"
+                                   ) from None
+                if result.error is not None:
+                    if isinstance(result.error, ContextOverflowError):
+                        raise _overflow(result.error, worker.engine.n_ctx)
+                    raise ApiError(500, result.error.message, type="server_error")
+                rest = matcher.flush()
+                if rest:
+                    pieces.append(rest)
+                    yield "text", rest
+                generation = result.generation
+                reason = generation.finish_reason if generation is not None else "cancelled"
+                finish = "stop" if matcher.stopped else FINISH_REASONS.get(reason, "stop")
+                yield "done", _Outcome("".join(pieces), finish, generation)
+                return
+        finally:
+            cancel.set()  # a no-op once finished; frees the sequence when the client left
+
+    # -- guard -------------------------------------------------------------------------------
+
+    async def _judge(self, plan: Any, *args: Any) -> Verdict:
+        """One text's verdict from the guard, its checks decoded on the guard's worker."""
+        guard, worker = self.guard, self.guard_worker
+        assert guard is not None and worker is not None
+        loop = asyncio.get_running_loop()
+        try:
+            plans: list[CheckPlan] = await loop.run_in_executor(self._guard_prep, plan, *args)
+        except LlmkitError as exc:
+            raise bad_request(f"the guard cannot check this text: {exc}") from None
+        steps = guard.judged_steps(plans)
+        wanted = next(steps)
+        futures = []
+        for _, job in wanted:
+            try:
+                futures.append(asyncio.wrap_future(worker.submit(job)))
+            except QueueFullError as exc:
+                raise ApiError(429, f"{exc.message}; retry shortly", type="requests",
+                               code="rate_limit_exceeded",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        results = list(await asyncio.gather(*futures))
+        try:
+            steps.send(results)
+        except StopIteration as stop:
+            verdict: Verdict = stop.value
+            return verdict
+        except VerdictError as exc:
+            # Fail closed: an answer that is not a verdict never lets text through.
+            raise ApiError(500, f"the guard's answer was not a verdict: {exc.message}",
+                           type="server_error", code="guard_failed") from None
+        except LlmkitError as exc:
+            raise ApiError(500, f"the guard failed: {exc.message}", type="server_error",
+                           code="guard_failed") from None
+        raise ApiError(500, "the guard asked for more than one round of checks",
+                       type="server_error")
+
+    async def check_input(self, text: str) -> Verdict:
+        assert self.guard is not None
+        return await self._judge(self.guard.long_text_plans, text)
+
+    async def check_output(self, prompt: str, answer: str) -> Verdict:
+        assert self.guard is not None
+        return await self._judge(self.guard.response_plans, prompt, answer)
+
+    async def moderate(self, req: ModerationRequest) -> dict[str, Any]:
+        """``POST /v1/moderations``: each input checked by the guard (together, on its
+        sequences)."""
+        from llmkit.server.moderation import moderation_result
+
+        if self.guard is None:
+            raise ApiError(404, "no guard model is loaded: start `llmkit serve` with --guard "
+                           "(or --guard-model NAME)", code="model_not_found", param="model")
+        verdicts = await asyncio.gather(*(self.check_input(text) for text in req.inputs))
+        return {"id": new_id("modr"), "model": self.guard.engine.model_name,
+                "results": [moderation_result(v) for v in verdicts]}
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
+        """``POST /v1/embeddings``: each text's pooled, normalised vector (llama.cpp's engine
+        only; in a context of the model's own, beside generation)."""
+        from llmkit.engines.llama_cpp import LlamaCppEngine
+
+        served = self.model(req.model)
+        engine = served.engine
+        if not isinstance(engine, LlamaCppEngine):
+            raise bad_request(f"{served.name} gives no embeddings", "model")
+
+        def run() -> tuple[list[list[float]], int]:
+            vectors = engine.embed(req.inputs)
+            return vectors, sum(len(engine.tokenize(t)) for t in req.inputs)
+
+        vectors, tokens = await self._in_prep(served, run, param="input")
+        return embedding_list(served.name, vectors, tokens, req.base64)
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    async def _chat_prompt(self, served: ServedModel, req: ChatRequest) -> list[int]:
+        from llmkit.session import default_system_prompt
+
+        messages = list(req.messages)
+        if not any(m["role"] == "system" for m in messages) and served.resolution is not None:
+            system = default_system_prompt(served.resolution)
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+        tokens: list[int] = await self._in_prep(served, served.engine.chat_tokens, messages)
+        return tokens
+
+    @staticmethod
+    def _last_user_text(req: ChatRequest) -> str:
+        return next((m["content"] for m in reversed(req.messages) if m["role"] == "user"), "")
+
+    async def chat(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        """A chat completion as chunks (``req.stream``) or as one completion object, the last
+        value. With the guard, a flagged prompt or answer ends as ``content_filter``."""
+        served = self.model(req.model)
+        id, created = new_id("chatcmpl"), now()
+        prompt = await self._chat_prompt(served, req)
+        params = self._params(served, req, len(prompt))
+        user_text = self._last_user_text(req)
+        guarded = self.guard_chats
+        if guarded:
+            verdict = await self.check_input(user_text)
+            if verdict.flagged:
+                async for value in self._filtered(req, served, id, created, len(prompt),
+                                                  "input", verdict):
+                    yield value
+                return
+        if req.stream:
+            yield chat_chunk(id, served.name, created, {"role": "assistant", "content": ""})
+        outcome: _Outcome | None = None
+        async for kind, value in self._generate(served.worker, prompt, params, req.stop):
+            if kind == "text":
+                if req.stream and not guarded:
+                    yield chat_chunk(id, served.name, created, {"content": value})
+            else:
+                outcome = value
+        assert outcome is not None
+        completion_tokens = outcome.generation.completion_tokens if outcome.generation else 0
+        if guarded:
+            verdict = await self.check_output(user_text, outcome.text)
+            if verdict.flagged:
+                async for value in self._filtered(req, served, id, created, len(prompt),
+                                                  "output", verdict, completion_tokens,
+                                                  started=True):
+                    yield value
+                return
+            if req.stream and outcome.text:
+                yield chat_chunk(id, served.name, created, {"content": outcome.text})
+        if req.stream:
+            yield chat_chunk(id, served.name, created, {}, outcome.finish)
+            if req.include_usage:
+                yield usage_chunk(id, served.name, created, len(prompt), completion_tokens)
+            return
+        yield chat_completion(id, served.name, created, outcome.text, outcome.finish,
+                              len(prompt), completion_tokens)
+
+    async def _filtered(self, req: ChatRequest, served: ServedModel, id: str, created: int,
+                        prompt_tokens: int, stage: str, verdict: Verdict,
+                        completion_tokens: int = 0, *, started: bool = False
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """A guarded chat whose prompt or answer was flagged, as OpenAI answers filtered
+        output: no content, ``finish_reason`` ``content_filter``, the verdict beside it."""
+        from llmkit.server.moderation import moderation_result
+
+        guard = {"stage": stage, **moderation_result(verdict)}
+        if req.stream:
+            if not started:
+                yield chat_chunk(id, served.name, created, {"role": "assistant",
+                                                            "content": ""})
+            chunk = chat_chunk(id, served.name, created, {}, "content_filter")
+            chunk["guard"] = guard
+            yield chunk
+            if req.include_usage:
+                yield usage_chunk(id, served.name, created, prompt_tokens, completion_tokens)
+            return
+        body = chat_completion(id, served.name, created, None, "content_filter",
+                               prompt_tokens, completion_tokens)
+        body["guard"] = guard
+        yield body
+
+    # -- text completions ------------------------------------------------------------------------
+
+    async def complete(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """A text completion as chunks (``req.stream``) or one object, the last value."""
+        served = self.model(req.model)
+        id, created = new_id("cmpl"), now()
+        prompt: list[int] = await self._in_prep(served, _plain_tokens, served.engine,
+                                                req.prompt, param="prompt")
+        params = self._params(served, req, len(prompt))
+        if self.guard_chats:
+            verdict = await self.check_input(req.prompt)
+            if verdict.flagged:
+                body = text_completion(id, served.name, created, "", "content_filter",
+                                       len(prompt), 0)
+                body["guard"] = {"stage": "input", **_moderation(verdict)}
+                yield body
+                return
+        outcome: _Outcome | None = None
+        echo = req.prompt if req.echo else ""
+        if req.stream and echo and not self.guard_chats:
+            yield text_completion(id, served.name, created, echo, None)
+        async for kind, value in self._generate(served.worker, prompt, params, req.stop):
+            if kind == "text":
+                if req.stream and not self.guard_chats:
+                    yield text_completion(id, served.name, created, value, None)
+            else:
+                outcome = value
+        assert outcome is not None
+        completion_tokens = outcome.generation.completion_tokens if outcome.generation else 0
+        text, finish = outcome.text, outcome.finish
+        if self.guard_chats:
+            verdict = await self.check_output(req.prompt, outcome.text)
+            if verdict.flagged:
+                text, finish = "", "content_filter"
+            if req.stream:
+                yield text_completion(id, served.name, created, echo + text, None)
+        if req.stream:
+            yield text_completion(id, served.name, created, "", finish)
+            if req.include_usage:
+                yield usage_chunk(id, served.name, created, len(prompt), completion_tokens,
+                                  "text_completion")
+            return
+        yield text_completion(id, served.name, created, echo + text, finish, len(prompt),
+                              completion_tokens)
+
+
+def _moderation(verdict: Verdict) -> dict[str, Any]:
+    from llmkit.server.moderation import moderation_result
+
+    return moderation_result(verdict)
+
+
+def _plain_tokens(engine: Engine, text: str) -> list[int]:
+    """A completion prompt's tokens: BOS, then the text as plain text (never special tokens)."""
+    return engine.tokenize(text, add_special=True, parse_special=False)
+
+
+def _overflow(exc: ContextOverflowError, n_ctx: int, param: str = "messages") -> ApiError:
+    return ApiError(400, f"the prompt is {exc.n_tokens} tokens, but this model's context "
+                    f"holds {n_ctx} tokens per request (prompt and answer together)",
+                    code="context_length_exceeded", param=param)

@@ -1,0 +1,155 @@
+"""One engine served to many requests: a thread decoding their jobs together, a bounded queue."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+from llmkit.engines.base import Engine
+from llmkit.engines.parallel import IDLE, Job, JobQueue, Result
+from llmkit.errors import LlmkitError, QueueFullError, ShuttingDownError
+
+
+class _LiveQueue(JobQueue):
+    """A :class:`JobQueue` that other threads add to, and that the decoding thread can wait on
+    when it has nothing to do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ready = threading.Condition()
+
+    def put(self, job: Job) -> None:
+        with self._ready:
+            super().put(job)
+            self._ready.notify()
+
+    def get(self, block: bool) -> Job | None:
+        with self._ready:
+            return super().get(block)
+
+    def close(self) -> None:
+        with self._ready:
+            super().close()
+            self._ready.notify_all()
+
+    def wait(self) -> None:
+        """Until a job is added or the queue is closed."""
+        with self._ready:
+            while not len(self) and not self.closed:
+                self._ready.wait()
+
+
+class EngineWorker:
+    """Decodes the jobs of every request for one engine on a thread of its own, up to the
+    engine's ``parallel`` sequences at a time (llama.cpp's continuous batching), with at most
+    ``max_waiting`` more queued. Requests get a future for each job's :class:`Result`.
+
+    An engine without ``generate_many`` (the Llama 3.2 Vision engine) runs its jobs one at a
+    time; there a cancelled job stops only before it starts.
+    """
+
+    def __init__(self, engine: Engine, *, max_waiting: int) -> None:
+        self.engine = engine
+        self.parallel = int(getattr(engine, "parallel", 1))
+        self.max_waiting = max_waiting
+        self._queue = _LiveQueue()
+        self._futures: dict[int, concurrent.futures.Future[Result]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._in_flight = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"llmkit-serve-{engine.model_name}")
+        self._thread.start()
+
+    @property
+    def busy(self) -> int:
+        """Jobs submitted and not finished (decoding or waiting)."""
+        return self._in_flight
+
+    def submit(self, job: Job) -> concurrent.futures.Future[Result]:
+        """Queue ``job``; its future gets the result (``job.key`` is this worker's own).
+
+        Raises:
+            QueueFullError: ``max_waiting`` jobs are waiting already.
+            ShuttingDownError: the worker has stopped.
+        """
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        with self._lock:
+            if self._queue.closed or self.error is not None:
+                raise ShuttingDownError("the server is shutting down")
+            if self._in_flight >= self.parallel + self.max_waiting:
+                raise QueueFullError(f"{self.engine.model_name} has {self._in_flight} "
+                                     "requests in progress and waiting")
+            key = next(self._ids)
+            self._futures[key] = future
+            self._in_flight += 1
+        self._queue.put(replace(job, key=(key, job.key)))
+        return future
+
+    def _deliver(self, result: Result) -> None:
+        key, theirs = result.job.key
+        with self._lock:
+            future = self._futures.pop(key, None)
+            self._in_flight -= 1
+        if future is not None:
+            future.set_result(replace(result, job=replace(result.job, key=theirs)))
+
+    def _loop(self) -> None:
+        try:
+            generate_many: Callable[[JobQueue], Iterator[Result]] | None = getattr(
+                self.engine, "generate_many", None)
+            if generate_many is None:
+                self._one_at_a_time()
+                return
+            for result in generate_many(self._queue):
+                if result is IDLE:
+                    self._queue.wait()
+                    continue
+                self._deliver(result)
+        except BaseException as exc:  # handed to every waiting request
+            self.error = exc
+        finally:
+            self._fail_waiting()
+
+    def _one_at_a_time(self) -> None:
+        while True:
+            self._queue.wait()
+            job = self._queue.get(block=False)
+            if job is None:
+                if self._queue.closed:
+                    return
+                continue
+            if job.prompt is None or (job.cancel is not None and job.cancel.is_set()):
+                self._deliver(Result(job))
+                continue
+            try:
+                generation = self.engine.generate(job.prompt, job.params, job.on_text)
+            except LlmkitError as exc:
+                self._deliver(Result(job, error=exc))
+                continue
+            self._deliver(Result(job, generation))
+
+    def _fail_waiting(self) -> None:
+        with self._lock:
+            futures = list(self._futures.values())
+            self._futures.clear()
+            self._in_flight = 0
+        error = self.error or ShuttingDownError("the server is shutting down")
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new jobs; let those submitted finish, then stop the thread."""
+        self._queue.close()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> EngineWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
