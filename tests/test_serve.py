@@ -424,3 +424,7 @@ def test_embeddings_equal_llama_cpp_mean_pooling(server: Server, smollm2_path: P
     assert float(vectors[0] @ vectors[1]) < 0.999
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=_model(server), input="")
+    with pytest.raises(openai.BadRequestError) as long:
+        client.embeddings.create(model=_model(server), input="word " * 3000)
+    assert long.value.code == "context_length_exceeded"
+    assert f"at most {CTX} tokens per text" in long.value.message

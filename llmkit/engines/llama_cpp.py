@@ -133,6 +133,11 @@ def image_tokens_in_vocab(model_path: Path) -> list[str]:
 
 # llama.cpp's pooling types (enum llama_pooling_type) that give one vector per text.
 _POOLING_NAMES = {1: "mean", 2: "cls", 3: "last"}
+# An embedding context outputs every token of a text, and llama.cpp then keeps (and computes)
+# a logits row per token beside the pooled vector: n_tokens × n_vocab floats, 2 GiB for a
+# 4096-token text on a 128k vocabulary. The texts one embeds are bounded to keep those rows
+# under this many bytes.
+EMBED_LOGITS_BYTES = 512 * 1024 * 1024
 
 
 def grammar_from_json_schema(schema_text: str) -> str:
@@ -378,22 +383,30 @@ class LlamaCppEngine(VocabText):
             return int(value)
         return int(lc.LLAMA_POOLING_TYPE_MEAN)
 
+    @property
+    def embed_limit(self) -> int:
+        """The most tokens :meth:`embed` takes in one text: :attr:`n_ctx`, or fewer where the
+        per-token logits rows would pass :data:`EMBED_LOGITS_BYTES`."""
+        n_vocab = max(1, int(self._lc.llama_vocab_n_tokens(self._vocab)))
+        return min(self.n_ctx, max(64, EMBED_LOGITS_BYTES // (4 * n_vocab)))
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One L2-normalised vector per text (as plain text, BOS first), pooled as
         :attr:`pooling` says, from a context of its own (created at the first call, with one
-        sequence of :attr:`n_ctx` tokens) so that generation is not disturbed.
+        sequence of :attr:`embed_limit` tokens) so that generation is not disturbed.
 
         Raises:
             InputError: an empty text.
-            ContextOverflowError: a text longer than the context.
+            ContextOverflowError: a text longer than :attr:`embed_limit`.
             LlmkitError: llama.cpp failed.
         """
         import numpy as np
 
+        limit = self.embed_limit
         tokenized = [self.tokenize(text, add_special=True) for text in texts]
         for tokens in tokenized:
-            if len(tokens) > self.n_ctx:
-                raise ContextOverflowError(len(tokens), self.n_ctx)
+            if len(tokens) > limit:
+                raise ContextOverflowError(len(tokens), limit)
             if not tokens:
                 raise InputError("a text to embed is empty")
         lc = self._lc
@@ -431,8 +444,8 @@ class LlamaCppEngine(VocabText):
         if self._embed_ctx is None:
             lc = self._lc
             cparams = lc.llama_context_default_params()
-            cparams.n_ctx = self.n_ctx
-            cparams.n_batch = cparams.n_ubatch = self.n_ctx  # a text is one batch
+            cparams.n_ctx = self.embed_limit
+            cparams.n_batch = cparams.n_ubatch = self.embed_limit  # a text is one batch
             cparams.embeddings = True
             cparams.pooling_type = self._pooling_type()
             cparams.n_threads = cparams.n_threads_batch = self._threads.threads

@@ -131,30 +131,27 @@ def create_app(service: Service, *, api_key: str | None = None,
         return wrapped
 
     async def health(request: Request) -> Response:
-        status = "draining" if service.draining else "ok"
-        return JSONResponse({"status": status, "models": service.health()},
-                            status_code=503 if service.draining else 200)
+        return JSONResponse({"status": "ok", "models": service.health()})
 
     async def models(request: Request) -> Response:
         return JSONResponse(model_list(service.names(), service.created))
 
-    async def chat(request: Request) -> Response:
-        req = parse_chat(await _read_json(request, max_body))
-        values = service.chat(req)
-        if req.stream:
+    async def answer(request: Request, values: AsyncIterator[dict[str, Any]], stream: bool
+                     ) -> Response:
+        if stream:
             # Everything that can fail as an HTTP status (unknown model, a prompt too long,
             # a full queue) fails before the first event.
             first = await values.__anext__()
             return _sse(values, first)
         return JSONResponse(await _last(values, request))
 
+    async def chat(request: Request) -> Response:
+        req = parse_chat(await _read_json(request, max_body))
+        return await answer(request, service.chat(req), req.stream)
+
     async def completions(request: Request) -> Response:
         req = parse_completion(await _read_json(request, max_body))
-        values = service.complete(req)
-        if req.stream:
-            first = await values.__anext__()
-            return _sse(values, first)
-        return JSONResponse(await _last(values, request))
+        return await answer(request, service.complete(req), req.stream)
 
     async def moderations(request: Request) -> Response:
         req = parse_moderation(await _read_json(request, max_body))

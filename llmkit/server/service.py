@@ -19,6 +19,7 @@ from llmkit.errors import (
     ShuttingDownError,
     VerdictError,
 )
+from llmkit.server.moderation import moderation_result
 from llmkit.server.protocol import (
     FINISH_REASONS,
     ApiError,
@@ -51,7 +52,7 @@ class ServedModel:
 
     name: str
     engine: Engine
-    resolution: Resolution | None
+    resolution: Resolution
     worker: EngineWorker
     aliases: frozenset[str] = frozenset()
     # Rendering a chat template is not thread-safe, and it may take a while (a hostile
@@ -97,11 +98,9 @@ class Service:
         self.limits = limits or Limits()
         self.created = now()
         self._guard_prep = concurrent.futures.ThreadPoolExecutor(1, "llmkit-guard-prep")
-        self.draining = False
 
     def close(self) -> None:
         """Finish what is in flight, then free every model."""
-        self.draining = True
         for model in self.models:
             model.close()
         if self.guard_worker is not None:
@@ -165,14 +164,9 @@ class Service:
             except SchemaError as exc:
                 raise bad_request(exc.message, "response_format") from None
         wanted = req.max_tokens if req.max_tokens is not None else cap
-        resolution = served.resolution
-        if resolution is None:
-            return SamplingParams(
-                temperature=0.8 if req.temperature is None else req.temperature,
-                top_p=0.95 if req.top_p is None else req.top_p, seed=req.seed,
-                max_tokens=wanted, grammar=grammar)
-        return sampling_params(resolution, temperature=req.temperature, top_p=req.top_p,
-                               seed=req.seed, max_tokens=wanted, grammar=grammar)
+        return sampling_params(served.resolution, temperature=req.temperature,
+                               top_p=req.top_p, seed=req.seed, max_tokens=wanted,
+                               grammar=grammar)
 
     async def _generate(self, worker: EngineWorker, prompt: list[int],
                         params: SamplingParams, stops: Sequence[str]
@@ -299,8 +293,6 @@ class Service:
     async def moderate(self, req: ModerationRequest) -> dict[str, Any]:
         """``POST /v1/moderations``: each input checked by the guard (together, on its
         sequences)."""
-        from llmkit.server.moderation import moderation_result
-
         if self.guard is None:
             raise ApiError(404, "no guard model is loaded: start `llmkit serve` with --guard "
                            "(or --guard-model NAME)", code="model_not_found", param="model")
@@ -321,10 +313,15 @@ class Service:
             raise bad_request(f"{served.name} gives no embeddings", "model")
 
         def run() -> tuple[list[list[float]], int]:
-            vectors = engine.embed(req.inputs)
+            try:
+                vectors = engine.embed(req.inputs)
+            except ContextOverflowError as exc:
+                raise ApiError(400, f"an input is {exc.n_tokens} tokens, but {served.name} "
+                               f"embeds at most {exc.n_ctx} tokens per text",
+                               code="context_length_exceeded", param="input") from None
             return vectors, sum(len(engine.tokenize(t)) for t in req.inputs)
 
-        vectors, tokens = await self._in_prep(served, run, param="input")
+        vectors, tokens = await self._in_prep(served, run)
         return embedding_list(served.name, vectors, tokens, req.base64)
 
     # -- chat ----------------------------------------------------------------------------------
@@ -333,7 +330,7 @@ class Service:
         from llmkit.session import default_system_prompt
 
         messages = list(req.messages)
-        if not any(m["role"] == "system" for m in messages) and served.resolution is not None:
+        if not any(m["role"] == "system" for m in messages):
             system = default_system_prompt(served.resolution)
             if system:
                 messages.insert(0, {"role": "system", "content": system})
@@ -395,8 +392,6 @@ class Service:
                         ) -> AsyncIterator[dict[str, Any]]:
         """A guarded chat whose prompt or answer was flagged, as OpenAI answers filtered
         output: no content, ``finish_reason`` ``content_filter``, the verdict beside it."""
-        from llmkit.server.moderation import moderation_result
-
         guard = {"stage": stage, **moderation_result(verdict)}
         if req.stream:
             if not started:
@@ -427,7 +422,7 @@ class Service:
             if verdict.flagged:
                 body = text_completion(id, served.name, created, "", "content_filter",
                                        len(prompt), 0)
-                body["guard"] = {"stage": "input", **_moderation(verdict)}
+                body["guard"] = {"stage": "input", **moderation_result(verdict)}
                 yield body
                 return
         outcome: _Outcome | None = None
@@ -457,12 +452,6 @@ class Service:
             return
         yield text_completion(id, served.name, created, echo + text, finish, len(prompt),
                               completion_tokens)
-
-
-def _moderation(verdict: Verdict) -> dict[str, Any]:
-    from llmkit.server.moderation import moderation_result
-
-    return moderation_result(verdict)
 
 
 def _plain_tokens(engine: Engine, text: str) -> list[int]:
