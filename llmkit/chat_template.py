@@ -504,7 +504,8 @@ def _input_chars(value: Any) -> int:
     if kind is str:
         return len(value)
     if kind is dict or isinstance(value, Mapping):
-        return sum(len(v) if type(v) is str else _input_chars(v) for v in value.values())
+        return sum((len(v) if type(v) is str else _input_chars(v))
+                   + (len(k) if type(k) is str else 0) for k, v in value.items())
     if kind is list or kind is tuple:
         return sum(_input_chars(v) for v in value)
     return 0
@@ -530,6 +531,7 @@ class ChatTemplate:
         self._compiled: Any = None
         self._environment: Any = None
         self._typed: bool | None = None
+        self._tools: bool | None = None
 
     def _compile(self) -> Any:
         if self._compiled is None:
@@ -570,12 +572,31 @@ class ChatTemplate:
         except ChatTemplateRejected:
             return ""
 
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the template writes the ``tools`` it is given into the prompt (a template
+        without tool support ignores them, and its model cannot be asked to call one)."""
+        if self._tools is None:
+            needle = "llmkit_tool_needle"
+            tool = {"type": "function", "function": {
+                "name": needle, "description": "", "parameters": {"type": "object",
+                                                                  "properties": {}}}}
+            messages = [{"role": "user", "content": "Hello"}]
+            try:
+                written = self._render(messages, add_generation_prompt=True, tools=[tool])
+            except ChatTemplateRejected:
+                written = ""
+            self._tools = needle in written
+        return self._tools
+
     def render(self, messages: Sequence[Mapping[str, Any]], *,
-               add_generation_prompt: bool = True) -> str:
+               add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The conversation as the template writes it.
 
         String contents are passed as one typed text part when the template only reads typed
-        parts (:attr:`typed_content`), as llama.cpp does.
+        parts (:attr:`typed_content`), as llama.cpp does. ``tools``: OpenAI-style function
+        definitions, for templates that read them (:attr:`reads_tools`).
 
         Raises:
             ChatTemplateError: the template is not valid Jinja, exceeded a bound, or tried
@@ -586,15 +607,18 @@ class ChatTemplate:
         if self.typed_content:
             prepared = [{**m, "content": [{"type": "text", "text": m["content"]}]}
                         if isinstance(m.get("content"), str) else m for m in prepared]
-        return self._render(prepared, add_generation_prompt=add_generation_prompt)
+        return self._render(prepared, add_generation_prompt=add_generation_prompt,
+                            tools=list(tools) if tools else None)
 
-    def _render(self, messages: list[Any], *, add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[Any], *, add_generation_prompt: bool,
+                tools: list[Any] | None = None) -> str:
         from jinja2.exceptions import SecurityError
 
         template = self._compile()
         seconds = RENDER_SECONDS
         environment = self._environment
-        chars = _input_chars(messages) + len(self.bos_token) + len(self.eos_token)
+        chars = (_input_chars(messages) + _input_chars(tools) + len(self.bos_token)
+                 + len(self.eos_token))
         environment.budget = _Budget(
             deadline=time.thread_time() + seconds, seconds=seconds,
             max_chars=max(MIN_CHARS, CHARS_PER_INPUT_CHAR * chars),
@@ -603,7 +627,7 @@ class ChatTemplate:
             return str(template.render(
                 messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
                 add_generation_prompt=add_generation_prompt, functions=None,
-                function_call=None, tools=None, tool_choice=None))
+                function_call=None, tools=tools, tool_choice=None))
         except _Limit as exc:
             raise ChatTemplateError(f"the chat template of {self.owner} exceeded {exc}",
                                     hint=_HOSTILE_HINT) from None
@@ -804,6 +828,10 @@ class Escapes:
         if isinstance(value, str):
             return self.escape(value, specials)
         if isinstance(value, Mapping):
+            # Keys too: a tool's JSON schema is user text that templates write out whole.
+            if any(isinstance(k, str) and specials.occur_in(k) for k in value):
+                return {self.escape_value(k, specials): self.escape_value(v, specials)
+                        for k, v in value.items()}
             changed: dict[str, Any] | None = None
             for key, item in value.items():
                 escaped = self.escape_value(item, specials)
@@ -853,7 +881,7 @@ def defuse_value(value: Any, specials: SpecialTokens) -> Any:
     if isinstance(value, str):
         return defuse(value, specials)
     if isinstance(value, Mapping):
-        return {k: defuse_value(v, specials) for k, v in value.items()}
+        return {defuse_value(k, specials): defuse_value(v, specials) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [defuse_value(v, specials) for v in value]
     return value

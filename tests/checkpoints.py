@@ -235,6 +235,174 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False, hidden: i
     return config
 
 
+# The chat template of meta-llama/Llama-3.2-3B-Instruct exactly as published (its
+# tokenizer_config.json; sha256 LLAMA32_CHAT_TEMPLATE_SHA256): JSON tool calls
+# ({"name": …, "parameters": …}), tools in the first user message, tool results as `ipython`.
+LLAMA32_CHAT_TEMPLATE = (
+    '{{- bos_token }}\n'
+    '{%- if custom_tools is defined %}\n'
+    '    {%- set tools = custom_tools %}\n'
+    '{%- endif %}\n'
+    '{%- if not tools_in_user_message is defined %}\n'
+    '    {%- set tools_in_user_message = true %}\n'
+    '{%- endif %}\n'
+    '{%- if not date_string is defined %}\n'
+    '    {%- if strftime_now is defined %}\n'
+    '        {%- set date_string = strftime_now("%d %b %Y") %}\n'
+    '    {%- else %}\n'
+    '        {%- set date_string = "26 Jul 2024" %}\n'
+    '    {%- endif %}\n'
+    '{%- endif %}\n'
+    '{%- if not tools is defined %}\n'
+    '    {%- set tools = none %}\n'
+    '{%- endif %}\n'
+    '\n'
+    '{#- This block extracts the system message, so we can slot it into the right place. #}\n'
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    '    {%- set messages = messages[1:] %}\n'
+    '{%- else %}\n'
+    '    {%- set system_message = "" %}\n'
+    '{%- endif %}\n'
+    '\n'
+    '{#- System message #}\n'
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '{%- if tools is not none %}\n'
+    '    {{- "Environment: ipython\\n" }}\n'
+    '{%- endif %}\n'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n'
+    '{{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    '{%- if tools is not none and not tools_in_user_message %}\n'
+    '    {{- "You have access to the following functions. To call a function, please '
+    'respond with JSON for a function call." }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary '
+    "of argument name and its value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n'
+    '    {%- for t in tools %}\n'
+    '        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n'
+    '    {%- endfor %}\n'
+    '{%- endif %}\n'
+    '{{- system_message }}\n'
+    '{{- "<|eot_id|>" }}\n'
+    '\n'
+    '{#- Custom tools are passed in a user message with some extra guidance #}\n'
+    '{%- if tools_in_user_message and not tools is none %}\n'
+    '    {#- Extract the first user message so we can plug it in here #}\n'
+    '    {%- if messages | length != 0 %}\n'
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n"
+    '        {%- set messages = messages[1:] %}\n'
+    '    {%- else %}\n'
+    '        {{- raise_exception("Cannot put tools in the first user message when the'
+    're\'s no first user message!") }}\n'
+    '{%- endif %}\n'
+    "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a functio'
+    'n call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    '    {{- \'Respond in the format {"name": function name, "parameters": dictionary '
+    "of argument name and its value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n'
+    '    {%- for t in tools %}\n'
+    '        {{- t | tojson(indent=4) }}\n'
+    '        {{- "\\n\\n" }}\n'
+    '    {%- endfor %}\n'
+    '    {{- first_user_message + "<|eot_id|>"}}\n'
+    '{%- endif %}\n'
+    '\n'
+    '{%- for message in messages %}\n'
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_cal"
+    "ls' in message) %}\n"
+    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ m"
+    "essage['content'] | trim + '<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n"
+    '        {%- if not message.tool_calls|length == 1 %}\n'
+    '            {{- raise_exception("This model only supports single tool-calls at o'
+    'nce!") }}\n'
+    '        {%- endif %}\n'
+    '        {%- set tool_call = message.tool_calls[0].function %}\n'
+    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    '        {{- \'{"name": "\' + tool_call.name + \'", \' }}\n'
+    '        {{- \'"parameters": \' }}\n'
+    '        {{- tool_call.arguments | tojson }}\n'
+    '        {{- "}" }}\n'
+    '        {{- "<|eot_id|>" }}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    '        {%- if message.content is mapping or message.content is iterable %}\n'
+    '            {{- message.content | tojson }}\n'
+    '        {%- else %}\n'
+    '            {{- message.content }}\n'
+    '        {%- endif %}\n'
+    '        {{- "<|eot_id|>" }}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '{%- if add_generation_prompt %}\n'
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    '{%- endif %}\n'
+)
+LLAMA32_CHAT_TEMPLATE_SHA256 = "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4"
+
+
+def build_tiny_llama32(out: Path, tokenizer_dir: Path, *, seed: int = 3, hidden: int = 64,
+                       layers: int = 2) -> dict[str, Any]:
+    """A random-weight Llama 3.2 Instruct: the real Llama 3.2 tokenizer (``tokenizer_dir``:
+    tokenizer.json as published), the published Instruct chat template and end of turn, and a
+    tiny body (tied embeddings, as the 1B and 3B have)."""
+    import hashlib
+    import shutil
+
+    assert hashlib.sha256(LLAMA32_CHAT_TEMPLATE.encode()).hexdigest() == \
+        LLAMA32_CHAT_TEMPLATE_SHA256
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    n_vocab = len(vocab["model"]["vocab"]) + sum(
+        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "chat_template": LLAMA32_CHAT_TEMPLATE, "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    heads, kv_heads = 4, 2
+    head_dim = hidden // heads
+    ff = hidden * 2
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, scale: float = 0.08) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden, scale=0.5),
+               "model.norm.weight": (1 + w(hidden, scale=0.1))}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "post_attention_layernorm.weight": 1 + w(hidden, scale=0.1),
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": w(ff, hidden),
+            p + "mlp.up_proj.weight": w(ff, hidden),
+            p + "mlp.down_proj.weight": w(hidden, ff),
+        }
+    write_safetensors(out / "model.safetensors", tensors)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "vocab_size": n_vocab, "tie_word_embeddings": True, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
 def build_tiny_llama2_spm(out: Path, *, seed: int = 1) -> None:
     """A random-weight Llama-2-style checkpoint with a SentencePiece tokenizer.model."""
     import io

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.chat_template import Piece, new_media_marker
 from llmkit.engines.base import Generation, Message, RGBImage, SamplingParams
@@ -310,7 +310,10 @@ class FakeEngine:
         """Each token's bytes (they join back to ``text`` in UTF-8)."""
         return [self._token_bytes(t, False) for t in self.tokenize(text, add_special=False)]
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+    reads_tools = False  # the scripted template writes no function definitions
+
+    def chat_tokens(self, messages: Sequence[Message], *,
+                    tools: Sequence[Any] | None = None) -> list[int]:
         """The conversation through the chat template, BOS once where the vocabulary has one;
         only the template's markup becomes special tokens."""
         self._check_open()
@@ -319,7 +322,8 @@ class FakeEngine:
         self._remember(tokens, messages)
         return tokens
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    def render_chat(self, messages: Sequence[Message], *,
+                    tools: Sequence[Any] | None = None) -> str:
         """The conversation through the chat template, as text."""
         self._check_open()
         return "".join(p.text for p in self.template(messages))

@@ -63,7 +63,7 @@ def test_chat_content_parts_and_developer_role() -> None:
     (_chat(response_format={"type": "xml"}), "response_format"),
     (_chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format"),
-    (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (_chat(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools"),
 ])
 def test_bad_chat_fields_are_400_naming_the_field(body: dict[str, object], param: str) -> None:
     with pytest.raises(ApiError) as caught:
@@ -73,11 +73,20 @@ def test_bad_chat_fields_are_400_naming_the_field(body: dict[str, object], param
     assert set(caught.value.body()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_images_are_refused_plainly() -> None:
+def test_images_are_read_from_user_messages_only() -> None:
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    req = parse_chat(_chat(messages=[{"role": "user", "content": [
+        part, {"type": "text", "text": "What is this?"}, part]}]))
+    assert req.images == ["data:image/png;base64,AAAA"] * 2
+    marker = req.image_marker
+    assert marker and req.messages[0]["content"] == f"{marker}\nWhat is this?\n{marker}"
+    assert parse_chat(_chat()).image_marker == ""
     with pytest.raises(ApiError) as caught:
-        parse_chat(_chat(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]))
+        parse_chat(_chat(messages=[{"role": "system", "content": [part]},
+                                   {"role": "user", "content": "hi"}]))
     assert caught.value.code == "unsupported_content"
+    with pytest.raises(ApiError):
+        parse_chat(_chat(messages=[{"role": "user", "content": [part] * 17}]))
 
 
 def test_not_an_object() -> None:

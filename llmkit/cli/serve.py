@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,6 +55,13 @@ def serve(
     ] = None,
     max_body: Annotated[int, typer.Option(
         "--max-body", min=1, help="The largest request body, in MiB (413 past it).")] = 8,
+    allow_files: Annotated[Path | None, typer.Option(
+        "--allow-files", file_okay=False, dir_okay=True, exists=True, show_default=False,
+        help="Let image_url name files in this folder (by default only data: URLs are "
+        "read; nothing is ever fetched).")] = None,
+    max_image_pixels: Annotated[int, typer.Option(
+        "--max-image-pixels", min=1, help="The most pixels an image may have (400 past it).")
+    ] = 40_000_000,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=1.0, help="Seconds a request may take, queued and generating "
         "(504 past it).")] = 600.0,
@@ -72,8 +80,9 @@ def serve(
 
     Example: llmkit serve -m llama3.2:1b --guard --port 8080
 
-    Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST
-    /v1/moderations (with a safety model), GET /health. Requests decode together, up to
+    Routes: GET /v1/models, POST /v1/chat/completions (tools, and images as data: URLs for
+    vision models), POST /v1/completions, POST /v1/embeddings, POST /v1/moderations (with a
+    safety model), GET /health. Requests decode together, up to
     --parallel per model; more wait in a bounded queue (429 when full).
     """
     from llmkit.server import ServeSettings, check_bind, open_service, require_serve_extra
@@ -94,7 +103,9 @@ def serve(
     service = open_service(model or [], options, guard=guard or moderations_only,
                            guard_model=guard_model, guard_threshold=guard_threshold,
                            guard_chats=not moderations_only,
-                           limits=Limits(max_tokens=max_tokens, timeout_s=timeout),
+                           limits=Limits(max_tokens=max_tokens, timeout_s=timeout,
+                                         max_image_pixels=max_image_pixels,
+                                         allow_files=allow_files),
                            queue=queue,
                            on_loaded=loaded)
     settings = ServeSettings(host=host, port=port, api_key=api_key,

@@ -7,7 +7,7 @@ import ctypes
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,16 +186,24 @@ class VocabText:
                 owner=self.model_name)
         return self._template
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the chat template writes function definitions (``tools``) into the prompt."""
+        return self._chat_template().reads_tools
+
+    def render_chat(self, messages: Sequence[Message], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """Messages rendered through the model's chat template, ready for the reply.
 
         Raises:
             ChatTemplateError: the template is not valid Jinja or exceeded a rendering bound.
             ChatTemplateRejected: the template refused the conversation.
         """
-        return self._chat_template().render(messages)
+        return self._chat_template().render(messages, tools=tools)
 
-    def _render_prompt(self, messages: Sequence[Any]) -> tuple[str, Escapes | None]:
+    def _render_prompt(self, messages: Sequence[Any],
+                       tools: Sequence[Mapping[str, Any]] | None = None
+                       ) -> tuple[str, Escapes | None]:
         """The rendered conversation, and the escapes its untrusted text needed (None: none,
         so the text is tokenized whole, exactly as llama.cpp would).
 
@@ -207,14 +215,17 @@ class VocabText:
         specials = self.special_tokens()
         escapes = Escapes()
         escaped = [escapes.escape_value(m, specials) for m in messages]
+        escaped_tools = escapes.escape_value(list(tools), specials) if tools else None
         if not escapes.table:
-            return template.render(messages), None
-        text = template.render(escaped)
+            return template.render(messages, tools=tools), None
+        text = template.render(escaped, tools=escaped_tools)
         if escapes.intact(text):
             return text, escapes
         # The template cut a placeholder (it slices or reverses message text): render the
         # special texts broken up instead, which no tokenizer matches.
-        return template.render([defuse_value(m, specials) for m in messages]), None
+        return template.render([defuse_value(m, specials) for m in messages],
+                               tools=defuse_value(list(tools), specials) if tools else None
+                               ), None
 
     def _text_tokens(self, text: str, escapes: Escapes | None) -> list[int]:
         """Tokens of rendered prompt text in which only ``escapes``' placeholders are user text."""
@@ -237,7 +248,8 @@ class VocabText:
             tokens.insert(0, bos)
         return tokens
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+    def chat_tokens(self, messages: Sequence[Message], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Render and tokenize a conversation, with BOS exactly once when the model wants it.
 
         Message text (roles and contents) never becomes a special token: only the chat
@@ -246,7 +258,7 @@ class VocabText:
         Raises:
             ChatTemplateError, ChatTemplateRejected: see :meth:`render_chat`.
         """
-        text, escapes = self._render_prompt(messages)
+        text, escapes = self._render_prompt(messages, tools)
         return self._with_bos(self._text_tokens(text, escapes))
 
     def tokenize_pieces(self, pieces: Sequence[Piece]) -> list[int]:

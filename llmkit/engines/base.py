@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmkit.chat_template import Piece
 
@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "Generation", "Message", "Piece", "RGBImage", "SamplingParams"]
 
-Message = Mapping[str, str]
+Message = Mapping[str, Any]
+"""A chat turn: ``role`` and ``content`` (text), and for tool use an assistant's
+``tool_calls`` or a tool's ``tool_call_id``, as Hugging Face chat templates read them."""
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,22 @@ class Engine(Protocol):
         """The bytes each token of ``text`` stands for (no special tokens), in order."""
         ...
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """The prompt tokens of a conversation through the model's chat template, ending
-        where the assistant's answer starts; message text never becomes special tokens."""
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the model's chat template writes function definitions into the prompt, so
+        that ``tools`` can be given to :meth:`chat_tokens`."""
         ...
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    def chat_tokens(self, messages: Sequence[Message], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """The prompt tokens of a conversation through the model's chat template, ending
+        where the assistant's answer starts; message text never becomes special tokens.
+        ``tools``: OpenAI-style function definitions, written by the template (untrusted
+        text too)."""
+        ...
+
+    def render_chat(self, messages: Sequence[Message], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The conversation through the model's chat template as text, ending where the
         answer starts: for showing or timing a prompt; :meth:`chat_tokens` is what to run."""
         ...

@@ -69,6 +69,18 @@ def check_bind(host: str, api_key: str | None) -> None:
                          hint="give --api-key KEY or set LLMKIT_API_KEY")
 
 
+def _projector(resolution: Any) -> Path | None:
+    """The vision projector to load beside a model that reads images (None: a text model, or
+    one whose own GGUF holds its vision tower)."""
+    from llmkit.errors import NotAVisionModelError
+    from llmkit.session import vision_files
+
+    try:
+        return vision_files(resolution, None)[1]
+    except NotAVisionModelError:
+        return None
+
+
 def open_service(models: Sequence[str | None], options: EngineOptions, *,
                  guard: bool = False, guard_model: str | None = None,
                  guard_threshold: float | None = None, guard_chats: bool = True,
@@ -107,7 +119,8 @@ def open_service(models: Sequence[str | None], options: EngineOptions, *,
             if name in seen:
                 continue
             seen.add(name)
-            engine = load_with_options(resolution.model.path, options, name)
+            engine = load_with_options(resolution.model.path, options, name,
+                                       mmproj=_projector(resolution))
             worker = EngineWorker(engine, max_waiting=_queue(queue, engine))
             aliases = {given} if given else set()
             aliases.add(Path(resolution.model.path).name)

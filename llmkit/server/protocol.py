@@ -9,36 +9,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.chat_template import new_media_marker
+from llmkit.server.errors import ApiError, bad_request
+from llmkit.server.tools import ToolUse, assistant_calls, parse_tools
+
+__all__ = ["ApiError", "bad_request"]
+
 # OpenAI allows up to four stop sequences; llama-server more. Each is bounded so that the
 # matcher's hold-back stays small.
 MAX_STOPS = 8
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
-
-
-class ApiError(Exception):
-    """A request the server answers with an OpenAI-shaped error: status, message, type, code."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body OpenAI's clients read (``error.message``, ``type``, ``param``,
-        ``code``)."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
+MAX_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -68,7 +50,11 @@ class GenerationRequest:
 class ChatRequest(GenerationRequest):
     """``POST /v1/chat/completions``: the conversation as role/content messages."""
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: ToolUse | None = None
+    # image_url parts' URLs, in order; each one's place in a message's text is image_marker.
+    images: list[str] = field(default_factory=list)
+    image_marker: str = ""
 
 
 @dataclass
@@ -191,8 +177,11 @@ def _common(body: Mapping[str, Any], *, max_tokens_name: Sequence[str]) -> dict[
     }
 
 
-def _content(value: Any, index: int) -> str:
-    """A message's content as text: a string, or a list of text parts."""
+def _content(value: Any, index: int, images: list[str] | None = None,
+             marker: str = "") -> str:
+    """A message's content as text: a string, or a list of text parts. ``images`` (a user
+    message's): each ``image_url`` part's URL is added to it, and ``marker`` marks its place
+    in the text."""
     if isinstance(value, str):
         return value
     if value is None:
@@ -206,10 +195,21 @@ def _content(value: Any, index: int) -> str:
             kind = part.get("type")
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
+            elif kind == "image_url" and images is not None:
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, Mapping) else spec
+                if not isinstance(url, str) or not url:
+                    raise bad_request(f"messages[{index}]: an image_url part needs "
+                                      "image_url.url", "messages")
+                if len(images) >= MAX_IMAGES:
+                    raise bad_request(f"a request shows at most {MAX_IMAGES} images",
+                                      "messages")
+                images.append(url)
+                texts.append(marker)
             elif kind in ("image_url", "input_image", "input_audio", "file"):
-                raise bad_request(f"messages[{index}] holds a {kind} part, but llmkit serve "
-                                  "answers text only (images: `llmkit caption` or `llmkit "
-                                  "chat --image`)", "messages", code="unsupported_content")
+                raise bad_request(f"messages[{index}] holds a {kind} part, which llmkit serve "
+                                  "reads only in a user message (images)", "messages",
+                                  code="unsupported_content")
             else:
                 raise bad_request(f"messages[{index}].content holds a part of type {kind!r}",
                                   "messages")
@@ -230,24 +230,40 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'messages' must be a non-empty list", "messages")
     if len(messages) > MAX_MESSAGES:
         raise bad_request(f"'messages' holds at most {MAX_MESSAGES} messages", "messages")
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("'tools' are not supported by llmkit serve yet", "tools")
-    turns: list[dict[str, str]] = []
+    tools = parse_tools(body)
+    images: list[str] = []
+    marker = new_media_marker()
+    turns: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise bad_request(f"messages[{i}] must be an object", "messages")
         role = message.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise bad_request(f"messages[{i}].role must be system, developer, user or "
-                              f"assistant, not {role!r}", "messages")
-        turns.append({"role": role, "content": _content(message.get("content"), i)})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad_request(f"messages[{i}].role must be system, developer, user, "
+                              f"assistant or tool, not {role!r}", "messages")
+        content = _content(message.get("content"), i, images if role == "user" else None,
+                           marker)
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = assistant_calls(i, message["tool_calls"])
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise bad_request(f"messages[{i}]: a tool message needs 'tool_call_id'",
+                                  "messages")
+            turn["tool_call_id"] = call_id
+        turns.append(turn)
     if turns[-1]["role"] == "assistant":
         raise bad_request("the last message must not be the assistant's: there is nothing "
                           "to answer", "messages")
-    return ChatRequest(**_common(body, max_tokens_name=("max_tokens", "max_completion_tokens")),
-                       messages=turns)
+    common = _common(body, max_tokens_name=("max_tokens", "max_completion_tokens"))
+    if tools is not None and tools.constrained and common["response_format"].schema:
+        raise bad_request("'response_format' cannot be combined with a required tool call",
+                          "response_format")
+    return ChatRequest(**common, messages=turns, tools=tools, images=images,
+                       image_marker=marker if images else "")
 
 
 def parse_completion(body: Any) -> CompletionRequest:
@@ -382,12 +398,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_completion(id: str, model: str, created: int, text: str | None, finish: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int,
+                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                                                  "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish}],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def tool_call_deltas(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed chunk's delta holding whole tool calls (each with its index)."""
+    return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
 
 
 def chat_chunk(id: str, model: str, created: int, delta: dict[str, Any],

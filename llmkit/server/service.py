@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from llmkit.engines.base import Engine, Generation, SamplingParams
@@ -36,8 +37,10 @@ from llmkit.server.protocol import (
     new_id,
     now,
     text_completion,
+    tool_call_deltas,
     usage_chunk,
 )
+from llmkit.server.tools import CallHolder, arguments_key, call_schema, read_calls
 from llmkit.server.worker import EngineWorker
 from llmkit.store import Resolution
 from llmkit.tasks.safety import CheckPlan, Guard, Verdict
@@ -72,6 +75,8 @@ class Limits:
 
     max_tokens: int | None = None  # the most tokens one answer may ask for (None: the context)
     timeout_s: float = 600.0  # a request's whole time, queued and generating
+    max_image_pixels: int = 40_000_000  # a picture's pixels, as its header says (bombs)
+    allow_files: Path | None = None  # image_url may name files in this folder (else data: only)
 
 
 @dataclass
@@ -144,8 +149,8 @@ class Service:
         except LlmkitError as exc:
             raise bad_request(exc.message if not exc.hint else str(exc)) from None
 
-    def _params(self, served: ServedModel, req: GenerationRequest, prompt_len: int
-                ) -> SamplingParams:
+    def _params(self, served: ServedModel, req: GenerationRequest, prompt_len: int,
+                schema: str | None = None) -> SamplingParams:
         from llmkit.engines.llama_cpp import grammar_from_json_schema
         from llmkit.session import sampling_params
 
@@ -158,21 +163,24 @@ class Service:
             raise bad_request(f"max_tokens {req.max_tokens} is more than this server allows "
                               f"({cap})", "max_tokens")
         grammar = None
-        if req.response_format.schema is not None:
+        schema = schema if schema is not None else req.response_format.schema
+        if schema is not None:
             try:
-                grammar = grammar_from_json_schema(req.response_format.schema)
+                grammar = grammar_from_json_schema(schema)
             except SchemaError as exc:
-                raise bad_request(exc.message, "response_format") from None
+                raise bad_request(exc.message, "response_format" if schema is
+                                  req.response_format.schema else "tools") from None
         wanted = req.max_tokens if req.max_tokens is not None else cap
         return sampling_params(served.resolution, temperature=req.temperature,
                                top_p=req.top_p, seed=req.seed, max_tokens=wanted,
                                grammar=grammar)
 
-    async def _generate(self, worker: EngineWorker, prompt: list[int],
-                        params: SamplingParams, stops: Sequence[str]
+    async def _generate(self, worker: EngineWorker, job: Job, stops: Sequence[str],
+                        call: Callable[[Job], Generation] | None = None
                         ) -> AsyncIterator[tuple[str, Any]]:
         """The generation's events as it decodes: ("text", piece) as stop sequences allow,
-        then ("done", _Outcome). Leaving early (a client gone) cancels the job.
+        then ("done", _Outcome). Leaving early (a client gone) cancels the job. ``call``:
+        run it with the engine to itself instead of decoding ``job`` in the sequences.
 
         Raises:
             ApiError: 429 when the model's queue is full, 503 when shutting down, 504 past
@@ -185,9 +193,9 @@ class Service:
         def on_text(text: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("text", text))
 
-        job = Job(None, prompt, params, on_text=on_text, cancel=cancel)
+        job = replace(job, on_text=on_text, cancel=cancel)
         try:
-            future = worker.submit(job)
+            future = worker.submit(job) if call is None else worker.submit_call(job, call)
         except QueueFullError as exc:
             raise ApiError(429, f"{exc.message}; retry shortly", type="requests",
                            code="rate_limit_exceeded",
@@ -326,65 +334,168 @@ class Service:
 
     # -- chat ----------------------------------------------------------------------------------
 
-    async def _chat_prompt(self, served: ServedModel, req: ChatRequest) -> list[int]:
+    def _chat_messages(self, served: ServedModel, req: ChatRequest) -> list[dict[str, Any]]:
+        """The conversation with the catalog's system prompt where it has none, each image's
+        place marked as the engine marks it."""
         from llmkit.session import default_system_prompt
 
         messages = list(req.messages)
         if not any(m["role"] == "system" for m in messages):
             system = default_system_prompt(served.resolution)
-            if system:
+            # Llama 3.2 Vision's published template refuses a system prompt beside an image.
+            if system and not req.images:
                 messages.insert(0, {"role": "system", "content": system})
-        tokens: list[int] = await self._in_prep(served, served.engine.chat_tokens, messages)
+        if req.images:
+            marker = served.engine.media_marker
+            messages = [{**m, "content": m["content"].replace(req.image_marker, marker)}
+                        if isinstance(m.get("content"), str) else m for m in messages]
+        return messages
+
+    async def _chat_job(self, served: ServedModel, req: ChatRequest
+                        ) -> tuple[Job, int, Callable[[Job], Generation] | None]:
+        """What to generate for a chat: the job, its prompt's length (0 when only the engine
+        knows it), and the call to make instead when the engine must be alone for it."""
+        if not req.images:
+            prompt = await self._chat_prompt(served, req)
+            params = self._params(served, req, len(prompt), self._call_schema(served, req))
+            return Job(None, prompt, params), len(prompt), None
+        engine = served.engine
+        if not engine.vision:
+            raise bad_request(f"{served.name} does not read images (serve a vision model, "
+                              "such as smolvlm or gemma3)", "messages",
+                              code="unsupported_content")
+        if engine.max_images is not None and len(req.images) > engine.max_images:
+            raise bad_request(f"{served.name} reads at most {engine.max_images} image"
+                              f"{'s' * (engine.max_images != 1)} per conversation, not "
+                              f"{len(req.images)}", "messages")
+        if req.tools is not None and req.tools.active:
+            raise bad_request("tools cannot be combined with images yet", "tools")
+        messages = self._chat_messages(served, req)
+        images = await self._in_prep(served, self._load_images, req.images)
+        params = self._params(served, req, 0)
+        if getattr(engine, "parallel_images", False):
+            job: Job = await self._in_prep(served, engine.media_job,  # type: ignore[attr-defined]
+                                           None, messages, images, params)
+            try:
+                params = self._params(served, req, len(job.prompt or ()))
+            except BaseException:
+                job.media.close()
+                raise
+            return replace(job, params=params), len(job.prompt or ()), None
+
+        def alone(job: Job) -> Generation:
+            return engine.generate_with_images(messages, images, job.params, job.on_text)
+
+        return Job(None, [], params), 0, alone
+
+    def _load_images(self, urls: Sequence[str]) -> list[Any]:
+        """Each image_url's picture, decoded within the limits (on the prep thread).
+
+        Raises:
+            ApiError: 400 for a URL this server does not read; ImageError for a bad image.
+        """
+        from llmkit.images import prepare_image
+
+        images = []
+        for i, url in enumerate(urls):
+            source = _image_source(url, i, self.limits.allow_files)
+            images.append(prepare_image(source, max_pixels=self.limits.max_image_pixels,
+                                        name=f"image {i + 1}"))
+        return images
+
+    async def _chat_prompt(self, served: ServedModel, req: ChatRequest) -> list[int]:
+        messages = self._chat_messages(served, req)
+        use = req.tools
+        tools = use.definitions() if use is not None and use.active else None
+        if tools is not None and not served.engine.reads_tools:
+            raise bad_request(f"the chat template of {served.name} has no place for tools, so "
+                              "it cannot call them (send tool_choice \"none\", or serve a "
+                              "model trained for tool use, such as llama3.2)", "tools",
+                              code="unsupported_tools")
+        engine = served.engine
+
+        def tokens_of() -> list[int]:
+            return engine.chat_tokens(messages, tools=tools)
+
+        tokens: list[int] = await self._in_prep(served, tokens_of)
         return tokens
+
+    def _call_schema(self, served: ServedModel, req: ChatRequest) -> str | None:
+        """The grammar's schema when the answer must be a tool call."""
+        use = req.tools
+        if use is None or not use.constrained:
+            return None
+        return call_schema(use, arguments_key(served.engine.chat_template))
 
     @staticmethod
     def _last_user_text(req: ChatRequest) -> str:
-        return next((m["content"] for m in reversed(req.messages) if m["role"] == "user"), "")
+        text = next((m["content"] for m in reversed(req.messages) if m["role"] == "user"), "")
+        return str(text).replace(req.image_marker, "").strip() if req.images else str(text)
 
     async def chat(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         """A chat completion as chunks (``req.stream``) or as one completion object, the last
         value. With the guard, a flagged prompt or answer ends as ``content_filter``."""
         served = self.model(req.model)
         id, created = new_id("chatcmpl"), now()
-        prompt = await self._chat_prompt(served, req)
-        params = self._params(served, req, len(prompt))
+        job, prompt_len, call = await self._chat_job(served, req)
+        try:
+            async for value in self._chat(served, req, id, created, job, prompt_len, call):
+                yield value
+        finally:
+            if job.media is not None:
+                job.media.close()
+
+    async def _chat(self, served: ServedModel, req: ChatRequest, id: str, created: int,
+                    job: Job, prompt_len: int, call: Callable[[Job], Generation] | None
+                    ) -> AsyncIterator[dict[str, Any]]:
+        use = req.tools if req.tools is not None and req.tools.active else None
+        holder = CallHolder() if use is not None else None
         user_text = self._last_user_text(req)
         guarded = self.guard_chats
         if guarded:
             verdict = await self.check_input(user_text)
             if verdict.flagged:
-                async for value in self._filtered(req, served, id, created, len(prompt),
+                async for value in self._filtered(req, served, id, created, prompt_len,
                                                   "input", verdict):
                     yield value
                 return
         if req.stream:
             yield chat_chunk(id, served.name, created, {"role": "assistant", "content": ""})
         outcome: _Outcome | None = None
-        async for kind, value in self._generate(served.worker, prompt, params, req.stop):
+        async for kind, value in self._generate(served.worker, job, req.stop, call):
             if kind == "text":
-                if req.stream and not guarded:
-                    yield chat_chunk(id, served.name, created, {"content": value})
+                shown = holder.feed(value) if holder is not None else value
+                if req.stream and not guarded and shown:
+                    yield chat_chunk(id, served.name, created, {"content": shown})
             else:
                 outcome = value
         assert outcome is not None
         completion_tokens = outcome.generation.completion_tokens if outcome.generation else 0
+        prompt_tokens = outcome.generation.prompt_tokens if outcome.generation else prompt_len
+        calls = read_calls(outcome.text, use) if use is not None else None
+        held = holder.held() if holder is not None else ""
         if guarded:
             verdict = await self.check_output(user_text, outcome.text)
             if verdict.flagged:
-                async for value in self._filtered(req, served, id, created, len(prompt),
+                async for value in self._filtered(req, served, id, created, prompt_tokens,
                                                   "output", verdict, completion_tokens,
                                                   started=True):
                     yield value
                 return
-            if req.stream and outcome.text:
+            if req.stream and outcome.text and not calls:
                 yield chat_chunk(id, served.name, created, {"content": outcome.text})
+        finish = "tool_calls" if calls else outcome.finish
         if req.stream:
-            yield chat_chunk(id, served.name, created, {}, outcome.finish)
+            if calls:
+                yield chat_chunk(id, served.name, created, tool_call_deltas(calls))
+            elif held and not guarded:
+                yield chat_chunk(id, served.name, created, {"content": held})
+            yield chat_chunk(id, served.name, created, {}, finish)
             if req.include_usage:
-                yield usage_chunk(id, served.name, created, len(prompt), completion_tokens)
+                yield usage_chunk(id, served.name, created, prompt_tokens, completion_tokens)
             return
-        yield chat_completion(id, served.name, created, outcome.text, outcome.finish,
-                              len(prompt), completion_tokens)
+        yield chat_completion(id, served.name, created, None if calls else outcome.text,
+                              finish, prompt_tokens, completion_tokens, calls)
 
     async def _filtered(self, req: ChatRequest, served: ServedModel, id: str, created: int,
                         prompt_tokens: int, stage: str, verdict: Verdict,
@@ -429,7 +540,8 @@ class Service:
         echo = req.prompt if req.echo else ""
         if req.stream and echo and not self.guard_chats:
             yield text_completion(id, served.name, created, echo, None)
-        async for kind, value in self._generate(served.worker, prompt, params, req.stop):
+        async for kind, value in self._generate(served.worker, Job(None, prompt, params),
+                                                req.stop):
             if kind == "text":
                 if req.stream and not self.guard_chats:
                     yield text_completion(id, served.name, created, value, None)
@@ -463,3 +575,36 @@ def _overflow(exc: ContextOverflowError, n_ctx: int, param: str = "messages") ->
     return ApiError(400, f"the prompt is {exc.n_tokens} tokens, but this model's context "
                     f"holds {n_ctx} tokens per request (prompt and answer together)",
                     code="context_length_exceeded", param=param)
+
+
+def _image_source(url: str, index: int, allow_files: Path | None) -> bytes | Path:
+    """An image_url's bytes (a base64 ``data:`` URL) or, with ``--allow-files``, its file in
+    that folder. Nothing is ever fetched from a network.
+
+    Raises:
+        ApiError: 400 for any other URL, bad base64, or a file outside the folder.
+    """
+    import base64
+    import binascii
+
+    label = f"image {index + 1}"
+    if url.startswith("data:"):
+        head, comma, data = url[5:].partition(",")
+        if not comma or not head.lower().endswith(";base64"):
+            raise bad_request(f"{label}: a data: URL must be base64 (data:image/png;base64,...)",
+                              "messages", code="invalid_image_url")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request(f"{label}: the data: URL is not valid base64", "messages",
+                              code="invalid_image_url") from None
+    if allow_files is not None and "://" not in url.removeprefix("file://"):
+        path = Path(url.removeprefix("file://"))
+        real = (path if path.is_absolute() else allow_files / path).resolve()
+        if real.is_relative_to(allow_files.resolve()):
+            return real
+        raise bad_request(f"{label}: the file is outside the folder this server may read",
+                          "messages", code="invalid_image_url")
+    raise bad_request(f"{label}: image_url must be a data: URL (llmkit serve fetches nothing"
+                      + ("" if allow_files else "; start it with --allow-files DIR to read "
+                         "files from a folder") + ")", "messages", code="invalid_image_url")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from llmkit.engines.base import Engine
+from llmkit.engines.base import Engine, Generation
 from llmkit.engines.parallel import IDLE, Job, JobQueue, Result
 from llmkit.errors import LlmkitError, QueueFullError, ShuttingDownError
 
@@ -20,15 +21,23 @@ class _LiveQueue(JobQueue):
     def __init__(self) -> None:
         super().__init__()
         self._ready = threading.Condition()
+        # Work that needs the whole engine (one conversation with images on an engine whose
+        # pictures cannot share the sequences): jobs wait while one is pending.
+        self.calls: deque[tuple[Job, Callable[[Job], Generation]]] = deque()
 
     def put(self, job: Job) -> None:
         with self._ready:
             super().put(job)
             self._ready.notify()
 
+    def put_call(self, job: Job, call: Callable[[Job], Generation]) -> None:
+        with self._ready:
+            self.calls.append((job, call))
+            self._ready.notify()
+
     def get(self, block: bool) -> Job | None:
         with self._ready:
-            return super().get(block)
+            return None if self.calls else super().get(block)
 
     def close(self) -> None:
         with self._ready:
@@ -36,10 +45,32 @@ class _LiveQueue(JobQueue):
             self._ready.notify_all()
 
     def wait(self) -> None:
-        """Until a job is added or the queue is closed."""
+        """Until a job or a call is added or the queue is closed."""
         with self._ready:
-            while not len(self) and not self.closed:
+            while not len(self) and not self.calls and not self.closed:
                 self._ready.wait()
+
+
+class _Run(JobQueue):
+    """One ``generate_many`` run over the live queue: it ends once the sequences are free and
+    a call waits for the engine, and ending it leaves the queue open."""
+
+    def __init__(self, live: _LiveQueue) -> None:
+        super().__init__()
+        self._live = live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @property
+    def done(self) -> bool:
+        return self._live.done or bool(self._live.calls)
+
+    def get(self, block: bool) -> Job | None:
+        return self._live.get(block)
+
+    def close(self) -> None:
+        pass
 
 
 class EngineWorker:
@@ -77,6 +108,20 @@ class EngineWorker:
             QueueFullError: ``max_waiting`` jobs are waiting already.
             ShuttingDownError: the worker has stopped.
         """
+        future, key = self._reserve()
+        self._queue.put(replace(job, key=(key, job.key)))
+        return future
+
+    def submit_call(self, job: Job, call: Callable[[Job], Generation]
+                    ) -> concurrent.futures.Future[Result]:
+        """Queue ``call(job)``, to run on the decoding thread with the engine to itself (the
+        sequences finish first and new jobs wait); its future gets the generation as a
+        :class:`Result`. Raises as :meth:`submit`."""
+        future, key = self._reserve()
+        self._queue.put_call(replace(job, key=(key, job.key)), call)
+        return future
+
+    def _reserve(self) -> tuple[concurrent.futures.Future[Result], int]:
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         with self._lock:
             if self._queue.closed or self.error is not None:
@@ -87,8 +132,22 @@ class EngineWorker:
             key = next(self._ids)
             self._futures[key] = future
             self._in_flight += 1
-        self._queue.put(replace(job, key=(key, job.key)))
-        return future
+        return future, key
+
+    def _run_calls(self) -> bool:
+        """Run the calls waiting (True when there were any)."""
+        ran = False
+        while self._queue.calls:
+            job, call = self._queue.calls.popleft()
+            ran = True
+            if job.cancel is not None and job.cancel.is_set():
+                self._deliver(Result(job))
+                continue
+            try:
+                self._deliver(Result(job, call(job)))
+            except LlmkitError as exc:
+                self._deliver(Result(job, error=exc))
+        return ran
 
     def _deliver(self, result: Result) -> None:
         key, theirs = result.job.key
@@ -105,11 +164,14 @@ class EngineWorker:
             if generate_many is None:
                 self._one_at_a_time()
                 return
-            for result in generate_many(self._queue):
-                if result is IDLE:
-                    self._queue.wait()
-                    continue
-                self._deliver(result)
+            while True:
+                for result in generate_many(_Run(self._queue)):
+                    if result is IDLE:
+                        self._queue.wait()
+                        continue
+                    self._deliver(result)
+                if not self._run_calls() and self._queue.done:
+                    return
         except BaseException as exc:  # handed to every waiting request
             self.error = exc
         finally:
@@ -118,6 +180,8 @@ class EngineWorker:
     def _one_at_a_time(self) -> None:
         while True:
             self._queue.wait()
+            if self._run_calls():
+                continue
             job = self._queue.get(block=False)
             if job is None:
                 if self._queue.closed:

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -297,7 +297,8 @@ class MllamaEngine(VocabText):
                                                  {"type": "text", "text": text}]})
         return typed
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    def render_chat(self, messages: Sequence[Message], *,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The conversation through the model's chat template as text, ending where the answer
         starts; an image's place (:attr:`media_marker`) renders as ``<|image|>``.
 
@@ -306,7 +307,7 @@ class MllamaEngine(VocabText):
             ChatTemplateRejected: the template refused the conversation.
             InputError: the media marker is in a message that is not the user's.
         """
-        return self._chat_template().render(self._typed_messages(messages))
+        return self._chat_template().render(self._typed_messages(messages), tools=tools)
 
     def _image_prompt(self, messages: Sequence[Message], n_images: int) -> list[int]:
         """The prompt tokens of a conversation that may show one picture.
