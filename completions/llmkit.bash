@@ -40,8 +40,8 @@ __llmkit_spec() {
             npos=1 variadic=1 ;;
         'serve')
             subs=''
-            opts='-m --model --host -p --port -P --parallel --api-key --guard --guard-model --guard-threshold --moderations-only --queue -n --max-tokens --max-body --timeout --shutdown-timeout -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
-            valued='-m=1 --model=1 --host=1 -p=1 --port=1 -P=1 --parallel=1 --api-key=1 --guard-model=1 --guard-threshold=1 --queue=1 -n=1 --max-tokens=1 --max-body=1 --timeout=1 --shutdown-timeout=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
+            opts='-m --model --host -p --port -P --parallel --api-key --guard --guard-model --guard-threshold --moderations-only --queue -n --max-tokens --max-body --allow-files --max-image-pixels --timeout --shutdown-timeout -c --ctx --device --gpu-layers -t --threads -v --verbose -q --quiet -h --help'
+            valued='-m=1 --model=1 --host=1 -p=1 --port=1 -P=1 --parallel=1 --api-key=1 --guard-model=1 --guard-threshold=1 --queue=1 -n=1 --max-tokens=1 --max-body=1 --allow-files=1 --max-image-pixels=1 --timeout=1 --shutdown-timeout=1 -c=1 --ctx=1 --device=1 --gpu-layers=1 -t=1 --threads=1'
             npos=0 variadic=0 ;;
         'list')
             subs=''
@@ -127,6 +127,7 @@ __llmkit_value() {
         'check -f'|'check --format') __llmkit_words 'text json' "$3" ;;
         'check --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'serve -m'|'serve --model') __llmkit_models "$3" ;;
+        'serve --allow-files') __llmkit_dirs "$3" ;;
         'serve --device') __llmkit_words 'auto cpu gpu' "$3" ;;
         'list -f'|'list --format') __llmkit_words 'table json' "$3" ;;
         'show -f'|'show --format') __llmkit_words 'text json' "$3" ;;

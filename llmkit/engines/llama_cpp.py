@@ -750,18 +750,21 @@ class LlamaCppEngine(VocabText):
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate_many(self, jobs: Iterable[Job], *, live: bool = False) -> Iterator[Result]:
+    def generate_many(self, jobs: Iterable[Job], *, live: bool = False,
+                      batch_prompts: bool = False) -> Iterator[Result]:
         """Generate ``jobs`` up to :attr:`parallel` at a time in one batch per step, yielding
         each result as it finishes (see :class:`llmkit.engines.parallel.ParallelDecoder`).
 
         Each job starts from the cache the one before it left, as one :meth:`generate` after
         another would; the cache is then the last job's. ``live``: jobs from a source that
-        may keep one waiting (stdin), each admitted as it arrives.
+        may keep one waiting (stdin), each admitted as it arrives. ``batch_prompts``: the
+        prompts of jobs admitted together are evaluated together (see ParallelDecoder).
         """
         self._logits_at = -1
         decoder = ParallelDecoder(self._lc, self._ctx, self._vocab, n_seq=self.parallel,
                                   n_ctx_seq=self.n_ctx, n_batch=self.n_batch,
-                                  make_sampler=self._sampler, retune=self._retune_threads)
+                                  make_sampler=self._sampler, retune=self._retune_threads,
+                                  batch_prompts=batch_prompts)
         self.last_decoder = decoder
         try:
             yield from decoder.run(jobs, held=list(self._cached), live=live)

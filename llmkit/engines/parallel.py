@@ -225,16 +225,23 @@ class ParallelDecoder:
         n_batch: tokens per ``llama_decode`` call (the context's n_batch).
         make_sampler: a sampler chain for a job's params (freed here).
         retune: called before each step (the engine's thread governor).
+        batch_prompts: evaluate the prompts of jobs admitted together in one call, and never
+            hold a job back for a prefix still being evaluated (a server's first-token
+            latency), instead of one sequence's chunk per step, which keeps every prompt in
+            the chunks and kernels it would have alone (batch commands: answers equal to
+            the one-at-a-time path's, bit for bit).
     """
 
     def __init__(self, lc: Any, ctx: Any, vocab: Any, *, n_seq: int, n_ctx_seq: int,
                  n_batch: int, make_sampler: Callable[[SamplingParams], Any],
-                 retune: Callable[[], None] = lambda: None) -> None:
+                 retune: Callable[[], None] = lambda: None,
+                 batch_prompts: bool = False) -> None:
         if n_seq < 1:
             raise InputError(f"--parallel {n_seq} is too small", hint="use at least 1")
         self._lc, self._ctx, self._vocab = lc, ctx, vocab
         self.n_seq, self.n_ctx_seq, self.n_batch = n_seq, n_ctx_seq, max(n_batch, n_seq)
         self._make_sampler, self._retune = make_sampler, retune
+        self.batch_prompts = batch_prompts
         self._slots = [_Slot(seq) for seq in range(n_seq)]
         self._held: Job | None = None  # admitted next, once the prefix it shares is held
         self._last = self._slots[0]  # the slot of the job admitted last
@@ -345,6 +352,11 @@ class ParallelDecoder:
             source = self._last
             before = source.prompt if source.job is not None else source.cells
             shared = min(_common_prefix(before, job.prompt), len(job.prompt) - 1)
+            if len(source.cells) < shared and self.batch_prompts:
+                # Not waiting: the longest prefix some sequence holds already.
+                source, shared = max(
+                    ((s, min(_common_prefix(s.cells, job.prompt), len(job.prompt) - 1))
+                     for s in self._slots), key=lambda pair: pair[1])
             if len(source.cells) < shared:
                 self._held = job  # the prefix is still being evaluated there
                 return
@@ -451,20 +463,34 @@ class ParallelDecoder:
             if result is not None:
                 finished.append(result)
         elif prompting is not None:
-            take = prompting.pending[:self.n_batch]
-            del prompting.pending[:len(take)]
-            base = len(prompting.cells)
-            for i, token in enumerate(take):
-                tokens[i], pos[i], n_seq_id[i], logits[i] = token, base + i, 1, 0
-                seq_id[i][0] = prompting.seq
-            prompting.cells.extend(take)
-            logits[len(take) - 1] = 1
-            batch.n_tokens = len(take)
+            # One sequence's chunk, or (batch_prompts) chunks of every text prompt waiting,
+            # in admission order, up to n_batch tokens together.
+            group = [prompting]
+            if self.batch_prompts:
+                group = [s for s in active if s.pending and s.job is not None
+                         and not s.job.media]
+            n, ends = 0, []
+            for slot in group:
+                take = slot.pending[:self.n_batch - n]
+                if not take:
+                    break
+                del slot.pending[:len(take)]
+                base = len(slot.cells)
+                for i, token in enumerate(take):
+                    tokens[n + i], pos[n + i], n_seq_id[n + i], logits[n + i] = (
+                        token, base + i, 1, 0)
+                    seq_id[n + i][0] = slot.seq
+                slot.cells.extend(take)
+                n += len(take)
+                logits[n - 1] = 1
+                ends.append((slot, n - 1))
+            batch.n_tokens = n
             t_done = self._decode(batch)
-            if not prompting.pending:
-                result = self._sample(prompting, len(take) - 1, t_done)
-                if result is not None:
-                    finished.append(result)
+            for slot, row in ends:
+                if not slot.pending:
+                    result = self._sample(slot, row, t_done)
+                    if result is not None:
+                        finished.append(result)
         self.python_s += (time.perf_counter() - t_start) - (self.decode_s - decode_before)
         return finished
 

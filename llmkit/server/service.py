@@ -10,14 +10,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmkit.chat_template import ChatTemplateRejected
 from llmkit.engines.base import Engine, Generation, SamplingParams
 from llmkit.engines.parallel import Job, Result
 from llmkit.errors import (
     ContextOverflowError,
+    ImageError,
+    InputError,
     LlmkitError,
     QueueFullError,
     SchemaError,
     ShuttingDownError,
+    UsageError,
     VerdictError,
 )
 from llmkit.server.moderation import moderation_result
@@ -44,6 +48,8 @@ from llmkit.server.tools import CallHolder, arguments_key, call_schema, read_cal
 from llmkit.server.worker import EngineWorker
 from llmkit.store import Resolution
 from llmkit.tasks.safety import CheckPlan, Guard, Verdict
+
+_REQUEST_ERRORS = (UsageError, InputError, ImageError, ChatTemplateRejected)
 
 # Seconds a queued request may wait for a busy model before 429 (the client retries).
 RETRY_AFTER_S = 1
@@ -240,6 +246,10 @@ class Service:
                 if result.error is not None:
                     if isinstance(result.error, ContextOverflowError):
                         raise _overflow(result.error, worker.engine.n_ctx)
+                    if isinstance(result.error, _REQUEST_ERRORS):
+                        # The request's own fault, found only as the engine took it (a
+                        # template that refuses the conversation, an image it cannot read).
+                        raise bad_request(str(result.error), "messages")
                     raise ApiError(500, result.error.message, type="server_error")
                 rest = matcher.flush()
                 if rest:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import inspect
 import itertools
 import threading
 from collections import deque
@@ -159,11 +161,15 @@ class EngineWorker:
 
     def _loop(self) -> None:
         try:
-            generate_many: Callable[[JobQueue], Iterator[Result]] | None = getattr(
+            generate_many: Callable[..., Iterator[Result]] | None = getattr(
                 self.engine, "generate_many", None)
             if generate_many is None:
                 self._one_at_a_time()
                 return
+            if "batch_prompts" in inspect.signature(generate_many).parameters:
+                # Requests arrive together: their prompts are evaluated together (a client's
+                # first token sooner), where a batch command keeps each prompt on its own.
+                generate_many = functools.partial(generate_many, batch_prompts=True)
             while True:
                 for result in generate_many(_Run(self._queue)):
                     if result is IDLE:
