@@ -242,6 +242,7 @@ class ParallelDecoder:
         self.n_seq, self.n_ctx_seq, self.n_batch = n_seq, n_ctx_seq, max(n_batch, n_seq)
         self._make_sampler, self._retune = make_sampler, retune
         self.batch_prompts = batch_prompts
+        self._interrupt_in_step = False  # a Ctrl-C during a step's decode, raised after it
         self._slots = [_Slot(seq) for seq in range(n_seq)]
         self._held: Job | None = None  # admitted next, once the prefix it shares is held
         self._last = self._slots[0]  # the slot of the job admitted last
@@ -291,8 +292,19 @@ class ParallelDecoder:
                         yield IDLE  # the caller adds jobs, or closes the queue
                         continue
                     yield from self._step(batch, active)
+                    if self._interrupt_in_step:
+                        self._interrupt_in_step = False
+                        raise KeyboardInterrupt
                 except KeyboardInterrupt:
                     interrupted += 1
+                    # A Ctrl-C that landed between a sequence's decode and its sampling leaves
+                    # it with nothing to do next: it ends here (else the loop would spin on it).
+                    for slot in self._slots:
+                        if (slot.job is not None and not slot.pending
+                                and slot.next_token is None):
+                            if not slot.t_prompt:
+                                slot.t_prompt = time.perf_counter()
+                            yield self._finish(slot, "interrupted")
                     if interrupted > 1:
                         yield from self._interrupt_all()
                         break
@@ -498,9 +510,17 @@ class ParallelDecoder:
         """llama_decode of ``batch``; returns when it finished."""
         t0 = time.perf_counter()
         # llama.cpp logs while it builds the graph: a Ctrl-C raised inside that callback would
-        # be lost, so it is held until the batch is done (the step then stops as usual).
-        with deferred_interrupt():
-            rc = self._lc.llama_decode(self._ctx, batch)
+        # be lost, so it is held until the batch is done; then the step samples what it
+        # decoded and the run takes the interrupt after it (raised here, it would leave the
+        # sequences of this batch decoded but never sampled).
+        rc: int | None = None
+        try:
+            with deferred_interrupt():
+                rc = self._lc.llama_decode(self._ctx, batch)
+        except KeyboardInterrupt:
+            if rc is None:  # before the decode ran: nothing to sample
+                raise
+            self._interrupt_in_step = True
         t1 = time.perf_counter()
         self.decode_s += t1 - t0
         self.steps += 1
