@@ -185,18 +185,17 @@ def build_llama3_tokenizer(out: Path, vocab_size: int = 400) -> None:
     }))
 
 
-def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False, hidden: int = 64,
-                      ff: int = 160, layers: int = 2, tied: bool = True) -> dict[str, Any]:
-    """A random-weight Llama-3-style checkpoint: GQA, llama3 RoPE scaling, tied embeddings
-    (or an lm_head of its own when not ``tied``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    build_llama3_tokenizer(out)
-    vocab = json.loads((out / "tokenizer.json").read_text())
-    n_vocab = len(vocab["model"]["vocab"]) + sum(
+def _vocab_size(tokenizer_json: Path) -> int:
+    """Rows the embedding needs: the BPE vocabulary plus added tokens outside it."""
+    vocab = json.loads(tokenizer_json.read_text())
+    return len(vocab["model"]["vocab"]) + sum(
         1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
-    heads, kv_heads = 4, 2
+
+
+def _llama_weights(rng: np.random.Generator, n_vocab: int, hidden: int, ff: int, layers: int,
+                   heads: int, kv_heads: int, *, tied: bool) -> dict[str, np.ndarray]:
+    """Random Llama tensors in HF names, drawn in a fixed order (fixtures depend on it)."""
     head_dim = hidden // heads
-    rng = np.random.default_rng(seed)
 
     def w(*shape: int, scale: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -218,6 +217,20 @@ def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False, hidden: i
             p + "mlp.up_proj.weight": w(ff, hidden),
             p + "mlp.down_proj.weight": w(hidden, ff),
         }
+    return tensors
+
+
+def build_tiny_llama3(out: Path, *, seed: int = 0, bf16: bool = False, hidden: int = 64,
+                      ff: int = 160, layers: int = 2, tied: bool = True) -> dict[str, Any]:
+    """A random-weight Llama-3-style checkpoint: GQA, llama3 RoPE scaling, tied embeddings
+    (or an lm_head of its own when not ``tied``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_llama3_tokenizer(out)
+    n_vocab = _vocab_size(out / "tokenizer.json")
+    heads, kv_heads = 4, 2
+    head_dim = hidden // heads
+    tensors = _llama_weights(np.random.default_rng(seed), n_vocab, hidden, ff, layers,
+                             heads, kv_heads, tied=tied)
     write_safetensors(out / "model.safetensors", tensors, bf16=bf16)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -356,9 +369,7 @@ def build_tiny_llama32(out: Path, tokenizer_dir: Path, *, seed: int = 3, hidden:
         LLAMA32_CHAT_TEMPLATE_SHA256
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
-    vocab = json.loads((out / "tokenizer.json").read_text())
-    n_vocab = len(vocab["model"]["vocab"]) + sum(
-        1 for t in vocab["added_tokens"] if t["content"] not in vocab["model"]["vocab"])
+    n_vocab = _vocab_size(out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
         "chat_template": LLAMA32_CHAT_TEMPLATE, "model_max_length": 131072,
@@ -366,26 +377,8 @@ def build_tiny_llama32(out: Path, tokenizer_dir: Path, *, seed: int = 3, hidden:
     heads, kv_heads = 4, 2
     head_dim = hidden // heads
     ff = hidden * 2
-    rng = np.random.default_rng(seed)
-
-    def w(*shape: int, scale: float = 0.08) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    tensors = {"model.embed_tokens.weight": w(n_vocab, hidden, scale=0.5),
-               "model.norm.weight": (1 + w(hidden, scale=0.1))}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": 1 + w(hidden, scale=0.1),
-            p + "post_attention_layernorm.weight": 1 + w(hidden, scale=0.1),
-            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": w(ff, hidden),
-            p + "mlp.up_proj.weight": w(ff, hidden),
-            p + "mlp.down_proj.weight": w(hidden, ff),
-        }
+    tensors = _llama_weights(np.random.default_rng(seed), n_vocab, hidden, ff, layers,
+                             heads, kv_heads, tied=True)
     write_safetensors(out / "model.safetensors", tensors)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

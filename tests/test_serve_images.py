@@ -96,6 +96,34 @@ def test_files_only_inside_the_allowed_folder(vlm_server: Server, vlm: Path,
         assert caught.value.code == "invalid_image_url", url
 
 
+def test_allowed_files_are_read_as_file_urls_and_only_when_regular(
+        vlm_server: Server, vlm: Path, pictures: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    from urllib.parse import quote
+
+    folder = pictures["photo"].parent
+    spaced = folder / "a photo #1.jpg"
+    spaced.write_bytes(pictures["photo"].read_bytes())
+    client = vlm_server.client()
+    answer = client.chat.completions.create(
+        model=vlm.name, messages=_ask("file://" + quote(str(spaced))), temperature=0,
+        max_tokens=24)
+    assert answer.choices[0].message.content == _run_answer(vlm, pictures["photo"], tmp_path)
+    # A FIFO would block a plain open() until a writer came; a folder, a loop and a missing
+    # name cannot be read. Each is a 400 at once, and the server keeps serving.
+    fifo, loop = folder / "pipe.jpg", folder / "loop.jpg"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    for url in (str(fifo), "file://" + str(folder), str(loop), str(folder / "missing.jpg")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.with_options(timeout=30).chat.completions.create(
+                model=vlm.name, messages=_ask(url), max_tokens=4)
+        assert caught.value.code == "invalid_image_url", url
+    assert client.models.list().data
+
+
 @pytest.mark.parametrize("url, code", [
     ("data:image/png;base64,@@@@", "invalid_image_url"),
     ("data:image/png,rawbytes", "invalid_image_url"),

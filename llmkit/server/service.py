@@ -352,8 +352,7 @@ class Service:
         messages = list(req.messages)
         if not any(m["role"] == "system" for m in messages):
             system = default_system_prompt(served.resolution)
-            # Llama 3.2 Vision's published template refuses a system prompt beside an image.
-            if system and not req.images:
+            if system:
                 messages.insert(0, {"role": "system", "content": system})
         if req.images:
             marker = served.engine.media_marker
@@ -587,9 +586,49 @@ def _overflow(exc: ContextOverflowError, n_ctx: int, param: str = "messages") ->
                     code="context_length_exceeded", param=param)
 
 
-def _image_source(url: str, index: int, allow_files: Path | None) -> bytes | Path:
-    """An image_url's bytes (a base64 ``data:`` URL) or, with ``--allow-files``, its file in
-    that folder. Nothing is ever fetched from a network.
+def _read_regular_file(path: Path, label: str) -> bytes:
+    """A regular file's bytes, at most the image file limit. Opened without blocking and
+    checked after opening, so a FIFO or device put there (even after the name was checked)
+    never stalls the thread that reads it.
+
+    Raises:
+        ApiError: 400 when it is missing, not a regular file, too large or unreadable.
+    """
+    import os
+    import stat
+
+    from llmkit.images import DEFAULT_MAX_BYTES
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise bad_request(f"{label}: the file cannot be opened ({exc.strerror or exc})",
+                          "messages", code="invalid_image_url") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise bad_request(f"{label}: the file is not a regular file", "messages",
+                              code="invalid_image_url")
+        if info.st_size > DEFAULT_MAX_BYTES:
+            raise bad_request(f"{label}: the file is larger than {DEFAULT_MAX_BYTES >> 20} MiB",
+                              "messages", code="invalid_image_url")
+        chunks: list[bytes] = []
+        left = DEFAULT_MAX_BYTES + 1  # a file that grows past the limit is cut, then refused
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise bad_request(f"{label}: the file cannot be read ({exc.strerror or exc})",
+                          "messages", code="invalid_image_url") from None
+    finally:
+        os.close(fd)
+
+
+def _image_source(url: str, index: int, allow_files: Path | None) -> bytes:
+    """An image_url's bytes: a base64 ``data:`` URL's, or with ``--allow-files`` those of a
+    regular file in that folder (a path or a ``file://`` URL). Nothing is ever fetched from a
+    network.
 
     Raises:
         ApiError: 400 for any other URL, bad base64, or a file outside the folder.
@@ -609,12 +648,19 @@ def _image_source(url: str, index: int, allow_files: Path | None) -> bytes | Pat
             raise bad_request(f"{label}: the data: URL is not valid base64", "messages",
                               code="invalid_image_url") from None
     if allow_files is not None and "://" not in url.removeprefix("file://"):
-        path = Path(url.removeprefix("file://"))
-        real = (path if path.is_absolute() else allow_files / path).resolve()
-        if real.is_relative_to(allow_files.resolve()):
-            return real
-        raise bad_request(f"{label}: the file is outside the folder this server may read",
-                          "messages", code="invalid_image_url")
+        from urllib.parse import unquote
+
+        path = Path(unquote(url[7:]) if url.startswith("file://") else url)
+        try:
+            real = (path if path.is_absolute() else allow_files / path).resolve()
+            inside = real.is_relative_to(allow_files.resolve())
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, an unencodable name
+            raise bad_request(f"{label}: the file name cannot be read", "messages",
+                              code="invalid_image_url") from None
+        if not inside:
+            raise bad_request(f"{label}: the file is outside the folder this server may read",
+                              "messages", code="invalid_image_url")
+        return _read_regular_file(real, label)
     raise bad_request(f"{label}: image_url must be a data: URL (llmkit serve fetches nothing"
                       + ("" if allow_files else "; start it with --allow-files DIR to read "
                          "files from a folder") + ")", "messages", code="invalid_image_url")
