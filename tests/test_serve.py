@@ -320,6 +320,11 @@ def test_full_queue_answers_429_with_retry_after(smollm2_path: Path, home: Path)
         assert third.status_code == 429
         assert third.headers["retry-after"] == "1"
         assert third.json()["error"]["code"] == "rate_limit_exceeded"
+        # Streamed too: the status is the HTTP response's, not an event after a 200.
+        streamed = httpx.post(srv.url + "/v1/chat/completions", json=body | {"stream": True},
+                              timeout=30)
+        assert streamed.status_code == 429, streamed.text
+        assert streamed.json()["error"]["code"] == "rate_limit_exceeded"
         for t in busy:
             t.join(300)
         assert statuses == [200, 200]

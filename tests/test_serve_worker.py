@@ -59,3 +59,40 @@ def test_a_cancelled_call_does_not_run(smollm2_path: Path) -> None:
                                     lambda job: ran.append(job) or engine.generate([1], job.params)
                                     ).result(timeout=60)
         assert result.generation is None and result.job.key == "x" and not ran
+
+
+def test_requests_that_arrive_together_are_evaluated_together(smollm2_path: Path) -> None:
+    """An idle decoder waits for requests still being prepared: three announced together,
+    submitted a few ms apart, have their prompts evaluated in one call (not the first alone);
+    a request that fails before its job is queued stops counting at once."""
+    import time
+
+    from llmkit.engines.llama_cpp import LlamaCppEngine
+    from llmkit.engines.parallel import ParallelDecoder
+
+    calls: list[int] = []
+    original = ParallelDecoder._decode
+
+    def decode(self: ParallelDecoder, batch: object) -> float:
+        calls.append(int(batch.n_tokens))  # type: ignore[attr-defined]
+        return original(self, batch)
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with LlamaCppEngine(smollm2_path, n_ctx=256, threads=2, parallel=4) as engine, \
+            EngineWorker(engine, max_waiting=8) as worker:
+        prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
+        ParallelDecoder._decode = decode  # type: ignore[method-assign]
+        try:
+            arrivals = [worker.arrival() for _ in prompts]
+            failed = worker.arrival()
+            futures = []
+            for arrival, (i, prompt) in zip(arrivals, enumerate(prompts), strict=True):
+                futures.append(worker.submit(Job(i, prompt, params), arrival))
+                time.sleep(0.01)
+            failed.done()
+            results = [f.result(timeout=60) for f in futures]
+            assert worker.arriving == 0
+        finally:
+            ParallelDecoder._decode = original  # type: ignore[method-assign]
+    assert all(r.error is None and r.generation is not None for r in results)
+    assert calls[0] == sum(len(p) for p in prompts), calls  # the three prompts, whole, at once

@@ -185,6 +185,10 @@ class JobQueue:
         """The next job waiting, or None."""
         return self._jobs.popleft() if self._jobs else None
 
+    def gather(self) -> None:
+        """Called when no sequence is busy, before jobs are taken: a source whose jobs arrive
+        together but one by one may wait here until they are in (a server's requests)."""
+
     def close(self) -> None:
         """No more jobs will come."""
         self.closed = True
@@ -339,6 +343,8 @@ class ParallelDecoder:
         gives the same tokens): that job's cells are copied. A job whose shared prefix that
         job is still evaluating waits for it, and the jobs after it wait too.
         """
+        if isinstance(feed, JobQueue) and all(s.job is None for s in self._slots):
+            feed.gather()
         while True:
             free = [s for s in self._slots if s.job is None]
             if not free:

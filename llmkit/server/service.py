@@ -45,7 +45,7 @@ from llmkit.server.protocol import (
     usage_chunk,
 )
 from llmkit.server.tools import CallHolder, arguments_key, call_schema, read_calls
-from llmkit.server.worker import EngineWorker
+from llmkit.server.worker import Arrival, EngineWorker
 from llmkit.store import Resolution
 from llmkit.tasks.safety import CheckPlan, Guard, Verdict
 
@@ -90,6 +90,16 @@ class _Outcome:
     text: str
     finish: str
     generation: Generation | None
+
+
+@dataclass
+class _Generating:
+    """A job queued on a worker: its events (text pieces, then its future) and its cancel."""
+
+    worker: EngineWorker
+    events: asyncio.Queue[tuple[str, Any]]
+    cancel: threading.Event
+    deadline: float  # the event loop's time past which it is a 504
 
 
 class Service:
@@ -181,16 +191,16 @@ class Service:
                                top_p=req.top_p, seed=req.seed, max_tokens=wanted,
                                grammar=grammar)
 
-    async def _generate(self, worker: EngineWorker, job: Job, stops: Sequence[str],
-                        call: Callable[[Job], Generation] | None = None
-                        ) -> AsyncIterator[tuple[str, Any]]:
-        """The generation's events as it decodes: ("text", piece) as stop sequences allow,
-        then ("done", _Outcome). Leaving early (a client gone) cancels the job. ``call``:
+    def _submit(self, worker: EngineWorker, job: Job,
+                call: Callable[[Job], Generation] | None = None,
+                arrival: Arrival | None = None) -> _Generating:
+        """Queue the job now (before the response starts: a full queue is an HTTP status,
+        and the decoder can take the job while the response's headers are sent). ``call``:
         run it with the engine to itself instead of decoding ``job`` in the sequences.
+        ``arrival``: the request's count as one being prepared, ended as the job is queued.
 
         Raises:
-            ApiError: 429 when the model's queue is full, 503 when shutting down, 504 past
-                the request timeout, 500 when the job failed.
+            ApiError: 429 when the model's queue is full, 503 when shutting down.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -201,7 +211,8 @@ class Service:
 
         job = replace(job, on_text=on_text, cancel=cancel)
         try:
-            future = worker.submit(job) if call is None else worker.submit_call(job, call)
+            future = (worker.submit(job, arrival) if call is None
+                      else worker.submit_call(job, call, arrival))
         except QueueFullError as exc:
             raise ApiError(429, f"{exc.message}; retry shortly", type="requests",
                            code="rate_limit_exceeded",
@@ -209,13 +220,29 @@ class Service:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", type="server_error",
                            code="shutting_down") from None
+        finally:
+            if arrival is not None:
+                arrival.done()
 
         def done(f: concurrent.futures.Future[Result]) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("done", f))
 
         future.add_done_callback(done)
+        return _Generating(worker, events, cancel, loop.time() + self.limits.timeout_s)
+
+    async def _events(self, generating: _Generating, stops: Sequence[str]
+                      ) -> AsyncIterator[tuple[str, Any]]:
+        """A queued job's events as it decodes: ("text", piece) as stop sequences allow, then
+        ("done", _Outcome). Leaving early (a client gone) cancels the job.
+
+        Raises:
+            ApiError: 504 past the request timeout, 500 when the job failed, 503 when the
+                server shut down first.
+        """
+        loop = asyncio.get_running_loop()
+        worker, events, cancel = generating.worker, generating.events, generating.cancel
         matcher = StopMatcher(stops)
-        deadline = loop.time() + self.limits.timeout_s
+        deadline = generating.deadline
         pieces: list[str] = []
         try:
             while True:
@@ -446,38 +473,49 @@ class Service:
         value. With the guard, a flagged prompt or answer ends as ``content_filter``."""
         served = self.model(req.model)
         id, created = new_id("chatcmpl"), now()
-        job, prompt_len, call = await self._chat_job(served, req)
+        arrival = served.worker.arrival()
         try:
-            async for value in self._chat(served, req, id, created, job, prompt_len, call):
-                yield value
+            job, prompt_len, call = await self._chat_job(served, req)
+            try:
+                async for value in self._chat(served, req, id, created, job, prompt_len, call,
+                                              arrival):
+                    yield value
+            finally:
+                if job.media is not None:
+                    job.media.close()
         finally:
-            if job.media is not None:
-                job.media.close()
+            arrival.done()
 
     async def _chat(self, served: ServedModel, req: ChatRequest, id: str, created: int,
-                    job: Job, prompt_len: int, call: Callable[[Job], Generation] | None
-                    ) -> AsyncIterator[dict[str, Any]]:
+                    job: Job, prompt_len: int, call: Callable[[Job], Generation] | None,
+                    arrival: Arrival) -> AsyncIterator[dict[str, Any]]:
         use = req.tools if req.tools is not None and req.tools.active else None
         holder = CallHolder() if use is not None else None
         user_text = self._last_user_text(req)
         guarded = self.guard_chats
         if guarded:
+            arrival.done()  # the guard's check takes longer than the decoder should wait
             verdict = await self.check_input(user_text)
             if verdict.flagged:
                 async for value in self._filtered(req, served, id, created, prompt_len,
                                                   "input", verdict):
                     yield value
                 return
-        if req.stream:
-            yield chat_chunk(id, served.name, created, {"role": "assistant", "content": ""})
+        generating = self._submit(served.worker, job, call, arrival)
         outcome: _Outcome | None = None
-        async for kind, value in self._generate(served.worker, job, req.stop, call):
-            if kind == "text":
-                shown = holder.feed(value) if holder is not None else value
-                if req.stream and not guarded and shown:
-                    yield chat_chunk(id, served.name, created, {"content": shown})
-            else:
-                outcome = value
+        try:
+            if req.stream:
+                yield chat_chunk(id, served.name, created, {"role": "assistant",
+                                                            "content": ""})
+            async for kind, value in self._events(generating, req.stop):
+                if kind == "text":
+                    shown = holder.feed(value) if holder is not None else value
+                    if req.stream and not guarded and shown:
+                        yield chat_chunk(id, served.name, created, {"content": shown})
+                else:
+                    outcome = value
+        finally:
+            generating.cancel.set()  # a no-op once finished; frees the sequence if abandoned
         assert outcome is not None
         completion_tokens = outcome.generation.completion_tokens if outcome.generation else 0
         prompt_tokens = outcome.generation.prompt_tokens if outcome.generation else prompt_len
@@ -534,10 +572,20 @@ class Service:
         """A text completion as chunks (``req.stream``) or one object, the last value."""
         served = self.model(req.model)
         id, created = new_id("cmpl"), now()
+        arrival = served.worker.arrival()
+        try:
+            async for value in self._complete(served, req, id, created, arrival):
+                yield value
+        finally:
+            arrival.done()
+
+    async def _complete(self, served: ServedModel, req: CompletionRequest, id: str,
+                        created: int, arrival: Arrival) -> AsyncIterator[dict[str, Any]]:
         prompt: list[int] = await self._in_prep(served, _plain_tokens, served.engine,
                                                 req.prompt, param="prompt")
         params = self._params(served, req, len(prompt))
         if self.guard_chats:
+            arrival.done()
             verdict = await self.check_input(req.prompt)
             if verdict.flagged:
                 body = text_completion(id, served.name, created, "", "content_filter",
@@ -547,15 +595,18 @@ class Service:
                 return
         outcome: _Outcome | None = None
         echo = req.prompt if req.echo else ""
-        if req.stream and echo and not self.guard_chats:
-            yield text_completion(id, served.name, created, echo, None)
-        async for kind, value in self._generate(served.worker, Job(None, prompt, params),
-                                                req.stop):
-            if kind == "text":
-                if req.stream and not self.guard_chats:
-                    yield text_completion(id, served.name, created, value, None)
-            else:
-                outcome = value
+        generating = self._submit(served.worker, Job(None, prompt, params), arrival=arrival)
+        try:
+            if req.stream and echo and not self.guard_chats:
+                yield text_completion(id, served.name, created, echo, None)
+            async for kind, value in self._events(generating, req.stop):
+                if kind == "text":
+                    if req.stream and not self.guard_chats:
+                        yield text_completion(id, served.name, created, value, None)
+                else:
+                    outcome = value
+        finally:
+            generating.cancel.set()
         assert outcome is not None
         completion_tokens = outcome.generation.completion_tokens if outcome.generation else 0
         text, finish = outcome.text, outcome.finish
