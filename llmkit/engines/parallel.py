@@ -379,8 +379,11 @@ class ParallelDecoder:
                 self._held = job  # the prefix is still being evaluated there
                 return
             slot = source if source in free else free[0]
-            self._start(slot, job, mem, source, shared)
-            self._last = slot
+            # A Ctrl-C here is raised once the slot is whole: taken halfway (a job but no
+            # text stream yet), the run would go on to evaluate it and fail on sampling it.
+            with deferred_interrupt():
+                self._start(slot, job, mem, source, shared)
+                self._last = slot
 
     def _refusal(self, job: Job) -> LlmkitError | None:
         assert job.prompt is not None
