@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,20 +30,30 @@ DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 178_956_970
 
 # Pixels count less than the memory they take: a 13000×13000 16-bit PNG passes the pixel limit
-# and is a few hundred kilobytes of zlib, yet its decoded pixels take 322 MiB and converting
-# them to RGB several times that. So the decoded image is bounded in bytes, at the size the
-# decoder will really produce (JPEG draws big photos at 1/2–1/8), before anything is decoded.
-# 256 MiB holds a 64-megapixel RGB or RGBA image, or 128 megapixels of 16-bit grey; turning it
-# into RGB peaks at about four times that.
+# and is a few hundred kilobytes of zlib, and a 200-byte GIF can declare a 164-megapixel canvas
+# that its decoder fills with background. Every image becomes 8-bit RGB, which Pillow keeps in
+# four bytes a pixel, so the decoded image is bounded at four bytes a pixel whatever its mode
+# (a palette or grey pixel costs its RGB, not its one byte), at the size the decoder will
+# really produce (JPEG draws big photos at 1/2–1/8), before anything is decoded. 256 MiB holds
+# 64 megapixels; converting them to RGB peaks at about four times that.
 DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
+_RGB_BYTES = 4
 
 # The encoded file: read whole only from a pipe; from a file Pillow reads what it needs.
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
-# How many bytes Pillow keeps per pixel, by mode: bands are stored in 8-bit quads, except for
-# these (Pillow's Storage.c).
-_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
-                 "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
+# A JPEG sent in several scans (progressive, or one component at a time) is decoded into a
+# buffer of every 8×8 block's 64 two-byte coefficients at full size, whatever scale it is then
+# drawn at, and each scan passes over that whole buffer. Encoders write at most a few dozen
+# scans (libjpeg's progressive script 10, mozjpeg's searched ones up to about 20); a few bytes
+# each, a hostile file can hold hundreds, each a full pass: 13000×13000 pixels take 33 ms a
+# scan on these cores, so a 1 KiB file would cost seconds.
+_MAX_JPEG_SCANS = 100
+_COEFFICIENT_BYTES = 128
+# A marker after entropy-coded data: 0xFF followed by anything but a stuffed zero, a restart
+# marker (which stays inside the scan) or a fill byte.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_SCAN_READ = 1 << 20
 
 # Enough of the file to recognise what it is when Pillow cannot.
 _SNIFF_BYTES = 512
@@ -125,8 +136,10 @@ def prepare_image(
         max_side: the longest side of the result; larger images are scaled down to it.
         max_pixels: refuse images with more pixels than this (decompression bombs).
         max_bytes: refuse files (or bytes) larger than this; a pipe is read no further.
-        max_decoded_bytes: refuse images whose decoded pixels would take more memory than
-            this, counted from the header at the size the decoder draws them.
+        max_decoded_bytes: refuse images whose decoded pixels, as the RGB they become (four
+            bytes each), would take more memory than this, counted from the header at the size
+            the decoder draws them; and JPEGs sent in several scans whose full-size
+            coefficients would.
         name: what to call the image in error messages; defaults to the path, or
             "image data" for bytes.
 
@@ -248,6 +261,8 @@ def _decode(image: Image.Image, label: str, limits: _Limits) -> PreparedImage:
             # 6000×4000 photo is decoded as 3000×2000, a quarter of the pixels.
             decode_scale = _draft_scale(width, height, image.size)
         _check_decoded_size(image, label, limits.max_decoded_bytes)
+        if fmt in ("JPEG", "MPO"):
+            _check_jpeg_scans(image, (width, height), label, limits.max_decoded_bytes)
         image.load()
         transpose = _orientation_transpose(image)
         upright = image if transpose is None else image.transpose(transpose)
@@ -281,11 +296,93 @@ def _check_decoded_size(image: Image.Image, label: str, limit: int) -> None:
     from llmkit.io import format_size
 
     width, height = image.size  # after draft(): the size the decoder will really produce
-    needed = width * height * _STORED_BYTES.get(image.mode, 4)
+    needed = width * height * _RGB_BYTES
     if needed > limit:
-        raise ImageError(label, f"is too large to decode ({width}×{height} pixels of mode "
-                                f"{image.mode} take {format_size(needed)}, over the limit of "
+        raise ImageError(label, f"is too large to decode ({width}×{height} pixels take "
+                                f"{format_size(needed)} as RGB, over the limit of "
                                 f"{format_size(limit)})", hint="downscale it first")
+
+
+def _check_jpeg_scans(image: Image.Image, size: tuple[int, int], label: str, limit: int) -> None:
+    """Refuse a JPEG of full ``size`` whose scans would buffer more than ``limit`` of
+    coefficients, or pass over them too often."""
+    from PIL import ImageFile
+
+    from llmkit.io import format_size
+
+    if not isinstance(image, ImageFile.ImageFile) or image.fp is None:
+        return
+    scans, first_bands = _count_jpeg_scans(image.fp, _MAX_JPEG_SCANS + 1)
+    if scans > _MAX_JPEG_SCANS:
+        raise ImageError(label, f"is a JPEG of more than {_MAX_JPEG_SCANS} scans, which no "
+                                "encoder writes", hint="re-save it as a baseline JPEG or PNG")
+    layers = getattr(image, "layer", [])
+    if scans <= 1 and not image.info.get("progressive") and first_bands >= len(layers):
+        return  # one scan of every band: decoded a row of blocks at a time
+    width, height = size
+    needed = _jpeg_blocks(layers, width, height) * _COEFFICIENT_BYTES
+    if needed > limit:
+        raise ImageError(label, f"is too large to decode ({width}×{height} pixels sent in "
+                                f"{scans} scans buffer {format_size(needed)} of coefficients, "
+                                f"over the limit of {format_size(limit)})",
+                         hint="downscale it first, or re-save it as a baseline JPEG")
+
+
+def _jpeg_blocks(layers: list[tuple[Any, ...]], width: int, height: int) -> int:
+    """8×8 blocks of coefficients in all components of a ``width``×``height`` JPEG."""
+    factors = [(int(layer[1]), int(layer[2])) for layer in layers if len(layer) >= 3]
+    if not factors or any(not (1 <= h <= 4 and 1 <= v <= 4) for h, v in factors):
+        # libjpeg refuses such sampling factors itself; count one full-size block per band.
+        return max(1, len(factors)) * -(-width // 8) * -(-height // 8)
+    most_h, most_v = max(h for h, _ in factors), max(v for _, v in factors)
+    return sum(-(-width * h // (8 * most_h)) * -(-height * v // (8 * most_v))
+               for h, v in factors)
+
+
+def _count_jpeg_scans(stream: IO[bytes], stop: int) -> tuple[int, int]:
+    """Start-of-scan markers in the JPEG from ``stream``'s start to its first end of image,
+    and how many bands the first scan holds.
+
+    Segments (an EXIF thumbnail's own scan included) are skipped by their lengths; counting
+    stops at ``stop``. The stream is left where it was.
+    """
+    was = stream.tell()
+    try:
+        scans, first_bands, position = 0, 0, 2  # past the start-of-image marker
+        while scans < stop:
+            position = _next_jpeg_marker(stream, position)
+            if position < 0:
+                break
+            stream.seek(position + 1)
+            head = stream.read(4)
+            if len(head) < 3 or head[0] == 0xD9:  # the end, or end of image
+                break
+            if head[0] == 0xDA:
+                scans += 1
+                if scans == 1 and len(head) == 4:
+                    first_bands = head[3]
+            # Every marker that reaches here has a length: standalone ones are 0x01 and
+            # restarts, which the marker pattern skips.
+            position += 2 + int.from_bytes(head[1:3], "big")
+        return scans, first_bands
+    finally:
+        stream.seek(was)
+
+
+def _next_jpeg_marker(stream: IO[bytes], position: int) -> int:
+    """Where the next marker's 0xFF is, from ``position`` on; -1 at the end of the stream."""
+    stream.seek(position)
+    while True:
+        chunk = stream.read(_SCAN_READ)
+        if not chunk:
+            return -1
+        found = _JPEG_MARKER.search(chunk)
+        if found is not None:
+            return position + found.start()
+        # A 0xFF at the end of the chunk may be a marker whose code comes next.
+        keep = 1 if chunk.endswith(b"\xff") else 0
+        position += len(chunk) - keep
+        stream.seek(position)
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -382,7 +479,9 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
         return base
     rgba = image.convert("RGBA")
     base = Image.new("RGB", rgba.size, (255, 255, 255))
-    base.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    # RGBA pasted onto RGB through its own alpha: the same pixels as pasting its RGB through
+    # its A band, without two more full-size copies.
+    base.paste(rgba, mask=rgba)
     return base
 
 

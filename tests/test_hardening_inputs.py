@@ -525,7 +525,7 @@ def test_a_small_png_that_decodes_to_gigabytes_is_refused_before_decoding(tmp_pa
     assert bomb.stat().st_size < 2 * MiB
     result = prepare_in_child(bomb)
     assert result["error"] == (
-        f"{bomb} is too large to decode (13000×13000 pixels of mode I;16 take 322.3 MiB, over the "
+        f"{bomb} is too large to decode (13000×13000 pixels take 644.7 MiB as RGB, over the "
         "limit of 256 MiB) (downscale it first)")
     assert result["peak_mb"] < 150, result
 
@@ -539,8 +539,8 @@ def test_a_real_16_bit_image_is_bounded_by_its_bytes_not_its_pixels(tmp_path: Pa
     # Decoded 16-bit (11 MiB) and every conversion after it stay within a few times that.
     assert ok["peak_mb"] < 250, ok
     refused = prepare_in_child(path, max_decoded_bytes=8 * MiB)
-    assert refused["error"] == (f"{path} is too large to decode (3000×2000 pixels of mode I;16 "
-                                "take 11.4 MiB, over the limit of 8 MiB) (downscale it first)")
+    assert refused["error"] == (f"{path} is too large to decode (3000×2000 pixels take 22.9 MiB "
+                                "as RGB, over the limit of 8 MiB) (downscale it first)")
 
 
 def test_a_big_jpeg_counts_at_the_size_its_decoder_draws(tmp_path: Path) -> None:
@@ -551,8 +551,90 @@ def test_a_big_jpeg_counts_at_the_size_its_decoder_draws(tmp_path: Path) -> None
     assert (small.width, small.height, small.decode_scale) == (500, 375, 8)
     with pytest.raises(ImageError) as caught:
         prepare_image(path, max_side=4000, max_decoded_bytes=2 * MiB)
-    assert caught.value.reason == ("is too large to decode (4000×3000 pixels of mode RGB take "
-                                   "45.8 MiB, over the limit of 2 MiB)")
+    assert caught.value.reason == ("is too large to decode (4000×3000 pixels take 45.8 MiB as "
+                                   "RGB, over the limit of 2 MiB)")
+
+
+def write_huge_canvas_gif(path: Path, width: int, height: int) -> Path:
+    """A 16×16 GIF frame with a transparent colour, on a ``width``×``height`` canvas that the
+    decoder fills with background: a few hundred bytes for any size (a fuzzer's find)."""
+    frame = Image.new("P", (16, 16), 1)
+    frame.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    buffer = io.BytesIO()
+    frame.save(buffer, "GIF", transparency=1)
+    data = bytearray(buffer.getvalue())
+    data[6:10] = struct.pack("<HH", width, height)  # the logical screen, not the frame
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_tiny_gif_on_a_huge_canvas_is_counted_as_the_rgb_it_becomes(tmp_path: Path) -> None:
+    # Before: 33729×4872 palette pixels took 157 MiB as decoded, so they passed the bound, and
+    # flattening them onto white took 2.2 GB and seconds (18 s on a busy machine).
+    bomb = write_huge_canvas_gif(tmp_path / "canvas.gif", 9000, 8000)
+    assert bomb.stat().st_size < 1024
+    result = prepare_in_child(bomb)
+    assert result["error"] == (f"{bomb} is too large to decode (9000×8000 pixels take 274.7 MiB "
+                               "as RGB, over the limit of 256 MiB) (downscale it first)")
+    assert result["peak_mb"] < 100, result
+    # Under the bound, decoding and flattening peak near four times the RGB image (61 MiB).
+    fits = prepare_in_child(write_huge_canvas_gif(tmp_path / "fits.gif", 4000, 4000))
+    assert (fits["size"], fits["mode"]) == ([2048, 2048], "P"), fits
+    assert fits["peak_mb"] < 4 * 61 + 60, fits
+
+
+def progressive_jpeg_bomb(width: int, height: int, *, extra_scans: int = 0,
+                          subsampling: int = 2) -> bytes:
+    """A progressive JPEG of 16×16 pixels whose header says ``width``×``height`` (libjpeg fills
+    what the scans lack), with one of its scans repeated ``extra_scans`` more times."""
+    buffer = io.BytesIO()
+    samples.photo((16, 16)).save(buffer, "JPEG", progressive=True, subsampling=subsampling)
+    data, out, scans, position = buffer.getvalue(), [b"\xff\xd8"], [], 2
+    while data[position + 1] != 0xD9:
+        code = data[position + 1]
+        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if code == 0xDA:  # the entropy-coded data runs to the next marker
+            while data[end] != 0xFF or data[end + 1] in (0, *range(0xD0, 0xD8)):
+                end += 1
+        segment = data[position:end]
+        if code == 0xC2:
+            segment = segment[:5] + struct.pack(">HH", height, width) + segment[9:]
+        if code == 0xDA:
+            scans.append(segment)
+        out.append(segment)
+        position = end
+    out += [scans[1]] * extra_scans + [b"\xff\xd9"]
+    return b"".join(out)
+
+
+def test_a_progressive_jpeg_is_bounded_by_its_coefficients_and_its_scans(tmp_path: Path) -> None:
+    # A progressive JPEG is decoded into every block's coefficients at full size, however small
+    # it is then drawn: before, 854 bytes claiming 13000×13000 pixels took 1 GB.
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(progressive_jpeg_bomb(13000, 13000, subsampling=0))
+    assert huge.stat().st_size < 1024
+    result = prepare_in_child(huge)
+    assert result["error"] == (
+        f"{huge} is too large to decode (13000×13000 pixels sent in 10 scans buffer 967.0 MiB of "
+        "coefficients, over the limit of 256 MiB) (downscale it first, or re-save it as a "
+        "baseline JPEG)")
+    assert result["peak_mb"] < 100, result
+    # The same pixels in one baseline scan are drawn at a quarter, a row of blocks at a time.
+    baseline = tmp_path / "baseline.jpg"
+    samples.photo((13000, 13000), noise=False).save(baseline, "JPEG", quality=10)
+    drawn = prepare_in_child(baseline)
+    assert drawn["size"] == [2048, 2048], drawn
+    # Each repeated scan is a pass over all the coefficients; before, 100 of them in 1.3 KiB
+    # cost seconds. Real progressive files (10 scans here) still decode.
+    many = progressive_jpeg_bomb(4000, 3000, extra_scans=95)
+    with pytest.raises(ImageError) as caught:
+        prepare_image(many)
+    assert caught.value.reason == "is a JPEG of more than 100 scans, which no encoder writes"
+    assert prepare_image(progressive_jpeg_bomb(4000, 3000, extra_scans=90)).width == 2048
+    buffer = io.BytesIO()
+    samples.photo((640, 480)).save(buffer, "JPEG", progressive=True, exif=b"Exif\x00\x00"
+                                   + b"\xff\xda" * 200)  # scan markers inside a segment
+    assert prepare_image(buffer.getvalue()).width == 640
 
 
 def test_image_limits_must_be_positive() -> None:
