@@ -374,11 +374,11 @@ def _next_jpeg_marker(stream: IO[bytes], position: int) -> int:
     stream.seek(position)
     while True:
         chunk = stream.read(_SCAN_READ)
-        if not chunk:
-            return -1
         found = _JPEG_MARKER.search(chunk)
         if found is not None:
             return position + found.start()
+        if len(chunk) < _SCAN_READ:
+            return -1  # the end of the stream (a last 0xFF there has no code after it)
         # A 0xFF at the end of the chunk may be a marker whose code comes next.
         keep = 1 if chunk.endswith(b"\xff") else 0
         position += len(chunk) - keep

@@ -640,3 +640,27 @@ def test_importing_the_module_does_not_import_pillow() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("read_size", [2, 3, 7, 1 << 20])  # two: a marker is two bytes
+def test_jpeg_scans_are_counted_across_reads_and_past_segments(
+        read_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images_module, "_SCAN_READ", read_size)
+    count = images_module._count_jpeg_scans  # noqa: SLF001 - the counter itself is under test
+    for mode, progressive, expected in (("RGB", False, (1, 3)), ("RGB", True, (10, 3)),
+                                        ("L", True, (6, 1)), ("CMYK", True, (18, 4))):
+        buffer = io.BytesIO()
+        # Scan markers inside an EXIF segment are payload, skipped by its length.
+        samples.photo((40, 24)).convert(mode).save(
+            buffer, "JPEG", progressive=progressive, exif=b"Exif\x00\x00" + b"\xff\xda" * 9)
+        buffer.seek(7)
+        assert count(buffer, 101) == expected
+        assert buffer.tell() == 7  # left where it was, for Pillow
+    # Counting stops at the limit it is given, and at the end of a file that never ends its
+    # image: a trailing run of 0xFF once kept the reader at the last byte forever (fuzzing).
+    buffer = io.BytesIO()
+    samples.photo((40, 24)).save(buffer, "JPEG", progressive=True)
+    assert count(buffer, 4)[0] == 4
+    unended = buffer.getvalue()[:-2] + b"\xff" * 40
+    assert count(io.BytesIO(unended), 101) == (10, 3)
+    assert count(io.BytesIO(b"\xff\xd8" + b"\xff" * 40), 101) == (0, 0)
