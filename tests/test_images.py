@@ -646,7 +646,7 @@ def test_importing_the_module_does_not_import_pillow() -> None:
 def test_jpeg_scans_are_counted_across_reads_and_past_segments(
         read_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(images_module, "_SCAN_READ", read_size)
-    count = images_module._count_jpeg_scans  # noqa: SLF001 - the counter itself is under test
+    count = images_module._count_jpeg_scans
     for mode, progressive, expected in (("RGB", False, (1, 3)), ("RGB", True, (10, 3)),
                                         ("L", True, (6, 1)), ("CMYK", True, (18, 4))):
         buffer = io.BytesIO()
