@@ -260,6 +260,47 @@ def test_errors_have_openai_shape_and_status(server: Server) -> None:
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
 
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    assert found, status
+    return int(found.group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.parametrize("opening", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ",  # one endless header
+    b"GET /health?q=",  # an endless request line
+], ids=["header", "request-line"])
+def test_an_endless_request_head_is_cut_off_with_bounded_memory(server: Server,
+                                                                opening: bytes) -> None:
+    """A client that never ends its request's head (no body limit applies yet) is refused
+    after a bounded read: the server's memory does not grow with what it sends."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    before = _peak_rss_kib(server.proc.pid)
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(opening)
+        chunk = b"a" * (1 << 20)
+        try:
+            while sent < 128 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # refused and closed: what we want
+            pass
+        try:
+            reply = sock.recv(200)
+        except OSError:
+            reply = b""
+    assert sent < 64 << 20, f"the server read {sent >> 20} MiB of one request head"
+    assert reply == b"" or re.match(rb"HTTP/1\.[01] 4\d\d ", reply), reply
+    grown = _peak_rss_kib(server.proc.pid) - before
+    assert grown < 32 * 1024, f"the server's peak memory grew by {grown} KiB"
+    assert server.health()["status"] == "ok"
+
+
 def test_a_client_gone_mid_stream_frees_its_sequence(server: Server) -> None:
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
             "model": _model(server), "stream": True, "temperature": 0, "max_tokens": 900,

@@ -190,6 +190,7 @@ def serve(service: Service, settings: ServeSettings, *,
     import uvicorn
 
     from llmkit.server.app import create_app
+    from llmkit.server.http import MAX_HEAD_BYTES, protocol
 
     try:
         sock = bind(settings.host, settings.port)
@@ -203,7 +204,8 @@ def serve(service: Service, settings: ServeSettings, *,
     config = uvicorn.Config(app, log_config=_log_config(log_level), log_level=log_level,
                             access_log=settings.access_log, lifespan="off",
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
-                            server_header=False)
+                            server_header=False, http=protocol(),
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     server = uvicorn.Server(config)
     if on_listening is not None:
         on_listening(url)
