@@ -33,6 +33,7 @@ On a processor with AMX, llama-server of this build crashes on Q4/Q8 models (see
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import socket
@@ -290,7 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{clients:>7} {s['llmkit_tokens_per_s']:13.1f} {s['server_tokens_per_s']:13.1f} "
               f"{s['ratio_tokens_per_s']:6.3f} {s['llmkit_ttft_p95_ms']:13.1f} ms "
               f"{s['server_ttft_p95_ms']:5.1f} ms {s['ratio_ttft_p95']:6.3f}", file=sys.stderr)
+    # uvicorn picks its parser and event loop by what is installed: say which ran.
+    front_end = {name: importlib.util.find_spec(name) is not None
+                 for name in ("httptools", "uvloop")}
+    print(f"llmkit's front end: {front_end}", file=sys.stderr)
     path = save("serve", {"settings": vars(args) | {"model": str(model)},
+                          "front_end": front_end,
                           "environment": environment(str(model)), "rounds": rounds,
                           "medians": summary})
     print(f"wrote {path}", file=sys.stderr)
