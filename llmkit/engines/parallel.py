@@ -197,6 +197,11 @@ class JobQueue:
 # What a run fed by a JobQueue yields when it has nothing to do: not a job's result.
 IDLE = Result(Job(None, None))
 
+# Prompt tokens a server's job must gain to start from another sequence's cache rather than
+# its own: a copy moves that sequence's whole cache (about what evaluating a token or two
+# costs on a small model, measured on SmolLM2 with 1,024 cells).
+COPY_GAIN = 8
+
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
@@ -229,11 +234,13 @@ class ParallelDecoder:
         n_batch: tokens per ``llama_decode`` call (the context's n_batch).
         make_sampler: a sampler chain for a job's params (freed here).
         retune: called before each step (the engine's thread governor).
-        batch_prompts: evaluate the prompts of jobs admitted together in one call, and never
-            hold a job back for a prefix still being evaluated (a server's first-token
-            latency), instead of one sequence's chunk per step, which keeps every prompt in
-            the chunks and kernels it would have alone (batch commands: answers equal to
-            the one-at-a-time path's, bit for bit).
+        batch_prompts: evaluate the prompts of jobs admitted together in one call with the
+            generating tokens, never hold a job back for a prefix still being evaluated,
+            and start a job on a free sequence that holds its prefix itself (a server's
+            first-token latency), instead of one sequence's chunk per step, in a call of its
+            own, after the job before it, which keeps every prompt in the chunks and kernels
+            it would have alone (batch commands: answers equal to the one-at-a-time path's,
+            bit for bit).
     """
 
     def __init__(self, lc: Any, ctx: Any, vocab: Any, *, n_seq: int, n_ctx_seq: int,
@@ -367,14 +374,12 @@ class ParallelDecoder:
                 continue
             # What the job before it leaves: its prompt (it may still be evaluating it), or,
             # once finished, its cells (its answer too, as a one-at-a-time cache holds it).
-            source = self._last
-            before = source.prompt if source.job is not None else source.cells
-            shared = min(_common_prefix(before, job.prompt), len(job.prompt) - 1)
-            if len(source.cells) < shared and self.batch_prompts:
-                # Not waiting: the longest prefix some sequence holds already.
-                source, shared = max(
-                    ((s, min(_common_prefix(s.cells, job.prompt), len(job.prompt) - 1))
-                     for s in self._slots), key=lambda pair: pair[1])
+            if self.batch_prompts:
+                source, shared = self._held_prefix(job.prompt, free)
+            else:
+                source = self._last
+                before = source.prompt if source.job is not None else source.cells
+                shared = min(_common_prefix(before, job.prompt), len(job.prompt) - 1)
             if len(source.cells) < shared:
                 self._held = job  # the prefix is still being evaluated there
                 return
@@ -384,6 +389,22 @@ class ParallelDecoder:
             with deferred_interrupt():
                 self._start(slot, job, mem, source, shared)
                 self._last = slot
+
+    def _held_prefix(self, prompt: Sequence[int], free: list[_Slot]) -> tuple[_Slot, int]:
+        """Where a server's job starts (never waiting for a prefix still being evaluated):
+        the free sequence holding the longest prefix of ``prompt`` itself, as llama-server's
+        slots reuse their own cache, unless another sequence holds more than
+        :data:`COPY_GAIN` tokens longer, which are then copied from it. Copying between
+        sequences copies the whole of their cache (llama.cpp keeps them in streams of
+        their own), so it is not worth a few tokens."""
+        def held(slot: _Slot) -> int:
+            return min(_common_prefix(slot.cells, prompt), len(prompt) - 1)
+
+        own = max(free, key=held)
+        best = max(self._slots, key=held)
+        if held(best) > held(own) + COPY_GAIN:
+            return best, held(best)
+        return own, held(own)
 
     def _refusal(self, job: Job) -> LlmkitError | None:
         assert job.prompt is not None
@@ -430,12 +451,12 @@ class ParallelDecoder:
         """One step: the next token of every generating sequence in one llama_decode, then
         one prompt chunk of the earliest admitted sequence still evaluating its prompt, in a
         call of its own (so a prompt is evaluated in the chunks, and with the kernels, a
-        sequence alone would have: the answers are the same tokens). Returns the jobs it
-        finished."""
+        sequence alone would have: the answers are the same tokens). With ``batch_prompts``
+        the chunks of every text prompt waiting join the generating tokens in the same call,
+        as llama-server's slots do: a server's step then reads the weights once, not twice,
+        while a prompt is coming in. Returns the jobs it finished."""
         t_start, decode_before = time.perf_counter(), self.decode_s
         self._retune()
-        tokens, pos, n_seq_id, seq_id, logits = (batch.token, batch.pos, batch.n_seq_id,
-                                                 batch.seq_id, batch.logits)
         finished: list[Result] = []
         cancelled = [s for s in active if s.job is not None and s.job.cancel is not None
                      and s.job.cancel.is_set()]
@@ -444,22 +465,24 @@ class ParallelDecoder:
                 finished.append(self._cancel(slot))
             active = [s for s in active if s.job is not None]
         decoding = [s for s in active if s.next_token is not None]
-        if decoding:
-            for n, slot in enumerate(decoding):
-                token = slot.next_token
-                assert token is not None
-                tokens[n], pos[n], n_seq_id[n], logits[n] = token, len(slot.cells), 1, 1
-                seq_id[n][0] = slot.seq
-                slot.cells.append(token)
-                slot.next_token = None
-            batch.n_tokens = len(decoding)
-            t_done = self._decode(batch)
-            for n, slot in enumerate(decoding):
-                result = self._sample(slot, n, t_done)
-                if result is not None:
-                    finished.append(result)
         prompting = next((s for s in active if s.pending), None)
-        if prompting is not None and prompting.job is not None and prompting.job.media:
+        with_media = (prompting is not None and prompting.job is not None
+                      and bool(prompting.job.media))
+        group: list[_Slot] = []
+        if prompting is not None and not with_media:
+            # One sequence's chunk, or (batch_prompts) chunks of every text prompt waiting,
+            # in admission order, up to n_batch tokens together.
+            group = [prompting]
+            if self.batch_prompts:
+                group = [s for s in active if s.pending and s.job is not None
+                         and not s.job.media]
+        if decoding and group and not self.batch_prompts:
+            finished += self._evaluate(batch, decoding, [])
+            finished += self._evaluate(batch, [], group)
+        elif decoding or group:
+            finished += self._evaluate(batch, decoding, group)
+        if with_media:
+            assert prompting is not None and prompting.job is not None
             # A prompt with images is evaluated whole (the projector encodes each image in
             # one go), by the engine, into its sequence, from where its cells end.
             t0 = time.perf_counter()
@@ -483,36 +506,47 @@ class ParallelDecoder:
             result = self._sample(prompting, -1, t_done)
             if result is not None:
                 finished.append(result)
-        elif prompting is not None:
-            # One sequence's chunk, or (batch_prompts) chunks of every text prompt waiting,
-            # in admission order, up to n_batch tokens together.
-            group = [prompting]
-            if self.batch_prompts:
-                group = [s for s in active if s.pending and s.job is not None
-                         and not s.job.media]
-            n, ends = 0, []
-            for slot in group:
-                take = slot.pending[:self.n_batch - n]
-                if not take:
-                    break
-                del slot.pending[:len(take)]
-                base = len(slot.cells)
-                for i, token in enumerate(take):
-                    tokens[n + i], pos[n + i], n_seq_id[n + i], logits[n + i] = (
-                        token, base + i, 1, 0)
-                    seq_id[n + i][0] = slot.seq
-                slot.cells.extend(take)
-                n += len(take)
-                logits[n - 1] = 1
-                ends.append((slot, n - 1))
-            batch.n_tokens = n
-            t_done = self._decode(batch)
-            for slot, row in ends:
-                if not slot.pending:
-                    result = self._sample(slot, row, t_done)
-                    if result is not None:
-                        finished.append(result)
         self.python_s += (time.perf_counter() - t_start) - (self.decode_s - decode_before)
+        return finished
+
+    def _evaluate(self, batch: Any, decoding: list[_Slot], group: list[_Slot]
+                  ) -> list[Result]:
+        """One llama_decode of the next token of each of ``decoding``, then the next prompt
+        chunks of ``group`` in order, up to n_batch tokens in all; samples what ends."""
+        tokens, pos, n_seq_id, seq_id, logits = (batch.token, batch.pos, batch.n_seq_id,
+                                                 batch.seq_id, batch.logits)
+        ends: list[tuple[_Slot, int]] = []
+        for n, slot in enumerate(decoding):
+            token = slot.next_token
+            assert token is not None
+            tokens[n], pos[n], n_seq_id[n], logits[n] = token, len(slot.cells), 1, 1
+            seq_id[n][0] = slot.seq
+            slot.cells.append(token)
+            slot.next_token = None
+            ends.append((slot, n))
+        n = len(decoding)
+        for slot in group:
+            take = slot.pending[:self.n_batch - n]
+            if not take:
+                break
+            del slot.pending[:len(take)]
+            base = len(slot.cells)
+            for i, token in enumerate(take):
+                tokens[n + i], pos[n + i], n_seq_id[n + i], logits[n + i] = (
+                    token, base + i, 1, 0)
+                seq_id[n + i][0] = slot.seq
+            slot.cells.extend(take)
+            n += len(take)
+            logits[n - 1] = 1
+            if not slot.pending:
+                ends.append((slot, n - 1))
+        batch.n_tokens = n
+        t_done = self._decode(batch)
+        finished = []
+        for slot, row in ends:
+            result = self._sample(slot, row, t_done)
+            if result is not None:
+                finished.append(result)
         return finished
 
     def _decode(self, batch: Any) -> float:
