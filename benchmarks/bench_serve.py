@@ -19,7 +19,9 @@ greedy, --max-tokens (128), with usage in the last chunk. Per level and server:
                requests of the level).
 
 Both servers stay up for the whole run (an idle one takes no CPU); each round measures them in
-turn, the order rotated per round, after one warm-up request each. Ratios llmkit ÷
+turn, the order rotated per round, after a warm-up of each: one request, then one untimed
+level at the most clients (so every slot of both has served a request before the first timed
+one: without it llama-server's first timed level was up to 2.8x slower at p95). Ratios llmkit ÷
 llama-server are taken per round; medians over --rounds are reported. Goal: tokens/s ≥ 0.95×
 and p95 TTFT no worse.
 
@@ -239,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 listed = client.get(server.url + "/v1/models", timeout=30).json()["data"]
                 names[name] = str(listed[0]["id"])
                 _one_request(client, server.url, names[name], "Hello.", 8)  # warm-up
+        for name, server in servers.items():
+            measure_level(server, names[name], max(levels), max(levels), 16, 0)
         for r, order in rotating_rounds(list(servers), args.rounds, args.budget, started):
             row: dict[str, Any] = {"round": r, "order": order, "levels": {}}
             for clients in levels:
